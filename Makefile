@@ -1,0 +1,42 @@
+# tumorscope: `make help` lists the targets. Everything runs in the uv-locked environment.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+# uv: use the one on PATH, else bootstrap it into .tools/ from PyPI (no other network needed).
+UV := $(shell command -v uv 2>/dev/null || echo $(CURDIR)/.tools/bin/uv)
+RUN := $(UV) run --frozen
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+export KERAS_BACKEND ?= tensorflow
+export GX_ANALYTICS_ENABLED ?= false
+export MLFLOW_ENABLE_TELEMETRY ?= false
+export DO_NOT_TRACK ?= 1
+
+$(CURDIR)/.tools/bin/uv:
+	python3 -m venv $(CURDIR)/.tools
+	$(CURDIR)/.tools/bin/pip install --quiet uv
+
+.PHONY: help install run test test-fast bench mlflow-ui clean
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
+
+install: $(UV) ## install the locked environment (.venv) with uv
+	$(UV) sync --frozen
+
+run: install ## install, then run the whole pipeline (dvc repro) on the embedded phantom
+	$(RUN) dvc repro
+	$(RUN) dvc metrics show
+
+test: install ## run the test suite (unit, integration, model; slow tests at a small size)
+	$(RUN) pytest
+
+test-fast: install ## unit tests only
+	$(RUN) pytest tests/unit -m "not slow"
+
+bench: install ## run the benchmarks in benchmarks/ and print measured ratios
+	@for script in benchmarks/bench_*.py; do echo "== $$script"; $(RUN) python $$script || exit 1; done
+
+mlflow-ui: install ## open the MLflow UI on the local tracking store (http://127.0.0.1:5000)
+	$(RUN) mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+clean: ## remove pipeline outputs and local stores (not the DVC remote)
+	rm -rf data models evaluation reports metrics.json mlflow.db mlartifacts

@@ -1,0 +1,191 @@
+"""Typed configuration: one pydantic model per stage, loaded from params.yaml and validated once.
+
+Every stage reads only its own section, so DVC can declare exactly the params a stage depends on.
+A bad value raises ``ConfigError`` whose message names the dotted key (``train.lr``), which the
+CLI prints as one line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tumorscope.errors import UserError
+
+CANONICAL_CLASSES = ("Cyst", "Normal", "Stone", "Tumor")
+# Class counts of the public Kaggle "CT KIDNEY DATASET: Normal-Cyst-Tumor-Stone".
+PUBLIC_PROPORTIONS = {"Normal": 5077, "Cyst": 3709, "Tumor": 2283, "Stone": 1377}
+
+
+class ConfigError(UserError, ValueError):
+    """A params.yaml problem a user can fix; the message names the key."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are typos: reject them instead of silently ignoring a knob.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class WindowConfig(_Section):
+    """CT display window applied to Hounsfield units (DICOM and phantom)."""
+
+    level: float = 40.0
+    width: float = Field(400.0, gt=0)
+
+
+class DataConfig(_Section):
+    # Either the folder of a class-per-folder dataset, or the embedded phantom's output folder.
+    source: str = "data/phantom"
+    raw_dir: str = "data/raw"
+    # Source folder name -> label. Empty: every class folder is its own label. A folder mapped to
+    # null is excluded on purpose (and reported). Several folders may map to one label (merge).
+    class_map: dict[str, str | None] = Field(default_factory=dict)
+    image_extensions: list[str] = Field(
+        default_factory=lambda: [".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm"]
+    )
+    dicom_window: WindowConfig = WindowConfig()
+
+
+class PhantomConfig(_Section):
+    out_dir: str = "data/phantom"
+    n_images: int = Field(1200, ge=8)
+    image_size: int = Field(128, ge=32, le=1024)
+    # Relative class frequencies; defaults are the public dataset's.
+    proportions: dict[str, float] = Field(default_factory=lambda: dict(PUBLIC_PROPORTIONS))
+    noise_hu: float = Field(12.0, ge=0)
+    blur_sigma: float = Field(0.7, ge=0)
+    window: WindowConfig = WindowConfig()
+
+    @field_validator("proportions")
+    @classmethod
+    def _known_positive(cls, value: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(value) - set(CANONICAL_CLASSES))
+        if unknown:
+            raise ValueError(f"unknown phantom class {unknown}; allowed: {list(CANONICAL_CLASSES)}")
+        if not value or any(v <= 0 for v in value.values()):
+            raise ValueError("proportions must be positive")
+        return value
+
+
+class ManifestConfig(_Section):
+    path: str = "data/manifest.csv"
+    quarantine_path: str = "reports/quarantine.csv"
+
+
+class ValidateConfig(_Section):
+    suite_dir: str = "expectations"
+    docs_dir: str = "reports/data_docs"
+    result_path: str = "reports/validation.json"
+    min_images_per_class: int = Field(10, ge=1)
+    # Largest class count / smallest class count.
+    max_class_imbalance: float = Field(10.0, ge=1)
+    min_side: int = Field(32, ge=1)
+    max_side: int = Field(4096, ge=1)
+    # Reject near-blank images: the per-image intensity standard deviation must exceed this.
+    min_intensity_std: float = Field(2.0, ge=0)
+    # Share of files that may be quarantined (unreadable) before the data set is rejected.
+    max_quarantined_fraction: float = Field(0.05, ge=0, le=1)
+
+
+class SplitConfig(_Section):
+    path: str = "data/split.csv"
+    report_path: str = "reports/split.json"
+    train: float = Field(0.7, gt=0, lt=1)
+    val: float = Field(0.15, gt=0, lt=1)
+    test: float = Field(0.15, gt=0, lt=1)
+    # Perceptual-hash Hamming distance at or under which two slices are one group.
+    phash_threshold: int = Field(4, ge=0, le=64)
+    # A split whose per-class share is off by more than this (absolute) is reported as unmet.
+    tolerance: float = Field(0.05, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _fractions_sum_to_one(self) -> SplitConfig:
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train + val + test must be 1, got {total:g}")
+        return self
+
+
+class PreprocessConfig(_Section):
+    cache_dir: str = "data/cache"
+    report_path: str = "reports/preprocess.json"
+    image_size: int = Field(64, ge=16, le=1024)
+    clahe: bool = False
+    clahe_clip_limit: float = Field(0.01, gt=0)
+    equalize: bool = False
+    denoise: bool = False
+    denoise_weight: float = Field(0.05, gt=0)
+
+
+class TrainConfig(_Section):
+    model_dir: str = "models"
+    architecture: Literal["small_cnn"] = "small_cnn"
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(2e-3, gt=0, lt=1)
+    dropout: float = Field(0.3, ge=0, lt=1)
+    filters: int = Field(16, ge=4)
+    dense_units: int = Field(64, ge=4)
+    augment_strength: float = Field(0.1, ge=0, le=0.5)
+    class_weights: bool = True
+    patience: int = Field(6, ge=1)
+
+
+class EvaluateConfig(_Section):
+    out_dir: str = "evaluation"
+    metrics_path: str = "metrics.json"
+    calibration_bins: int = Field(10, ge=2)
+    # A model whose test predictions are (nearly) all one class is broken, whatever its accuracy.
+    max_single_class_share: float = Field(0.95, gt=0, le=1)
+    fail_on_degenerate: bool = True
+
+
+class MlflowConfig(_Section):
+    tracking_uri: str = "sqlite:///mlflow.db"
+    artifact_root: str = "mlartifacts"
+    experiment: str = "tumorscope"
+
+
+class Params(_Section):
+    seed: int = 42
+    data: DataConfig = DataConfig()
+    phantom: PhantomConfig = PhantomConfig()
+    manifest: ManifestConfig = ManifestConfig()
+    validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
+    split: SplitConfig = SplitConfig()
+    preprocess: PreprocessConfig = PreprocessConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+def _dotted(loc: tuple) -> str:
+    return ".".join(str(part) for part in loc if part != "__root__")
+
+
+def parse_params(raw: dict) -> Params:
+    """Validate a params mapping; raise ConfigError naming the first bad key."""
+    try:
+        return Params.model_validate(raw or {})
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = _dotted(first["loc"]) or "params"
+        raise ConfigError(f"invalid params.yaml value at '{key}': {first['msg']}") from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"params file {path} is not valid YAML: {err}") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"params file {path} must hold a mapping at the top level")
+    return parse_params(raw)

@@ -1,0 +1,162 @@
+"""Leakage-aware, stratified train/val/test split.
+
+Exact duplicates (same SHA-256) and near duplicates (perceptual-hash Hamming distance at or under
+a threshold) are linked into groups by connected components (union-find), and whole groups are
+assigned to splits. The public kidney CT data has no patient IDs, so this grouping is the only
+guard against neighbouring slices of one patient landing in both train and test.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pandas as pd
+
+SPLITS = ("train", "val", "test")
+
+
+def phash_to_uint64(hex_hashes) -> np.ndarray:
+    return np.array([int(h, 16) for h in hex_hashes], dtype=np.uint64)
+
+
+def near_pairs(hashes: np.ndarray, threshold: int, chunk: int = 1024) -> np.ndarray:
+    """All index pairs (i < j) whose 64-bit hashes differ in at most ``threshold`` bits; shape (k, 2)."""
+    n = len(hashes)
+    found = []
+    for start in range(0, n, chunk):
+        block = hashes[start:start + chunk]
+        distances = np.bitwise_count(block[:, None] ^ hashes[None, :])
+        rows, cols = np.nonzero(distances <= threshold)
+        rows = rows + start
+        keep = rows < cols
+        found.append(np.stack([rows[keep], cols[keep]], axis=1))
+    return np.concatenate(found) if found else np.empty((0, 2), dtype=np.int64)
+
+
+def exact_pairs(sha256) -> np.ndarray:
+    """Pairs linking each file to the first file with the same SHA-256."""
+    first_seen: dict[str, int] = {}
+    pairs = []
+    for index, digest in enumerate(sha256):
+        if digest in first_seen:
+            pairs.append((first_seen[digest], index))
+        else:
+            first_seen[digest] = index
+    return np.array(pairs, dtype=np.int64).reshape(-1, 2)
+
+
+def duplicate_groups(sha256, phash_hex, threshold: int) -> np.ndarray:
+    """Group id per image: connected components of the exact + near duplicate graph."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n = len(sha256)
+    pairs = np.concatenate([exact_pairs(sha256), near_pairs(phash_to_uint64(phash_hex), threshold)])
+    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    return labels
+
+
+def assign_groups_to_splits(labels, groups, fractions: dict[str, float], seed: int) -> np.ndarray:
+    """Assign whole groups to splits, largest groups first, each to the split least filled
+    (relative to its per-class target) in the group's classes. Deterministic for a seed."""
+    labels = np.asarray(labels)
+    groups = np.asarray(groups)
+    classes = sorted(set(labels))
+    class_index = {c: i for i, c in enumerate(classes)}
+    names = list(fractions)
+    totals = np.array([np.sum(labels == c) for c in classes], dtype=float)
+    targets = np.array([[fractions[s] * t for t in totals] for s in names])  # (split, class)
+    filled = np.zeros_like(targets)
+
+    composition: dict[int, np.ndarray] = {}
+    for group, label in zip(groups, labels):
+        composition.setdefault(int(group), np.zeros(len(classes)))[class_index[label]] += 1
+    rng = np.random.default_rng(seed)
+    order = list(composition)
+    rng.shuffle(order)  # random tie-break among equal sizes, then largest first
+    order.sort(key=lambda g: -composition[g].sum())
+
+    split_of_group = {}
+    for group in order:
+        counts = composition[group]
+        # Weighted fill ratio of each split over the classes this group contains.
+        ratios = (filled / np.maximum(targets, 1e-9)) @ counts / counts.sum()
+        # Prefer the emptiest split; among equals, the larger one (train before val before test).
+        best = min(range(len(names)), key=lambda s: (round(ratios[s], 12), -fractions[names[s]]))
+        filled[best] += counts
+        split_of_group[group] = names[best]
+    return np.array([split_of_group[int(g)] for g in groups])
+
+
+def count_cross_split_leaks(sha256, phash_hex, splits, threshold: int) -> int:
+    """Independent check: duplicate pairs (exact or near) whose members sit in different splits."""
+    splits = np.asarray(splits)
+    pairs = np.concatenate([exact_pairs(sha256), near_pairs(phash_to_uint64(phash_hex), threshold)])
+    if len(pairs) == 0:
+        return 0
+    return int(np.sum(splits[pairs[:, 0]] != splits[pairs[:, 1]]))
+
+
+def distance_profile(phash_hex, max_distance: int) -> dict[int, int]:
+    """Number of image pairs at each Hamming distance 0..max_distance (to choose the threshold)."""
+    pairs = near_pairs(phash_to_uint64(phash_hex), max_distance)
+    hashes = phash_to_uint64(phash_hex)
+    distances = np.bitwise_count(hashes[pairs[:, 0]] ^ hashes[pairs[:, 1]]) if len(pairs) else []
+    counted = Counter(int(d) for d in distances)
+    return {d: counted.get(d, 0) for d in range(max_distance + 1)}
+
+
+def _size_bucket(size: int) -> str:
+    for low, high in ((1, 1), (2, 2), (3, 5), (6, 10), (11, 20), (21, 50), (51, 100)):
+        if low <= size <= high:
+            return str(low) if low == high else f"{low}-{high}"
+    return ">100"
+
+
+def split_report(frame: pd.DataFrame, fractions: dict[str, float], threshold: int, tolerance: float) -> dict:
+    """Counts, achieved fractions, group sizes, class-spanning groups, unmet targets and leaks."""
+    classes = sorted(frame["label"].unique())
+    counts = {s: {c: int(((frame["split"] == s) & (frame["label"] == c)).sum()) for c in classes} for s in SPLITS}
+    totals = {c: int((frame["label"] == c).sum()) for c in classes}
+    achieved = {s: {c: counts[s][c] / totals[c] for c in classes} for s in SPLITS}
+
+    sizes = frame.groupby("group").size()
+    labels_per_group = frame.groupby("group")["label"].agg(lambda v: sorted(set(v)))
+    spanning = [{"group": int(g), "size": int(sizes[g]), "labels": labels_per_group[g]}
+                for g in labels_per_group.index if len(labels_per_group[g]) > 1]
+    unmet = []
+    for s in SPLITS:
+        for c in classes:
+            # One image is the finest step a small class can take.
+            if abs(achieved[s][c] - fractions[s]) > max(tolerance, 1.0 / totals[c]):
+                biggest = int(frame.loc[frame["label"] == c].groupby("group").size().max())
+                unmet.append(
+                    f"{s}/{c}: got {achieved[s][c]:.2f} of the class, wanted {fractions[s]:.2f} "
+                    f"(largest '{c}' duplicate group has {biggest} of {totals[c]} images)"
+                )
+    leaks = count_cross_split_leaks(frame["sha256"], frame["phash"], frame["split"], threshold)
+    return {
+        "n_images": int(len(frame)),
+        "phash_threshold": threshold,
+        "fractions_wanted": fractions,
+        "counts": counts,
+        "fractions_achieved": achieved,
+        "n_groups": int(len(sizes)),
+        "largest_group": int(sizes.max()),
+        "group_size_distribution": dict(sorted(Counter(_size_bucket(int(s)) for s in sizes).items())),
+        "exact_duplicate_files": int(frame["sha256"].duplicated(keep=False).sum()),
+        "groups_spanning_classes": spanning,
+        "pairs_by_distance": distance_profile(frame["phash"], threshold + 4),
+        "unmet_targets": unmet,
+        "cross_split_leaks": leaks,
+    }
+
+
+def make_split(readable: pd.DataFrame, fractions: dict[str, float], threshold: int, seed: int) -> pd.DataFrame:
+    """Readable manifest rows -> (path, label, sha256, phash, group, split)."""
+    frame = readable[["path", "label", "sha256", "phash"]].reset_index(drop=True).copy()
+    frame["group"] = duplicate_groups(frame["sha256"], frame["phash"], threshold)
+    frame["split"] = assign_groups_to_splits(frame["label"], frame["group"], fractions, seed)
+    return frame

@@ -1,0 +1,167 @@
+"""Evaluation metrics and plots. Pure functions on (labels, probabilities); plots are Agg PNGs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def confusion(labels: np.ndarray, predicted: np.ndarray, n_classes: int) -> np.ndarray:
+    """Rows are true classes, columns predicted classes."""
+    matrix = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(matrix, (labels, predicted), 1)
+    return matrix
+
+
+def per_class_scores(matrix: np.ndarray) -> dict[str, np.ndarray]:
+    """Precision, recall, F1 and support per class; 0 where undefined (no predictions/support)."""
+    true_positive = np.diag(matrix).astype(float)
+    predicted = matrix.sum(axis=0).astype(float)
+    support = matrix.sum(axis=1).astype(float)
+    precision = np.divide(true_positive, predicted, out=np.zeros_like(true_positive), where=predicted > 0)
+    recall = np.divide(true_positive, support, out=np.zeros_like(true_positive), where=support > 0)
+    denominator = precision + recall
+    f1 = np.divide(2 * precision * recall, denominator, out=np.zeros_like(true_positive), where=denominator > 0)
+    return {"precision": precision, "recall": recall, "f1": f1, "support": support}
+
+
+def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray, n_bins: int) -> tuple[float, dict]:
+    """ECE of the top-class confidence over equal-width bins, and the reliability diagram's data."""
+    confidence = probabilities.max(axis=1)
+    correct = (probabilities.argmax(axis=1) == labels).astype(float)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    # Bin i holds confidences in (edges[i], edges[i+1]]; confidence 0 cannot occur with softmax.
+    which = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
+    ece = 0.0
+    bins = {"lower": edges[:-1].tolist(), "upper": edges[1:].tolist(), "count": [], "accuracy": [], "confidence": []}
+    for b in range(n_bins):
+        members = which == b
+        count = int(members.sum())
+        bins["count"].append(count)
+        if count == 0:
+            bins["accuracy"].append(None)
+            bins["confidence"].append(None)
+            continue
+        accuracy, mean_confidence = float(correct[members].mean()), float(confidence[members].mean())
+        bins["accuracy"].append(accuracy)
+        bins["confidence"].append(mean_confidence)
+        ece += count / len(labels) * abs(accuracy - mean_confidence)
+    return float(ece), bins
+
+
+def one_vs_rest_auc(labels: np.ndarray, probabilities: np.ndarray) -> list[float | None]:
+    """ROC-AUC of each class against the rest; None where the test set lacks positives or negatives."""
+    from sklearn.metrics import roc_auc_score
+
+    scores = []
+    for c in range(probabilities.shape[1]):
+        positive = labels == c
+        if positive.all() or not positive.any():
+            scores.append(None)
+        else:
+            scores.append(float(roc_auc_score(positive, probabilities[:, c])))
+    return scores
+
+
+def degenerate_predictions(labels: np.ndarray, predicted: np.ndarray, max_share: float) -> str | None:
+    """Explain why predictions look collapsed to one class, or None if they do not."""
+    if len(predicted) == 0:
+        return None
+    top_share = np.bincount(predicted).max() / len(predicted)
+    true_share = np.bincount(labels).max() / len(labels)
+    if top_share > max_share and true_share <= max_share:
+        top = int(np.bincount(predicted).argmax())
+        return (f"inference-mode predictions are {top_share:.0%} class index {top} while the largest "
+                f"true class is {true_share:.0%}: the model is degenerate (check normalisation statistics)")
+    return None
+
+
+def compute_metrics(labels: np.ndarray, probabilities: np.ndarray, classes: list[str],
+                    n_bins: int, max_single_class_share: float) -> dict:
+    predicted = probabilities.argmax(axis=1)
+    matrix = confusion(labels, predicted, len(classes))
+    scores = per_class_scores(matrix)
+    ece, reliability = expected_calibration_error(labels, probabilities, n_bins)
+    auc = one_vs_rest_auc(labels, probabilities)
+    present = scores["support"] > 0
+    defined_auc = [a for a in auc if a is not None]
+    degenerate = degenerate_predictions(labels, predicted, max_single_class_share)
+    return {
+        "n_test": int(len(labels)),
+        "accuracy": float((predicted == labels).mean()) if len(labels) else 0.0,
+        # Macro over classes present in the test split (an absent class has no recall to average).
+        "macro_f1": float(scores["f1"][present].mean()) if present.any() else 0.0,
+        "macro_roc_auc_ovr": float(np.mean(defined_auc)) if defined_auc else None,
+        "ece": ece,
+        "per_class": {
+            c: {"precision": float(scores["precision"][i]), "recall": float(scores["recall"][i]),
+                "f1": float(scores["f1"][i]), "support": int(scores["support"][i]), "roc_auc_ovr": auc[i]}
+            for i, c in enumerate(classes)
+        },
+        "prediction_share": {c: float(np.mean(predicted == i)) for i, c in enumerate(classes)},
+        "degenerate": degenerate is not None,
+        "degenerate_reason": degenerate or "",
+        "confusion_matrix": matrix.tolist(),
+        "reliability": reliability,
+    }
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path) -> None:
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(4.8, 4.2), dpi=120)
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(classes)), classes, rotation=30)
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    peak = matrix.max() if matrix.size else 0
+    for (i, j), value in np.ndenumerate(matrix):
+        ax.text(j, i, str(value), ha="center", va="center", color="white" if value > peak / 2 else "black")
+    ax.set_title("Confusion matrix (test)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_class_histogram(labels: np.ndarray, predicted: np.ndarray, classes: list[str], path: Path) -> None:
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    positions = np.arange(len(classes))
+    ax.bar(positions - 0.2, np.bincount(labels, minlength=len(classes)), 0.4, label="true")
+    ax.bar(positions + 0.2, np.bincount(predicted, minlength=len(classes)), 0.4, label="predicted")
+    ax.set_xticks(positions, classes)
+    ax.set_ylabel("test images")
+    ax.legend()
+    ax.set_title("Class histogram (test)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_reliability(reliability: dict, ece: float, path: Path) -> None:
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(4.2, 4.2), dpi=120)
+    centres = [(lo + hi) / 2 for lo, hi in zip(reliability["lower"], reliability["upper"])]
+    width = reliability["upper"][0] - reliability["lower"][0]
+    accuracy = [a if a is not None else 0.0 for a in reliability["accuracy"]]
+    ax.bar(centres, accuracy, width=width * 0.9, edgecolor="black", label="accuracy")
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title(f"Reliability diagram (ECE {ece:.3f})")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

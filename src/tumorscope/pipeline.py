@@ -1,0 +1,186 @@
+"""One function per pipeline stage: read params, call the pure library, write the stage's outputs.
+
+DVC stages (via the CLI) and Prefect flows both call these, so there is one code path. Each
+returns a short human summary; a user mistake raises UserError with a one-line message.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tumorscope.config import Params
+from tumorscope.errors import UserError
+from tumorscope.reports import read_json, write_json
+
+INGEST_REPORT = "reports/ingest.json"
+TRAIN_REPORT = "train.json"
+
+
+def run_phantom(params: Params) -> str:
+    from tumorscope.data.phantom import generate_phantom
+
+    index = generate_phantom(params.phantom, params.seed)
+    counts = index["Class"].value_counts().sort_index().to_dict()
+    return f"phantom: wrote {len(index)} slices to {params.phantom.out_dir} {counts}"
+
+
+def run_ingest(params: Params) -> str:
+    from tumorscope.data.ingest import ingest
+
+    report = ingest(params.data)
+    Path(INGEST_REPORT).parent.mkdir(parents=True, exist_ok=True)
+    Path(INGEST_REPORT).write_text(report.to_json() + "\n")
+    excluded = f", excluded folders {report.excluded_folders}" if report.excluded_folders else ""
+    hidden = f", {len(report.skipped_hidden_files)} hidden files listed in {INGEST_REPORT}" if report.skipped_hidden_files else ""
+    return f"ingest: {sum(report.files_per_label.values())} files {report.files_per_label} -> {params.data.raw_dir}{excluded}{hidden}"
+
+
+def expected_classes() -> list[str]:
+    if not Path(INGEST_REPORT).is_file():
+        raise UserError(f"{INGEST_REPORT} not found (run the ingest stage first)")
+    return sorted(read_json(INGEST_REPORT)["files_per_label"])
+
+
+def run_manifest(params: Params) -> str:
+    from tumorscope.data.manifest import build_manifest, check_every_class_readable, quarantine_table
+
+    manifest = build_manifest(Path(params.data.raw_dir), params.data.dicom_window)
+    Path(params.manifest.path).parent.mkdir(parents=True, exist_ok=True)
+    manifest.to_csv(params.manifest.path, index=False)
+    quarantined = quarantine_table(manifest)
+    Path(params.manifest.quarantine_path).parent.mkdir(parents=True, exist_ok=True)
+    quarantined.to_csv(params.manifest.quarantine_path, index=False)
+    check_every_class_readable(manifest)  # after writing, so the quarantine report explains it
+    note = f"; {len(quarantined)} unreadable file(s) quarantined, see {params.manifest.quarantine_path}" if len(quarantined) else ""
+    return f"manifest: {len(manifest)} files, {int(manifest['readable'].sum())} readable{note}"
+
+
+def run_validate(params: Params) -> str:
+    from tumorscope.data.manifest import load_manifest
+    from tumorscope.data.validate import validate_manifest
+
+    outcome = validate_manifest(load_manifest(params.manifest.path), expected_classes(), params.validate_)
+    if not outcome.success:
+        raise UserError(f"{outcome.summary()} (details: {outcome.result_path})")
+    return outcome.summary()
+
+
+def run_split(params: Params) -> str:
+    from tumorscope.data.manifest import load_manifest
+    from tumorscope.data.split import make_split, split_report
+
+    cfg = params.split
+    fractions = {"train": cfg.train, "val": cfg.val, "test": cfg.test}
+    manifest = load_manifest(params.manifest.path)
+    table = make_split(manifest[manifest["readable"]], fractions, cfg.phash_threshold, params.seed)
+    report = split_report(table, fractions, cfg.phash_threshold, cfg.tolerance)
+    Path(cfg.path).parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(cfg.path, index=False)
+    write_json(cfg.report_path, report)
+    if report["cross_split_leaks"]:
+        raise UserError(f"split: {report['cross_split_leaks']} duplicate pairs straddle splits (bug); see {cfg.report_path}")
+    sizes = {s: sum(c.values()) for s, c in report["counts"].items()}
+    unmet = f"; WARNING {len(report['unmet_targets'])} unmet target(s): {report['unmet_targets'][0]}" if report["unmet_targets"] else ""
+    return (f"split: {sizes}, {report['n_groups']} duplicate groups (largest {report['largest_group']}), "
+            f"{report['cross_split_leaks']} leaks{unmet}")
+
+
+def run_preprocess(params: Params) -> str:
+    import pandas as pd
+
+    from tumorscope.data.preprocess import build_cache
+
+    table = pd.read_csv(params.split.path, keep_default_na=False)
+    report = build_cache(table, sorted(table["label"].unique()), params.preprocess, params.data.dicom_window)
+    write_json(params.preprocess.report_path, report)
+    return f"preprocess: cache {report['counts']} at {params.preprocess.image_size}px in {params.preprocess.cache_dir}"
+
+
+def run_train(params: Params) -> str:
+    import keras
+    import mlflow
+
+    from tumorscope import registry
+    from tumorscope.data.preprocess import load_classes, load_split
+    from tumorscope.models.train import save_model, train_model
+    from tumorscope.models.zoo import build_model
+
+    cfg = params.train
+    keras.utils.set_random_seed(params.seed)
+    classes = load_classes(params.preprocess.cache_dir)
+    train_data = load_split(params.preprocess.cache_dir, "train")
+    val_data = load_split(params.preprocess.cache_dir, "val")
+    model = build_model(cfg.architecture, params.preprocess.image_size, len(classes), filters=cfg.filters,
+                        dense_units=cfg.dense_units, dropout=cfg.dropout,
+                        augment_strength=cfg.augment_strength, seed=params.seed)
+    experiment_id = registry.configure(params.mlflow)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"train-{cfg.architecture}") as run:
+        mlflow.set_tags({
+            "stage": "train",
+            "git_commit": registry.git_commit(),
+            "dataset_fingerprint": registry.file_fingerprint(params.split.path),
+            "dvc_raw_md5": registry.dvc_out_hash("ingest"),
+            "keras_backend": keras.backend.backend(),
+        })
+        mlflow.log_params(registry.flatten({"seed": params.seed, "train": cfg.model_dump(),
+                                            "preprocess": params.preprocess.model_dump(),
+                                            "split": params.split.model_dump()}))
+        mlflow.log_param("classes", ",".join(classes))
+        result = train_model(model, train_data, val_data, cfg, params.seed, callbacks=[registry.epoch_logger()])
+        model_path = save_model(result.model, Path(cfg.model_dir))
+        mlflow.log_artifact(str(model_path), artifact_path="model")
+        mlflow.log_metrics({"epochs_run": result.epochs_run, "train_images_per_second": result.images_per_second})
+        summary = {"run_id": run.info.run_id, "experiment_id": experiment_id, "architecture": cfg.architecture,
+                   "classes": classes, "epochs_run": result.epochs_run, "fit_seconds": result.fit_seconds,
+                   "train_images_per_second": result.images_per_second, "history": result.history}
+        write_json(Path(cfg.model_dir) / TRAIN_REPORT, summary)
+    return (f"train: {cfg.architecture} {result.epochs_run} epochs in {result.fit_seconds:.0f}s "
+            f"({result.images_per_second:.0f} img/s), MLflow run {run.info.run_id}")
+
+
+def run_evaluate(params: Params) -> str:
+    import keras
+    import mlflow
+    import numpy as np
+    import pandas as pd
+
+    from tumorscope import registry
+    from tumorscope.data.preprocess import load_split
+    from tumorscope.models import evaluate as ev
+    from tumorscope.models.train import predict_proba
+
+    cfg = params.evaluate
+    train_summary = read_json(Path(params.train.model_dir) / TRAIN_REPORT)
+    classes = train_summary["classes"]
+    model = keras.saving.load_model(Path(params.train.model_dir) / "model.keras")
+    images, labels = load_split(params.preprocess.cache_dir, "test")
+    probabilities = predict_proba(model, images)
+    metrics = ev.compute_metrics(labels, probabilities, classes, cfg.calibration_bins, cfg.max_single_class_share)
+
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    predicted = probabilities.argmax(axis=1)
+    ev.plot_confusion(np.array(metrics["confusion_matrix"]), classes, out / "confusion_matrix.png")
+    ev.plot_class_histogram(labels, predicted, classes, out / "class_histogram.png")
+    ev.plot_reliability(metrics["reliability"], metrics["ece"], out / "reliability.png")
+    pd.DataFrame({"actual": [classes[i] for i in labels], "predicted": [classes[i] for i in predicted]}).to_csv(
+        out / "predictions.csv", index=False)
+    write_json(out / "reliability.json", metrics.pop("reliability"))
+    write_json(cfg.metrics_path, metrics)
+
+    registry.configure(params.mlflow)
+    with mlflow.start_run(run_id=train_summary["run_id"]):
+        flat = {"test_accuracy": metrics["accuracy"], "test_macro_f1": metrics["macro_f1"], "test_ece": metrics["ece"]}
+        if metrics["macro_roc_auc_ovr"] is not None:
+            flat["test_macro_roc_auc_ovr"] = metrics["macro_roc_auc_ovr"]
+        flat.update({f"test_recall_{c}": v["recall"] for c, v in metrics["per_class"].items()})
+        mlflow.log_metrics(flat)
+        mlflow.set_tag("degenerate", str(metrics["degenerate"]).lower())
+        mlflow.log_artifact(cfg.metrics_path)
+        mlflow.log_artifacts(str(out), artifact_path="evaluation")
+    recalls = ", ".join(f"{c} {v['recall']:.2f}" for c, v in metrics["per_class"].items())
+    line = (f"evaluate: accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}, "
+            f"ECE {metrics['ece']:.3f}; recall {recalls}")
+    if metrics["degenerate"] and cfg.fail_on_degenerate:
+        raise UserError(f"{line} -- DEGENERATE MODEL: {metrics['degenerate_reason']}")
+    return line

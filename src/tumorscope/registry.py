@@ -1,0 +1,78 @@
+"""MLflow tracking: experiment set-up, run tags (data version, git commit), epoch logging.
+
+The tracking URI comes from params (an SQLite file by default, PostgreSQL works the same).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+from pathlib import Path
+
+import yaml
+
+from tumorscope.config import MlflowConfig
+from tumorscope.errors import UserError
+
+
+def flatten(mapping: dict, prefix: str = "") -> dict[str, object]:
+    """{'train': {'lr': 1}} -> {'train.lr': 1}, for MLflow params."""
+    flat = {}
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def git_commit(cwd: str | Path = ".") -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def dvc_out_hash(stage: str, lock_path: str | Path = "dvc.lock") -> str:
+    """md5 of a stage's first output as recorded in dvc.lock (the DVC data version), if any."""
+    path = Path(lock_path)
+    if not path.is_file():
+        return "unknown"
+    lock = yaml.safe_load(path.read_text()) or {}
+    outs = lock.get("stages", {}).get(stage, {}).get("outs", [])
+    return str(outs[0].get("md5", "unknown")) if outs else "unknown"
+
+
+def file_fingerprint(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def configure(cfg: MlflowConfig) -> str:
+    """Point MLflow at the configured store and return the experiment id (created if missing)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    try:
+        experiment = mlflow.get_experiment_by_name(cfg.experiment)
+    except Exception as err:  # unreachable database, bad URI: MLflow raises many types
+        raise UserError(f"mlflow.tracking_uri: cannot open tracking store {cfg.tracking_uri!r}: "
+                        f"{str(err).splitlines()[0]}") from None
+    if experiment is not None:
+        return experiment.experiment_id
+    artifact_location = Path(cfg.artifact_root).resolve().as_uri()
+    return mlflow.create_experiment(cfg.experiment, artifact_location=artifact_location)
+
+
+def epoch_logger():
+    """A Keras callback that logs every epoch's metrics to the active MLflow run."""
+    import keras
+    import mlflow
+
+    class EpochLogger(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if logs:
+                mlflow.log_metrics({k: float(v) for k, v in logs.items()}, step=epoch)
+
+    return EpochLogger()
