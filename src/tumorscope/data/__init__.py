@@ -1,0 +1,1 @@
+"""Data stages: phantom, ingest, manifest, validate, split, preprocess, cache."""

@@ -1,0 +1,394 @@
+"""Great Expectations (1.x) validation of the image manifest.
+
+Two Expectation Suites, stored as JSON in ``expectations/`` (the committed JSON is what runs):
+
+* ``manifest.json`` runs on the whole manifest. Per-image checks (phash, size, intensity stats)
+  carry a ``row_condition`` so they look at readable rows only; the ``readable`` check uses
+  ``mostly`` to bound the quarantined share.
+* ``class_counts.json`` runs on :func:`class_count_table` (one row per class present).
+
+Thresholds are not in the JSON: expectations say ``{"$PARAMETER": "min_side"}`` and the values come
+from ``ValidateConfig`` at run time (``expectation_parameters`` of ``ValidationDefinition.run``).
+
+Great Expectations is imported inside the functions: it is slow to import, and a CLI ``--help``
+must stay fast. Its context is ephemeral (in memory); only the Data Docs site and the JSON result
+are written, both under ``project_root``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from tumorscope.config import ValidateConfig
+
+MANIFEST_SUITE = "manifest"
+CLASS_COUNTS_SUITE = "class_counts"
+SUITE_NAMES = (MANIFEST_SUITE, CLASS_COUNTS_SUITE)
+DOCS_SITE = "tumorscope"
+# The manifest schema (kept here, not imported from manifest.py, so this module stays light and
+# the schema a suite checks is visible next to the suite definition).
+MANIFEST_COLUMNS = [
+    "path", "label", "sha256", "phash", "width", "height", "mode",
+    "mean", "std", "min", "max", "readable", "error",
+]
+CLASS_COUNT_COLUMNS = ["label", "count", "share", "ratio_to_smallest"]
+_NOISY_RESULT_KEYS = {"partial_unexpected_index_list", "partial_unexpected_counts",
+                      "unexpected_percent_total", "unexpected_percent_nonmissing"}
+# Files Data Docs writes into its site folder; removed before a build so no stale page survives.
+_DOCS_ENTRIES = ("index.html", "static", "expectations", "validations")
+
+
+@dataclass(frozen=True)
+class ValidationOutcome:
+    success: bool
+    failed: list[str]  # e.g. "manifest: expect_column_values_to_be_in_set(label)"
+    result_path: Path
+    docs_index: Path | None
+    evaluated: int = 0
+
+    def summary(self) -> str:
+        if self.success:
+            return f"validation passed: {self.evaluated} expectations"
+        noun = "expectation" if len(self.failed) == 1 else "expectations"
+        return f"validation failed: {len(self.failed)} {noun}: " + "; ".join(self.failed)
+
+
+def class_count_table(manifest: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
+    """One row per expected class that has readable images: label, count, share, ratio_to_smallest.
+
+    Rows follow ``classes`` order. Only classes actually present get a row: an absent class is
+    caught by the suite's "contains set" expectation, not by a zero count. Unexpected labels are
+    left out (the manifest suite names them). ``share`` is the class's share of the readable images
+    of expected classes; ``ratio_to_smallest`` is count / smallest count, so its maximum is the
+    imbalance max(count) / min(count).
+    """
+    if "readable" in manifest.columns:
+        readable = manifest["readable"].fillna(False).astype(bool)
+    else:
+        readable = pd.Series(True, index=manifest.index)
+    if "label" in manifest.columns:
+        labels = manifest.loc[readable, "label"]
+    else:
+        labels = pd.Series(dtype=object)
+    counts = labels.astype(str).value_counts()
+    order = [c for c in classes if c in counts.index]
+    counts = counts.reindex(order)
+    total = int(counts.sum())
+    smallest = int(counts.min()) if len(counts) else 0
+    table = pd.DataFrame({
+        "label": pd.Series(order, dtype=object),
+        "count": counts.to_numpy(dtype="int64"),
+    })
+    table["share"] = table["count"] / total if total else 0.0
+    table["ratio_to_smallest"] = table["count"] / smallest if smallest else 0.0
+    return table[CLASS_COUNT_COLUMNS]
+
+
+def suite_parameters(classes: list[str], cfg: ValidateConfig) -> dict[str, Any]:
+    """Values for the ``$PARAMETER`` names the suites use."""
+    return {
+        "classes": list(classes),
+        "min_side": cfg.min_side,
+        "max_side": cfg.max_side,
+        "min_intensity_std": cfg.min_intensity_std,
+        "min_readable_fraction": 1.0 - cfg.max_quarantined_fraction,
+        "min_images_per_class": cfg.min_images_per_class,
+        "max_class_imbalance": cfg.max_class_imbalance,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Suite definitions: used once to write expectations/*.json (``python -m tumorscope.data.validate
+# --write-suites expectations``). At run time only the JSON files are read.
+
+
+def _param(name: str) -> dict[str, str]:
+    return {"$PARAMETER": name}
+
+
+_READABLE = {"type": "comparison", "column": {"name": "readable"}, "operator": "==",
+             "parameter": True}
+
+
+def _exp(kind: str, notes: str, **kwargs: Any) -> dict[str, Any]:
+    return {"type": kind, "kwargs": kwargs, "meta": {"notes": notes}}
+
+
+def default_suite_definitions() -> dict[str, dict[str, Any]]:
+    manifest = [
+        _exp("expect_table_columns_to_match_set", "the manifest has exactly the expected columns",
+             column_set=list(MANIFEST_COLUMNS), exact_match=True),
+        *[_exp("expect_column_to_exist", f"column {c} exists", column=c) for c in MANIFEST_COLUMNS],
+        _exp("expect_column_values_to_not_be_null", "every row names its file", column="path"),
+        _exp("expect_column_values_to_be_unique", "one row per file", column="path"),
+        _exp("expect_column_values_to_be_in_set", "labels are the expected classes",
+             column="label", value_set=_param("classes")),
+        _exp("expect_column_values_to_match_regex", "sha256 is 64 lowercase hex digits",
+             column="sha256", regex="^[0-9a-f]{64}$"),
+        _exp("expect_column_values_to_match_regex", "phash is 16 lowercase hex digits",
+             column="phash", regex="^[0-9a-f]{16}$", row_condition=_READABLE),
+        _exp("expect_column_values_to_be_between", "image width within [min_side, max_side]",
+             column="width", min_value=_param("min_side"), max_value=_param("max_side"),
+             row_condition=_READABLE),
+        _exp("expect_column_values_to_be_between", "image height within [min_side, max_side]",
+             column="height", min_value=_param("min_side"), max_value=_param("max_side"),
+             row_condition=_READABLE),
+        _exp("expect_column_values_to_be_between", "mean intensity of the 8-bit rendering",
+             column="mean", min_value=0, max_value=255, row_condition=_READABLE),
+        _exp("expect_column_values_to_be_between", "minimum intensity of the 8-bit rendering",
+             column="min", min_value=0, max_value=255, row_condition=_READABLE),
+        _exp("expect_column_values_to_be_between", "maximum intensity of the 8-bit rendering",
+             column="max", min_value=0, max_value=255, row_condition=_READABLE),
+        _exp("expect_column_values_to_be_between",
+             "near-blank images: intensity std must exceed min_intensity_std",
+             column="std", min_value=_param("min_intensity_std"), strict_min=True,
+             row_condition=_READABLE),
+        _exp("expect_column_pair_values_a_to_be_greater_than_b", "min <= max",
+             column_A="max", column_B="min", or_equal=True, row_condition=_READABLE),
+        _exp("expect_column_values_to_be_in_set",
+             "at most max_quarantined_fraction of the files are unreadable (whole manifest)",
+             column="readable", value_set=[True], mostly=_param("min_readable_fraction")),
+    ]
+    class_counts = [
+        _exp("expect_table_columns_to_match_set", "derived class table schema",
+             column_set=list(CLASS_COUNT_COLUMNS), exact_match=True),
+        _exp("expect_column_distinct_values_to_contain_set",
+             "every expected class has readable images", column="label",
+             value_set=_param("classes")),
+        _exp("expect_column_values_to_be_between", "count >= min_images_per_class",
+             column="count", min_value=_param("min_images_per_class")),
+        _exp("expect_column_values_to_be_between",
+             "class imbalance: max(count) / min(count) <= max_class_imbalance",
+             column="ratio_to_smallest", max_value=_param("max_class_imbalance")),
+    ]
+    return {
+        MANIFEST_SUITE: {"name": MANIFEST_SUITE, "expectations": manifest,
+                         "meta": {"notes": "Image manifest; thresholds are suite parameters."}},
+        CLASS_COUNTS_SUITE: {
+            "name": CLASS_COUNTS_SUITE, "expectations": class_counts,
+            "meta": {"notes": "One row per class; thresholds are suite parameters."},
+        },
+    }
+
+
+def write_default_suites(suite_dir: Path) -> list[Path]:
+    """Write the suite JSON files, after checking that GE accepts every expectation.
+
+    The definitions are written as given rather than as GE serializes them: GE drops kwargs equal
+    to their default (``exact_match: true``), and the JSON should say what it checks.
+    """
+    gx = _import_gx()
+    context = _ephemeral_context(gx, docs_dir=None)
+    suite_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, definition in default_suite_definitions().items():
+        suite = gx.ExpectationSuite(**definition)
+        if len(suite.expectations) != len(definition["expectations"]):
+            raise ValueError(f"suite {name}: some expectations are invalid")
+        context.suites.add(suite)
+        path = suite_dir / f"{name}.json"
+        path.write_text(json.dumps(definition, indent=2) + "\n")
+        written.append(path)
+    return written
+
+
+# ---------------------------------------------------------------------------------------------
+# Running.
+
+
+def _import_gx():
+    # No network: GE must not send usage statistics.
+    os.environ["GX_ANALYTICS_ENABLED"] = "false"
+    import great_expectations as gx
+
+    return gx
+
+
+def _ephemeral_context(gx, docs_dir: Path | None):
+    """In-memory context: no gx/ folder, no temp docs site; one Data Docs site at docs_dir."""
+    from great_expectations.data_context.types.base import (
+        DataContextConfig,
+        InMemoryStoreBackendDefaults,
+        ProgressBarsConfig,
+    )
+
+    sites = {}
+    if docs_dir is not None:
+        sites[DOCS_SITE] = {
+            "class_name": "SiteBuilder",
+            "store_backend": {"class_name": "TupleFilesystemStoreBackend",
+                              "base_directory": str(docs_dir)},
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+        }
+    config = DataContextConfig(
+        store_backend_defaults=InMemoryStoreBackendDefaults(init_temp_docs_sites=False),
+        data_docs_sites=sites,
+        analytics_enabled=False,
+        progress_bars=ProgressBarsConfig(globally=False),
+    )
+    return gx.get_context(project_config=config, mode="ephemeral")
+
+
+def _resolve(project_root: Path, path: str) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() else project_root / p
+
+
+def _load_suite(gx, path: Path):
+    from tumorscope.errors import UserError
+
+    if not path.is_file():
+        raise UserError(f"expectation suite not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"expectation suite {path} is not valid JSON: {err}") from None
+    data.pop("id", None)
+    expected = len(data.get("expectations", []))
+    for exp in data.get("expectations", []):
+        exp.pop("id", None)
+    suite = gx.ExpectationSuite(**data)
+    # GE logs and drops an invalid expectation instead of raising: refuse a partial suite.
+    if len(suite.expectations) != expected:
+        raise UserError(f"expectation suite {path}: {expected - len(suite.expectations)} "
+                        "expectation(s) are invalid (see the log)")
+    return suite
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if hasattr(value, "item"):  # numpy scalar
+        return _jsonable(value.item())
+    return str(value)
+
+
+def _describe(kind: str, kwargs: dict) -> str:
+    if "column" in kwargs:
+        target = str(kwargs["column"])
+    elif "column_A" in kwargs:
+        target = f"{kwargs['column_A']}, {kwargs['column_B']}"
+    else:
+        return kind
+    return f"{kind}({target})"
+
+
+def _failure_record(suite: str, result) -> dict[str, Any]:
+    config = result.expectation_config
+    kwargs = {k: v for k, v in config.kwargs.items() if k != "batch_id"}
+    res = result.result or {}
+    # Keep what GE observed, less its noisier derived keys. (Some expectations report observed_value
+    # None and put the evidence elsewhere, e.g. contain_set's partial_missing_list.)
+    observed = {k: v for k, v in res.items() if k not in _NOISY_RESULT_KEYS and v is not None}
+    record = {
+        "suite": suite,
+        "expectation": config.type,
+        "description": _describe(config.type, kwargs),
+        "kwargs": kwargs,
+        "observed": observed,
+        "notes": (config.meta or {}).get("notes"),
+    }
+    exc = result.exception_info or {}
+    if exc.get("raised_exception"):
+        record["exception"] = str(exc.get("exception_message"))
+    return record
+
+
+def _clean_docs_dir(docs_dir: Path) -> None:
+    for name in _DOCS_ENTRIES:
+        entry = docs_dir / name
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        elif entry.exists():
+            entry.unlink()
+
+
+def validate_manifest(manifest: pd.DataFrame, classes: list[str], cfg: ValidateConfig,
+                      project_root: Path = Path(".")) -> ValidationOutcome:
+    """Run both suites; write the JSON result and Data Docs. A failed validation does not raise."""
+    project_root = Path(project_root)
+    suite_dir = _resolve(project_root, cfg.suite_dir)
+    docs_dir = _resolve(project_root, cfg.docs_dir).resolve()
+    result_path = _resolve(project_root, cfg.result_path)
+
+    gx = _import_gx()
+    suites = {name: _load_suite(gx, suite_dir / f"{name}.json") for name in SUITE_NAMES}
+    tables = {MANIFEST_SUITE: manifest.reset_index(drop=True),
+              CLASS_COUNTS_SUITE: class_count_table(manifest, classes)}
+    params = suite_parameters(classes, cfg)
+
+    docs_dir.mkdir(parents=True, exist_ok=True)
+    _clean_docs_dir(docs_dir)
+    context = _ephemeral_context(gx, docs_dir)
+    source = context.data_sources.add_pandas("tumorscope")
+
+    per_suite: dict[str, dict[str, Any]] = {}
+    failures: list[dict[str, Any]] = []
+    evaluated = successful = 0
+    for name in SUITE_NAMES:
+        suite = context.suites.add(suites[name])
+        batch = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe("all")
+        definition = context.validation_definitions.add(
+            gx.ValidationDefinition(name=f"{name}_validation", data=batch, suite=suite))
+        result = definition.run(batch_parameters={"dataframe": tables[name]},
+                                expectation_parameters=params,
+                                result_format={"result_format": "SUMMARY"})
+        stats = dict(result.statistics)
+        per_suite[name] = {"success": bool(result.success), "statistics": stats}
+        evaluated += int(stats.get("evaluated_expectations", 0))
+        successful += int(stats.get("successful_expectations", 0))
+        # Report failures in suite order (GE orders results by how it resolved the metrics).
+        position = {exp.id: i for i, exp in enumerate(suite.expectations)}
+        failed = [r for r in result.results if not r.success]
+        failed.sort(key=lambda r: position.get(r.expectation_config.id, len(position)))
+        failures += [_failure_record(name, r) for r in failed]
+
+    context.build_data_docs(site_names=[DOCS_SITE])
+    docs_index = docs_dir / "index.html"
+    docs_index = docs_index if docs_index.is_file() else None
+
+    success = all(s["success"] for s in per_suite.values())
+    report = {
+        "success": success,
+        "suites": per_suite,
+        "statistics": {
+            "evaluated_expectations": evaluated,
+            "successful_expectations": successful,
+            "unsuccessful_expectations": evaluated - successful,
+        },
+        "parameters": params,
+        "failed": failures,
+        "class_counts": class_count_table(manifest, classes).to_dict(orient="records"),
+        "docs_index": str(docs_index) if docs_index else None,
+    }
+    result_path.parent.mkdir(parents=True, exist_ok=True)
+    result_path.write_text(json.dumps(_jsonable(report), indent=2) + "\n")
+    return ValidationOutcome(
+        success=success,
+        failed=[f"{f['suite']}: {f['description']}" for f in failures],
+        result_path=result_path,
+        docs_index=docs_index,
+        evaluated=evaluated,
+    )
+
+
+if __name__ == "__main__":  # python -m tumorscope.data.validate --write-suites expectations
+    if len(sys.argv) != 3 or sys.argv[1] != "--write-suites":
+        sys.exit("usage: python -m tumorscope.data.validate --write-suites SUITE_DIR")
+    for written in write_default_suites(Path(sys.argv[2])):
+        print(written)

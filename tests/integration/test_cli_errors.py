@@ -1,0 +1,97 @@
+"""User mistakes end with one line on stderr, exit code 1, no traceback, and nothing lost."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import textured_slice, write_png
+import numpy as np
+
+
+def tumorscope(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tumorscope.cli", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def _project(tmp_path: Path, params: dict) -> Path:
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    return tmp_path
+
+
+def _assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_help_is_fast(tmp_path):
+    started = time.perf_counter()
+    result = tumorscope("--help", cwd=tmp_path)
+    assert result.returncode == 0 and "preprocess" in result.stdout
+    # Not a benchmark: a loose guard that --help does not import TensorFlow/GE/MLflow.
+    assert time.perf_counter() - started < 10
+
+
+def test_help_imports_no_heavy_library(tmp_path):
+    code = ("import sys; from typer.testing import CliRunner; from tumorscope.cli import app; "
+            "CliRunner().invoke(app, ['--help']); "
+            "print(sorted(m for m in ('tensorflow','keras','mlflow','great_expectations','dvc') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert out.stdout.strip() == "[]", out.stderr
+
+
+def test_missing_source(tmp_path):
+    result = tumorscope("ingest", cwd=_project(tmp_path, {"data": {"source": str(tmp_path / "nowhere")}}))
+    _assert_one_line_error(result, "data.source", "nowhere")
+
+
+def test_invalid_params_value_names_key(tmp_path):
+    result = tumorscope("split", cwd=_project(tmp_path, {"split": {"phash_threshold": 99}}))
+    _assert_one_line_error(result, "split.phash_threshold")
+
+
+def test_missing_params_file(tmp_path):
+    _assert_one_line_error(tumorscope("ingest", cwd=tmp_path), "params file not found")
+
+
+def test_unknown_class_in_class_map(tmp_path, class_folders):
+    params = {"data": {"source": str(class_folders), "class_map": {"Kidney-Stone": "Stone"}}}
+    _assert_one_line_error(tumorscope("ingest", cwd=_project(tmp_path, params)), "Kidney-Stone")
+
+
+def test_empty_class_folder(tmp_path, class_folders):
+    (class_folders / "Stone").mkdir()
+    params = {"data": {"source": str(class_folders)}}
+    _assert_one_line_error(tumorscope("ingest", cwd=_project(tmp_path, params)), "empty", "Stone")
+
+
+def test_class_of_corrupt_files_keeps_quarantine_report(tmp_path, class_folders):
+    (class_folders / "Stone").mkdir()
+    (class_folders / "Stone" / "a.jpg").write_bytes(b"not a jpeg")
+    write_png(class_folders / "Cyst" / "extra.png", textured_slice(np.random.default_rng(9)))
+    project = _project(tmp_path, {"data": {"source": str(class_folders)}})
+    assert tumorscope("ingest", cwd=project).returncode == 0
+    result = tumorscope("manifest", cwd=project)
+    _assert_one_line_error(result, "class 'Stone' has no readable image")
+    quarantine = (project / "reports" / "quarantine.csv").read_text()
+    assert "a.jpg" in quarantine and "not an image" in quarantine
+    assert (project / "data" / "manifest.csv").read_text().count("\n") == 12 * 3 + 2 + 1
+
+
+def test_non_image_files_are_quarantined_with_a_warning_line(tmp_path, class_folders):
+    (class_folders / "Normal" / "Thumbs.db").write_bytes(b"\x00\x01")
+    project = _project(tmp_path, {"data": {"source": str(class_folders)}})
+    assert tumorscope("ingest", cwd=project).returncode == 0
+    result = tumorscope("manifest", cwd=project)
+    assert result.returncode == 0, result.stderr
+    assert "1 unreadable file(s) quarantined" in result.stdout
+    assert "Thumbs.db" in (project / "reports" / "quarantine.csv").read_text()

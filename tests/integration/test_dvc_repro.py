@@ -1,0 +1,120 @@
+"""The real `dvc repro` on a tiny copy of the project: phantom, and the shared real sample."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import REPO, SAMPLE, needs_sample
+
+pytestmark = pytest.mark.slow
+
+TINY = {
+    "phantom": {"n_images": 100, "image_size": 64},
+    "preprocess": {"image_size": 32},
+    "train": {"epochs": 6, "batch_size": 16, "patience": 3},
+}
+
+
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    bin_dir = Path(sys.executable).parent
+    result = subprocess.run([str(bin_dir / args[0]), *args[1:]], cwd=cwd, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f"{args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+def _deep_update(base: dict, changes: dict) -> dict:
+    for key, value in changes.items():
+        base[key] = _deep_update(base.get(key, {}), value) if isinstance(value, dict) else value
+    return base
+
+
+def make_project(root: Path, changes: dict) -> Path:
+    """A fresh git+DVC repository with this project's pipeline files and tweaked params."""
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
+        shutil.copy(REPO / name, root / name)
+    shutil.copytree(REPO / "expectations", root / "expectations")
+    shutil.copytree(REPO / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    params = _deep_update(yaml.safe_load((root / "params.yaml").read_text()), changes)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    _run(["dvc", "init", "-q"], root)
+    _run(["dvc", "remote", "add", "-d", "local", str(root / "remote")], root)
+    return root
+
+
+def _check_outputs(project: Path, classes: list[str]) -> dict:
+    metrics = json.loads((project / "metrics.json").read_text())
+    assert set(metrics["per_class"]) == set(classes)
+    assert 0.0 <= metrics["macro_f1"] <= 1.0
+    for plot in ("confusion_matrix.png", "class_histogram.png", "reliability.png", "predictions.csv"):
+        assert (project / "evaluation" / plot).stat().st_size > 0
+    split = json.loads((project / "reports" / "split.json").read_text())
+    assert split["cross_split_leaks"] == 0
+    validation = json.loads((project / "reports" / "validation.json").read_text())
+    assert validation["success"] is True
+    assert (project / "reports" / "data_docs").is_dir()
+    shown = _run(["dvc", "metrics", "show", "--json"], project).stdout
+    assert "macro_f1" in shown
+    return metrics
+
+
+def _check_mlflow_run_and_model(project: Path, n_classes: int) -> None:
+    """The run holds params, metrics and the .keras model, which loads back and predicts."""
+    code = f"""
+import json, mlflow, numpy as np, keras
+mlflow.set_tracking_uri("sqlite:///{project}/mlflow.db")
+run_id = json.load(open("{project}/models/train.json"))["run_id"]
+run = mlflow.get_run(run_id)
+assert run.data.params["train.architecture"] == "small_cnn", run.data.params
+assert "test_macro_f1" in run.data.metrics and "dataset_fingerprint" in run.data.tags
+local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model/model.keras")
+model = keras.saving.load_model(local)
+x = np.load("{project}/data/cache/test_x.npy")
+p = model.predict(x, verbose=0)
+assert p.shape == (len(x), {n_classes}) and np.allclose(p.sum(axis=1), 1, atol=1e-4)
+history = mlflow.tracking.MlflowClient().get_metric_history(run_id, "val_loss")
+assert len(history) >= 1
+print("mlflow ok")
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert "mlflow ok" in result.stdout, result.stderr[-3000:]
+
+
+def test_dvc_repro_on_tiny_phantom(tmp_path):
+    project = make_project(tmp_path, TINY)
+    first = _run(["dvc", "repro"], project)
+    assert "Running stage 'evaluate'" in first.stdout
+    _check_outputs(project, ["Cyst", "Normal", "Stone", "Tumor"])
+    _check_mlflow_run_and_model(project, 4)
+    # The phantom's masks and index travel with the raw data.
+    assert (project / "data" / "raw" / "_meta" / "kidneyData.csv").is_file()
+    second = _run(["dvc", "repro"], project)
+    assert "Running stage" not in second.stdout  # an unchanged workspace is a no-op
+    # Changing one training knob reruns only train and evaluate.
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"]["dropout"] = 0.2
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    third = _run(["dvc", "repro"], project)
+    ran = {line.split("'")[1] for line in third.stdout.splitlines() if line.startswith("Running stage")}
+    assert ran == {"train", "evaluate"}
+    _run(["dvc", "push"], project)
+    assert any((project / "remote").rglob("*"))
+
+
+@needs_sample
+def test_dvc_repro_on_shared_real_sample(tmp_path):
+    project = make_project(tmp_path, {**TINY, "data": {"source": str(SAMPLE)}})
+    _run(["dvc", "repro", "evaluate"], project)
+    assert not (project / "data" / "phantom").exists()  # the phantom stage is not an ancestor
+    metrics = _check_outputs(project, ["Cyst", "Normal", "Stone", "Tumor"])
+    assert metrics["n_test"] >= 30
+    split = json.loads((project / "reports" / "split.json").read_text())
+    assert split["n_images"] == 240 and split["exact_duplicate_files"] == 18

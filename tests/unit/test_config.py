@@ -1,0 +1,35 @@
+import pytest
+
+from tumorscope.config import ConfigError, Params, load_params, parse_params
+from conftest import REPO
+
+
+def test_repo_params_yaml_is_valid_and_matches_defaults():
+    assert load_params(REPO / "params.yaml") == Params()
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"train": {"lr": -1}}, "train.lr"),
+        ({"train": {"architecture": "resnet9000"}}, "train.architecture"),
+        ({"split": {"train": 0.8, "val": 0.15, "test": 0.15}}, "split"),
+        ({"preprocess": {"image_size": "big"}}, "preprocess.image_size"),
+        ({"train": {"epochz": 3}}, "train.epochz"),
+        ({"phantom": {"proportions": {"Melanoma": 1}}}, "phantom.proportions"),
+    ],
+)
+def test_invalid_value_names_its_key(raw, key):
+    with pytest.raises(ConfigError) as err:
+        parse_params(raw)
+    assert f"'{key}'" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_params_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_params(tmp_path / "nope.yaml")
+
+
+def test_validate_section_alias():
+    assert parse_params({"validate": {"min_images_per_class": 3}}).validate_.min_images_per_class == 3
