@@ -77,6 +77,8 @@ def run_split(params: Params) -> str:
     Path(cfg.path).parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(cfg.path, index=False)
     write_json(cfg.report_path, report)
+    write_json(cfg.metrics_path, {k: report[k] for k in ("n_images", "n_groups", "largest_group", "cross_split_leaks")}
+               | {"groups_spanning_classes": len(report["groups_spanning_classes"]), "unmet_targets": len(report["unmet_targets"])})
     if report["cross_split_leaks"]:
         raise UserError(f"split: {report['cross_split_leaks']} duplicate pairs straddle splits (bug); see {cfg.report_path}")
     sizes = {s: sum(c.values()) for s, c in report["counts"].items()}
@@ -112,7 +114,7 @@ def run_train(params: Params) -> str:
     val_data = load_split(params.preprocess.cache_dir, "val")
     model = build_model(cfg.architecture, params.preprocess.image_size, len(classes), filters=cfg.filters,
                         dense_units=cfg.dense_units, dropout=cfg.dropout,
-                        augment_strength=cfg.augment_strength, seed=params.seed)
+                        augment_strength=cfg.augment_strength, norm=cfg.norm, seed=params.seed)
     experiment_id = registry.configure(params.mlflow)
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"train-{cfg.architecture}") as run:
         mlflow.set_tags({
@@ -136,6 +138,13 @@ def run_train(params: Params) -> str:
         write_json(Path(cfg.model_dir) / TRAIN_REPORT, summary)
     return (f"train: {cfg.architecture} {result.epochs_run} epochs in {result.fit_seconds:.0f}s "
             f"({result.images_per_second:.0f} img/s), MLflow run {run.info.run_id}")
+
+
+def headline_metrics(metrics: dict) -> dict:
+    """The flat subset DVC shows and diffs: overall scores and per-class recall (a missed tumour
+    is the costly error)."""
+    keys = ("n_test", "accuracy", "macro_f1", "macro_roc_auc_ovr", "ece", "degenerate")
+    return {**{k: metrics[k] for k in keys}, "recall": {c: v["recall"] for c, v in metrics["per_class"].items()}}
 
 
 def run_evaluate(params: Params) -> str:
@@ -165,8 +174,8 @@ def run_evaluate(params: Params) -> str:
     ev.plot_reliability(metrics["reliability"], metrics["ece"], out / "reliability.png")
     pd.DataFrame({"actual": [classes[i] for i in labels], "predicted": [classes[i] for i in predicted]}).to_csv(
         out / "predictions.csv", index=False)
-    write_json(out / "reliability.json", metrics.pop("reliability"))
-    write_json(cfg.metrics_path, metrics)
+    write_json(out / "report.json", metrics)  # everything, incl. confusion matrix and reliability bins
+    write_json(cfg.metrics_path, headline_metrics(metrics))
 
     registry.configure(params.mlflow)
     with mlflow.start_run(run_id=train_summary["run_id"]):

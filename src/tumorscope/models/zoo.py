@@ -15,7 +15,7 @@ def augmentation(strength: float, seed: int):
     import keras
 
     if strength <= 0:
-        return keras.Sequential(name="augment")
+        return keras.layers.Identity(name="augment")
     return keras.Sequential(
         [
             # Left/right flip is plausible for axial CT: kidneys are bilateral.
@@ -28,15 +28,23 @@ def augmentation(strength: float, seed: int):
     )
 
 
-def build_small_cnn(image_size: int, n_classes: int, *, filters: int = 16, dense_units: int = 64,
-                    dropout: float = 0.3, augment_strength: float = 0.1, seed: int = 0):
-    """Four conv blocks with GroupNormalization, then average+max pooling and a dense head.
+def _normalization(kind: str, name: str):
+    from keras import layers
 
-    GroupNormalization, not BatchNormalization: with short training, BatchNormalization's moving
-    statistics lag the fast-moving weights and inference-mode predictions collapse to one class
-    (seen with Keras 3.15 on real slices, both backends). GroupNormalization has no moving state,
-    so training and inference compute the same function. Max pooling keeps a tiny, dense stone
-    visible that average pooling would wash out.
+    if kind == "batch":
+        # momentum 0.9, not Keras' 0.99: the moving statistics used at inference must keep up with
+        # fast-moving weights in short training, or predict() collapses to one class (DESIGN.md).
+        return layers.BatchNormalization(momentum=0.9, name=name)
+    return layers.Identity(name=name)
+
+
+def build_small_cnn(image_size: int, n_classes: int, *, filters: int = 16, dense_units: int = 64,
+                    dropout: float = 0.3, augment_strength: float = 0.1, norm: str = "batch", seed: int = 0):
+    """Four conv blocks (conv, normalisation, ReLU, max-pool), global max pooling, a dense head.
+
+    Global max pooling, not average: a stone is a few bright pixels that averaging washes out.
+    The normalisation is a choice (none/batch); evaluation flags constant predictions
+    whichever is used, and a test trains briefly and checks predictions are not constant.
     """
     import keras
     from keras import layers
@@ -46,15 +54,15 @@ def build_small_cnn(image_size: int, n_classes: int, *, filters: int = 16, dense
     x = augmentation(augment_strength, seed)(x)
     width = filters
     for block in range(4):
-        x = layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"conv{block}")(x)
-        x = layers.GroupNormalization(groups=min(8, width // 2), name=f"norm{block}")(x)
+        x = layers.Conv2D(width, 3, padding="same", use_bias=norm == "none", name=f"conv{block}")(x)
+        x = _normalization(norm, f"norm{block}")(x)
         x = layers.Activation("relu")(x)
-        x = layers.MaxPooling2D()(x) if block < 3 else x
+        if block < 3:
+            x = layers.MaxPooling2D()(x)
         width *= 2
-    features = layers.Concatenate()([layers.GlobalAveragePooling2D()(x), layers.GlobalMaxPooling2D()(x)])
-    x = layers.Dropout(dropout, seed=seed)(features)
+    x = layers.GlobalMaxPooling2D()(x)
+    x = layers.Dropout(dropout, seed=seed)(x)
     x = layers.Dense(dense_units, activation="relu")(x)
-    x = layers.Dropout(dropout, seed=seed + 1)(x)
     outputs = layers.Dense(n_classes, activation="softmax", dtype="float32", name="probabilities")(x)
     return keras.Model(inputs, outputs, name="small_cnn")
 
