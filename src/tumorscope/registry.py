@@ -49,10 +49,28 @@ def file_fingerprint(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
+def check_database_reachable(uri: str, key: str) -> None:
+    """Fail fast with one line on an unreachable database server (MLflow itself retries for
+    about 100 s before giving up). SQLite files and HTTP tracking servers are not probed."""
+    if not uri.startswith(("postgresql", "mysql", "mssql")):
+        return
+    import sqlalchemy
+
+    try:
+        engine = sqlalchemy.create_engine(uri)
+        with engine.connect():
+            pass
+        engine.dispose()
+    except Exception as err:  # driver errors vary: refused, unknown host, auth, missing driver
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{key}: cannot open {uri!r}: {first_line}") from None
+
+
 def configure(cfg: MlflowConfig) -> str:
     """Point MLflow at the configured store and return the experiment id (created if missing)."""
     import mlflow
 
+    check_database_reachable(cfg.tracking_uri, "mlflow.tracking_uri")
     mlflow.set_tracking_uri(cfg.tracking_uri)
     try:
         experiment = mlflow.get_experiment_by_name(cfg.experiment)

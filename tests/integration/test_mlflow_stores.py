@@ -1,0 +1,62 @@
+"""The same MLflow code path on the SQLite default and on PostgreSQL (for parallel workers)."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from tumorscope.config import MlflowConfig
+from tumorscope.errors import UserError
+from tumorscope import registry
+
+POSTGRES_URI = "postgresql://root@127.0.0.1:5432/test"
+
+
+def _postgres_up() -> bool:
+    try:
+        import psycopg
+
+        psycopg.connect(POSTGRES_URI, connect_timeout=3).close()
+        return True
+    except Exception:
+        return False
+
+
+def _log_and_read_back(cfg: MlflowConfig, tmp_path) -> None:
+    import mlflow
+
+    experiment_id = registry.configure(cfg)
+    assert registry.configure(cfg) == experiment_id  # idempotent: found, not re-created
+    model_file = tmp_path / "model.keras"
+    model_file.write_bytes(b"stand-in artefact bytes")
+    with mlflow.start_run(experiment_id=experiment_id) as run:
+        mlflow.log_params(registry.flatten({"train": {"lr": 0.001, "epochs": 3}}))
+        for epoch, loss in enumerate([1.3, 0.9, 0.7]):
+            mlflow.log_metrics({"val_loss": loss}, step=epoch)
+        mlflow.log_artifact(str(model_file), artifact_path="model")
+    stored = mlflow.get_run(run.info.run_id)
+    assert stored.data.params == {"train.lr": "0.001", "train.epochs": "3"}
+    history = mlflow.tracking.MlflowClient().get_metric_history(run.info.run_id, "val_loss")
+    assert [m.value for m in sorted(history, key=lambda m: m.step)] == [1.3, 0.9, 0.7]
+    local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="model/model.keras")
+    assert open(local, "rb").read() == b"stand-in artefact bytes"
+
+
+def test_sqlite_store(tmp_path):
+    _log_and_read_back(MlflowConfig(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+                                    artifact_root=str(tmp_path / "artifacts"), experiment="t"), tmp_path)
+
+
+@pytest.mark.postgres
+@pytest.mark.skipif(not _postgres_up(), reason=f"needs PostgreSQL at {POSTGRES_URI}")
+def test_postgres_store(tmp_path):
+    # A fresh experiment name per run: the shared database outlives the test.
+    _log_and_read_back(MlflowConfig(tracking_uri=POSTGRES_URI, artifact_root=str(tmp_path / "artifacts"),
+                                    experiment=f"tumorscope-test-{uuid.uuid4().hex[:8]}"), tmp_path)
+
+
+def test_unreachable_store_is_one_line_user_error():
+    with pytest.raises(UserError, match="mlflow.tracking_uri: cannot open") as err:
+        registry.configure(MlflowConfig(tracking_uri="postgresql://nobody@127.0.0.1:1/none"))
+    assert "\n" not in str(err.value)
