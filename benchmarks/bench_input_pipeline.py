@@ -42,6 +42,7 @@ def fit_rate(images, labels, size: int, epochs: int, batch_size: int) -> float:
     from tumorscope.models.train import make_batches
     from tumorscope.models.zoo import build_small_cnn
 
+    keras.backend.clear_session()
     keras.utils.set_random_seed(0)
     model = build_small_cnn(size, 4, seed=0)
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy")
@@ -73,7 +74,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=4)
     args = parser.parse_args()
 
     rng = np.random.default_rng(0)
@@ -89,9 +90,12 @@ def main() -> None:
         print(f"  loader only   memmap {loader_mm:10.0f} img/s   in-RAM {loader_ram:10.0f} img/s   ratio {loader_mm / loader_ram:.2f}")
         # Alternate the two sources over rounds so drift in machine load hits both alike.
         rates = {"memmap": [], "in-RAM": []}
-        for _ in range(args.rounds):
-            rates["in-RAM"].append(fit_rate(in_ram, labels, args.size, args.epochs, args.batch_size))
-            rates["memmap"].append(fit_rate(mapped, labels, args.size, args.epochs, args.batch_size))
+        # Within a round the order flips too: the second model built in a process ran slower
+        # here whichever source fed it, so a fixed order would bias the ratio.
+        for round_index in range(args.rounds):
+            order = [("in-RAM", in_ram), ("memmap", mapped)]
+            for name, source in order if round_index % 2 == 0 else order[::-1]:
+                rates[name].append(fit_rate(source, labels, args.size, args.epochs, args.batch_size))
         fit_mm, fit_ram = float(np.median(rates["memmap"])), float(np.median(rates["in-RAM"]))
         print(f"  model.fit     memmap {fit_mm:10.0f} img/s   in-RAM {fit_ram:10.0f} img/s   ratio {fit_mm / fit_ram:.2f} "
               f"(goal >= 0.9; median of {args.rounds} alternating rounds)")

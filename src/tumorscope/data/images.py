@@ -23,7 +23,7 @@ class UnreadableImage(ValueError):
 def window_hu(hu: np.ndarray, window: WindowConfig) -> np.ndarray:
     """Map Hounsfield units through a display window (level/width) to uint8."""
     low = window.level - window.width / 2.0
-    scaled = (np.asarray(hu, dtype=np.float32) - low) * (255.0 / window.width)
+    scaled = (np.asarray(hu, dtype=np.float64) - low) / window.width * 255.0
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 

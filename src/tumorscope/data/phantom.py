@@ -39,6 +39,7 @@ from PIL import Image
 from scipy import ndimage
 
 from tumorscope.config import CANONICAL_CLASSES, PhantomConfig, WindowConfig
+from tumorscope.data.images import window_hu  # the same window DICOM slices go through
 from tumorscope.errors import UserError
 
 MASK_DIR = "_masks"
@@ -79,13 +80,6 @@ def class_counts(n_images: int, proportions: dict[str, float]) -> dict[str, int]
         worst = min(candidates, key=lambda c: (exact[c] - counts[c], order.index(c)))
         counts[worst] -= 1
     return counts
-
-
-def window_hu(hu: np.ndarray, window: WindowConfig) -> np.ndarray:
-    """Map HU to uint8 with a CT display window: [level - width/2, level + width/2] -> [0, 255]."""
-    low = window.level - window.width / 2.0
-    scaled = (np.asarray(hu, dtype=np.float64) - low) / window.width * 255.0
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------- geometry helpers
