@@ -123,7 +123,16 @@ class PreprocessConfig(_Section):
 
 class TrainConfig(_Section):
     model_dir: str = "models"
-    architecture: Literal["small_cnn"] = "small_cnn"
+    architecture: Literal["small_cnn", "mobilenet_v2", "efficientnet_b0", "resnet50", "densenet121", "vgg19"] = "small_cnn"
+    # Keras Applications only: None trains from scratch (offline default); else a local ImageNet
+    # weights file without the top (nothing is ever downloaded).
+    weights: str | None = None
+    # Two-phase fine-tuning (Applications only): phase 1 trains the head with the backbone frozen
+    # for head_epochs at lr; phase 2 unfreezes the top unfreeze_top_n backbone layers (-1: all)
+    # for `epochs` at fine_tune_lr. The small CNN trains in one phase for `epochs` at lr.
+    head_epochs: int = Field(0, ge=0)
+    unfreeze_top_n: int = Field(-1, ge=-1)
+    fine_tune_lr: float = Field(1e-4, gt=0, lt=1)
     epochs: int = Field(60, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-3, gt=0, lt=1)

@@ -98,6 +98,18 @@ def run_preprocess(params: Params) -> str:
     return f"preprocess: cache {report['counts']} at {params.preprocess.image_size}px in {params.preprocess.cache_dir}"
 
 
+def model_options(cfg, seed: int) -> dict:
+    """Keyword arguments of tumorscope.models.zoo.build_model for the configured architecture."""
+    common = {"dense_units": cfg.dense_units, "dropout": cfg.dropout, "augment_strength": cfg.augment_strength,
+              "seed": seed}
+    if cfg.architecture == "small_cnn":
+        return common | {"filters": cfg.filters, "norm": cfg.norm}
+    if cfg.weights is not None and not Path(cfg.weights).is_file():
+        raise UserError(f"train.weights: weights file not found: {cfg.weights} (nothing is downloaded; "
+                        "use null to train from scratch)")
+    return common | {"weights": cfg.weights}
+
+
 def run_train(params: Params) -> str:
     import keras
     import mlflow
@@ -112,9 +124,8 @@ def run_train(params: Params) -> str:
     classes = load_classes(params.preprocess.cache_dir)
     train_data = load_split(params.preprocess.cache_dir, "train")
     val_data = load_split(params.preprocess.cache_dir, "val")
-    model = build_model(cfg.architecture, params.preprocess.image_size, len(classes), filters=cfg.filters,
-                        dense_units=cfg.dense_units, dropout=cfg.dropout,
-                        augment_strength=cfg.augment_strength, norm=cfg.norm, seed=params.seed)
+    model = build_model(cfg.architecture, params.preprocess.image_size, len(classes),
+                        **model_options(cfg, params.seed))
     experiment_id = registry.configure(params.mlflow)
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"train-{cfg.architecture}") as run:
         mlflow.set_tags({

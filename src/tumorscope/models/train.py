@@ -61,27 +61,90 @@ class TrainResult:
     images_per_second: float
 
 
-def train_model(model, train_data, val_data, cfg: TrainConfig, seed: int, callbacks=()) -> TrainResult:
-    """Compile and fit with class weights, early stopping on val loss (best weights restored)."""
+def _fit_phase(model, train_batches, val_batches, lr: float, epochs: int, patience: int, callbacks, initial_epoch: int):
+    """Compile at ``lr`` and fit up to ``epochs`` more epochs with early stopping (best weights
+    restored) and a learning-rate halving on plateau; returns the Keras history dict."""
     import keras
+
+    model.compile(optimizer=keras.optimizers.Adam(lr), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)
+    shrink = keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=max(1, patience // 2))
+    history = model.fit(train_batches, validation_data=val_batches, initial_epoch=initial_epoch,
+                        epochs=initial_epoch + epochs, callbacks=[stop, shrink, *callbacks], verbose=2)
+    return history.history
+
+
+def train_model(model, train_data, val_data, cfg: TrainConfig, seed: int, callbacks=()) -> TrainResult:
+    """Fit with class weights; Keras Applications models in two phases (head, then top layers)."""
+    from tumorscope.models.zoo import backbone_of, set_trainable_top
 
     x_train, y_train = train_data
     n_classes = model.output_shape[-1]
     weights = balanced_class_weights(y_train, n_classes) if cfg.class_weights else None
-    model.compile(optimizer=keras.optimizers.Adam(cfg.lr), loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"])
-    stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.patience, restore_best_weights=True)
-    shrink = keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=max(1, cfg.patience // 2))
+    train_batches = make_batches(x_train, y_train, cfg.batch_size, shuffle=True, seed=seed, class_weights=weights)
+    val_batches = make_batches(*val_data, cfg.batch_size, shuffle=False, seed=seed)
+    phases = []  # (lr, epochs, trainable top layers or None for "leave as is")
+    if backbone_of(model) is not None:
+        if cfg.head_epochs > 0:
+            phases.append((cfg.lr, cfg.head_epochs, 0))
+        phases.append((cfg.fine_tune_lr if cfg.head_epochs > 0 else cfg.lr, cfg.epochs, cfg.unfreeze_top_n))
+    else:
+        phases.append((cfg.lr, cfg.epochs, None))
+
+    history: dict[str, list[float]] = {}
     started = time.perf_counter()
-    history = model.fit(
-        make_batches(x_train, y_train, cfg.batch_size, shuffle=True, seed=seed, class_weights=weights),
-        validation_data=make_batches(*val_data, cfg.batch_size, shuffle=False, seed=seed),
-        epochs=cfg.epochs, callbacks=[stop, shrink, *callbacks], verbose=2,
-    )
+    for lr, epochs, top in phases:
+        if top is not None:
+            set_trainable_top(model, top)
+        done = len(history.get("loss", []))
+        for key, values in _fit_phase(model, train_batches, val_batches, lr, epochs, cfg.patience,
+                                      callbacks, done).items():
+            history.setdefault(key, []).extend(float(v) for v in values)
+    # Early stopping restored the best epoch's weights; give BatchNormalization statistics that
+    # match them (a no-op for models without trainable BatchNormalization, e.g. the default CNN).
+    recalibrate_batch_norm(model, x_train, cfg.batch_size, seed=seed)
     seconds = time.perf_counter() - started
-    epochs_run = len(history.history["loss"])
-    return TrainResult(model, {k: [float(v) for v in vals] for k, vals in history.history.items()},
-                       epochs_run, seconds, epochs_run * len(y_train) / seconds)
+    epochs_run = len(history["loss"])
+    return TrainResult(model, history, epochs_run, seconds, epochs_run * len(y_train) / seconds)
+
+
+def batch_norm_layers(model) -> list:
+    """Every BatchNormalization layer, nested models (Applications backbones) included."""
+    import keras
+
+    found = []
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            found.append(layer)
+        elif isinstance(layer, keras.Model):
+            found.extend(batch_norm_layers(layer))
+    return found
+
+
+def recalibrate_batch_norm(model, images, batch_size: int = 32, max_batches: int = 64, seed: int = 0) -> int:
+    """Re-estimate BatchNormalization moving statistics for the final weights ("precise BN").
+
+    During training the moving averages trail weights that keep changing, so inference-mode
+    predictions can differ wildly from training-mode ones (even collapse to one class). Passing
+    training data through the model in training mode with momentum i/(i+1) on batch i makes each
+    moving statistic the plain average over those batches, computed with the final weights. No
+    weight is trained (no optimizer step). Returns the number of batches used.
+    """
+    layers = [layer for layer in batch_norm_layers(model) if layer.trainable]
+    if not layers:
+        return 0
+    saved = [layer.momentum for layer in layers]
+    order = np.random.default_rng(seed).permutation(len(images))
+    used = 0
+    try:
+        for used, start in enumerate(range(0, min(len(images), batch_size * max_batches), batch_size)):
+            for layer in layers:
+                layer.momentum = used / (used + 1.0)
+            model(np.asarray(images[np.sort(order[start:start + batch_size])], dtype=np.uint8), training=True)
+    finally:
+        for layer, momentum in zip(layers, saved):
+            layer.momentum = momentum
+    return used + 1
 
 
 def predict_proba(model, images, batch_size: int = 256) -> np.ndarray:

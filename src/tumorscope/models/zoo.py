@@ -7,7 +7,20 @@ is active only in training mode.
 
 from __future__ import annotations
 
-ARCHITECTURES = ("small_cnn",)
+# Keras Applications backbones: name in params -> (keras.applications class, input scaling).
+# Scaling follows each family's own preprocess_input so that a local ImageNet weights file sees
+# the inputs it was trained on: "tf" [-1, 1], "caffe" mean-subtracted 0-255, "torch" ImageNet
+# mean/std, "raw" 0-255 (EfficientNet rescales inside the model).
+APPLICATIONS = {
+    "mobilenet_v2": ("MobileNetV2", "tf"),
+    "efficientnet_b0": ("EfficientNetB0", "raw"),
+    "resnet50": ("ResNet50", "caffe"),
+    "densenet121": ("DenseNet121", "torch"),
+    "vgg19": ("VGG19", "caffe"),
+}
+ARCHITECTURES = ("small_cnn", *APPLICATIONS)
+# Smallest input side Keras Applications accept.
+MIN_APPLICATION_SIZE = 32
 
 
 def augmentation(strength: float, seed: int):
@@ -67,7 +80,85 @@ def build_small_cnn(image_size: int, n_classes: int, *, filters: int = 16, dense
     return keras.Model(inputs, outputs, name="small_cnn")
 
 
+def _scale_for(family: str, x):
+    """Map 0-255 greyscale replicated to RGB onto what the backbone family expects."""
+    from keras import layers
+
+    if family == "tf":
+        return layers.Rescaling(1.0 / 127.5, offset=-1.0, name="scale")(x)
+    if family == "caffe":  # BGR means; the three channels are equal for greyscale, order is moot
+        return layers.Normalization(mean=[103.939, 116.779, 123.68], variance=[1.0, 1.0, 1.0], name="scale")(x)
+    if family == "torch":
+        mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+        return layers.Normalization(mean=[255 * m for m in mean], variance=[(255 * s) ** 2 for s in std],
+                                    name="scale")(x)
+    return x
+
+
+def build_application(architecture: str, image_size: int, n_classes: int, *, dense_units: int = 128,
+                      dropout: float = 0.3, augment_strength: float = 0.1, weights: str | None = None,
+                      bn_momentum: float = 0.9, seed: int = 0):
+    """A Keras Applications backbone with a pooling + dense + dropout head.
+
+    Greyscale slices are replicated to three channels inside the model. ``weights`` is None (train
+    from scratch, the offline default) or a local weights file without the top; nothing is
+    downloaded. BatchNormalization momentum is lowered from the Applications' 0.99/0.999 so that
+    inference-time statistics keep up in short from-scratch training (MobileNetV2 at 0.999 was
+    seen predicting one class for every image after 25 epochs).
+    """
+    import keras
+    from keras import layers
+
+    if image_size < MIN_APPLICATION_SIZE:
+        raise ValueError(f"{architecture} needs preprocess.image_size >= {MIN_APPLICATION_SIZE}, got {image_size}")
+    class_name, family = APPLICATIONS[architecture]
+    inputs = keras.Input((image_size, image_size, 1), name="slice")
+    x = augmentation(augment_strength, seed)(inputs)
+    x = layers.Concatenate(name="grey_to_rgb")([x, x, x])
+    x = _scale_for(family, x)
+    backbone = getattr(keras.applications, class_name)(include_top=False, weights=weights,
+                                                       input_shape=(image_size, image_size, 3))
+    backbone.name = "backbone"
+    for layer in backbone.layers:
+        if isinstance(layer, layers.BatchNormalization):
+            layer.momentum = bn_momentum
+    x = backbone(x)
+    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    x = layers.Dense(dense_units, activation="relu", name="head_dense")(x)
+    x = layers.Dropout(dropout, seed=seed, name="head_dropout")(x)
+    outputs = layers.Dense(n_classes, activation="softmax", dtype="float32", name="probabilities")(x)
+    return keras.Model(inputs, outputs, name=architecture)
+
+
+def backbone_of(model):
+    """The Applications backbone inside a model built by ``build_application`` (None for small_cnn)."""
+    try:
+        return model.get_layer("backbone")
+    except ValueError:
+        return None
+
+
+def set_trainable_top(model, n_layers: int) -> int:
+    """Freeze the backbone except its top ``n_layers`` (all when n_layers < 0); BatchNormalization
+    layers in the unfrozen part stay frozen, as Keras' fine-tuning guide advises. Returns the
+    number of trainable backbone layers."""
+    from keras import layers
+
+    backbone = backbone_of(model)
+    if backbone is None:
+        return 0
+    backbone.trainable = True
+    cut = 0 if n_layers < 0 else max(0, len(backbone.layers) - n_layers)
+    trainable = 0
+    for index, layer in enumerate(backbone.layers):
+        layer.trainable = index >= cut and not (n_layers >= 0 and isinstance(layer, layers.BatchNormalization))
+        trainable += layer.trainable
+    return trainable
+
+
 def build_model(architecture: str, image_size: int, n_classes: int, **kwargs):
     if architecture == "small_cnn":
         return build_small_cnn(image_size, n_classes, **kwargs)
+    if architecture in APPLICATIONS:
+        return build_application(architecture, image_size, n_classes, **kwargs)
     raise ValueError(f"unknown architecture '{architecture}' (known: {', '.join(ARCHITECTURES)})")
