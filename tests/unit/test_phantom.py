@@ -152,6 +152,22 @@ def test_tumour_is_enhancing_and_heterogeneous(slices_hu) -> None:
     assert area["Tumor"] > area["Cyst"] > area["Stone"]
 
 
+def test_slices_are_not_perceptual_near_duplicates() -> None:
+    """The split groups slices whose 64-bit pHash differ by <= 4 bits: phantom slices must vary
+    enough (body size, position, rotation, organs) not to collapse into a few giant groups."""
+    imagehash = pytest.importorskip("imagehash")
+    hashes = np.array(
+        [
+            imagehash.phash(Image.fromarray(render_slice(image_rng(0, label, k), label, 128, 12.0, 0.7, WindowConfig())[0])).hash.ravel()
+            for label in CANONICAL_CLASSES
+            for k in range(1, 31)
+        ]
+    )
+    distance = (hashes[:, None, :] != hashes[None, :, :]).sum(-1)
+    close_pairs = int((distance[np.triu_indices(len(hashes), 1)] <= 4).sum())
+    assert close_pairs <= 8, f"{close_pairs} of 7140 pairs within pHash distance 4"
+
+
 # ----------------------------------------------------------------------------- generate_phantom
 
 

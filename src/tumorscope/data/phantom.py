@@ -9,7 +9,9 @@ Anatomy: air, a CT table, an elliptical body with a subcutaneous fat rim and mus
 visceral fat, liver, sometimes spleen and gallbladder, bowel loops (some with gas), aorta (with an
 occasional wall calcification) and IVC, psoas and paraspinal muscles, a vertebra (cortical rim,
 cancellous core, canal, posterior elements), ribs, and two bean-shaped enhancing kidneys (cortex,
-medulla, renal sinus fat and pelvis) in perirenal fat either side of the spine.
+medulla, renal sinus fat and pelvis) in perirenal fat either side of the spine; sometimes the arms.
+Body size, aspect, position and a small rotation on the table vary per slice, enough that slices
+are not perceptual-hash near-duplicates of one another (the split groups those).
 
 Classes (``CANONICAL_CLASSES``), one lesion in one kidney except Normal:
 
@@ -215,21 +217,20 @@ def _anatomy(rng: np.random.Generator, g: _Grid) -> _Scene:
     fine = _smooth_noise(rng, size, 0.8 * size / 128)
 
     # Body outline: a squarish ellipse with small lobulations.
-    bcx = rng.normal(0.0, 0.025)
-    bcy = rng.uniform(-0.1, 0.0)
-    ba = rng.uniform(0.8, 0.96)
-    bb = ba * rng.uniform(0.64, 0.78)
-    bb = min(bb, 0.84 - bcy)
+    bcx = rng.uniform(-0.12, 0.12)
+    bcy = rng.uniform(-0.2, 0.06)
+    ba = rng.uniform(0.68, 1.0)
+    bb = ba * rng.uniform(0.6, 0.82)
+    bb = min(bb, 0.8 - bcy)
     body = g.blob(bcx, bcy, ba, bb, 0.0, _harmonics(rng, 4, 0.03)) & g.ellipse(bcx, bcy, ba * 1.05, bb * 1.05, p=rng.uniform(2.0, 2.6))
 
-    # CT table: two thin arcs under the body, rising at the sides (a cradle).
-    table_y = bcy + bb * 1.06 + rng.uniform(0.02, 0.05)
-    curve = -rng.uniform(0.08, 0.2)
-    for offset, value in ((0.0, rng.uniform(150, 350)), (rng.uniform(0.04, 0.08), rng.uniform(50, 200))):
-        # Anti-aliased line: weight falls off linearly over about a pixel.
-        weight = np.clip(1.6 - np.abs(g.y - (table_y + offset + curve * g.x**2)) / g.px, 0.0, 1.0)
-        weight[body] = 0.0
-        hu += weight * (value - hu)
+    if rng.random() < 0.25:  # arms down, beside the trunk (often cut by the field of view)
+        for s in (-1, 1):
+            acx, acy = bcx + s * (ba + rng.uniform(0.2, 0.26)), bcy + rng.uniform(-0.15, 0.2)
+            arm = g.ellipse(acx, acy, 0.18, 0.22, rng.uniform(-0.4, 0.4)) & ~body
+            hu[arm] = rng.uniform(-110, -80)
+            hu[g.ellipse(acx, acy, 0.14, 0.18) & arm] = rng.uniform(40, 60)
+            hu[g.ellipse(acx, acy, 0.045, 0.05) & arm] = rng.uniform(600, 900)
 
     fat_hu = rng.uniform(-115, -85)
     hu[body] = fat_hu + drift[body]
@@ -446,11 +447,7 @@ class SliceHU:
     mask: np.ndarray  # lesion mask (bool); all False for Normal
     bbox: BBox | None  # (x0, y0, x1, y1), exclusive end; None for Normal
     body: np.ndarray  # body outline (bool), table excluded
-
-    @property
-    def lesion_mean_hu(self) -> float | None:
-        """The lesion's true mean density (clean HU inside the mask); None for Normal."""
-        return float(self.clean_hu[self.mask].mean()) if self.mask.any() else None
+    lesion_mean_hu: float | None  # the lesion's true mean density, before any resampling; None for Normal
 
 
 def render_slice_hu(rng: np.random.Generator, label: str, size: int, noise_hu: float, blur_sigma: float) -> SliceHU:
@@ -460,7 +457,19 @@ def render_slice_hu(rng: np.random.Generator, label: str, size: int, noise_hu: f
     g = _Grid(size)
     scene = _anatomy(rng, g)
     mask = _lesion(rng, g, scene, label)
-    clean = scene.hu
+    clean, body = scene.hu, scene.body
+    lesion_mean = float(clean[mask].mean()) if mask.any() else None
+    # The patient lies a little rotated on the table; the table itself stays level.
+    angle = rng.uniform(-12.0, 12.0)
+    # Nearest-neighbour, like the masks: every rotated pixel keeps a true tissue value, and the mask
+    # covers exactly the lesion's pixels (the blur below smooths the edges).
+    clean = ndimage.rotate(clean, angle, reshape=False, order=0, mode="constant", cval=AIR_HU)
+    mask = ndimage.rotate(mask.astype(np.uint8), angle, reshape=False, order=0, mode="constant", cval=0) > 0
+    body = ndimage.rotate(body.astype(np.uint8), angle, reshape=False, order=0, mode="constant", cval=0) > 0
+    mask &= body
+    if label != "Normal" and not mask.any():  # cannot happen with sane geometry; never emit an empty lesion
+        raise RuntimeError("phantom lesion fell outside the image")
+    _draw_table(rng, g, clean, body)
     acquired = ndimage.gaussian_filter(clean, blur_sigma, mode="nearest") if blur_sigma > 0 else clean.copy()
     if noise_hu > 0:
         # CT noise is spatially correlated: smooth white noise a little, rescale to the wanted std.
@@ -470,8 +479,22 @@ def render_slice_hu(rng: np.random.Generator, label: str, size: int, noise_hu: f
         clean_hu=clean.astype(np.float32),
         mask=mask,
         bbox=_bbox(mask),
-        body=scene.body,
+        body=body,
+        lesion_mean_hu=lesion_mean,
     )
+
+
+def _draw_table(rng: np.random.Generator, g: _Grid, hu: np.ndarray, body: np.ndarray) -> None:
+    """CT table: two thin anti-aliased arcs under the body, rising at the sides (a cradle)."""
+    rows = np.flatnonzero(body.any(axis=1))
+    bottom = (rows[-1] + 1) * g.px - 1.0 if rows.size else 0.8
+    table_y = bottom + rng.uniform(0.02, 0.05)
+    curve = -rng.uniform(0.08, 0.2)
+    free = hu <= AIR_HU + 1.0
+    for offset, value in ((0.0, rng.uniform(150, 350)), (rng.uniform(0.04, 0.08), rng.uniform(50, 200))):
+        weight = np.clip(1.6 - np.abs(g.y - (table_y + offset + curve * g.x**2)) / g.px, 0.0, 1.0)
+        weight[~free] = 0.0
+        hu += weight * (value - hu)
 
 
 def render_slice(
