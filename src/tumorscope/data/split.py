@@ -101,8 +101,8 @@ def count_cross_split_leaks(sha256, phash_hex, splits, threshold: int) -> int:
 
 def distance_profile(phash_hex, max_distance: int) -> dict[int, int]:
     """Number of image pairs at each Hamming distance 0..max_distance (to choose the threshold)."""
-    pairs = near_pairs(phash_to_uint64(phash_hex), max_distance)
     hashes = phash_to_uint64(phash_hex)
+    pairs = near_pairs(hashes, max_distance)
     distances = np.bitwise_count(hashes[pairs[:, 0]] ^ hashes[pairs[:, 1]]) if len(pairs) else []
     counted = Counter(int(d) for d in distances)
     return {d: counted.get(d, 0) for d in range(max_distance + 1)}
