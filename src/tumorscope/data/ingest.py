@@ -120,11 +120,13 @@ def ingest(cfg: DataConfig) -> IngestReport:
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, dest)
     # Dataset-level metadata (e.g. kidneyData.csv) sits in the wrapper folders: keep it beside.
-    for folder in {source, class_root, *class_root.parents}:
-        if folder == source or source in folder.parents:
-            for meta in sorted(folder.glob("*")):
-                if meta.is_file() and meta.suffix.lower() in METADATA_SUFFIXES:
-                    (raw_dir / "_meta").mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(meta, raw_dir / "_meta" / meta.name)
-                    report.metadata_files.append(str(meta))
+    # Walked in a fixed order (source first): the report is a DVC dependency of `validate`, so
+    # it must not change between identical runs (a set of paths iterates in hash order).
+    wrappers = [class_root, *class_root.parents]
+    for folder in reversed(wrappers[:wrappers.index(source) + 1]):
+        for meta in sorted(folder.glob("*")):
+            if meta.is_file() and meta.suffix.lower() in METADATA_SUFFIXES:
+                (raw_dir / "_meta").mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(meta, raw_dir / "_meta" / meta.name)
+                report.metadata_files.append(str(meta))
     return report
