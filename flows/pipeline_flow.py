@@ -7,15 +7,12 @@ It never forks the logic: each task calls one stage function.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
 from tumorscope import pipeline
 from tumorscope.config import load_params
 
-DATA_STAGES = ("phantom", "ingest", "manifest", "validate", "split", "preprocess")
 MODEL_STAGES = ("train", "evaluate")
 
 
@@ -30,9 +27,9 @@ def pipeline_flow(params_path: str = "params.yaml", skip_phantom: bool | None = 
     """Run the stages in order; the phantom stage only when data.source is the phantom's folder."""
     params = load_params(params_path)
     if skip_phantom is None:
-        skip_phantom = Path(params.data.source).resolve() != Path(params.phantom.out_dir).resolve()
+        skip_phantom = not pipeline.uses_phantom(params)
     summaries = []
-    for name in DATA_STAGES + MODEL_STAGES:
+    for name in pipeline.DATA_STAGES + MODEL_STAGES:
         if name == "phantom" and skip_phantom:
             continue
         summary = run_stage(name, params_path)

@@ -152,9 +152,126 @@ class EvaluateConfig(_Section):
     out_dir: str = "evaluation"
     metrics_path: str = "metrics.json"
     calibration_bins: int = Field(10, ge=2)
+    # The class whose recall matters most (a missed tumour is the costly error); reported with an
+    # interval and usable as a tuning constraint. Ignored when the data has no such class.
+    critical_class: str = "Tumor"
+    # Intervals: a bootstrap over duplicate groups (resampling whole groups, so near-identical
+    # neighbouring slices do not count as independent evidence).
+    bootstrap_samples: int = Field(1000, ge=10)
+    confidence: float = Field(0.95, gt=0, lt=1)
     # A model whose test predictions are (nearly) all one class is broken, whatever its accuracy.
     max_single_class_share: float = Field(0.95, gt=0, le=1)
     fail_on_degenerate: bool = True
+
+
+# Train settings a study may search; the rest of train.* stays fixed at its params.yaml value.
+TUNABLE = ("architecture", "lr", "fine_tune_lr", "head_epochs", "unfreeze_top_n", "dropout", "dense_units",
+           "filters", "norm", "augment_strength", "batch_size", "class_weights")
+# Settings that only mean something for one kind of model; a trial suggests them only then.
+APPLICATION_ONLY = ("fine_tune_lr", "head_epochs", "unfreeze_top_n")
+SMALL_CNN_ONLY = ("filters", "norm")
+
+
+class RangeSpec(_Section):
+    """A numeric search dimension: integer or float by the train setting it tunes."""
+
+    low: float
+    high: float
+    log: bool = False
+    step: float | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RangeSpec:
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low:g}) must be below high ({self.high:g})")
+        if self.log and self.low <= 0:
+            raise ValueError("a log range needs low > 0")
+        return self
+
+
+class TuneConfig(_Section):
+    study_name: str = "tumorscope"
+    # Optuna RDB storage: an SQLite file for one worker; PostgreSQL for several worker processes.
+    storage: str = "sqlite:///optuna.db"
+    # Total finished (complete or pruned) trials the study aims for, across workers and restarts.
+    n_trials: int = Field(10, ge=1)
+    workers: int = Field(1, ge=1)
+    timeout_minutes: float | None = Field(None, gt=0)
+    # Epochs per trial (a shrunken budget); the best configuration is then trained for train.epochs.
+    trial_epochs: int = Field(15, ge=1)
+    metric: Literal["macro_f1", "critical_recall"] = "macro_f1"
+    # Trials whose validation recall of evaluate.critical_class is below this are infeasible:
+    # recorded, but never chosen as best. 0 disables the constraint.
+    min_critical_recall: float = Field(0.0, ge=0, le=1)
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    pruner_warmup_epochs: int = Field(3, ge=0)
+    # A worker killed mid-trial leaves it RUNNING; after this many seconds without a heartbeat the
+    # next worker marks it FAILED (and retries its parameters once).
+    heartbeat_seconds: int = Field(30, ge=1)
+    # Prefect flow only: at most this many trials of an architecture train at once across workers
+    # (e.g. {resnet50: 1} to keep big backbones from sharing one GPU). {} = no limit.
+    architecture_concurrency: dict[str, int] = Field(default_factory=dict)
+    leaderboard_path: str = "reports/leaderboard.json"
+    best_params_path: str = "reports/best_params.json"
+    plots_dir: str = "reports/tuning"
+    # Each key is a train.* setting: a list is a categorical choice, {low, high[, log, step]} a range.
+    search_space: dict[str, list[str | int | float | bool] | RangeSpec] = Field(
+        default_factory=lambda: {"architecture": ["small_cnn"], "lr": RangeSpec(low=3e-4, high=3e-3, log=True)})
+
+    @field_validator("search_space", mode="before")
+    @classmethod
+    def _tunable_and_valid(cls, space) -> dict:
+        if not isinstance(space, dict) or not space:
+            raise ValueError("the search space is empty: give at least one train.* setting to search")
+        checked = {}
+        for name, dimension in space.items():
+            if name not in TUNABLE:
+                raise ValueError(f"'{name}' is not a tunable train setting; tunable: {list(TUNABLE)}")
+            if isinstance(dimension, RangeSpec):
+                dimension = dimension.model_dump()
+            if not isinstance(dimension, (list, dict)):
+                raise ValueError(f"'{name}' must be a list of choices or {{low, high[, log, step]}}")
+            if isinstance(dimension, dict):
+                try:
+                    dimension = RangeSpec.model_validate(dimension)
+                except ValidationError as err:
+                    raise ValueError(f"'{name}' range: {err.errors()[0]['msg']}") from None
+            checked[name] = dimension
+            if isinstance(dimension, list):
+                if not dimension:
+                    raise ValueError(f"'{name}' has no choices")
+                for choice in dimension:
+                    _check_train_value(name, choice)
+            else:
+                if _is_int_setting(name) and (dimension.low != int(dimension.low) or dimension.high != int(dimension.high)):
+                    raise ValueError(f"'{name}' is an integer setting: give integer low/high")
+                if isinstance(TrainConfig.model_fields[name].default, (str, bool)):
+                    raise ValueError(f"'{name}' is categorical: give a list of choices")
+                _check_train_value(name, dimension.low)
+                _check_train_value(name, dimension.high)
+        return checked
+
+
+    @field_validator("architecture_concurrency")
+    @classmethod
+    def _known_architectures(cls, limits: dict[str, int]) -> dict[str, int]:
+        for architecture, slots in limits.items():
+            _check_train_value("architecture", architecture)
+            if slots < 1:
+                raise ValueError(f"'{architecture}': slots must be >= 1")
+        return limits
+
+
+def _is_int_setting(name: str) -> bool:
+    return TrainConfig.model_fields[name].annotation is int
+
+
+def _check_train_value(name: str, value) -> None:
+    """Reject a search-space value that train.<name> itself would reject."""
+    try:
+        TrainConfig.model_validate({name: value})
+    except ValidationError as err:
+        raise ValueError(f"'{name}' choice {value!r}: {err.errors()[0]['msg']}") from None
 
 
 class MlflowConfig(_Section):
@@ -173,6 +290,7 @@ class Params(_Section):
     preprocess: PreprocessConfig = PreprocessConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    tune: TuneConfig = TuneConfig()
     mlflow: MlflowConfig = MlflowConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
@@ -190,6 +308,19 @@ def parse_params(raw: dict) -> Params:
         first = err.errors()[0]
         key = _dotted(first["loc"]) or "params"
         raise ConfigError(f"invalid params.yaml value at '{key}': {first['msg']}") from None
+
+
+def merge(base: dict, overrides: dict) -> dict:
+    """Deep-merge nested mappings (overrides win); the inputs are not modified."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        merged[key] = merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def with_overrides(params: Params, overrides: dict) -> Params:
+    """A re-validated copy of params with nested overrides, e.g. {"tune": {"n_trials": 3}}."""
+    return parse_params(merge(params.model_dump(by_alias=True), overrides))
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

@@ -13,6 +13,7 @@ from tumorscope.errors import UserError
 from tumorscope.reports import read_json, write_json
 
 INGEST_REPORT = "reports/ingest.json"
+DATA_STAGES = ("phantom", "ingest", "manifest", "validate", "split", "preprocess")
 TRAIN_REPORT = "train.json"
 
 
@@ -110,7 +111,32 @@ def model_options(cfg, seed: int) -> dict:
     return common | {"weights": cfg.weights}
 
 
-def run_train(params: Params) -> str:
+def uses_phantom(params: Params) -> bool:
+    """Whether data.source is the embedded phantom's folder (so the phantom stage must run)."""
+    return Path(params.data.source).resolve() == Path(params.phantom.out_dir).resolve()
+
+
+def run_tune_worker(params: Params, worker_index: int = 0, trial_guard=None) -> str:
+    """One Optuna worker on the configured study (created if missing); see tumorscope.tuning."""
+    from tumorscope import tuning
+
+    handle = tuning.open_study(params)
+    counts = tuning.run_worker(params, handle, worker_index, trial_guard)
+    return f"tune worker {worker_index}: study {handle.study_name!r} trial states {counts}"
+
+
+def run_train_best(params: Params) -> str:
+    """Train the tuned best configuration (reports/best_params.json over params.train) with the
+    full budget (train.epochs), as a run nested under the study's MLflow parent run."""
+    from tumorscope.config import with_overrides
+    from tumorscope.tuning import read_best_params
+
+    best = read_best_params(params)
+    tuned = with_overrides(params, {"train": best["train"]})
+    return run_train(tuned, parent_run_id=best["parent_run_id"], run_name=f"train-best-trial-{best['trial']}")
+
+
+def run_train(params: Params, parent_run_id: str | None = None, run_name: str | None = None) -> str:
     import keras
     import mlflow
 
@@ -127,7 +153,9 @@ def run_train(params: Params) -> str:
     model = build_model(cfg.architecture, params.preprocess.image_size, len(classes),
                         **model_options(cfg, params.seed))
     experiment_id = registry.configure(params.mlflow)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"train-{cfg.architecture}") as run:
+    nested = {"mlflow.parentRunId": parent_run_id} if parent_run_id else {}
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name or f"train-{cfg.architecture}",
+                          tags=nested) as run:
         mlflow.set_tags({
             "stage": "train",
             "git_commit": registry.git_commit(),
@@ -152,10 +180,25 @@ def run_train(params: Params) -> str:
 
 
 def headline_metrics(metrics: dict) -> dict:
-    """The flat subset DVC shows and diffs: overall scores and per-class recall (a missed tumour
-    is the costly error)."""
+    """The flat subset DVC shows and diffs: overall scores, their group-bootstrap intervals and
+    per-class recall (a missed tumour is the costly error)."""
     keys = ("n_test", "accuracy", "macro_f1", "macro_roc_auc_ovr", "ece", "degenerate")
-    return {**{k: metrics[k] for k in keys}, "recall": {c: v["recall"] for c, v in metrics["per_class"].items()}}
+    headline = {**{k: metrics[k] for k in keys}, "recall": {c: v["recall"] for c, v in metrics["per_class"].items()}}
+    intervals = metrics.get("intervals")
+    if intervals:
+        headline["macro_f1_interval"] = [intervals["macro_f1"]["low"], intervals["macro_f1"]["high"]]
+        headline["recall_interval"] = {c: [r["low"], r["high"]] for c, r in intervals["recall"].items()}
+    return headline
+
+
+def add_intervals(metrics: dict, labels, probabilities, groups, classes: list[str], cfg, seed: int) -> dict:
+    """Group-bootstrap intervals of macro-F1 and per-class recall on the test split."""
+    from tumorscope.models.evaluate import group_bootstrap
+
+    interval = group_bootstrap(labels, probabilities.argmax(axis=1), groups, len(classes), cfg.bootstrap_samples,
+                               cfg.confidence, seed)
+    interval["recall"] = dict(zip(classes, interval["recall"]))
+    return metrics | {"intervals": interval}
 
 
 def run_evaluate(params: Params) -> str:
@@ -165,7 +208,7 @@ def run_evaluate(params: Params) -> str:
     import pandas as pd
 
     from tumorscope import registry
-    from tumorscope.data.preprocess import load_split
+    from tumorscope.data.preprocess import load_groups, load_split
     from tumorscope.models import evaluate as ev
     from tumorscope.models.train import predict_proba
 
@@ -176,6 +219,8 @@ def run_evaluate(params: Params) -> str:
     images, labels = load_split(params.preprocess.cache_dir, "test")
     probabilities = predict_proba(model, images)
     metrics = ev.compute_metrics(labels, probabilities, classes, cfg.calibration_bins, cfg.max_single_class_share)
+    metrics = add_intervals(metrics, labels, probabilities, load_groups(params.preprocess.cache_dir, "test"),
+                            classes, cfg, params.seed)
 
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -194,12 +239,18 @@ def run_evaluate(params: Params) -> str:
         if metrics["macro_roc_auc_ovr"] is not None:
             flat["test_macro_roc_auc_ovr"] = metrics["macro_roc_auc_ovr"]
         flat.update({f"test_recall_{c}": v["recall"] for c, v in metrics["per_class"].items()})
+        f1_interval = metrics["intervals"]["macro_f1"]
+        if f1_interval["low"] is not None:
+            flat.update({"test_macro_f1_ci_low": f1_interval["low"], "test_macro_f1_ci_high": f1_interval["high"]})
         mlflow.log_metrics(flat)
         mlflow.set_tag("degenerate", str(metrics["degenerate"]).lower())
         mlflow.log_artifact(cfg.metrics_path)
         mlflow.log_artifacts(str(out), artifact_path="evaluation")
     recalls = ", ".join(f"{c} {v['recall']:.2f}" for c, v in metrics["per_class"].items())
-    line = (f"evaluate: accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}, "
+    f1_interval = metrics["intervals"]["macro_f1"]
+    shown_interval = (f" [{f1_interval['low']:.3f}, {f1_interval['high']:.3f}] over {metrics['intervals']['n_groups']} groups"
+                      if f1_interval["low"] is not None else "")
+    line = (f"evaluate: accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}{shown_interval}, "
             f"ECE {metrics['ece']:.3f}; recall {recalls}")
     if metrics["degenerate"] and cfg.fail_on_degenerate:
         raise UserError(f"{line} -- DEGENERATE MODEL: {metrics['degenerate_reason']}")

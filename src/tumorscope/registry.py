@@ -49,17 +49,43 @@ def file_fingerprint(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
+def postgres_schema(uri: str) -> str | None:
+    """The schema a PostgreSQL URL selects with ``?options=-csearch_path=<schema>``, if any."""
+    from urllib.parse import unquote
+
+    import sqlalchemy
+
+    options = unquote(str(sqlalchemy.engine.make_url(uri).query.get("options", "")))
+    for part in options.split():
+        if part.startswith("-csearch_path="):
+            return part.removeprefix("-csearch_path=").split(",")[0].strip() or None
+    return None
+
+
+def database_location(uri: str) -> tuple[str, str | None]:
+    """(server and database, schema): two stores at one location share tables."""
+    import sqlalchemy
+
+    url = sqlalchemy.engine.make_url(uri)
+    return (f"{url.get_backend_name()}://{url.host}:{url.port}/{url.database}",
+            postgres_schema(uri) if url.get_backend_name() == "postgresql" else None)
+
+
 def check_database_reachable(uri: str, key: str) -> None:
     """Fail fast with one line on an unreachable database server (MLflow itself retries for
-    about 100 s before giving up). SQLite files and HTTP tracking servers are not probed."""
+    about 100 s before giving up); create the PostgreSQL schema a search_path option names.
+    SQLite files and HTTP tracking servers are not probed."""
     if not uri.startswith(("postgresql", "mysql", "mssql")):
         return
     import sqlalchemy
 
     try:
         engine = sqlalchemy.create_engine(uri)
-        with engine.connect():
-            pass
+        schema = postgres_schema(uri) if uri.startswith("postgresql") else None
+        with engine.connect() as connection:
+            if schema:
+                connection.execute(sqlalchemy.text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
+                connection.commit()
         engine.dispose()
     except Exception as err:  # driver errors vary: refused, unknown host, auth, missing driver
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -10,17 +10,7 @@ from tumorscope.config import MlflowConfig
 from tumorscope.errors import UserError
 from tumorscope import registry
 
-POSTGRES_URI = "postgresql://root@127.0.0.1:5432/test"
-
-
-def _postgres_up() -> bool:
-    try:
-        import psycopg
-
-        psycopg.connect(POSTGRES_URI, connect_timeout=3).close()
-        return True
-    except Exception:
-        return False
+from conftest import needs_postgres, postgres_schema_uri
 
 
 def _log_and_read_back(cfg: MlflowConfig, tmp_path) -> None:
@@ -49,10 +39,10 @@ def test_sqlite_store(tmp_path):
 
 
 @pytest.mark.postgres
-@pytest.mark.skipif(not _postgres_up(), reason=f"needs PostgreSQL at {POSTGRES_URI}")
+@needs_postgres
 def test_postgres_store(tmp_path):
     # A fresh experiment name per run: the shared database outlives the test.
-    _log_and_read_back(MlflowConfig(tracking_uri=POSTGRES_URI, artifact_root=str(tmp_path / "artifacts"),
+    _log_and_read_back(MlflowConfig(tracking_uri=postgres_schema_uri("tumorscope_mlflow"), artifact_root=str(tmp_path / "artifacts"),
                                     experiment=f"tumorscope-test-{uuid.uuid4().hex[:8]}"), tmp_path)
 
 

@@ -89,6 +89,8 @@ def build_cache(split_table: pd.DataFrame, classes: list[str], cfg: PreprocessCo
         images.flush()
         del images
         np.save(y_path, rows["label"].map(class_index).to_numpy(dtype=np.int32))
+        # Duplicate-group ids travel with the cache: intervals resample whole groups.
+        np.save(cache_dir / f"{split}_groups.npy", rows["group"].to_numpy(dtype=np.int64))
         counts[split] = int(len(rows))
     (cache_dir / "classes.json").write_text(json.dumps(classes))
     finite_psnr = [p for p in psnrs if np.isfinite(p)]
@@ -109,6 +111,14 @@ def load_split(cache_dir: str | Path, split: str, mmap: bool = True) -> tuple[np
     """(images, labels) of one split; images memory-mapped read-only by default."""
     x_path, y_path = cache_paths(Path(cache_dir), split)
     return np.load(x_path, mmap_mode="r" if mmap else None), np.load(y_path)
+
+
+def load_groups(cache_dir: str | Path, split: str) -> np.ndarray:
+    """Duplicate-group id of every cached image of one split (same order as load_split)."""
+    path = Path(cache_dir) / f"{split}_groups.npy"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: rebuild the cache (tumorscope preprocess)")
+    return np.load(path)
 
 
 def load_classes(cache_dir: str | Path) -> list[str]:

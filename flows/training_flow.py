@@ -1,0 +1,243 @@
+"""Training flow: prepare data -> tune (Optuna) -> train the best configuration -> evaluate.
+
+Each task calls one tumorscope library function; nothing here decides anything a DVC stage would
+decide differently. The `tune` and `train` DVC stages run this same flow in-process with
+`python flows/training_flow.py --steps tune` (resp. `train`), and the `train` deployment
+(flows/deploy.py) runs it with every step, so `dvc repro` and a Prefect run share one code path.
+
+Parallel tuning: with tune.workers > 1 each worker is a separate process (Optuna's n_jobs is
+threads only) on the same PostgreSQL-backed study. Per-architecture concurrency: a Prefect global
+concurrency limit `tumorscope-arch-<architecture>` (slots from tune.architecture_concurrency)
+is held while a trial of that architecture trains, across all workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+
+from tumorscope import pipeline
+from tumorscope.config import Params, load_params, with_overrides
+
+STEPS = ("prepare", "tune", "train", "evaluate")
+LIMIT_PREFIX = "tumorscope-arch-"
+
+
+def effective_params(params_path: str, overrides: dict) -> Params:
+    return with_overrides(load_params(params_path), overrides)
+
+
+def deployment_overrides(architectures: list[str] | None, n_trials: int | None, data_source: str | None,
+                         workers: int | None) -> dict:
+    """Flow parameters -> nested params.yaml overrides (validated like params.yaml itself)."""
+    overrides: dict = {}
+    if architectures:
+        overrides.setdefault("tune", {})["search_space"] = {"architecture": list(architectures)}
+    if n_trials is not None:
+        overrides.setdefault("tune", {})["n_trials"] = n_trials
+    if workers is not None:
+        overrides.setdefault("tune", {})["workers"] = workers
+    if data_source is not None:
+        overrides["data"] = {"source": data_source}
+    return overrides
+
+
+def merged_search_space(params_path: str, overrides: dict) -> dict:
+    """An architectures override replaces only the architecture choice, not the whole space."""
+    base = load_params(params_path).tune.model_dump(mode="json")["search_space"]
+    wanted = overrides.get("tune", {}).get("search_space")
+    return base | wanted if wanted else base
+
+
+def architecture_guard(limits: dict[str, int]):
+    """trial_guard for tumorscope.tuning: hold a Prefect concurrency slot of the trial's
+    architecture while it trains (no-op for architectures without a configured limit)."""
+    from prefect.concurrency.sync import concurrency
+
+    def guard(architecture: str):
+        if architecture not in limits:
+            return contextlib.nullcontext()
+        return concurrency(f"{LIMIT_PREFIX}{architecture}", occupy=1, strict=True)
+
+    return guard
+
+
+def ensure_concurrency_limits(limits: dict[str, int]) -> None:
+    """Create or update one global concurrency limit per architecture (idempotent)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
+    from prefect.exceptions import ObjectAlreadyExists
+
+    with get_client(sync_client=True) as client:
+        for architecture, slots in limits.items():
+            name = f"{LIMIT_PREFIX}{architecture}"
+            try:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=slots))
+            except ObjectAlreadyExists:
+                client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(limit=slots))
+
+
+def current_api_url() -> str | None:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return str(client.api_url)
+
+
+def retry_unless_user_error(task, task_run, state) -> bool:
+    """Retry transient failures (a database hiccup), not a user's mistake that would fail again."""
+    from tumorscope.errors import UserError
+
+    try:
+        state.result()
+    except UserError:
+        return False
+    except Exception:
+        return True
+    return True
+
+
+@task(retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_user_error)
+def prepare(params_path: str, overrides: dict) -> list[str]:
+    """The data stages (phantom only when data.source is the phantom's folder)."""
+    params = effective_params(params_path, overrides)
+    stages = [s for s in pipeline.DATA_STAGES if s != "phantom" or pipeline.uses_phantom(params)]
+    summaries = []
+    for name in stages:
+        summaries.append(getattr(pipeline, f"run_{name}")(params))
+        print(summaries[-1])
+    return summaries
+
+
+@task
+def open_study(params_path: str, overrides: dict) -> dict:
+    from tumorscope import tuning
+
+    handle = tuning.open_study(effective_params(params_path, overrides))
+    return handle.__dict__
+
+
+@task
+def tune_worker(params_path: str, overrides: dict, worker_index: int, separate_process: bool) -> str:
+    """One Optuna worker: in this process for a single worker, else a child process each."""
+    params = effective_params(params_path, overrides)
+    limits = params.tune.architecture_concurrency
+    if not separate_process:
+        return pipeline.run_tune_worker(params, worker_index, architecture_guard(limits) if limits else None)
+    with tempfile.TemporaryDirectory() as folder:
+        effective = Path(folder) / "params.yaml"
+        effective.write_text(yaml.safe_dump(params.model_dump(mode="json", by_alias=True)))
+        env = dict(os.environ)
+        if limits:
+            env["PREFECT_API_URL"] = current_api_url()  # the children share this flow's API
+        done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "worker", "--params", str(effective),
+                               "--index", str(worker_index)], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"tune worker {worker_index} exited {done.returncode}: {done.stderr.strip()[-2000:]}")
+    return done.stdout.strip().splitlines()[-1]
+
+
+@task
+def finish_study(params_path: str, overrides: dict, handle: dict) -> dict:
+    from tumorscope import tuning
+
+    summary = tuning.finish_study(effective_params(params_path, overrides), tuning.StudyHandle(**handle))
+    create_markdown_artifact(summary["markdown"], key="tumorscope-leaderboard",
+                             description=f"Optuna study {summary['study_name']}: leaderboard")
+    return {k: summary[k] for k in ("study_name", "states", "parent_run_id", "best")}
+
+
+@task(retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_user_error)
+def train_best(params_path: str, overrides: dict) -> str:
+    return pipeline.run_train_best(effective_params(params_path, overrides))
+
+
+@task
+def evaluate(params_path: str, overrides: dict) -> str:
+    return pipeline.run_evaluate(effective_params(params_path, overrides))
+
+
+@flow(name="tumorscope-train", log_prints=True)
+def training_flow(params_path: str = "params.yaml", architectures: list[str] | None = None,
+                  n_trials: int | None = None, data_source: str | None = None, workers: int | None = None,
+                  steps: list[str] = list(STEPS)) -> dict:
+    """prepare -> tune -> train best -> evaluate; parameters override params.yaml for this run."""
+    unknown = sorted(set(steps) - set(STEPS))
+    if unknown:
+        raise ValueError(f"unknown steps {unknown}; choose from {list(STEPS)}")
+    overrides = deployment_overrides(architectures, n_trials, data_source, workers)
+    if architectures:
+        overrides["tune"]["search_space"] = merged_search_space(params_path, overrides)
+    params = effective_params(params_path, overrides)  # fail fast on a bad override
+    result: dict = {"steps": list(steps)}
+    if "prepare" in steps:
+        result["prepare"] = prepare(params_path, overrides)
+    if "tune" in steps:
+        handle = open_study(params_path, overrides)
+        if params.tune.architecture_concurrency:
+            ensure_concurrency_limits(params.tune.architecture_concurrency)
+        separate = params.tune.workers > 1
+        futures = [tune_worker.submit(params_path, overrides, i, separate) for i in range(params.tune.workers)]
+        result["workers"] = [future.result() for future in futures]
+        result["tune"] = finish_study(params_path, overrides, handle)
+        print(f"tune: best trial {result['tune']['best']['trial']} ({result['tune']['best']['architecture']}), "
+              f"states {result['tune']['states']}")
+    if "train" in steps:
+        result["train"] = train_best(params_path, overrides)
+        print(result["train"])
+    if "evaluate" in steps:
+        result["evaluate"] = evaluate(params_path, overrides)
+        print(result["evaluate"])
+    return result
+
+
+def preflight(params: Params, steps: list[str]) -> None:
+    """Check what a user can get wrong before the flow starts (one line, no flow-run traceback):
+    the study storage and the MLflow store must be reachable."""
+    from tumorscope import registry, tuning
+
+    if "tune" in steps:
+        tuning.open_storage(params.tune)
+    if {"tune", "train", "evaluate"} & set(steps):
+        registry.check_database_reachable(params.mlflow.tracking_uri, "mlflow.tracking_uri")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python flows/training_flow.py [--steps tune,train]` (DVC stages) or `... worker` (a child
+    tuning process). User mistakes print one line and exit 1."""
+    from tumorscope.errors import UserError
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", nargs="?", default="run", choices=["run", "worker"])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}")
+    parser.add_argument("--index", type=int, default=0, help="worker index (seeds its sampler)")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        if args.command == "worker":
+            params = load_params(args.params)
+            limits = params.tune.architecture_concurrency
+            print(pipeline.run_tune_worker(params, args.index, architecture_guard(limits) if limits else None))
+        else:
+            preflight(load_params(args.params), args.steps.split(","))
+            result = training_flow(params_path=args.params, steps=[s for s in args.steps.split(",") if s])
+            print(json.dumps({k: v for k, v in result.items() if k in ("train", "evaluate")}, indent=1))
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

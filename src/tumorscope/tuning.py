@@ -1,0 +1,541 @@
+"""Optuna study over the train.* search space in params.yaml, every trial tracked in MLflow.
+
+One study lives in an RDB storage (an SQLite file by default; PostgreSQL for several worker
+processes). Each worker process runs `run_worker`, which pulls trials until the study has
+`tune.n_trials` finished (complete or pruned) trials, so a killed and restarted run, or a second
+worker, continues the same study instead of starting over. A trial is one nested MLflow run
+under the study's parent run; a failing trial (bad value, out of memory) is recorded as FAIL and
+the study goes on.
+
+The leaderboard ranks complete, feasible trials by the lower bound of a bootstrap interval over
+duplicate groups of the validation split, not by one point estimate that a lucky split inflates.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tumorscope.config import APPLICATION_ONLY, SMALL_CNN_ONLY, Params, RangeSpec, TrainConfig
+from tumorscope.errors import UserError
+from tumorscope.reports import read_json, write_json
+
+PARENT_RUN_ATTR = "mlflow_parent_run_id"
+FINISHED_STATES = ("COMPLETE", "PRUNED")
+
+
+@dataclass(frozen=True)
+class StudyHandle:
+    study_name: str
+    storage: str
+    experiment_id: str
+    parent_run_id: str
+
+
+# ---------------------------------------------------------------------------------------------
+# Search space
+
+
+def applies_to(name: str, architecture: str) -> bool:
+    """Whether train.<name> means anything for this architecture (conditional search space)."""
+    if name in APPLICATION_ONLY:
+        return architecture != "small_cnn"
+    if name in SMALL_CNN_ONLY:
+        return architecture == "small_cnn"
+    return True
+
+
+def suggest(trial, name: str, dimension) -> object:
+    if isinstance(dimension, list):
+        return trial.suggest_categorical(name, dimension)
+    assert isinstance(dimension, RangeSpec)
+    if TrainConfig.model_fields[name].annotation is int:
+        step = int(dimension.step or 1)
+        return trial.suggest_int(name, int(dimension.low), int(dimension.high), step=step, log=dimension.log)
+    return trial.suggest_float(name, dimension.low, dimension.high, log=dimension.log, step=dimension.step)
+
+
+def suggest_train_config(trial, base: TrainConfig, space: dict, epochs: int) -> TrainConfig:
+    """The trial's train config: base values, the architecture first, then only the settings
+    that apply to it (fine-tuning knobs for Applications, filters/norm for the small CNN)."""
+    values = {}
+    if "architecture" in space:
+        values["architecture"] = suggest(trial, "architecture", space["architecture"])
+    architecture = values.get("architecture", base.architecture)
+    for name, dimension in space.items():
+        if name != "architecture" and applies_to(name, architecture):
+            values[name] = suggest(trial, name, dimension)
+    return TrainConfig.model_validate(base.model_dump() | values | {"epochs": epochs})
+
+
+# ---------------------------------------------------------------------------------------------
+# Storage and study
+
+
+def open_storage(cfg, key: str = "tune.storage"):
+    """An Optuna RDBStorage with heartbeats (stale RUNNING trials of a killed worker become FAIL
+    and are retried once); one clear line for a bad or unreachable URL."""
+    import optuna
+    import sqlalchemy
+
+    from tumorscope.registry import check_database_reachable
+
+    try:
+        sqlalchemy.engine.make_url(cfg.storage)
+        sqlalchemy.create_engine(cfg.storage).dispose()
+    except Exception as err:  # malformed URL, unknown dialect, missing driver
+        raise UserError(f"{key}: invalid storage URL {cfg.storage!r}: {str(err).splitlines()[0]}") from None
+    if cfg.storage.startswith("sqlite:///"):
+        folder = Path(cfg.storage.removeprefix("sqlite:///")).parent
+        if not folder.is_dir():
+            raise UserError(f"{key}: folder {folder} of the SQLite file does not exist")
+    check_database_reachable(cfg.storage, key)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: stable in practice
+        return optuna.storages.RDBStorage(
+            cfg.storage,
+            heartbeat_interval=cfg.heartbeat_seconds,
+            grace_period=2 * cfg.heartbeat_seconds,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
+        )
+
+
+def make_pruner(cfg):
+    import optuna
+
+    if cfg.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=cfg.pruner_warmup_epochs)
+    if cfg.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=max(1, cfg.pruner_warmup_epochs),
+                                              max_resource=cfg.trial_epochs)
+    return optuna.pruners.NopPruner()
+
+
+def stored_study_name(params: Params) -> str:
+    """<study_name>-<hash>: a change of data, search space, per-trial budget or fixed train settings
+    starts a new study; more trials, workers or a restart continue the same one."""
+    import hashlib
+    import json
+
+    from tumorscope import registry
+
+    cfg = params.tune
+    split_path = Path(params.split.path)
+    identity = {
+        "data": registry.file_fingerprint(split_path) if split_path.is_file() else "none",
+        "image_size": params.preprocess.image_size, "seed": params.seed, "train": params.train.model_dump(),
+        "search_space": cfg.model_dump(mode="json")["search_space"], "trial_epochs": cfg.trial_epochs,
+        "metric": cfg.metric, "min_critical_recall": cfg.min_critical_recall, "pruner": cfg.pruner,
+        "warmup": cfg.pruner_warmup_epochs, "critical_class": params.evaluate.critical_class,
+    }
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{cfg.study_name}-{digest}"
+
+
+def load_study(params: Params, storage=None, worker_index: int = 0):
+    """Create the study if needed, else load it (resume); the sampler is seeded per worker so two
+    workers do not propose the same first configurations."""
+    import optuna
+
+    cfg = params.tune
+    if cfg.workers > 1 and cfg.storage.startswith("sqlite"):
+        raise UserError(f"tune.workers: {cfg.workers} workers need a server database in tune.storage "
+                        "(PostgreSQL); an SQLite file serialises and locks parallel writers")
+    storage = storage or open_storage(cfg)
+    sampler = optuna.samplers.TPESampler(seed=params.seed + worker_index, constant_liar=True,
+                                         n_startup_trials=min(5, cfg.n_trials))
+    return optuna.create_study(study_name=stored_study_name(params), storage=storage, direction="maximize",
+                               sampler=sampler, pruner=make_pruner(cfg), load_if_exists=True)
+
+
+def count_states(study) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for trial in study.get_trials(deepcopy=False):
+        counts[trial.state.name] = counts.get(trial.state.name, 0) + 1
+    return counts
+
+
+def finished_trials(study) -> int:
+    counts = count_states(study)
+    return sum(counts.get(state, 0) for state in FINISHED_STATES)
+
+
+# ---------------------------------------------------------------------------------------------
+# MLflow parent run
+
+
+def open_study(params: Params) -> StudyHandle:
+    """Check storage and tracking, create/load the study and its MLflow parent run. Everything
+    is checked before anything is written, so a bad URL leaves no half-made study behind."""
+    import mlflow
+
+    from tumorscope import registry
+
+    check_separate_stores(params)
+    storage = open_storage(params.tune)
+    registry.check_database_reachable(params.mlflow.tracking_uri, "mlflow.tracking_uri")
+    study = load_study(params, storage)
+    experiment_id = registry.configure(params.mlflow)
+    parent_run_id = study.user_attrs.get(PARENT_RUN_ATTR)
+    if parent_run_id is None:
+        client = mlflow.tracking.MlflowClient()
+        run = client.create_run(experiment_id, run_name=f"study-{study.study_name}",
+                                tags=run_tags(params) | {"stage": "tune", "optuna_study": study.study_name,
+                                                         "optuna_storage": redact(params.tune.storage)})
+        parent_run_id = run.info.run_id
+        client.log_batch(parent_run_id, params=[
+            mlflow.entities.Param(k, str(v)[:6000]) for k, v in registry.flatten(
+                {"tune": params.tune.model_dump(mode="json"), "seed": params.seed}).items()])
+        study.set_user_attr(PARENT_RUN_ATTR, parent_run_id)
+    return StudyHandle(study.study_name, params.tune.storage, experiment_id, parent_run_id)
+
+
+def check_separate_stores(params: Params) -> None:
+    """Optuna and MLflow both keep an `alembic_version` table: in one database schema each
+    overwrites the other's and MLflow then refuses to start. Catch it before either writes."""
+    from tumorscope.registry import database_location
+
+    storage, tracking = params.tune.storage, params.mlflow.tracking_uri
+    if not storage.startswith("sqlite") and not tracking.startswith(("sqlite", "http", "file")):
+        if database_location(storage) == database_location(tracking):
+            raise UserError(f"tune.storage and mlflow.tracking_uri share one database schema ({redact(storage)}); "
+                            "Optuna and MLflow both keep an alembic_version table: give each its own database "
+                            "or schema, e.g. ...?options=-csearch_path%3Doptuna and ...%3Dmlflow")
+    elif storage == tracking:
+        raise UserError(f"tune.storage and mlflow.tracking_uri are the same file ({storage}); give each its own")
+
+
+def redact(url: str) -> str:
+    """A storage URL without its password, for tags and logs."""
+    import sqlalchemy
+
+    try:
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<unparseable>"
+
+
+def run_tags(params: Params) -> dict[str, str]:
+    """The data version and code version, tagged on every run."""
+    import keras
+
+    from tumorscope import registry
+
+    split_path = Path(params.split.path)
+    return {
+        "git_commit": registry.git_commit(),
+        "dataset_fingerprint": registry.file_fingerprint(split_path) if split_path.is_file() else "unknown",
+        "dvc_raw_md5": registry.dvc_out_hash("ingest"),
+        "keras_backend": keras.backend.backend(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring
+
+
+def score_predictions(labels: np.ndarray, probabilities: np.ndarray, groups: np.ndarray, classes: list[str],
+                      params: Params) -> dict:
+    """Point scores and group-bootstrap intervals of macro-F1 and the critical class's recall."""
+    from tumorscope.models.evaluate import confusion, group_bootstrap, macro_f1_from_confusion, per_class_scores
+
+    predicted = probabilities.argmax(axis=1)
+    matrix = confusion(labels, predicted, len(classes))
+    recall = per_class_scores(matrix)["recall"]
+    ev = params.evaluate
+    interval = group_bootstrap(labels, predicted, groups, len(classes), ev.bootstrap_samples, ev.confidence, params.seed)
+    critical = classes.index(ev.critical_class) if ev.critical_class in classes else None
+    return {
+        "macro_f1": float(macro_f1_from_confusion(matrix[None])[0]),
+        "macro_f1_ci": interval["macro_f1"],
+        "critical_recall": float(recall[critical]) if critical is not None else None,
+        "critical_recall_ci": interval["recall"][critical] if critical is not None else None,
+        "recall": {c: float(recall[i]) for i, c in enumerate(classes)},
+    }
+
+
+def epoch_scorer(trial, images, labels, metric: str, critical_index: int | None):
+    """A Keras callback: after each epoch, score the validation split in inference mode, report
+    it to Optuna and stop a trial the pruner gives up on. Its own time is kept (it is tuning
+    overhead, not training)."""
+    import keras
+
+    from tumorscope.models.evaluate import confusion, macro_f1_from_confusion, per_class_scores
+    from tumorscope.models.train import predict_proba
+
+    class EpochScorer(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.seconds = 0.0
+            self.pruned_at: int | None = None
+
+        def on_epoch_end(self, epoch, logs=None):
+            started = time.perf_counter()
+            predicted = predict_proba(self.model, images).argmax(axis=1)
+            matrix = confusion(labels, predicted, self.model.output_shape[-1])
+            if metric == "critical_recall" and critical_index is not None:
+                value = float(per_class_scores(matrix)["recall"][critical_index])
+            else:
+                value = float(macro_f1_from_confusion(matrix[None])[0])
+            if logs is not None:
+                logs[f"val_{metric}"] = value  # so the MLflow epoch logger records it too
+            trial.report(value, epoch)
+            if trial.should_prune():
+                self.pruned_at = epoch
+                self.model.stop_training = True
+            self.seconds += time.perf_counter() - started
+
+    return EpochScorer()
+
+
+# ---------------------------------------------------------------------------------------------
+# Objective and worker
+
+
+def make_objective(params: Params, handle: StudyHandle, trial_guard=None):
+    """The Optuna objective: build, train (trial_epochs), score on validation; one nested MLflow
+    run per trial with its params, per-epoch metrics and final state. ``trial_guard(architecture)``
+    may return a context manager held while the trial trains (the Prefect flow passes a
+    per-architecture concurrency slot)."""
+    import contextlib
+
+    import keras
+    import mlflow
+    import optuna
+
+    from tumorscope import registry
+    from tumorscope.data.preprocess import load_classes, load_groups, load_split
+    from tumorscope.models.train import predict_proba, train_model
+    from tumorscope.models.zoo import build_model
+    from tumorscope.pipeline import model_options
+
+    cache = params.preprocess.cache_dir
+    classes = load_classes(cache)
+    train_data = load_split(cache, "train")
+    val_images, val_labels = load_split(cache, "val")
+    val_groups = load_groups(cache, "val")
+    critical = classes.index(params.evaluate.critical_class) if params.evaluate.critical_class in classes else None
+    tags = run_tags(params)
+    client = mlflow.tracking.MlflowClient()
+
+    def objective(trial) -> float:
+        started = time.perf_counter()
+        run = client.create_run(handle.experiment_id, run_name=f"trial-{trial.number}",
+                                tags=tags | {"mlflow.parentRunId": handle.parent_run_id, "stage": "tune-trial",
+                                             "optuna_study": handle.study_name, "optuna_trial": str(trial.number)})
+        trial.set_user_attr("mlflow_run_id", run.info.run_id)
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        state = "FAILED"
+        try:
+            with mlflow.start_run(run_id=run.info.run_id):
+                cfg = suggest_train_config(trial, params.train, params.tune.search_space, params.tune.trial_epochs)
+                mlflow.log_params(registry.flatten({"train": cfg.model_dump()}))
+                keras.utils.set_random_seed(params.seed + trial.number)
+                model = build_model(cfg.architecture, params.preprocess.image_size, len(classes),
+                                    **model_options(cfg, params.seed))
+                scorer = epoch_scorer(trial, val_images, val_labels, params.tune.metric, critical)
+                with (trial_guard(cfg.architecture) if trial_guard else contextlib.nullcontext()):
+                    result = train_model(model, train_data, (val_images, val_labels), cfg, params.seed,
+                                         callbacks=[scorer, registry.epoch_logger()])
+                fit_seconds = result.fit_seconds - scorer.seconds
+                trial.set_user_attr("architecture", cfg.architecture)
+                trial.set_user_attr("fit_seconds", fit_seconds)
+                if scorer.pruned_at is not None:
+                    trial.set_user_attr("trial_seconds", time.perf_counter() - started)
+                    mlflow.set_tags({"optuna_state": "PRUNED", "pruned_at_epoch": str(scorer.pruned_at)})
+                    state = "KILLED"
+                    raise optuna.TrialPruned(f"pruned after epoch {scorer.pruned_at}")
+                scores = score_predictions(val_labels, predict_proba(result.model, val_images), val_groups,
+                                           classes, params)
+                feasible = (scores["critical_recall"] is None
+                            or scores["critical_recall"] >= params.tune.min_critical_recall)
+                trial.set_user_attr("scores", scores)
+                trial.set_user_attr("feasible", feasible)
+                trial.set_user_attr("epochs_run", result.epochs_run)
+                mlflow.log_metrics(flat_scores(scores, "final_val_"))  # after best-epoch restore
+                mlflow.set_tags({"optuna_state": "COMPLETE", "feasible": str(feasible).lower()})
+                value = scores[params.tune.metric] if scores[params.tune.metric] is not None else scores["macro_f1"]
+                trial.set_user_attr("trial_seconds", time.perf_counter() - started)
+                mlflow.log_metrics({"trial_seconds": time.perf_counter() - started, "fit_seconds": fit_seconds})
+                state = "FINISHED"
+                return value
+        except optuna.TrialPruned:
+            raise
+        except Exception as err:
+            client.set_tag(run.info.run_id, "optuna_state", "FAIL")
+            client.set_tag(run.info.run_id, "error", f"{type(err).__name__}: {str(err)[:400]}")
+            raise
+        finally:
+            client.set_terminated(run.info.run_id, status=state)
+
+    return objective
+
+
+def flat_scores(scores: dict, prefix: str) -> dict[str, float]:
+    flat = {f"{prefix}macro_f1": scores["macro_f1"]}
+    if scores["macro_f1_ci"]["low"] is not None:
+        flat |= {f"{prefix}macro_f1_ci_low": scores["macro_f1_ci"]["low"],
+                 f"{prefix}macro_f1_ci_high": scores["macro_f1_ci"]["high"]}
+    if scores["critical_recall"] is not None:
+        flat[f"{prefix}critical_recall"] = scores["critical_recall"]
+        if scores["critical_recall_ci"]["low"] is not None:
+            flat |= {f"{prefix}critical_recall_ci_low": scores["critical_recall_ci"]["low"],
+                     f"{prefix}critical_recall_ci_high": scores["critical_recall_ci"]["high"]}
+    flat |= {f"{prefix}recall_{c}": v for c, v in scores["recall"].items()}
+    return flat
+
+
+def run_worker(params: Params, handle: StudyHandle, worker_index: int = 0, trial_guard=None) -> dict[str, int]:
+    """Pull trials until the study has tune.n_trials finished trials (or the timeout passes).
+    Failed trials are recorded as FAIL and do not count; the study carries on."""
+    import optuna
+
+    cfg = params.tune
+    study = load_study(params, worker_index=worker_index)
+    objective = make_objective(params, handle, trial_guard)
+    remaining = cfg.n_trials - finished_trials(study)
+    if remaining > 0:
+        # Failed trials do not count towards n_trials, so allow some extra attempts; the callback
+        # stops every worker once the study holds n_trials finished trials.
+        study.optimize(objective, n_trials=remaining + max(3, remaining), catch=(Exception,),
+                       timeout=cfg.timeout_minutes * 60 if cfg.timeout_minutes else None,
+                       callbacks=[optuna.study.MaxTrialsCallback(
+                           cfg.n_trials, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))])
+    return count_states(study)
+
+
+# ---------------------------------------------------------------------------------------------
+# Leaderboard
+
+
+def ranking_key(scores: dict, metric: str) -> float:
+    """The lower bound of the metric's group-bootstrap interval (point value if undefined)."""
+    interval = scores[f"{metric}_ci"] if scores.get(metric) is not None else scores["macro_f1_ci"]
+    point = scores[metric] if scores.get(metric) is not None else scores["macro_f1"]
+    return interval["low"] if interval and interval["low"] is not None else point
+
+
+def leaderboard(study, metric: str) -> list[dict]:
+    """Complete trials, feasible first, ranked by the lower interval bound of the metric."""
+    rows = []
+    for trial in study.get_trials(deepcopy=False, states=None):
+        if trial.state.name != "COMPLETE" or "scores" not in trial.user_attrs:
+            continue
+        scores = trial.user_attrs["scores"]
+        rows.append({
+            "trial": trial.number, "architecture": trial.user_attrs.get("architecture"),
+            "feasible": bool(trial.user_attrs.get("feasible", True)),
+            "rank_by": ranking_key(scores, metric), "value": trial.value, "params": dict(trial.params),
+            "scores": scores, "mlflow_run_id": trial.user_attrs.get("mlflow_run_id"),
+            "trial_seconds": trial.user_attrs.get("trial_seconds"), "fit_seconds": trial.user_attrs.get("fit_seconds"),
+        })
+    rows.sort(key=lambda row: (not row["feasible"], -row["rank_by"], row["trial"]))
+    return rows
+
+
+def leaderboard_markdown(rows: list[dict], metric: str, counts: dict[str, int]) -> str:
+    lines = [f"Ranked by the lower bound of the {metric} interval (bootstrap over duplicate groups, validation split).",
+             "", "| rank | trial | architecture | macro-F1 [interval] | critical recall [interval] | feasible | params |",
+             "|---:|---:|---|---|---|---|---|"]
+    for rank, row in enumerate(rows, 1):
+        s = row["scores"]
+        f1 = f"{s['macro_f1']:.3f} [{_fmt(s['macro_f1_ci']['low'])}, {_fmt(s['macro_f1_ci']['high'])}]"
+        rec = (f"{s['critical_recall']:.3f} [{_fmt(s['critical_recall_ci']['low'])}, {_fmt(s['critical_recall_ci']['high'])}]"
+               if s["critical_recall"] is not None else "n/a")
+        shown = ", ".join(f"{k}={_fmt(v)}" for k, v in row["params"].items())
+        lines.append(f"| {rank} | {row['trial']} | {row['architecture']} | {f1} | {rec} | {row['feasible']} | {shown} |")
+    lines += ["", "Trial states: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))]
+    return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 0.01 else f"{value:.3f}"
+    return str(value)
+
+
+def best_train_overrides(row: dict) -> dict:
+    """The winning trial's train settings (what the train stage applies over params.train)."""
+    return dict(row["params"])
+
+
+def finish_study(params: Params, handle: StudyHandle) -> dict:
+    """Leaderboard, best params and Optuna plots: written to reports/ and the MLflow parent run."""
+    import mlflow
+
+    study = load_study(params)
+    counts = count_states(study)
+    rows = leaderboard(study, params.tune.metric)
+    markdown = leaderboard_markdown(rows, params.tune.metric, counts)
+    cfg = params.tune
+    if not rows:
+        raise UserError(f"tune: no trial of study {study.study_name!r} completed (states {counts}); "
+                        f"see the failed runs under MLflow run {handle.parent_run_id}")
+    feasible = [row for row in rows if row["feasible"]]
+    if not feasible:
+        raise UserError(f"tune: no trial reached {params.evaluate.critical_class} recall >= "
+                        f"{cfg.min_critical_recall} (tune.min_critical_recall); best was "
+                        f"{max(r['scores']['critical_recall'] or 0 for r in rows):.3f}")
+    best = feasible[0]
+    summary = {"study_name": study.study_name, "storage": redact(cfg.storage), "metric": cfg.metric,
+               "states": counts, "parent_run_id": handle.parent_run_id, "best": best, "leaderboard": rows}
+    write_json(cfg.leaderboard_path, summary)
+    Path(cfg.leaderboard_path).with_suffix(".md").write_text(markdown + "\n")
+    write_json(cfg.best_params_path, {"trial": best["trial"], "train": best_train_overrides(best),
+                                      "parent_run_id": handle.parent_run_id})
+    plots = write_study_plots(study, Path(cfg.plots_dir))
+    with mlflow.start_run(run_id=handle.parent_run_id):
+        mlflow.log_metrics({"best_trial": best["trial"], **flat_scores(best["scores"], "best_val_"),
+                            **{f"trials_{k.lower()}": v for k, v in counts.items()}})
+        mlflow.log_artifact(cfg.leaderboard_path)
+        mlflow.log_artifact(str(Path(cfg.leaderboard_path).with_suffix(".md")))
+        for plot in plots:
+            mlflow.log_artifact(str(plot), artifact_path="optuna")
+    summary["markdown"] = markdown
+    return summary
+
+
+def write_study_plots(study, out_dir: Path) -> list[Path]:
+    """Optimisation history and parameter importances (matplotlib, no plotly needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna.visualization.matplotlib as vis
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    plots = [("optimization_history.png", vis.plot_optimization_history)]
+    # Importances need at least two complete trials and a parameter that varied.
+    if len(complete) >= 2 and any(len({str(t.params.get(p)) for t in complete}) > 1 for p in complete[0].params):
+        plots.append(("param_importances.png", vis.plot_param_importances))
+    for name, plot in plots:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the matplotlib backend is marked experimental
+            try:
+                axes = plot(study)
+            except (ValueError, RuntimeError) as err:  # e.g. importances of a constant column
+                print(f"tune: skipped {name}: {err}")
+                continue
+        figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
+        figure.set_size_inches(7, 4.5)
+        figure.tight_layout()
+        figure.savefig(out_dir / name, dpi=110)
+        plt.close(figure)
+        written.append(out_dir / name)
+    return written
+
+
+def read_best_params(params: Params) -> dict:
+    path = Path(params.tune.best_params_path)
+    if not path.is_file():
+        raise UserError(f"{path} not found (run the tune stage first)")
+    return read_json(path)

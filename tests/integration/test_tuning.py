@@ -1,0 +1,173 @@
+"""The Optuna study on real storages: trials, failures, resume, MLflow nesting, leaderboard."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+import yaml
+
+from conftest import REPO, needs_postgres, postgres_schema_uri
+from tumorscope import tuning
+from tumorscope.config import load_params, with_overrides
+
+pytestmark = pytest.mark.slow
+FLOW = str(REPO / "flows" / "training_flow.py")
+
+
+def child_runs(params, parent_run_id: str):
+    import mlflow
+
+    mlflow.set_tracking_uri(params.mlflow.tracking_uri)
+    return mlflow.search_runs(search_all_experiments=True, output_format="list",
+                              filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
+
+
+def test_study_records_trials_failures_and_nested_runs(project):
+    import mlflow
+
+    params = load_params("params.yaml")
+    handle = tuning.open_study(params)
+    study = tuning.load_study(params)
+    study.enqueue_trial({"architecture": "small_cnn", "filters": 2})  # filters must be >= 4: this trial fails
+    counts = tuning.run_worker(params, handle)
+    assert counts.get("FAIL") == 1
+    assert counts.get("COMPLETE", 0) + counts.get("PRUNED", 0) == params.tune.n_trials
+
+    runs = child_runs(params, handle.parent_run_id)
+    assert len(runs) == sum(counts.values())  # one nested run per trial, none lost or doubled
+    by_state = {}
+    for run in runs:
+        by_state.setdefault(run.data.tags["optuna_state"], []).append(run)
+    assert [r.info.status for r in by_state["FAIL"]] == ["FAILED"]
+    assert "'2' not in" in by_state["FAIL"][0].data.tags["error"]
+    for run in by_state.get("COMPLETE", []):
+        assert run.info.status == "FINISHED"
+        assert 0.0 <= run.data.metrics["final_val_macro_f1"] <= 1.0
+        assert run.data.tags["git_commit"] and run.data.tags["dataset_fingerprint"] != "unknown"
+        history = mlflow.tracking.MlflowClient().get_metric_history(run.info.run_id, "val_macro_f1")
+        assert len(history) == params.tune.trial_epochs  # reported every epoch
+    assert all(r.info.status == "KILLED" for r in by_state.get("PRUNED", []))
+
+    summary = tuning.finish_study(params, handle)
+    rows = summary["leaderboard"]
+    assert [r["rank_by"] for r in rows] == sorted((r["rank_by"] for r in rows), reverse=True)
+    for row in rows:
+        interval = row["scores"]["macro_f1_ci"]
+        assert interval["low"] <= interval["high"]
+    best = json.loads(open(params.tune.best_params_path).read())
+    assert best["trial"] == rows[0]["trial"] and best["parent_run_id"] == handle.parent_run_id
+    assert (project / params.tune.plots_dir / "optimization_history.png").stat().st_size > 1000
+    assert "| 1 |" in (project / "reports" / "leaderboard.md").read_text()
+
+    # Resume: the same settings find the same study with nothing left to do; more trials continue it.
+    assert tuning.run_worker(params, tuning.open_study(params)) == counts
+    more = with_overrides(params, {"tune": {"n_trials": params.tune.n_trials + 1}})
+    assert tuning.stored_study_name(more) == tuning.stored_study_name(params)
+    grown = tuning.run_worker(more, tuning.open_study(more))
+    assert grown.get("COMPLETE", 0) + grown.get("PRUNED", 0) == params.tune.n_trials + 1
+    # A different search space is a different study.
+    other = with_overrides(params, {"tune": {"search_space": {"lr": [0.001]}}})
+    assert tuning.stored_study_name(other) != tuning.stored_study_name(params)
+
+
+def _states(params) -> list:
+    return tuning.load_study(params).get_trials(deepcopy=False)
+
+
+def test_killed_worker_resumes_the_same_study(project):
+    overrides = {"tune": {"n_trials": 3, "trial_epochs": 25, "pruner": "none"}}
+    params = with_overrides(load_params("params.yaml"), overrides)
+    (project / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json", by_alias=True)))
+    tuning.open_study(params)
+    worker = subprocess.Popen([sys.executable, FLOW, "worker"], cwd=project, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:  # kill it in the middle of its second trial
+        trials = _states(params)
+        if any(t.state.name == "COMPLETE" for t in trials) and any(t.state.name == "RUNNING" for t in trials):
+            break
+        assert worker.poll() is None, worker.stdout.read()
+        time.sleep(0.5)
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    before = {t.number: t.value for t in _states(params) if t.state.name == "COMPLETE"}
+    killed = [t.number for t in _states(params) if t.state.name == "RUNNING"]
+    assert before and len(killed) == 1
+    time.sleep(2 * params.tune.heartbeat_seconds + 1)  # the killed trial's heartbeat goes stale
+
+    done = subprocess.run([sys.executable, FLOW, "worker"], cwd=project, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    after = _states(params)
+    assert {t.number: t.value for t in after if t.number in before} == before  # completed trials kept
+    assert next(t for t in after if t.number == killed[0]).state.name == "FAIL"  # recorded, not lost
+    assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in after) == params.tune.n_trials
+    assert not [t for t in after if t.state.name in ("RUNNING", "WAITING")]
+    # The stale trial's parameters were retried once (Optuna's RetryHeartbeatStaleTrialCallback).
+    assert any(t.system_attrs.get("failed_trial") == killed[0] for t in after)
+
+
+@pytest.mark.postgres
+@needs_postgres
+def test_two_postgres_workers_share_one_study(project):
+    name = f"pgtest-{uuid.uuid4().hex[:8]}"
+    storage = postgres_schema_uri("tumorscope_optuna")
+    params = with_overrides(load_params("params.yaml"), {
+        "tune": {"storage": storage, "study_name": name, "workers": 2, "n_trials": 6, "trial_epochs": 3},
+        "mlflow": {"tracking_uri": postgres_schema_uri("tumorscope_mlflow"), "experiment": name}})
+    (project / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json", by_alias=True)))
+    handle = tuning.open_study(params)
+    workers = [subprocess.Popen([sys.executable, FLOW, "worker", "--index", str(i)], cwd=project,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        outputs = [w.communicate(timeout=600) for w in workers]
+        assert [w.returncode for w in workers] == [0, 0], [o[1][-1500:] for o in outputs]
+        trials = tuning.load_study(params).get_trials(deepcopy=False)
+        assert sorted(t.number for t in trials) == list(range(len(trials)))  # none lost, none doubled
+        assert all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
+        # Both stop at n_trials; a worker that had started its last trial may add one more.
+        assert params.tune.n_trials <= len(trials) <= params.tune.n_trials + 1
+        assert len({t.user_attrs["worker"] for t in trials}) == 2  # both processes did trials
+        run_ids = [t.user_attrs["mlflow_run_id"] for t in trials]
+        assert len(set(run_ids)) == len(trials)
+        assert sorted(r.info.run_id for r in child_runs(params, handle.parent_run_id)) == sorted(run_ids)
+    finally:
+        for w in workers:
+            w.kill()
+        import optuna
+
+        optuna.delete_study(study_name=tuning.stored_study_name(params), storage=storage)
+
+
+def test_optuna_and_mlflow_in_one_schema_is_refused(project):
+    from tumorscope.errors import UserError
+
+    shared = postgres_schema_uri("same")
+    params = with_overrides(load_params("params.yaml"), {"tune": {"storage": shared}, "mlflow": {"tracking_uri": shared}})
+    with pytest.raises(UserError, match="share one database schema"):
+        tuning.open_study(params)
+    assert not (project / "optuna.db").exists()
+
+
+@pytest.mark.parametrize("storage, expected", [
+    ("notadb://x/y", "tune.storage: invalid storage URL 'notadb://x/y'"),
+    ("postgresql://nobody@127.0.0.1:1/none", "tune.storage: cannot open 'postgresql://nobody@127.0.0.1:1/none'"),
+    ("sqlite:///no/such/folder/optuna.db", "tune.storage: folder no/such/folder"),
+])
+def test_bad_storage_is_one_line_and_writes_nothing(project, storage, expected):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["tune"]["storage"] = storage
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    before = sorted(p.relative_to(project) for p in project.rglob("*"))
+    done = subprocess.run([sys.executable, FLOW, "--steps", "tune"], cwd=project, capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, PREFECT_HOME=str(project.parent / "prefect-home")))
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [f"error: {done.stderr.strip()[7:]}"]
+    assert expected in done.stderr and "Traceback" not in done.stderr
+    assert sorted(p.relative_to(project) for p in project.rglob("*")) == before
