@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import subprocess
 import sys
@@ -224,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--index", type=int, default=0, help="worker index (seeds its sampler)")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # The temporary Prefect server started for an in-process run inherits this: its telemetry
+    # heartbeat races the first migration on a fresh SQLite file and logs a scary traceback.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     try:
         if args.command == "worker":
             params = load_params(args.params)
@@ -232,7 +234,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             preflight(load_params(args.params), args.steps.split(","))
             result = training_flow(params_path=args.params, steps=[s for s in args.steps.split(",") if s])
-            print(json.dumps({k: v for k, v in result.items() if k in ("train", "evaluate")}, indent=1))
+            if "tune" in result:
+                best = result["tune"]["best"]
+                print(f"tune: best trial {best['trial']} ({best['architecture']}) of study {result['tune']['study_name']}, "
+                      f"states {result['tune']['states']}; see reports/leaderboard.md")
+            for step in ("train", "evaluate"):
+                if step in result:
+                    print(result[step])
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -146,6 +146,9 @@ class TrainConfig(_Section):
     norm: Literal["none", "batch"] = "none"
     class_weights: bool = True
     patience: int = Field(15, ge=1)
+    # auto: mixed_float16 on a GPU (Keras wraps the optimizer in loss scaling), float32 on CPU,
+    # where half precision is slower. The output layer always computes in float32.
+    precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"] = "auto"
 
 
 class EvaluateConfig(_Section):

@@ -142,11 +142,12 @@ def run_train(params: Params, parent_run_id: str | None = None, run_name: str | 
 
     from tumorscope import registry
     from tumorscope.data.preprocess import load_classes, load_split
-    from tumorscope.models.train import save_model, train_model
+    from tumorscope.models.train import save_model, set_precision, train_model
     from tumorscope.models.zoo import build_model
 
     cfg = params.train
     keras.utils.set_random_seed(params.seed)
+    precision = set_precision(cfg.precision)
     classes = load_classes(params.preprocess.cache_dir)
     train_data = load_split(params.preprocess.cache_dir, "train")
     val_data = load_split(params.preprocess.cache_dir, "val")
@@ -156,13 +157,7 @@ def run_train(params: Params, parent_run_id: str | None = None, run_name: str | 
     nested = {"mlflow.parentRunId": parent_run_id} if parent_run_id else {}
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name or f"train-{cfg.architecture}",
                           tags=nested) as run:
-        mlflow.set_tags({
-            "stage": "train",
-            "git_commit": registry.git_commit(),
-            "dataset_fingerprint": registry.file_fingerprint(params.split.path),
-            "dvc_raw_md5": registry.dvc_out_hash("ingest"),
-            "keras_backend": keras.backend.backend(),
-        })
+        mlflow.set_tags(registry.run_tags(params) | {"stage": "train", "precision": precision})
         mlflow.log_params(registry.flatten({"seed": params.seed, "train": cfg.model_dump(),
                                             "preprocess": params.preprocess.model_dump(),
                                             "split": params.split.model_dump()}))

@@ -71,6 +71,19 @@ def database_location(uri: str) -> tuple[str, str | None]:
             postgres_schema(uri) if url.get_backend_name() == "postgresql" else None)
 
 
+def run_tags(params) -> dict[str, str]:
+    """The data version and code version, tagged on every run (train, study, trial)."""
+    import keras
+
+    split_path = Path(params.split.path)
+    return {
+        "git_commit": git_commit(),
+        "dataset_fingerprint": file_fingerprint(split_path) if split_path.is_file() else "unknown",
+        "dvc_raw_md5": dvc_out_hash("ingest"),
+        "keras_backend": keras.backend.backend(),
+    }
+
+
 def check_database_reachable(uri: str, key: str) -> None:
     """Fail fast with one line on an unreachable database server (MLflow itself retries for
     about 100 s before giving up); create the PostgreSQL schema a search_path option names.

@@ -103,8 +103,25 @@ def open_storage(cfg, key: str = "tune.storage"):
             cfg.storage,
             heartbeat_interval=cfg.heartbeat_seconds,
             grace_period=2 * cfg.heartbeat_seconds,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
+            heartbeat_stale_trial_callback=stale_trial_callback,
         )
+
+
+def stale_trial_callback(study, trial) -> None:
+    """A trial whose worker died (no heartbeat): retry its parameters once, and close its MLflow
+    run as FAILED so the UI does not show it running forever."""
+    import mlflow
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)(study, trial)
+    run_id = trial.user_attrs.get("mlflow_run_id")
+    if run_id:
+        client = mlflow.tracking.MlflowClient()
+        client.set_tag(run_id, "optuna_state", "FAIL")
+        client.set_tag(run_id, "error", "worker stopped without a heartbeat (killed or out of memory)")
+        client.set_terminated(run_id, status="FAILED")
 
 
 def make_pruner(cfg):
@@ -187,7 +204,7 @@ def open_study(params: Params) -> StudyHandle:
     if parent_run_id is None:
         client = mlflow.tracking.MlflowClient()
         run = client.create_run(experiment_id, run_name=f"study-{study.study_name}",
-                                tags=run_tags(params) | {"stage": "tune", "optuna_study": study.study_name,
+                                tags=registry.run_tags(params) | {"stage": "tune", "optuna_study": study.study_name,
                                                          "optuna_storage": redact(params.tune.storage)})
         parent_run_id = run.info.run_id
         client.log_batch(parent_run_id, params=[
@@ -220,21 +237,6 @@ def redact(url: str) -> str:
         return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
     except Exception:
         return "<unparseable>"
-
-
-def run_tags(params: Params) -> dict[str, str]:
-    """The data version and code version, tagged on every run."""
-    import keras
-
-    from tumorscope import registry
-
-    split_path = Path(params.split.path)
-    return {
-        "git_commit": registry.git_commit(),
-        "dataset_fingerprint": registry.file_fingerprint(split_path) if split_path.is_file() else "unknown",
-        "dvc_raw_md5": registry.dvc_out_hash("ingest"),
-        "keras_backend": keras.backend.backend(),
-    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,7 +314,7 @@ def make_objective(params: Params, handle: StudyHandle, trial_guard=None):
 
     from tumorscope import registry
     from tumorscope.data.preprocess import load_classes, load_groups, load_split
-    from tumorscope.models.train import predict_proba, train_model
+    from tumorscope.models.train import predict_proba, set_precision, train_model
     from tumorscope.models.zoo import build_model
     from tumorscope.pipeline import model_options
 
@@ -322,7 +324,7 @@ def make_objective(params: Params, handle: StudyHandle, trial_guard=None):
     val_images, val_labels = load_split(cache, "val")
     val_groups = load_groups(cache, "val")
     critical = classes.index(params.evaluate.critical_class) if params.evaluate.critical_class in classes else None
-    tags = run_tags(params)
+    tags = registry.run_tags(params)
     client = mlflow.tracking.MlflowClient()
 
     def objective(trial) -> float:
@@ -338,6 +340,7 @@ def make_objective(params: Params, handle: StudyHandle, trial_guard=None):
                 cfg = suggest_train_config(trial, params.train, params.tune.search_space, params.tune.trial_epochs)
                 mlflow.log_params(registry.flatten({"train": cfg.model_dump()}))
                 keras.utils.set_random_seed(params.seed + trial.number)
+                mlflow.set_tag("precision", set_precision(cfg.precision))
                 model = build_model(cfg.architecture, params.preprocess.image_size, len(classes),
                                     **model_options(cfg, params.seed))
                 scorer = epoch_scorer(trial, val_images, val_labels, params.tune.metric, critical)
@@ -478,14 +481,19 @@ def finish_study(params: Params, handle: StudyHandle) -> dict:
     if not rows:
         raise UserError(f"tune: no trial of study {study.study_name!r} completed (states {counts}); "
                         f"see the failed runs under MLflow run {handle.parent_run_id}")
-    feasible = [row for row in rows if row["feasible"]]
-    if not feasible:
-        raise UserError(f"tune: no trial reached {params.evaluate.critical_class} recall >= "
-                        f"{cfg.min_critical_recall} (tune.min_critical_recall); best was "
-                        f"{max(r['scores']['critical_recall'] or 0 for r in rows):.3f}")
-    best = feasible[0]
+    best = rows[0]  # feasible trials rank first
+    warning = None
+    if not best["feasible"]:
+        # Still train the best there is (the evaluation and its recall are what a reviewer needs to
+        # see); say loudly that the constraint was missed. Promotion gates are the hard stop.
+        warning = (f"WARNING: no trial reached {params.evaluate.critical_class} recall >= {cfg.min_critical_recall} "
+                   f"(tune.min_critical_recall); best was "
+                   f"{max(r['scores']['critical_recall'] or 0 for r in rows):.3f}; using the best infeasible trial")
+        markdown = f"**{warning}**\n\n{markdown}"
+        print(f"tune: {warning}")
     summary = {"study_name": study.study_name, "storage": redact(cfg.storage), "metric": cfg.metric,
-               "states": counts, "parent_run_id": handle.parent_run_id, "best": best, "leaderboard": rows}
+               "states": counts, "parent_run_id": handle.parent_run_id, "best": best, "warning": warning,
+               "leaderboard": rows}
     write_json(cfg.leaderboard_path, summary)
     Path(cfg.leaderboard_path).with_suffix(".md").write_text(markdown + "\n")
     write_json(cfg.best_params_path, {"trial": best["trial"], "train": best_train_overrides(best),

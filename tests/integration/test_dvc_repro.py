@@ -23,14 +23,17 @@ TINY = {
     "train": {"epochs": 6, "batch_size": 16, "patience": 3},
     # Six epochs on ~70 slices need not learn anything; this test is about the pipeline's
     # mechanics. The constant-prediction guard has its own tests (tests/model, test_cli_errors).
-    "evaluate": {"fail_on_degenerate": False},
+    "evaluate": {"fail_on_degenerate": False, "bootstrap_samples": 200},
+    "tune": {"n_trials": 2, "trial_epochs": 2, "min_critical_recall": 0.0,
+             "search_space": {"architecture": ["small_cnn"], "lr": {"low": 0.0005, "high": 0.005, "log": True}}},
 }
 
 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     bin_dir = Path(sys.executable).parent
     # DVC stages call `tumorscope`: make the environment's scripts findable however pytest started.
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+           "PREFECT_HOME": str(cwd / ".prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     result = subprocess.run([str(bin_dir / args[0]), *args[1:]], cwd=cwd, capture_output=True, text=True,
                             timeout=900, env=env)
     assert result.returncode == 0, f"{args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
@@ -48,7 +51,8 @@ def make_project(root: Path, changes: dict) -> Path:
     for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
         shutil.copy(REPO / name, root / name)
     shutil.copytree(REPO / "expectations", root / "expectations")
-    shutil.copytree(REPO / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    for code in ("src", "flows"):
+        shutil.copytree(REPO / code, root / code, ignore=shutil.ignore_patterns("__pycache__"))
     params = _deep_update(yaml.safe_load((root / "params.yaml").read_text()), changes)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
@@ -81,6 +85,9 @@ mlflow.set_tracking_uri("sqlite:///{project}/mlflow.db")
 run_id = json.load(open("{project}/models/train.json"))["run_id"]
 run = mlflow.get_run(run_id)
 assert run.data.params["train.architecture"] == "small_cnn", run.data.params
+best = json.load(open("{project}/reports/best_params.json"))
+assert run.data.tags["mlflow.parentRunId"] == best["parent_run_id"]  # nested under the study
+assert float(run.data.params["train.lr"]) == best["train"]["lr"]  # the tuned value was trained
 assert "test_macro_f1" in run.data.metrics and "dataset_fingerprint" in run.data.tags
 local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model/model.keras")
 model = keras.saving.load_model(local)
@@ -95,6 +102,10 @@ print("mlflow ok")
     assert "mlflow ok" in result.stdout, result.stderr[-3000:]
 
 
+def _stages_run(result: subprocess.CompletedProcess) -> set[str]:
+    return {line.split("'")[1] for line in result.stdout.splitlines() if line.startswith("Running stage")}
+
+
 def test_dvc_repro_on_tiny_phantom(tmp_path):
     project = make_project(tmp_path, TINY)
     first = _run(["dvc", "repro"], project)
@@ -105,13 +116,18 @@ def test_dvc_repro_on_tiny_phantom(tmp_path):
     assert (project / "data" / "raw" / "_meta" / "kidneyData.csv").is_file()
     second = _run(["dvc", "repro"], project)
     assert "Running stage" not in second.stdout  # an unchanged workspace is a no-op
-    # Changing one training knob reruns only train and evaluate.
+    # Changing one evaluation knob reruns only evaluate; one more trial reruns tune onwards.
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["train"]["dropout"] = 0.2
+    params["evaluate"]["calibration_bins"] = 5
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = _run(["dvc", "repro"], project)
-    ran = {line.split("'")[1] for line in third.stdout.splitlines() if line.startswith("Running stage")}
-    assert ran == {"train", "evaluate"}
+    assert _stages_run(third) == {"evaluate"}
+    params["tune"]["n_trials"] = 3
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    fourth = _run(["dvc", "repro"], project)
+    assert _stages_run(fourth) == {"tune", "train", "evaluate"}
+    leaderboard = json.loads((project / "reports" / "leaderboard.json").read_text())
+    assert sum(leaderboard["states"].get(s, 0) for s in ("COMPLETE", "PRUNED")) == 3  # the same study, grown
     _run(["dvc", "push"], project)
     assert any((project / "remote").rglob("*"))
 

@@ -109,8 +109,13 @@ def test_killed_worker_resumes_the_same_study(project):
     assert next(t for t in after if t.number == killed[0]).state.name == "FAIL"  # recorded, not lost
     assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in after) == params.tune.n_trials
     assert not [t for t in after if t.state.name in ("RUNNING", "WAITING")]
-    # The stale trial's parameters were retried once (Optuna's RetryHeartbeatStaleTrialCallback).
+    # The stale trial's parameters were retried once, and its MLflow run closed as FAILED.
     assert any(t.system_attrs.get("failed_trial") == killed[0] for t in after)
+    import mlflow
+
+    mlflow.set_tracking_uri(params.mlflow.tracking_uri)
+    killed_run = mlflow.get_run(next(t for t in after if t.number == killed[0]).user_attrs["mlflow_run_id"])
+    assert (killed_run.info.status, killed_run.data.tags["optuna_state"]) == ("FAILED", "FAIL")
 
 
 @pytest.mark.postgres

@@ -65,3 +65,18 @@ def test_saved_keras_file_loads_back_with_identical_predictions(phantom_arrays, 
 def test_unknown_architecture_is_rejected():
     with pytest.raises(ValueError, match="unknown architecture 'vit'"):
         build_model("vit", SIZE, 4)
+
+
+def test_precision_policy_follows_the_device():
+    import keras
+
+    from tumorscope.models.train import accelerator, set_precision
+
+    try:
+        expected = "mixed_float16" if accelerator() == "gpu" else "float32"
+        assert set_precision("auto") == expected == keras.config.dtype_policy().name
+        assert set_precision("mixed_bfloat16") == "mixed_bfloat16"
+        model = build_model("small_cnn", 32, 4, filters=4, dense_units=8, augment_strength=0.0, norm="none")
+        assert model.get_layer("probabilities").dtype_policy.compute_dtype == "float32"  # stable softmax/loss
+    finally:
+        keras.config.set_dtype_policy("float32")

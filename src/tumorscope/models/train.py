@@ -108,6 +108,38 @@ def train_model(model, train_data, val_data, cfg: TrainConfig, seed: int, callba
     return TrainResult(model, history, epochs_run, seconds, epochs_run * len(y_train) / seconds)
 
 
+def accelerator() -> str:
+    """'gpu' when the active Keras backend sees a GPU, else 'cpu' (backend-agnostic)."""
+    import keras
+
+    backend = keras.backend.backend()
+    try:
+        if backend == "jax":
+            import jax
+
+            return "gpu" if any(d.platform == "gpu" for d in jax.devices()) else "cpu"
+        if backend == "tensorflow":
+            import tensorflow as tf
+
+            return "gpu" if tf.config.list_physical_devices("GPU") else "cpu"
+        if backend == "torch":
+            import torch
+
+            return "gpu" if torch.cuda.is_available() else "cpu"
+    except Exception:  # a broken CUDA install: train on CPU rather than fail
+        return "cpu"
+    return "cpu"
+
+
+def set_precision(mode: str) -> str:
+    """Apply train.precision as the global Keras dtype policy (before building a model)."""
+    import keras
+
+    policy = ("mixed_float16" if accelerator() == "gpu" else "float32") if mode == "auto" else mode
+    keras.config.set_dtype_policy(policy)
+    return policy
+
+
 def batch_norm_layers(model) -> list:
     """Every BatchNormalization layer, nested models (Applications backbones) included."""
     import keras

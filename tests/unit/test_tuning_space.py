@@ -1,0 +1,92 @@
+"""Search space parsing, conditional suggestions, group-bootstrap intervals and leaderboard order."""
+
+from __future__ import annotations
+
+import numpy as np
+import optuna
+import pytest
+
+from tumorscope.config import ConfigError, Params, TrainConfig, parse_params
+from tumorscope.models.evaluate import group_bootstrap
+from tumorscope.tuning import leaderboard, suggest_train_config
+
+SPACE = parse_params({"tune": {"search_space": {
+    "architecture": ["small_cnn", "mobilenet_v2"], "lr": {"low": 1e-4, "high": 1e-2, "log": True},
+    "filters": [8, 16], "unfreeze_top_n": [-1, 20], "dense_units": {"low": 32, "high": 128, "step": 32}}}}).tune.search_space
+
+
+@pytest.mark.parametrize("space, key_text", [
+    ({}, "search space is empty"),
+    ({"architecture": ["alexnet"]}, "'architecture' choice 'alexnet'"),
+    ({"epochs": [1, 2]}, "'epochs' is not a tunable train setting"),
+    ({"lr": {"low": 0.1, "high": 0.01}}, "'lr' range: Value error, low (0.1) must be below high"),
+    ({"lr": {"low": 0.0, "high": 0.1, "log": True}}, "log range needs low > 0"),
+    ({"dense_units": {"low": 1.5, "high": 8}}, "integer setting"),
+    ({"norm": {"low": 0, "high": 1}}, "categorical: give a list"),
+    ({"dropout": [0.2, 1.5]}, "'dropout' choice 1.5"),
+    ({"batch_size": []}, "'batch_size' has no choices"),
+])
+def test_bad_search_space_names_the_key(space, key_text):
+    with pytest.raises(ConfigError) as err:
+        parse_params({"tune": {"search_space": space}})
+    assert "tune.search_space" in str(err.value) and key_text in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_architecture_limit_is_rejected():
+    with pytest.raises(ConfigError, match="tune.architecture_concurrency"):
+        parse_params({"tune": {"architecture_concurrency": {"alexnet": 1}}})
+
+
+def test_suggestions_are_conditional_on_the_architecture():
+    cnn = suggest_train_config(optuna.trial.FixedTrial({"architecture": "small_cnn", "lr": 0.001, "filters": 8,
+                                                        "dense_units": 64}), TrainConfig(), SPACE, epochs=3)
+    assert (cnn.architecture, cnn.filters, cnn.dense_units, cnn.epochs) == ("small_cnn", 8, 64, 3)
+    assert cnn.unfreeze_top_n == TrainConfig().unfreeze_top_n  # not suggested for the small CNN
+    # FixedTrial raises if a parameter it does not hold is suggested: filters must not be.
+    app = suggest_train_config(optuna.trial.FixedTrial({"architecture": "mobilenet_v2", "lr": 0.002,
+                                                        "unfreeze_top_n": 20, "dense_units": 96}),
+                               TrainConfig(), SPACE, epochs=3)
+    assert (app.architecture, app.unfreeze_top_n, app.dense_units, app.filters) == ("mobilenet_v2", 20, 96, 16)
+
+
+def test_default_params_space_is_valid():
+    assert "architecture" in Params().tune.search_space
+
+
+def test_group_bootstrap_counts_duplicate_groups_once():
+    rng = np.random.default_rng(1)
+    labels = np.repeat(np.arange(4), 50)
+    predicted = np.where(rng.random(200) < 0.8, labels, (labels + 1) % 4)
+    singletons = group_bootstrap(labels, predicted, np.arange(200), 4, 500, 0.95, seed=0)
+    # The same predictions where every 10 neighbouring slices are one near-duplicate group.
+    grouped = group_bootstrap(labels, predicted, np.arange(200) // 10, 4, 500, 0.95, seed=0)
+    width = lambda r: r["macro_f1"]["high"] - r["macro_f1"]["low"]  # noqa: E731
+    assert grouped["n_groups"] == 20 and singletons["n_groups"] == 200
+    assert width(grouped) > width(singletons)  # fewer independent pieces of evidence, wider interval
+    for result in (singletons, grouped):
+        assert result["macro_f1"]["low"] <= result["macro_f1"]["mean"] <= result["macro_f1"]["high"]
+
+
+def test_group_bootstrap_of_perfect_predictions_is_a_point():
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    result = group_bootstrap(labels, labels, np.array([0, 0, 1, 1, 2, 2]), 3, 100, 0.9, seed=0)
+    assert result["macro_f1"] == {"mean": 1.0, "low": 1.0, "high": 1.0}
+    assert all(r["low"] == 1.0 for r in result["recall"])
+
+
+def _trial(number: int, low: float, point: float, feasible: bool = True):
+    interval = {"mean": point, "low": low, "high": min(1.0, point + 0.1)}
+    scores = {"macro_f1": point, "macro_f1_ci": interval, "critical_recall": 0.9,
+              "critical_recall_ci": {"mean": 0.9, "low": 0.8, "high": 1.0}, "recall": {}}
+    return optuna.trial.create_trial(
+        params={"lr": 0.001}, distributions={"lr": optuna.distributions.FloatDistribution(1e-4, 1e-2)},
+        value=point, user_attrs={"scores": scores, "feasible": feasible, "architecture": "small_cnn"})
+
+
+def test_leaderboard_ranks_by_interval_lower_bound_feasible_first():
+    study = optuna.create_study(direction="maximize")
+    study.add_trial(_trial(0, low=0.60, point=0.95))  # lucky point estimate, wide interval
+    study.add_trial(_trial(1, low=0.80, point=0.88))
+    study.add_trial(_trial(2, low=0.90, point=0.97, feasible=False))  # misses the tumour-recall constraint
+    assert [row["trial"] for row in leaderboard(study, "macro_f1")] == [1, 0, 2]
