@@ -71,10 +71,11 @@ def trial_overhead(root: Path) -> None:
         os.chdir(here)
     print(f"(1) trial overhead, {len(trials)} trials x {params.tune.trial_epochs} epochs, SQLite storage, "
           f"MLflow SQLite tracking")
-    print("    trial  trial_s  fit_s  overhead")
+    print("    trial  trial_s  fit_s  overhead  (of which per-epoch validation scoring)")
     for t in trials:
         total, fit = t.user_attrs["trial_seconds"], t.user_attrs["fit_seconds"]
-        print(f"    {t.number:5d}  {total:7.2f}  {fit:5.2f}  {1 - fit / total:8.1%}")
+        scoring = t.user_attrs["epoch_scoring_seconds"]
+        print(f"    {t.number:5d}  {total:7.2f}  {fit:5.2f}  {1 - fit / total:8.1%}  ({scoring / total:.1%})")
     total = sum(t.user_attrs["trial_seconds"] for t in trials)
     fit = sum(t.user_attrs["fit_seconds"] for t in trials)
     later = trials[1:]
@@ -113,11 +114,11 @@ def workers_speedup(root: Path, postgres: str) -> None:
             trials = tuning.load_study(params).get_trials(deepcopy=False)
             print(f"    {workers} worker(s): {len(trials)} trials in {timings[workers]:.1f} s "
                   f"({len({t.user_attrs.get('worker') for t in trials})} processes did trials)")
+            import optuna
+
+            optuna.delete_study(study_name=tuning.stored_study_name(params), storage=params.tune.storage)
         finally:
             os.chdir(here)
-        import optuna
-
-        optuna.delete_study(study_name=tuning.stored_study_name(params), storage=params.tune.storage)
     print(f"    speed-up 2 workers vs 1: {timings[1] / timings[2]:.2f}x on {os.cpu_count()} CPU cores "
           "(each worker process also trains on every core)")
 

@@ -167,6 +167,20 @@ class EvaluateConfig(_Section):
     fail_on_degenerate: bool = True
 
 
+# The CPU default: the small CNN's knobs, plus the fine-tuning knobs that apply once a Keras
+# Applications backbone is added to the architecture list.
+DEFAULT_SEARCH_SPACE = {
+    "architecture": ["small_cnn"],
+    "lr": {"low": 3e-4, "high": 3e-3, "log": True},
+    "fine_tune_lr": {"low": 3e-5, "high": 3e-4, "log": True},
+    "head_epochs": [0, 3],
+    "unfreeze_top_n": [-1, 40],
+    "filters": [16, 24, 32],
+    "dropout": {"low": 0.1, "high": 0.5},
+    "dense_units": [32, 64, 128],
+    "augment_strength": {"low": 0.0, "high": 0.2},
+    "batch_size": [16, 32],
+}
 # Train settings a study may search; the rest of train.* stays fixed at its params.yaml value.
 TUNABLE = ("architecture", "lr", "fine_tune_lr", "head_epochs", "unfreeze_top_n", "dropout", "dense_units",
            "filters", "norm", "augment_strength", "batch_size", "class_weights")
@@ -197,17 +211,17 @@ class TuneConfig(_Section):
     # Optuna RDB storage: an SQLite file for one worker; PostgreSQL for several worker processes.
     storage: str = "sqlite:///optuna.db"
     # Total finished (complete or pruned) trials the study aims for, across workers and restarts.
-    n_trials: int = Field(10, ge=1)
+    n_trials: int = Field(8, ge=1)
     workers: int = Field(1, ge=1)
     timeout_minutes: float | None = Field(None, gt=0)
     # Epochs per trial (a shrunken budget); the best configuration is then trained for train.epochs.
-    trial_epochs: int = Field(15, ge=1)
+    trial_epochs: int = Field(20, ge=1)
     metric: Literal["macro_f1", "critical_recall"] = "macro_f1"
     # Trials whose validation recall of evaluate.critical_class is below this are infeasible:
     # recorded, but never chosen as best. 0 disables the constraint.
-    min_critical_recall: float = Field(0.0, ge=0, le=1)
+    min_critical_recall: float = Field(0.8, ge=0, le=1)
     pruner: Literal["median", "hyperband", "none"] = "median"
-    pruner_warmup_epochs: int = Field(3, ge=0)
+    pruner_warmup_epochs: int = Field(6, ge=0)
     # A worker killed mid-trial leaves it RUNNING; after this many seconds without a heartbeat the
     # next worker marks it FAILED (and retries its parameters once).
     heartbeat_seconds: int = Field(30, ge=1)
@@ -219,7 +233,7 @@ class TuneConfig(_Section):
     plots_dir: str = "reports/tuning"
     # Each key is a train.* setting: a list is a categorical choice, {low, high[, log, step]} a range.
     search_space: dict[str, list[str | int | float | bool] | RangeSpec] = Field(
-        default_factory=lambda: {"architecture": ["small_cnn"], "lr": RangeSpec(low=3e-4, high=3e-3, log=True)})
+        default_factory=lambda: dict(DEFAULT_SEARCH_SPACE), validate_default=True)
 
     @field_validator("search_space", mode="before")
     @classmethod

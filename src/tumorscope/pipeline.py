@@ -180,9 +180,9 @@ def headline_metrics(metrics: dict) -> dict:
     keys = ("n_test", "accuracy", "macro_f1", "macro_roc_auc_ovr", "ece", "degenerate")
     headline = {**{k: metrics[k] for k in keys}, "recall": {c: v["recall"] for c, v in metrics["per_class"].items()}}
     intervals = metrics.get("intervals")
-    if intervals:
-        headline["macro_f1_interval"] = [intervals["macro_f1"]["low"], intervals["macro_f1"]["high"]]
-        headline["recall_interval"] = {c: [r["low"], r["high"]] for c, r in intervals["recall"].items()}
+    if intervals:  # scalars, so that `dvc metrics show/diff` lists them
+        headline["macro_f1_ci"] = {"low": intervals["macro_f1"]["low"], "high": intervals["macro_f1"]["high"]}
+        headline["recall_ci_low"] = {c: r["low"] for c, r in intervals["recall"].items()}
     return headline
 
 

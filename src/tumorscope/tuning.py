@@ -339,6 +339,7 @@ def make_objective(params: Params, handle: StudyHandle, trial_guard=None):
             with mlflow.start_run(run_id=run.info.run_id):
                 cfg = suggest_train_config(trial, params.train, params.tune.search_space, params.tune.trial_epochs)
                 mlflow.log_params(registry.flatten({"train": cfg.model_dump()}))
+                keras.backend.clear_session()  # free the previous trial's graphs (memory grows otherwise)
                 keras.utils.set_random_seed(params.seed + trial.number)
                 mlflow.set_tag("precision", set_precision(cfg.precision))
                 model = build_model(cfg.architecture, params.preprocess.image_size, len(classes),
@@ -350,6 +351,7 @@ def make_objective(params: Params, handle: StudyHandle, trial_guard=None):
                 fit_seconds = result.fit_seconds - scorer.seconds
                 trial.set_user_attr("architecture", cfg.architecture)
                 trial.set_user_attr("fit_seconds", fit_seconds)
+                trial.set_user_attr("epoch_scoring_seconds", scorer.seconds)
                 if scorer.pruned_at is not None:
                     trial.set_user_attr("trial_seconds", time.perf_counter() - started)
                     mlflow.set_tags({"optuna_state": "PRUNED", "pruned_at_epoch": str(scorer.pruned_at)})

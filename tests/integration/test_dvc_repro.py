@@ -125,7 +125,8 @@ def test_dvc_repro_on_tiny_phantom(tmp_path):
     params["tune"]["n_trials"] = 3
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     fourth = _run(["dvc", "repro"], project)
-    assert _stages_run(fourth) == {"tune", "train", "evaluate"}
+    # train/evaluate rerun only if the extra trial changed the winner (best_params.json).
+    assert "tune" in _stages_run(fourth) and _stages_run(fourth) <= {"tune", "train", "evaluate"}
     leaderboard = json.loads((project / "reports" / "leaderboard.json").read_text())
     assert sum(leaderboard["states"].get(s, 0) for s in ("COMPLETE", "PRUNED")) == 3  # the same study, grown
     _run(["dvc", "push"], project)

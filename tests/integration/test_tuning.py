@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 import yaml
@@ -24,7 +25,9 @@ FLOW = str(REPO / "flows" / "training_flow.py")
 def child_runs(params, parent_run_id: str):
     import mlflow
 
-    mlflow.set_tracking_uri(params.mlflow.tracking_uri)
+    uri = params.mlflow.tracking_uri
+    # Absolute: MLflow caches a store per URI string, and other tests use the same relative one.
+    mlflow.set_tracking_uri(f"sqlite:///{Path.cwd() / uri.removeprefix('sqlite:///')}" if uri.startswith("sqlite:///") else uri)
     return mlflow.search_runs(search_all_experiments=True, output_format="list",
                               filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
 
@@ -113,7 +116,8 @@ def test_killed_worker_resumes_the_same_study(project):
     assert any(t.system_attrs.get("failed_trial") == killed[0] for t in after)
     import mlflow
 
-    mlflow.set_tracking_uri(params.mlflow.tracking_uri)
+    # Absolute: MLflow caches a store per URI string, and an earlier test used the same relative one.
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
     killed_run = mlflow.get_run(next(t for t in after if t.number == killed[0]).user_attrs["mlflow_run_id"])
     assert (killed_run.info.status, killed_run.data.tags["optuna_state"]) == ("FAILED", "FAIL")
 
