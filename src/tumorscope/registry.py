@@ -105,12 +105,24 @@ def check_database_reachable(uri: str, key: str) -> None:
         raise UserError(f"{key}: cannot open {uri!r}: {first_line}") from None
 
 
+def absolute_sqlite_uri(uri: str) -> str:
+    """sqlite:///relative.db -> sqlite:////abs/dir/relative.db (other URIs unchanged).
+
+    MLflow caches one store per URI string for the life of the process: a relative SQLite URI
+    would keep pointing at the first folder it was opened from (a Prefect worker serving runs in
+    several folders, a test session), silently logging into the wrong database."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix) or uri.startswith(prefix + "/") or uri == prefix + ":memory:":
+        return uri
+    return prefix + str(Path(uri.removeprefix(prefix)).resolve())
+
+
 def configure(cfg: MlflowConfig) -> str:
     """Point MLflow at the configured store and return the experiment id (created if missing)."""
     import mlflow
 
     check_database_reachable(cfg.tracking_uri, "mlflow.tracking_uri")
-    mlflow.set_tracking_uri(cfg.tracking_uri)
+    mlflow.set_tracking_uri(absolute_sqlite_uri(cfg.tracking_uri))
     try:
         experiment = mlflow.get_experiment_by_name(cfg.experiment)
     except Exception as err:  # unreachable database, bad URI: MLflow raises many types

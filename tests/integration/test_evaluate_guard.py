@@ -19,6 +19,7 @@ def test_constant_model_fails_evaluate_but_keeps_its_metrics(tmp_path):
     rng = np.random.default_rng(0)
     np.save(cache / "test_x.npy", rng.integers(0, 255, (40, 16, 16, 1), dtype=np.uint8))
     np.save(cache / "test_y.npy", np.arange(40, dtype=np.int32) % 4)
+    np.save(cache / "test_groups.npy", np.arange(40) // 2)  # duplicate-group ids: pairs
     # A model that ignores its input: zero kernel, bias favouring class 1.
     inputs = keras.Input((16, 16, 1))
     flat = keras.layers.Flatten()(inputs)

@@ -9,13 +9,13 @@ import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 import yaml
 
 from conftest import REPO, needs_postgres, postgres_schema_uri
 from tumorscope import tuning
+from tumorscope.registry import absolute_sqlite_uri
 from tumorscope.config import load_params, with_overrides
 
 pytestmark = pytest.mark.slow
@@ -25,9 +25,7 @@ FLOW = str(REPO / "flows" / "training_flow.py")
 def child_runs(params, parent_run_id: str):
     import mlflow
 
-    uri = params.mlflow.tracking_uri
-    # Absolute: MLflow caches a store per URI string, and other tests use the same relative one.
-    mlflow.set_tracking_uri(f"sqlite:///{Path.cwd() / uri.removeprefix('sqlite:///')}" if uri.startswith("sqlite:///") else uri)
+    mlflow.set_tracking_uri(absolute_sqlite_uri(params.mlflow.tracking_uri))
     return mlflow.search_runs(search_all_experiments=True, output_format="list",
                               filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
 
@@ -116,8 +114,7 @@ def test_killed_worker_resumes_the_same_study(project):
     assert any(t.system_attrs.get("failed_trial") == killed[0] for t in after)
     import mlflow
 
-    # Absolute: MLflow caches a store per URI string, and an earlier test used the same relative one.
-    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    mlflow.set_tracking_uri(absolute_sqlite_uri(params.mlflow.tracking_uri))
     killed_run = mlflow.get_run(next(t for t in after if t.number == killed[0]).user_attrs["mlflow_run_id"])
     assert (killed_run.info.status, killed_run.data.tags["optuna_state"]) == ("FAILED", "FAIL")
 

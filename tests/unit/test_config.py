@@ -33,3 +33,12 @@ def test_missing_params_file(tmp_path):
 
 def test_validate_section_alias():
     assert parse_params({"validate": {"min_images_per_class": 3}}).validate_.min_images_per_class == 3
+
+
+def test_relative_sqlite_uris_become_absolute(tmp_path, monkeypatch):
+    from tumorscope.registry import absolute_sqlite_uri
+
+    monkeypatch.chdir(tmp_path)
+    assert absolute_sqlite_uri("sqlite:///mlflow.db") == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for unchanged in ("sqlite:////abs/m.db", "postgresql://u@h/db", "http://127.0.0.1:5000", "sqlite:///:memory:"):
+        assert absolute_sqlite_uri(unchanged) == unchanged

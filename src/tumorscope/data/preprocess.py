@@ -117,7 +117,9 @@ def load_groups(cache_dir: str | Path, split: str) -> np.ndarray:
     """Duplicate-group id of every cached image of one split (same order as load_split)."""
     path = Path(cache_dir) / f"{split}_groups.npy"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: rebuild the cache (tumorscope preprocess)")
+        from tumorscope.errors import UserError
+
+        raise UserError(f"{path} not found (a cache from an older version?): rebuild it with tumorscope preprocess")
     return np.load(path)
 
 
