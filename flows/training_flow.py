@@ -36,26 +36,22 @@ def effective_params(params_path: str, overrides: dict) -> Params:
     return with_overrides(load_params(params_path), overrides)
 
 
-def deployment_overrides(architectures: list[str] | None, n_trials: int | None, data_source: str | None,
-                         workers: int | None) -> dict:
-    """Flow parameters -> nested params.yaml overrides (validated like params.yaml itself)."""
-    overrides: dict = {}
+def deployment_overrides(params_path: str, architectures: list[str] | None, n_trials: int | None,
+                         data_source: str | None, workers: int | None) -> dict:
+    """Flow parameters -> nested params.yaml overrides (validated like params.yaml itself). An
+    architectures list replaces only the architecture choice, not the rest of the search space."""
+    tune: dict = {}
     if architectures:
-        overrides.setdefault("tune", {})["search_space"] = {"architecture": list(architectures)}
+        space = load_params(params_path).tune.model_dump(mode="json")["search_space"]
+        tune["search_space"] = space | {"architecture": list(architectures)}
     if n_trials is not None:
-        overrides.setdefault("tune", {})["n_trials"] = n_trials
+        tune["n_trials"] = n_trials
     if workers is not None:
-        overrides.setdefault("tune", {})["workers"] = workers
+        tune["workers"] = workers
+    overrides: dict = {"tune": tune} if tune else {}
     if data_source is not None:
         overrides["data"] = {"source": data_source}
     return overrides
-
-
-def merged_search_space(params_path: str, overrides: dict) -> dict:
-    """An architectures override replaces only the architecture choice, not the whole space."""
-    base = load_params(params_path).tune.model_dump(mode="json")["search_space"]
-    wanted = overrides.get("tune", {}).get("search_space")
-    return base | wanted if wanted else base
 
 
 def architecture_guard(limits: dict[str, int]):
@@ -174,9 +170,7 @@ def training_flow(params_path: str = "params.yaml", architectures: list[str] | N
     unknown = sorted(set(steps) - set(STEPS))
     if unknown:
         raise ValueError(f"unknown steps {unknown}; choose from {list(STEPS)}")
-    overrides = deployment_overrides(architectures, n_trials, data_source, workers)
-    if architectures:
-        overrides["tune"]["search_space"] = merged_search_space(params_path, overrides)
+    overrides = deployment_overrides(params_path, architectures, n_trials, data_source, workers)
     params = effective_params(params_path, overrides)  # fail fast on a bad override
     result: dict = {"steps": list(steps)}
     if "prepare" in steps:

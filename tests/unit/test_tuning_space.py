@@ -90,3 +90,18 @@ def test_leaderboard_ranks_by_interval_lower_bound_feasible_first():
     study.add_trial(_trial(1, low=0.80, point=0.88))
     study.add_trial(_trial(2, low=0.90, point=0.97, feasible=False))  # misses the tumour-recall constraint
     assert [row["trial"] for row in leaderboard(study, "macro_f1")] == [1, 0, 2]
+
+
+def test_deployment_parameters_override_only_what_they_name():
+    from conftest import REPO
+    from flows.training_flow import deployment_overrides, effective_params
+
+    path = str(REPO / "params.yaml")
+    overrides = deployment_overrides(path, ["small_cnn", "resnet50"], 3, "/data/ct", None)
+    params = effective_params(path, overrides)
+    base = Params()
+    assert params.tune.search_space["architecture"] == ["small_cnn", "resnet50"]
+    assert {k: v for k, v in params.tune.search_space.items() if k != "architecture"} == {
+        k: v for k, v in base.tune.search_space.items() if k != "architecture"}
+    assert (params.tune.n_trials, params.tune.workers, params.data.source) == (3, base.tune.workers, "/data/ct")
+    assert deployment_overrides(path, None, None, None, None) == {}
