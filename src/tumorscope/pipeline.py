@@ -142,6 +142,7 @@ def run_train(params: Params, parent_run_id: str | None = None, run_name: str | 
 
     from tumorscope import registry
     from tumorscope.data.preprocess import load_classes, load_split
+    from tumorscope.models.evaluate import class_index
     from tumorscope.models.train import save_model, set_precision, train_model
     from tumorscope.models.zoo import build_model
 
@@ -162,7 +163,8 @@ def run_train(params: Params, parent_run_id: str | None = None, run_name: str | 
                                             "preprocess": params.preprocess.model_dump(),
                                             "split": params.split.model_dump()}))
         mlflow.log_param("classes", ",".join(classes))
-        result = train_model(model, train_data, val_data, cfg, params.seed, callbacks=[registry.epoch_logger()])
+        result = train_model(model, train_data, val_data, cfg, params.seed, callbacks=[registry.epoch_logger()],
+                             critical_index=class_index(classes, params.evaluate.critical_class))
         model_path = save_model(result.model, Path(cfg.model_dir))
         mlflow.log_artifact(str(model_path), artifact_path="model")
         mlflow.log_metrics({"epochs_run": result.epochs_run, "train_images_per_second": result.images_per_second})

@@ -24,6 +24,7 @@ import numpy as np
 
 from tumorscope.config import APPLICATION_ONLY, SMALL_CNN_ONLY, Params, RangeSpec, TrainConfig
 from tumorscope.errors import UserError
+from tumorscope.models.evaluate import class_index
 from tumorscope.reports import read_json, write_json
 
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
@@ -253,7 +254,7 @@ def score_predictions(labels: np.ndarray, probabilities: np.ndarray, groups: np.
     recall = per_class_scores(matrix)["recall"]
     ev = params.evaluate
     interval = group_bootstrap(labels, predicted, groups, len(classes), ev.bootstrap_samples, ev.confidence, params.seed)
-    critical = classes.index(ev.critical_class) if ev.critical_class in classes else None
+    critical = class_index(classes, ev.critical_class)
     return {
         "macro_f1": float(macro_f1_from_confusion(matrix[None])[0]),
         "macro_f1_ci": interval["macro_f1"],
@@ -263,38 +264,30 @@ def score_predictions(labels: np.ndarray, probabilities: np.ndarray, groups: np.
     }
 
 
-def epoch_scorer(trial, images, labels, metric: str, critical_index: int | None):
-    """A Keras callback: after each epoch, score the validation split in inference mode, report
-    it to Optuna and stop a trial the pruner gives up on. Its own time is kept (it is tuning
-    overhead, not training)."""
+def epoch_reporter(trial, metric: str):
+    """A Keras callback: after each epoch, report the validation score that fit's own validation
+    pass logged (``val_<metric>``, see models.metrics) to Optuna, and stop a trial the pruner
+    gives up on. Reading the log costs nothing: no second pass over the validation split."""
     import keras
 
-    from tumorscope.models.evaluate import confusion, macro_f1_from_confusion, per_class_scores
-    from tumorscope.models.train import predict_proba
-
-    class EpochScorer(keras.callbacks.Callback):
+    class EpochReporter(keras.callbacks.Callback):
         def __init__(self):
             super().__init__()
-            self.seconds = 0.0
             self.pruned_at: int | None = None
 
         def on_epoch_end(self, epoch, logs=None):
-            started = time.perf_counter()
-            predicted = predict_proba(self.model, images).argmax(axis=1)
-            matrix = confusion(labels, predicted, self.model.output_shape[-1])
-            if metric == "critical_recall" and critical_index is not None:
-                value = float(per_class_scores(matrix)["recall"][critical_index])
-            else:
-                value = float(macro_f1_from_confusion(matrix[None])[0])
-            if logs is not None:
-                logs[f"val_{metric}"] = value  # so the MLflow epoch logger records it too
-            trial.report(value, epoch)
+            logs = logs or {}
+            # Data without the critical class has no val_critical_recall: macro-F1 stands in, as
+            # in the final score.
+            value = logs.get(f"val_{metric}", logs.get("val_macro_f1"))
+            if value is None:
+                raise RuntimeError(f"fit logged no val_{metric} (logged: {sorted(logs)})")
+            trial.report(float(value), epoch)
             if trial.should_prune():
                 self.pruned_at = epoch
                 self.model.stop_training = True
-            self.seconds += time.perf_counter() - started
 
-    return EpochScorer()
+    return EpochReporter()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,7 +316,7 @@ def make_objective(params: Params, handle: StudyHandle, trial_guard=None):
     train_data = load_split(cache, "train")
     val_images, val_labels = load_split(cache, "val")
     val_groups = load_groups(cache, "val")
-    critical = classes.index(params.evaluate.critical_class) if params.evaluate.critical_class in classes else None
+    critical = class_index(classes, params.evaluate.critical_class)
     tags = registry.run_tags(params)
     client = mlflow.tracking.MlflowClient()
 
@@ -344,19 +337,18 @@ def make_objective(params: Params, handle: StudyHandle, trial_guard=None):
                 mlflow.set_tag("precision", set_precision(cfg.precision))
                 model = build_model(cfg.architecture, params.preprocess.image_size, len(classes),
                                     **model_options(cfg, params.seed))
-                scorer = epoch_scorer(trial, val_images, val_labels, params.tune.metric, critical)
+                reporter = epoch_reporter(trial, params.tune.metric)
                 with (trial_guard(cfg.architecture) if trial_guard else contextlib.nullcontext()):
                     result = train_model(model, train_data, (val_images, val_labels), cfg, params.seed,
-                                         callbacks=[scorer, registry.epoch_logger()])
-                fit_seconds = result.fit_seconds - scorer.seconds
+                                         callbacks=[reporter, registry.epoch_logger()], critical_index=critical)
+                fit_seconds = result.fit_seconds
                 trial.set_user_attr("architecture", cfg.architecture)
                 trial.set_user_attr("fit_seconds", fit_seconds)
-                trial.set_user_attr("epoch_scoring_seconds", scorer.seconds)
-                if scorer.pruned_at is not None:
+                if reporter.pruned_at is not None:
                     trial.set_user_attr("trial_seconds", time.perf_counter() - started)
-                    mlflow.set_tags({"optuna_state": "PRUNED", "pruned_at_epoch": str(scorer.pruned_at)})
+                    mlflow.set_tags({"optuna_state": "PRUNED", "pruned_at_epoch": str(reporter.pruned_at)})
                     state = "KILLED"
-                    raise optuna.TrialPruned(f"pruned after epoch {scorer.pruned_at}")
+                    raise optuna.TrialPruned(f"pruned after epoch {reporter.pruned_at}")
                 scores = score_predictions(val_labels, predict_proba(result.model, val_images), val_groups,
                                            classes, params)
                 feasible = (scores["critical_recall"] is None

@@ -80,3 +80,38 @@ def test_precision_policy_follows_the_device():
         assert model.get_layer("probabilities").dtype_policy.compute_dtype == "float32"  # stable softmax/loss
     finally:
         keras.config.set_dtype_policy("float32")
+
+
+@pytest.mark.parametrize("monitor", ["val_macro_f1", "val_loss"])
+def test_early_stopping_restores_the_best_epoch_of_the_monitored_score(phantom_arrays, monitor):
+    import keras
+
+    from tumorscope.models.evaluate import confusion, macro_f1_from_confusion
+
+    (x_train, y_train), (x_val, y_val) = phantom_arrays
+    keras.utils.set_random_seed(0)
+    cfg = TrainConfig(epochs=8, batch_size=16, lr=3e-3, patience=2, monitor=monitor)
+    # norm none: with BatchNormalization the post-training recalibration (by design) moves the
+    # statistics away from those the epoch was scored with.
+    model = build_model("small_cnn", SIZE, 4, norm="none", seed=0)
+    result = train_model(model, (x_train, y_train), (x_val, y_val), cfg, seed=0, critical_index=3)
+    assert {"val_macro_f1", "val_critical_recall"} <= set(result.history)
+    # The restored weights score the monitored optimum on the validation split.
+    predicted = predict_proba(result.model, x_val).argmax(axis=1)
+    restored = float(macro_f1_from_confusion(confusion(y_val, predicted, 4)[None])[0])
+    history = result.history[monitor]
+    best = int(np.argmin(history) if monitor == "val_loss" else np.argmax(history))
+    assert restored == pytest.approx(result.history["val_macro_f1"][best], abs=1e-6)
+
+
+@pytest.mark.parametrize("monitor, better, worse", [("val_macro_f1", 0.6, 0.5), ("val_loss", 0.5, 0.6)])
+def test_plateau_callbacks_watch_the_monitor_in_the_right_direction(monitor, better, worse):
+    from tumorscope.models.train import plateau_callbacks
+
+    for callback in plateau_callbacks(TrainConfig(monitor=monitor, patience=4)):
+        assert callback.monitor == monitor
+        if hasattr(callback, "_set_monitor_op"):  # EarlyStopping sets its comparison lazily
+            callback._set_monitor_op()
+            assert callback._is_improvement(better, worse) and not callback._is_improvement(worse, better)
+        else:
+            assert callback.monitor_op(better, worse) and not callback.monitor_op(worse, better)

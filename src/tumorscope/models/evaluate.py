@@ -14,6 +14,11 @@ def confusion(labels: np.ndarray, predicted: np.ndarray, n_classes: int) -> np.n
     return matrix
 
 
+def class_index(classes: list[str], name: str) -> int | None:
+    """Index of ``name`` among the classes, None when the data has no such class."""
+    return classes.index(name) if name in classes else None
+
+
 def per_class_scores(matrix: np.ndarray) -> dict[str, np.ndarray]:
     """Precision, recall, F1 and support per class; 0 where undefined (no predictions/support)."""
     true_positive = np.diag(matrix).astype(float)

@@ -61,21 +61,39 @@ class TrainResult:
     images_per_second: float
 
 
-def _fit_phase(model, train_batches, val_batches, lr: float, epochs: int, patience: int, callbacks, initial_epoch: int):
-    """Compile at ``lr`` and fit up to ``epochs`` more epochs with early stopping (best weights
-    restored) and a learning-rate halving on plateau; returns the Keras history dict."""
+def plateau_callbacks(cfg: TrainConfig) -> list:
+    """Early stopping on ``cfg.monitor`` (best weights restored) and a learning-rate halving when
+    it stalls. The mode is explicit: Keras's "auto" would minimise any name without "acc" in it,
+    macro-F1 included."""
     import keras
 
-    model.compile(optimizer=keras.optimizers.Adam(lr), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)
-    shrink = keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=max(1, patience // 2))
+    mode = "min" if cfg.monitor == "val_loss" else "max"
+    return [keras.callbacks.EarlyStopping(monitor=cfg.monitor, mode=mode, patience=cfg.patience,
+                                          restore_best_weights=True),
+            keras.callbacks.ReduceLROnPlateau(monitor=cfg.monitor, mode=mode, factor=0.5,
+                                              patience=max(1, cfg.patience // 2))]
+
+
+def _fit_phase(model, train_batches, val_batches, lr: float, epochs: int, cfg: TrainConfig, scores, callbacks,
+               initial_epoch: int):
+    """Compile at ``lr`` and fit up to ``epochs`` more epochs with early stopping on
+    ``cfg.monitor`` (best weights restored) and a learning-rate halving on plateau; returns the
+    Keras history dict."""
+    import keras
+
+    model.compile(optimizer=keras.optimizers.Adam(lr), loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy", *scores])
     history = model.fit(train_batches, validation_data=val_batches, initial_epoch=initial_epoch,
-                        epochs=initial_epoch + epochs, callbacks=[stop, shrink, *callbacks], verbose=2)
+                        epochs=initial_epoch + epochs, callbacks=[*plateau_callbacks(cfg), *callbacks], verbose=2)
     return history.history
 
 
-def train_model(model, train_data, val_data, cfg: TrainConfig, seed: int, callbacks=()) -> TrainResult:
-    """Fit with class weights; Keras Applications models in two phases (head, then top layers)."""
+def train_model(model, train_data, val_data, cfg: TrainConfig, seed: int, callbacks=(),
+                critical_index: int | None = None) -> TrainResult:
+    """Fit with class weights; Keras Applications models in two phases (head, then top layers).
+    Every epoch logs ``val_macro_f1`` (and ``val_critical_recall`` given ``critical_index``),
+    scored in fit's own validation pass."""
+    from tumorscope.models.metrics import split_scores
     from tumorscope.models.zoo import backbone_of, set_trainable_top
 
     x_train, y_train = train_data
@@ -97,7 +115,8 @@ def train_model(model, train_data, val_data, cfg: TrainConfig, seed: int, callba
         if top is not None:
             set_trainable_top(model, top)
         done = len(history.get("loss", []))
-        for key, values in _fit_phase(model, train_batches, val_batches, lr, epochs, cfg.patience,
+        scores = split_scores(n_classes, critical_index)
+        for key, values in _fit_phase(model, train_batches, val_batches, lr, epochs, cfg, scores,
                                       callbacks, done).items():
             history.setdefault(key, []).extend(float(v) for v in values)
     # Early stopping restored the best epoch's weights; give BatchNormalization statistics that
@@ -187,6 +206,12 @@ def predict_proba(model, images, batch_size: int = 256) -> np.ndarray:
 
 
 def save_model(model, model_dir: Path) -> Path:
+    """Save a ``.keras`` file that plain ``keras.saving.load_model`` opens anywhere (MLflow
+    downloads, the Bento service, a user's notebook). The split scores are training-time
+    monitors whose class lives in tumorscope, so they are compiled out first; the optimizer
+    instance (and its state) and the loss are kept."""
+    if getattr(model, "compiled", False):
+        model.compile(optimizer=model.optimizer, loss=model.loss, metrics=["accuracy"])
     model_dir.mkdir(parents=True, exist_ok=True)
     path = model_dir / "model.keras"
     model.save(path)
