@@ -153,6 +153,11 @@ class TrainConfig(_Section):
     # auto: mixed_float16 on a GPU (Keras wraps the optimizer in loss scaling), float32 on CPU,
     # where half precision is slower. The output layer always computes in float32.
     precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"] = "auto"
+    # Batch size scales with the device: on a GPU every batch_size (the params' or a trial's) is
+    # multiplied by this, since 16-32 slices leave an accelerator idle; 1 turns it off. The
+    # learning rate is not rescaled: tune on the device you train on. Image size is a data
+    # setting (the cache), not scaled behind DVC's back: see the README's GPU profile.
+    gpu_batch_multiplier: int = Field(4, ge=1, le=64)
 
 
 class EvaluateConfig(_Section):

@@ -168,9 +168,11 @@ def run_train(params: Params, parent_run_id: str | None = None, run_name: str | 
         model_path = save_model(result.model, Path(cfg.model_dir))
         mlflow.log_artifact(str(model_path), artifact_path="model")
         mlflow.log_metrics({"epochs_run": result.epochs_run, "train_images_per_second": result.images_per_second})
+        mlflow.log_param("effective_batch_size", result.batch_size)
         summary = {"run_id": run.info.run_id, "experiment_id": experiment_id, "architecture": cfg.architecture,
                    "classes": classes, "epochs_run": result.epochs_run, "fit_seconds": result.fit_seconds,
-                   "train_images_per_second": result.images_per_second, "history": result.history}
+                   "train_images_per_second": result.images_per_second, "batch_size": result.batch_size,
+                   "history": result.history}
         write_json(Path(cfg.model_dir) / TRAIN_REPORT, summary)
     return (f"train: {cfg.architecture} {result.epochs_run} epochs in {result.fit_seconds:.0f}s "
             f"({result.images_per_second:.0f} img/s), MLflow run {run.info.run_id}")

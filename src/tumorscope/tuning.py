@@ -342,6 +342,7 @@ def make_objective(params: Params, handle: StudyHandle, trial_guard=None):
                     result = train_model(model, train_data, (val_images, val_labels), cfg, params.seed,
                                          callbacks=[reporter, registry.epoch_logger()], critical_index=critical)
                 fit_seconds = result.fit_seconds
+                mlflow.log_param("effective_batch_size", result.batch_size)
                 trial.set_user_attr("architecture", cfg.architecture)
                 trial.set_user_attr("fit_seconds", fit_seconds)
                 if reporter.pruned_at is not None:

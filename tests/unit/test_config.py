@@ -17,6 +17,7 @@ def test_repo_params_yaml_is_valid_and_matches_defaults():
         ({"preprocess": {"image_size": "big"}}, "preprocess.image_size"),
         ({"train": {"epochz": 3}}, "train.epochz"),
         ({"phantom": {"proportions": {"Melanoma": 1}}}, "phantom.proportions"),
+        ({"train": {"gpu_batch_multiplier": 0}}, "train.gpu_batch_multiplier"),
     ],
 )
 def test_invalid_value_names_its_key(raw, key):
@@ -42,3 +43,10 @@ def test_relative_sqlite_uris_become_absolute(tmp_path, monkeypatch):
     assert absolute_sqlite_uri("sqlite:///mlflow.db") == f"sqlite:///{tmp_path / 'mlflow.db'}"
     for unchanged in ("sqlite:////abs/m.db", "postgresql://u@h/db", "http://127.0.0.1:5000", "sqlite:///:memory:"):
         assert absolute_sqlite_uri(unchanged) == unchanged
+
+
+@pytest.mark.parametrize(("device", "multiplier", "expected"), [("cpu", 4, 32), ("gpu", 4, 128), ("gpu", 1, 32)])
+def test_batch_size_scales_only_on_a_gpu(device, multiplier, expected):
+    from tumorscope.models.train import device_batch_size
+
+    assert device_batch_size(32, multiplier, device) == expected

@@ -59,6 +59,12 @@ class TrainResult:
     epochs_run: int
     fit_seconds: float
     images_per_second: float
+    batch_size: int  # as trained: train.batch_size scaled for the device
+
+
+def device_batch_size(batch_size: int, gpu_batch_multiplier: int, device: str) -> int:
+    """The batch size to train with on ``device`` ('cpu' or 'gpu')."""
+    return batch_size * gpu_batch_multiplier if device == "gpu" else batch_size
 
 
 def plateau_callbacks(cfg: TrainConfig) -> list:
@@ -99,8 +105,9 @@ def train_model(model, train_data, val_data, cfg: TrainConfig, seed: int, callba
     x_train, y_train = train_data
     n_classes = model.output_shape[-1]
     weights = balanced_class_weights(y_train, n_classes) if cfg.class_weights else None
-    train_batches = make_batches(x_train, y_train, cfg.batch_size, shuffle=True, seed=seed, class_weights=weights)
-    val_batches = make_batches(*val_data, cfg.batch_size, shuffle=False, seed=seed)
+    batch_size = device_batch_size(cfg.batch_size, cfg.gpu_batch_multiplier, accelerator())
+    train_batches = make_batches(x_train, y_train, batch_size, shuffle=True, seed=seed, class_weights=weights)
+    val_batches = make_batches(*val_data, batch_size, shuffle=False, seed=seed)
     phases = []  # (lr, epochs, trainable top layers or None for "leave as is")
     if backbone_of(model) is not None:
         if cfg.head_epochs > 0:
@@ -121,10 +128,10 @@ def train_model(model, train_data, val_data, cfg: TrainConfig, seed: int, callba
             history.setdefault(key, []).extend(float(v) for v in values)
     # Early stopping restored the best epoch's weights; give BatchNormalization statistics that
     # match them (a no-op for models without trainable BatchNormalization, e.g. the default CNN).
-    recalibrate_batch_norm(model, x_train, cfg.batch_size, seed=seed)
+    recalibrate_batch_norm(model, x_train, batch_size, seed=seed)
     seconds = time.perf_counter() - started
     epochs_run = len(history["loss"])
-    return TrainResult(model, history, epochs_run, seconds, epochs_run * len(y_train) / seconds)
+    return TrainResult(model, history, epochs_run, seconds, epochs_run * len(y_train) / seconds, batch_size)
 
 
 def accelerator() -> str:
