@@ -174,6 +174,17 @@ class EvaluateConfig(_Section):
     # A model whose test predictions are (nearly) all one class is broken, whatever its accuracy.
     max_single_class_share: float = Field(0.95, gt=0, le=1)
     fail_on_degenerate: bool = True
+    # Test accuracy is also reported in bands of pHash distance to the nearest training slice,
+    # ending at these distances (the last band is open): it shows how much of a score comes from
+    # near-copies of training slices.
+    distance_bands: list[int] = Field(default_factory=lambda: [4, 8, 12])
+
+    @field_validator("distance_bands")
+    @classmethod
+    def _bands_between_0_and_63(cls, bands: list[int]) -> list[int]:
+        if any(not 0 <= b < 64 for b in bands) or len(set(bands)) != len(bands):
+            raise ValueError("distinct distances from 0 to 63")
+        return sorted(bands)
 
 
 # The CPU default: the small CNN's knobs, plus the fine-tuning knobs that apply once a Keras

@@ -190,6 +190,25 @@ def headline_metrics(metrics: dict) -> dict:
     return headline
 
 
+def accuracy_by_train_distance(params: Params, classes: list[str], labels, predicted) -> list[dict]:
+    """Test accuracy in bands of pHash distance to the nearest training slice (split.csv holds the
+    hashes, in the cache's order)."""
+    import numpy as np
+    import pandas as pd
+
+    from tumorscope.data.split import nearest_distances
+    from tumorscope.models.evaluate import accuracy_by_distance
+
+    table = pd.read_csv(params.split.path)
+    test = table[table["split"] == "test"]
+    if len(test) != len(labels) or [classes[i] for i in labels] != test["label"].tolist():
+        raise UserError(f"{params.split.path} does not match the test cache in {params.preprocess.cache_dir}: "
+                        "rerun tumorscope preprocess")
+    distances = nearest_distances(test["phash"], table.loc[table["split"] == "train", "phash"])
+    return accuracy_by_distance(np.asarray(labels) == np.asarray(predicted), distances,
+                                params.evaluate.distance_bands)
+
+
 def add_intervals(metrics: dict, labels, probabilities, groups, classes: list[str], cfg, seed: int) -> dict:
     """Group-bootstrap intervals of macro-F1 and per-class recall on the test split."""
     from tumorscope.models.evaluate import group_bootstrap
@@ -220,6 +239,8 @@ def run_evaluate(params: Params) -> str:
     metrics = ev.compute_metrics(labels, probabilities, classes, cfg.calibration_bins, cfg.max_single_class_share)
     metrics = add_intervals(metrics, labels, probabilities, load_groups(params.preprocess.cache_dir, "test"),
                             classes, cfg, params.seed)
+    metrics["accuracy_by_train_distance"] = accuracy_by_train_distance(params, classes, labels,
+                                                                       probabilities.argmax(axis=1))
 
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -253,4 +274,6 @@ def run_evaluate(params: Params) -> str:
             f"ECE {metrics['ece']:.3f}; recall {recalls}")
     if metrics["degenerate"] and cfg.fail_on_degenerate:
         raise UserError(f"{line} -- DEGENERATE MODEL: {metrics['degenerate_reason']}")
-    return line
+    bands = ", ".join(f"{b['distance']}: {b['accuracy']:.2f} (n={b['n']})" for b in
+                      metrics["accuracy_by_train_distance"] if b["n"])
+    return f"{line}\nevaluate: accuracy by pHash distance to the nearest training slice: {bands}"

@@ -69,6 +69,12 @@ def _check_outputs(project: Path, classes: list[str]) -> dict:
         assert (project / "evaluation" / plot).stat().st_size > 0
     split = json.loads((project / "reports" / "split.json").read_text())
     assert split["cross_split_leaks"] == 0
+    bands = json.loads((project / "evaluation" / "report.json").read_text())["accuracy_by_train_distance"]
+    assert sum(band["n"] for band in bands) == metrics["n_test"]  # every test slice in one band
+    threshold = yaml.safe_load((project / "params.yaml").read_text())["split"]["phash_threshold"]
+    # no test slice is within the grouping threshold of a training slice: those bands are empty
+    closed = [band for band in bands if not band["distance"].startswith(">=")]
+    assert all(band["n"] == 0 for band in closed if int(band["distance"].split("-")[1]) <= threshold)
     validation = json.loads((project / "reports" / "validation.json").read_text())
     assert validation["success"] is True
     assert (project / "reports" / "data_docs").is_dir()

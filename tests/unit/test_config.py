@@ -18,6 +18,7 @@ def test_repo_params_yaml_is_valid_and_matches_defaults():
         ({"train": {"epochz": 3}}, "train.epochz"),
         ({"phantom": {"proportions": {"Melanoma": 1}}}, "phantom.proportions"),
         ({"train": {"gpu_batch_multiplier": 0}}, "train.gpu_batch_multiplier"),
+        ({"evaluate": {"distance_bands": [4, 64]}}, "evaluate.distance_bands"),
     ],
 )
 def test_invalid_value_names_its_key(raw, key):

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from tumorscope.models.evaluate import (
+    accuracy_by_distance,
     compute_metrics,
     confusion,
     degenerate_predictions,
@@ -62,3 +63,14 @@ def test_auc_undefined_for_absent_class():
     metrics = compute_metrics(labels, probabilities, CLASSES, 5, 0.95)
     assert metrics["per_class"]["Tumor"]["roc_auc_ovr"] is None
     assert metrics["macro_f1"] == 1.0  # averaged over classes present in the test split
+
+
+def test_accuracy_by_distance_bands_by_hand():
+    distances = np.array([0, 2, 4, 6, 9, 30, 64])
+    correct = np.array([True, True, False, True, False, False, True])
+    bands = accuracy_by_distance(correct, distances, [4, 8])
+    assert bands == [{"distance": "0-4", "n": 3, "accuracy": pytest.approx(2 / 3)},
+                     {"distance": "5-8", "n": 1, "accuracy": 1.0},
+                     {"distance": ">=9", "n": 3, "accuracy": pytest.approx(1 / 3)}]
+    empty = accuracy_by_distance(correct[:2], distances[:2], [4, 8])
+    assert empty[1] == {"distance": "5-8", "n": 0, "accuracy": None}

@@ -8,6 +8,7 @@ from tumorscope.data.split import (
     duplicate_groups,
     make_split,
     near_pairs,
+    nearest_distances,
     split_report,
 )
 
@@ -101,3 +102,12 @@ def test_groups_spanning_classes_are_reported_and_kept_whole():
     report = split_report(split, FRACTIONS, 0, 0.05)
     assert report["groups_spanning_classes"] == [{"group": int(split.loc[0, "group"]), "size": 2, "labels": ["A", "B"]}]
     assert split.loc[0, "split"] == split.loc[1, "split"]
+
+
+def test_nearest_distances_to_the_reference_set():
+    reference = [_hex(0), _hex(0b1111 << 40)]
+    query = [_hex(0b1), _hex(0b111 << 40), _hex((1 << 64) - 1)]
+    # 1 bit from 0; 1 bit from the second reference; all 64 bits differ from 0, 60 from the other
+    assert nearest_distances(query, reference).tolist() == [1, 1, 60]
+    assert nearest_distances(query, []).tolist() == [64, 64, 64]
+    assert nearest_distances([], reference).tolist() == []

@@ -108,6 +108,16 @@ def distance_profile(phash_hex, max_distance: int) -> dict[int, int]:
     return {d: counted.get(d, 0) for d in range(max_distance + 1)}
 
 
+def nearest_distances(query_hex, reference_hex, chunk: int = 1024) -> np.ndarray:
+    """For each query image, the smallest pHash Hamming distance to any reference image (64 where
+    there is no reference): how close a test slice is to the training slices."""
+    query, reference = phash_to_uint64(query_hex), phash_to_uint64(reference_hex)
+    if len(reference) == 0:
+        return np.full(len(query), 64, dtype=np.int64)
+    return np.concatenate([np.bitwise_count(query[start:start + chunk, None] ^ reference[None, :]).min(axis=1)
+                           for start in range(0, len(query), chunk)] or [np.empty(0)]).astype(np.int64)
+
+
 def _size_bucket(size: int) -> str:
     for low, high in ((1, 1), (2, 2), (3, 5), (6, 10), (11, 20), (21, 50), (51, 100)):
         if low <= size <= high:

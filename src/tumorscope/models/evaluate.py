@@ -157,6 +157,20 @@ def group_bootstrap(labels: np.ndarray, predicted: np.ndarray, groups: np.ndarra
             "recall": [summary(recall[:, c]) for c in range(n_classes)]}
 
 
+def accuracy_by_distance(correct: np.ndarray, distances: np.ndarray, upper_edges: list[int]) -> list[dict]:
+    """Accuracy in bands of distance to the nearest training slice (bands end at ``upper_edges``,
+    the last band is open). A model that only recognises slices it has seen near-copies of scores
+    high in the first band and falls away in the far ones: the split's honesty, made visible."""
+    bands, low = [], 0
+    for high in [*sorted(upper_edges), 64]:
+        inside = (distances >= low) & (distances <= high)
+        n = int(inside.sum())
+        bands.append({"distance": f"{low}-{high}" if high < 64 else f">={low}", "n": n,
+                      "accuracy": float(correct[inside].mean()) if n else None})
+        low = high + 1
+    return bands
+
+
 def _figure():
     import matplotlib
 
