@@ -247,7 +247,13 @@ def redact(url: str) -> str:
 def score_predictions(labels: np.ndarray, probabilities: np.ndarray, groups: np.ndarray, classes: list[str],
                       params: Params) -> dict:
     """Point scores and group-bootstrap intervals of macro-F1 and the critical class's recall."""
-    from tumorscope.models.evaluate import confusion, group_bootstrap, macro_f1_from_confusion, per_class_scores
+    from tumorscope.models.evaluate import (
+        confusion,
+        degenerate_predictions,
+        group_bootstrap,
+        macro_f1_from_confusion,
+        per_class_scores,
+    )
 
     predicted = probabilities.argmax(axis=1)
     matrix = confusion(labels, predicted, len(classes))
@@ -261,7 +267,18 @@ def score_predictions(labels: np.ndarray, probabilities: np.ndarray, groups: np.
         "critical_recall": float(recall[critical]) if critical is not None else None,
         "critical_recall_ci": interval["recall"][critical] if critical is not None else None,
         "recall": {c: float(recall[i]) for i, c in enumerate(classes)},
+        "degenerate": degenerate_predictions(labels, predicted, ev.max_single_class_share),
     }
+
+
+def infeasibility(scores: dict, min_critical_recall: float) -> str | None:
+    """Why a trial may not win, or None. A model that predicts one class is never feasible, even
+    though predicting "Tumor" for every slice meets any tumour-recall constraint."""
+    if scores.get("degenerate"):
+        return "predictions collapse to one class"
+    if scores["critical_recall"] is not None and scores["critical_recall"] < min_critical_recall:
+        return f"critical recall {scores['critical_recall']:.3f} < {min_critical_recall}"
+    return None
 
 
 def epoch_reporter(trial, metric: str):
@@ -352,10 +369,11 @@ def make_objective(params: Params, handle: StudyHandle, trial_guard=None):
                     raise optuna.TrialPruned(f"pruned after epoch {reporter.pruned_at}")
                 scores = score_predictions(val_labels, predict_proba(result.model, val_images), val_groups,
                                            classes, params)
-                feasible = (scores["critical_recall"] is None
-                            or scores["critical_recall"] >= params.tune.min_critical_recall)
+                reason = infeasibility(scores, params.tune.min_critical_recall)
+                feasible = reason is None
                 trial.set_user_attr("scores", scores)
                 trial.set_user_attr("feasible", feasible)
+                trial.set_user_attr("infeasible_because", reason)
                 trial.set_user_attr("epochs_run", result.epochs_run)
                 mlflow.log_metrics(flat_scores(scores, "final_val_"))  # after best-epoch restore
                 mlflow.set_tags({"optuna_state": "COMPLETE", "feasible": str(feasible).lower()})
@@ -430,11 +448,14 @@ def leaderboard(study, metric: str) -> list[dict]:
         rows.append({
             "trial": trial.number, "architecture": trial.user_attrs.get("architecture"),
             "feasible": bool(trial.user_attrs.get("feasible", True)),
+            "infeasible_because": trial.user_attrs.get("infeasible_because"),
             "rank_by": ranking_key(scores, metric), "value": trial.value, "params": dict(trial.params),
             "scores": scores, "mlflow_run_id": trial.user_attrs.get("mlflow_run_id"),
             "trial_seconds": trial.user_attrs.get("trial_seconds"), "fit_seconds": trial.user_attrs.get("fit_seconds"),
         })
-    rows.sort(key=lambda row: (not row["feasible"], -row["rank_by"], row["trial"]))
+    # Feasible first; among the rest a collapsed model comes last, whatever its score.
+    rows.sort(key=lambda row: (not row["feasible"], bool(row["scores"].get("degenerate")), -row["rank_by"],
+                               row["trial"]))
     return rows
 
 
@@ -481,9 +502,9 @@ def finish_study(params: Params, handle: StudyHandle) -> dict:
     if not best["feasible"]:
         # Still train the best there is (the evaluation and its recall are what a reviewer needs to
         # see); say loudly that the constraint was missed. Promotion gates are the hard stop.
-        warning = (f"WARNING: no trial reached {params.evaluate.critical_class} recall >= {cfg.min_critical_recall} "
-                   f"(tune.min_critical_recall); best was "
-                   f"{max(r['scores']['critical_recall'] or 0 for r in rows):.3f}; using the best infeasible trial")
+        warning = (f"WARNING: no feasible trial ({params.evaluate.critical_class} recall >= "
+                   f"{cfg.min_critical_recall}, tune.min_critical_recall, and predictions not all one class); "
+                   f"using the best infeasible trial {best['trial']}: {best['infeasible_because']}")
         markdown = f"**{warning}**\n\n{markdown}"
         print(f"tune: {warning}")
     summary = {"study_name": study.study_name, "storage": redact(cfg.storage), "metric": cfg.metric,
