@@ -115,3 +115,29 @@ def test_plateau_callbacks_watch_the_monitor_in_the_right_direction(monitor, bet
             assert callback._is_improvement(better, worse) and not callback._is_improvement(worse, better)
         else:
             assert callback.monitor_op(better, worse) and not callback.monitor_op(worse, better)
+
+
+def test_warmup_epochs_are_ignored_by_early_stopping_and_the_lr_halving():
+    """The collapse seen with val_loss: its minimum after epoch 1 was restored and halved the
+    learning rate from there. Within train.warmup_epochs neither callback reacts."""
+    import keras
+
+    from tumorscope.models.train import plateau_callbacks
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)])
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
+    stop, shrink = plateau_callbacks(TrainConfig(monitor="val_loss", patience=2, warmup_epochs=4))
+    for callback in (stop, shrink):
+        callback.set_model(model)
+        callback.on_train_begin()
+
+    def learning_rate() -> float:
+        return float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
+
+    for epoch, loss in enumerate([0.1, 0.9, 0.9, 0.9, 0.5, 0.6, 0.6]):
+        for callback in (stop, shrink):
+            callback.on_epoch_end(epoch, {"val_loss": loss})
+        if epoch < 4:
+            assert learning_rate() == pytest.approx(1e-3) and not model.stop_training
+    assert stop.best == 0.5  # the warm-up minimum (0.1 at epoch 0) is not the one restored
+    assert learning_rate() < 1e-3 and model.stop_training  # after the warm-up both act as before

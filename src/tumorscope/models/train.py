@@ -69,15 +69,21 @@ def device_batch_size(batch_size: int, gpu_batch_multiplier: int, device: str) -
 
 def plateau_callbacks(cfg: TrainConfig) -> list:
     """Early stopping on ``cfg.monitor`` (best weights restored) and a learning-rate halving when
-    it stalls. The mode is explicit: Keras's "auto" would minimise any name without "acc" in it,
-    macro-F1 included."""
+    it stalls, both ignoring the first ``cfg.warmup_epochs`` epochs (an early minimum of the
+    validation loss must not be restored or shrink the learning rate before learning starts).
+    The mode is explicit: Keras's "auto" would minimise any name without "acc" in it, macro-F1
+    included."""
     import keras
+
+    class WarmReduceLROnPlateau(keras.callbacks.ReduceLROnPlateau):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch >= cfg.warmup_epochs:
+                super().on_epoch_end(epoch, logs)
 
     mode = "min" if cfg.monitor == "val_loss" else "max"
     return [keras.callbacks.EarlyStopping(monitor=cfg.monitor, mode=mode, patience=cfg.patience,
-                                          restore_best_weights=True),
-            keras.callbacks.ReduceLROnPlateau(monitor=cfg.monitor, mode=mode, factor=0.5,
-                                              patience=max(1, cfg.patience // 2))]
+                                          restore_best_weights=True, start_from_epoch=cfg.warmup_epochs),
+            WarmReduceLROnPlateau(monitor=cfg.monitor, mode=mode, factor=0.5, patience=max(1, cfg.patience // 2))]
 
 
 def _fit_phase(model, train_batches, val_batches, lr: float, epochs: int, cfg: TrainConfig, scores, callbacks,
