@@ -199,6 +199,8 @@ def accuracy_by_train_distance(params: Params, classes: list[str], labels, predi
     from tumorscope.data.split import nearest_distances
     from tumorscope.models.evaluate import accuracy_by_distance
 
+    if not Path(params.split.path).is_file():
+        raise UserError(f"{params.split.path} not found (run tumorscope split and preprocess first)")
     table = pd.read_csv(params.split.path)
     test = table[table["split"] == "test"]
     if len(test) != len(labels) or [classes[i] for i in labels] != test["label"].tolist():

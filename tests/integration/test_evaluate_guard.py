@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import yaml
 
 
@@ -35,6 +36,10 @@ def test_constant_model_fails_evaluate_but_keeps_its_metrics(tmp_path):
     (tmp_path / "models" / "train.json").write_text(json.dumps(
         {"run_id": run.info.run_id, "classes": ["Cyst", "Normal", "Stone", "Tumor"]}))
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"preprocess": {"image_size": 16}}))
+    classes = ["Cyst", "Normal", "Stone", "Tumor"]
+    split = [{"path": f"t{i}.png", "label": classes[i % 4], "phash": f"{i:016x}", "split": "test"} for i in range(40)]
+    split += [{"path": "a.png", "label": "Cyst", "phash": f"{1 << 63:016x}", "split": "train"}]
+    pd.DataFrame(split).to_csv(tmp_path / "data" / "split.csv", index=False)
 
     result = subprocess.run([sys.executable, "-m", "tumorscope.cli", "evaluate"], cwd=tmp_path,
                             capture_output=True, text=True, timeout=300)

@@ -40,7 +40,11 @@ def test_brief_training_gives_non_constant_inference_predictions(phantom_arrays,
 
     (x_train, y_train), (x_val, y_val) = phantom_arrays
     keras.utils.set_random_seed(0)
-    cfg = TrainConfig(epochs=20, batch_size=16, lr=1e-3, patience=20, norm=norm)
+    # warmup_epochs=0: the best validation-loss epoch may be an early one. With the 10-epoch
+    # warm-up default the BatchNormalization model restored here (epoch 17 of 20, training
+    # accuracy 0.39 on this toy) predicted one class even after recalibration: measured, and said
+    # in the README; the default CNN has no BatchNormalization.
+    cfg = TrainConfig(epochs=20, batch_size=16, lr=1e-3, patience=20, norm=norm, warmup_epochs=0)
     model = build_model("small_cnn", SIZE, 4, norm=norm, seed=0)
     result = train_model(model, (x_train, y_train), (x_val, y_val), cfg, seed=0)
     predicted = predict_proba(result.model, x_val).argmax(axis=1)
