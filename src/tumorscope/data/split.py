@@ -20,13 +20,17 @@ def phash_to_uint64(hex_hashes) -> np.ndarray:
     return np.array([int(h, 16) for h in hex_hashes], dtype=np.uint64)
 
 
+def _hamming_blocks(query: np.ndarray, reference: np.ndarray, chunk: int):
+    """(start, distances) for blocks of ``chunk`` query hashes against every reference hash, so
+    memory stays chunk x len(reference) however many images there are."""
+    for start in range(0, len(query), chunk):
+        yield start, np.bitwise_count(query[start:start + chunk, None] ^ reference[None, :])
+
+
 def near_pairs(hashes: np.ndarray, threshold: int, chunk: int = 1024) -> np.ndarray:
     """All index pairs (i < j) whose 64-bit hashes differ in at most ``threshold`` bits; shape (k, 2)."""
-    n = len(hashes)
     found = []
-    for start in range(0, n, chunk):
-        block = hashes[start:start + chunk]
-        distances = np.bitwise_count(block[:, None] ^ hashes[None, :])
+    for start, distances in _hamming_blocks(hashes, hashes, chunk):
         rows, cols = np.nonzero(distances <= threshold)
         rows = rows + start
         keep = rows < cols
@@ -114,8 +118,8 @@ def nearest_distances(query_hex, reference_hex, chunk: int = 1024) -> np.ndarray
     query, reference = phash_to_uint64(query_hex), phash_to_uint64(reference_hex)
     if len(reference) == 0:
         return np.full(len(query), 64, dtype=np.int64)
-    return np.concatenate([np.bitwise_count(query[start:start + chunk, None] ^ reference[None, :]).min(axis=1)
-                           for start in range(0, len(query), chunk)] or [np.empty(0)]).astype(np.int64)
+    nearest = [distances.min(axis=1) for _, distances in _hamming_blocks(query, reference, chunk)]
+    return np.concatenate(nearest or [np.empty(0)]).astype(np.int64)
 
 
 def _size_bucket(size: int) -> str:

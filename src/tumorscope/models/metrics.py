@@ -1,7 +1,8 @@
 """Keras metrics that score a whole split, so fit's own validation pass yields macro-F1.
 
-Imported only by the training code (it imports Keras). Registered for serialisation so a saved
-model's compile configuration loads back.
+Imported only by the training code (it imports Keras). ``train.save_model`` compiles them out of
+the saved file so that plain Keras loads it; they are registered for serialisation all the same,
+for a model saved while compiled with them.
 """
 
 from __future__ import annotations
