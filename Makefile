@@ -18,7 +18,7 @@ $(CURDIR)/.tools/bin/uv:
 	python3 -m venv $(CURDIR)/.tools
 	$(CURDIR)/.tools/bin/pip install --quiet uv
 
-.PHONY: help install run test test-fast bench mlflow-ui clean
+.PHONY: help install run test test-fast bench crossval mlflow-ui clean
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
 
@@ -37,6 +37,9 @@ test-fast: install ## unit tests only
 
 bench: install ## run the benchmarks in benchmarks/ and print measured ratios
 	@for script in benchmarks/bench_*.py; do echo "== $$script"; $(RUN) python $$script || exit 1; done
+
+crossval: install ## grouped k-fold cross-validation of train.* on the cache (after make run; params: crossval.*)
+	$(RUN) tumorscope crossval
 
 mlflow-ui: install ## open the MLflow UI on the local tracking store (http://127.0.0.1:5000)
 	$(RUN) mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000

@@ -50,6 +50,7 @@ for _name, _doc in [
     ("preprocess", "Resize/enhance into the memory-mapped uint8 cache."),
     ("train", "Train the configured architecture; log the run and model to MLflow."),
     ("evaluate", "Test-split metrics, calibration and plots; log them to MLflow."),
+    ("crossval", "Grouped k-fold cross-validation of train.* (duplicate groups kept whole); MLflow runs."),
 ]:
     _stage(_name, _doc)
 

@@ -190,6 +190,16 @@ class EvaluateConfig(_Section):
         return sorted(bands)
 
 
+class CrossvalConfig(_Section):
+    # Grouped k-fold: every image is tested once, by a model that never saw its duplicate group.
+    # In each round fold i is the test fold, fold i+1 the validation fold (early stopping), the
+    # rest train. One split of the public data swings a lot; k folds show how much.
+    folds: int = Field(5, ge=3, le=20)
+    # true: cross-validate the tuned configuration (tune.best_params_path over train.*)
+    use_best_params: bool = False
+    report_path: str = "reports/crossval.json"
+
+
 # The CPU default: the small CNN's knobs, plus the fine-tuning knobs that apply once a Keras
 # Applications backbone is added to the architecture list.
 DEFAULT_SEARCH_SPACE = {
@@ -331,6 +341,7 @@ class Params(_Section):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     tune: TuneConfig = TuneConfig()
+    crossval: CrossvalConfig = CrossvalConfig()
     mlflow: MlflowConfig = MlflowConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)

@@ -279,3 +279,108 @@ def run_evaluate(params: Params) -> str:
     bands = ", ".join(f"{b['distance']}: {b['accuracy']:.2f} (n={b['n']})" for b in
                       metrics["accuracy_by_train_distance"] if b["n"])
     return f"{line}\nevaluate: accuracy by pHash distance to the nearest training slice: {bands}"
+
+
+def load_cached_dataset(cache_dir: str) -> tuple:
+    """Every cached image of every split, in memory: (images, labels, duplicate-group ids)."""
+    import numpy as np
+
+    from tumorscope.data.preprocess import load_groups, load_split
+    from tumorscope.data.split import SPLITS
+
+    parts = [load_split(cache_dir, split, mmap=False) for split in SPLITS]
+    return (np.concatenate([images for images, _ in parts]), np.concatenate([labels for _, labels in parts]),
+            np.concatenate([load_groups(cache_dir, split) for split in SPLITS]))
+
+
+def crossval_summary_line(report: dict, critical_class: str) -> str:
+    def spread(summary: dict) -> str:
+        if summary["mean"] is None:
+            return "n/a"
+        return f"mean {summary['mean']:.3f} (sd {summary['std']:.3f}, {summary['min']:.3f}-{summary['max']:.3f})"
+
+    pooled = report["pooled"]
+    interval = pooled["macro_f1_ci"]
+    shown = f" [{interval['low']:.3f}, {interval['high']:.3f}]" if interval["low"] is not None else ""
+    per_fold = ", ".join(f"{r['macro_f1']:.2f}" for r in report["rounds"])
+    return (f"crossval: {report['folds']} grouped folds of {report['n_images']} images ({report['architecture']}): "
+            f"macro-F1 {spread(report['macro_f1'])}; {critical_class} recall {spread(report['critical_recall'])}; "
+            f"pooled out-of-fold macro-F1 {pooled['macro_f1']:.3f}{shown}; per fold {per_fold}")
+
+
+def run_crossval(params: Params) -> str:
+    """Grouped k-fold cross-validation of train.* (or the tuned configuration) on the cache: each
+    image is tested once by a model that never saw its duplicate group. Writes crossval.report_path
+    and one MLflow parent run with a nested run per fold."""
+    import numpy as np
+
+    from tumorscope.config import with_overrides
+    from tumorscope.data.preprocess import load_classes
+    from tumorscope.data.split import grouped_folds
+    from tumorscope.models.crossval import fold_roles, summarise_rounds
+    from tumorscope.models.evaluate import class_index
+    from tumorscope.tuning import flat_scores, read_best_params, score_predictions
+
+    cv = params.crossval
+    if cv.use_best_params:
+        params = with_overrides(params, {"train": read_best_params(params)["train"]})
+    cfg = params.train
+    classes = load_classes(params.preprocess.cache_dir)
+    images, labels, groups = load_cached_dataset(params.preprocess.cache_dir)
+    folds = grouped_folds(labels, groups, cv.folds, params.seed)
+    empty = [fold for fold in range(cv.folds) if not np.any(folds == fold)]
+    if empty:
+        raise UserError(f"crossval.folds: {cv.folds} folds but only {len(np.unique(groups))} duplicate groups; "
+                        f"fold(s) {empty} would be empty: use fewer folds")
+    # Checked before TensorFlow loads, so that a user mistake answers at once.
+    import keras
+    import mlflow
+
+    from tumorscope import registry
+    from tumorscope.models.train import predict_proba, set_precision, train_model
+    from tumorscope.models.zoo import build_model
+
+    critical = class_index(classes, params.evaluate.critical_class)
+    precision = set_precision(cfg.precision)
+    out_of_fold = np.zeros((len(labels), len(classes)), dtype=np.float32)
+    rounds = []
+    experiment_id = registry.configure(params.mlflow)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"crossval-{cfg.architecture}-{cv.folds}fold") as parent:
+        mlflow.set_tags(registry.run_tags(params) | {"stage": "crossval", "precision": precision})
+        mlflow.log_params(registry.flatten({"seed": params.seed, "train": cfg.model_dump(),
+                                            "crossval": cv.model_dump(), "split.phash_threshold": params.split.phash_threshold,
+                                            "preprocess.image_size": params.preprocess.image_size}))
+        for fold in range(cv.folds):
+            roles = fold_roles(folds, fold, cv.folds)
+            keras.backend.clear_session()
+            keras.utils.set_random_seed(params.seed)
+            model = build_model(cfg.architecture, params.preprocess.image_size, len(classes),
+                                **model_options(cfg, params.seed))
+            with mlflow.start_run(experiment_id=experiment_id, run_name=f"crossval-fold-{fold}", nested=True):
+                mlflow.set_tags(registry.run_tags(params) | {"stage": "crossval-fold", "fold": str(fold)})
+                result = train_model(model, (images[roles["train"]], labels[roles["train"]]),
+                                     (images[roles["val"]], labels[roles["val"]]), cfg, params.seed,
+                                     callbacks=[registry.epoch_logger()], critical_index=critical)
+                probabilities = predict_proba(result.model, images[roles["test"]])
+                out_of_fold[roles["test"]] = probabilities
+                scores = score_predictions(labels[roles["test"]], probabilities, groups[roles["test"]], classes, params)
+                mlflow.log_metrics(flat_scores(scores, "test_") | {"epochs_run": result.epochs_run})
+            rounds.append({"fold": fold, **{f"n_{role}": int(mask.sum()) for role, mask in roles.items()},
+                           "test_groups": int(len(np.unique(groups[roles["test"]]))),
+                           "test_counts": {c: int(np.sum(labels[roles["test"]] == i)) for i, c in enumerate(classes)},
+                           "epochs_run": result.epochs_run, **scores})
+        pooled = score_predictions(labels, out_of_fold, groups, classes, params)
+        report = {"folds": cv.folds, "n_images": int(len(labels)), "n_groups": int(len(np.unique(groups))),
+                  "phash_threshold": params.split.phash_threshold, "image_size": params.preprocess.image_size,
+                  "architecture": cfg.architecture, "train": cfg.model_dump(), "classes": classes,
+                  "critical_class": params.evaluate.critical_class,
+                  "macro_f1": summarise_rounds(rounds, "macro_f1"),
+                  "critical_recall": summarise_rounds(rounds, "critical_recall"),
+                  "degenerate_folds": [r["fold"] for r in rounds if r["degenerate"]],
+                  "pooled": pooled, "rounds": rounds, "mlflow_run_id": parent.info.run_id}
+        write_json(cv.report_path, report)
+        mlflow.log_metrics({f"cv_macro_f1_{k}": v for k, v in report["macro_f1"].items() if v is not None}
+                           | {f"cv_critical_recall_{k}": v for k, v in report["critical_recall"].items() if v is not None}
+                           | flat_scores(pooled, "pooled_"))
+        mlflow.log_artifact(cv.report_path)
+    return crossval_summary_line(report, params.evaluate.critical_class)

@@ -257,16 +257,20 @@ def score_predictions(labels: np.ndarray, probabilities: np.ndarray, groups: np.
 
     predicted = probabilities.argmax(axis=1)
     matrix = confusion(labels, predicted, len(classes))
-    recall = per_class_scores(matrix)["recall"]
+    per_class = per_class_scores(matrix)
+    recall, present = per_class["recall"], per_class["support"] > 0
     ev = params.evaluate
     interval = group_bootstrap(labels, predicted, groups, len(classes), ev.bootstrap_samples, ev.confidence, params.seed)
     critical = class_index(classes, ev.critical_class)
+    if critical is not None and not present[critical]:
+        critical = None  # no such slice to miss here (a cross-validation fold can lack a class)
     return {
         "macro_f1": float(macro_f1_from_confusion(matrix[None])[0]),
         "macro_f1_ci": interval["macro_f1"],
         "critical_recall": float(recall[critical]) if critical is not None else None,
         "critical_recall_ci": interval["recall"][critical] if critical is not None else None,
-        "recall": {c: float(recall[i]) for i, c in enumerate(classes)},
+        # Classes without a slice here have no recall (0 would read as "all missed").
+        "recall": {c: float(recall[i]) for i, c in enumerate(classes) if present[i]},
         "degenerate": degenerate_predictions(labels, predicted, ev.max_single_class_share),
     }
 

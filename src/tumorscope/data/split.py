@@ -94,6 +94,14 @@ def assign_groups_to_splits(labels, groups, fractions: dict[str, float], seed: i
     return np.array([split_of_group[int(g)] for g in groups])
 
 
+def grouped_folds(labels, groups, n_folds: int, seed: int) -> np.ndarray:
+    """Fold index (0..n_folds-1) per image for grouped k-fold: whole duplicate groups per fold,
+    each class spread as evenly as its groups allow (the split's own assignment, k equal parts)."""
+    names = [str(fold) for fold in range(n_folds)]
+    assigned = assign_groups_to_splits(labels, groups, {name: 1.0 / n_folds for name in names}, seed)
+    return assigned.astype(np.int64)
+
+
 def count_cross_split_leaks(sha256, phash_hex, splits, threshold: int) -> int:
     """Independent check: duplicate pairs (exact or near) whose members sit in different splits."""
     splits = np.asarray(splits)

@@ -1,0 +1,69 @@
+"""`tumorscope crossval` on the fixture slices: every image tested once, by a model that never saw
+its duplicate group, with one MLflow parent run and a nested run per fold."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from tumorscope import pipeline
+from tumorscope.config import load_params, with_overrides
+from tumorscope.registry import absolute_sqlite_uri
+
+pytestmark = pytest.mark.slow
+
+
+def test_crossval_tests_every_image_once_and_logs_a_run_per_fold(project):
+    import mlflow
+
+    from tumorscope.data.split import grouped_folds
+    from tumorscope.models.crossval import fold_roles
+
+    params = with_overrides(load_params("params.yaml"), {"crossval": {"folds": 3}})
+    line = pipeline.run_crossval(params)
+    assert line.startswith("crossval: 3 grouped folds of 32 images (small_cnn): macro-F1 mean ")
+
+    report = json.loads(open(params.crossval.report_path).read())
+    assert [r["fold"] for r in report["rounds"]] == [0, 1, 2]
+    assert sum(r["n_test"] for r in report["rounds"]) == report["n_images"] == 32
+    assert all(r["n_train"] + r["n_val"] + r["n_test"] == 32 for r in report["rounds"])
+    assert report["macro_f1"]["n"] == 3 and 0.0 <= report["macro_f1"]["min"] <= report["macro_f1"]["max"] <= 1.0
+    assert set(report["pooled"]["recall"]) == {"Cyst", "Normal", "Stone", "Tumor"}
+
+    # No duplicate group is both trained on and tested in any round.
+    _, labels, groups = pipeline.load_cached_dataset(params.preprocess.cache_dir)
+    folds = grouped_folds(labels, groups, 3, params.seed)
+    for fold in range(3):
+        roles = fold_roles(folds, fold, 3)
+        assert not set(groups[roles["test"]]) & set(groups[roles["train"] | roles["val"]])
+        assert report["rounds"][fold]["n_test"] == int(roles["test"].sum())
+
+    mlflow.set_tracking_uri(absolute_sqlite_uri(params.mlflow.tracking_uri))
+    folds_logged = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                      filter_string=f"tags.mlflow.parentRunId = '{report['mlflow_run_id']}'")
+    assert sorted(run.data.tags["fold"] for run in folds_logged) == ["0", "1", "2"]
+    assert all("test_macro_f1" in run.data.metrics for run in folds_logged)
+    parent = mlflow.get_run(report["mlflow_run_id"])
+    assert parent.data.metrics["cv_macro_f1_mean"] == pytest.approx(report["macro_f1"]["mean"])
+
+
+def test_more_folds_than_groups_is_a_one_line_error(project):
+    import subprocess
+    import sys
+
+    raw = yaml.safe_load(open("params.yaml"))
+    raw["crossval"] = {"folds": 20}
+    raw["split"]["phash_threshold"] = 64  # every image one group... after a re-split
+    yaml.safe_dump(raw, open("params.yaml", "w"))
+    params = load_params("params.yaml")
+    pipeline.run_split(params)
+    pipeline.run_preprocess(params)
+    _, _, groups = pipeline.load_cached_dataset(params.preprocess.cache_dir)
+    assert len(np.unique(groups)) < 20
+    result = subprocess.run([sys.executable, "-m", "tumorscope.cli", "crossval"], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith("error: crossval.folds: 20 folds but only")
