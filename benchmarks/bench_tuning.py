@@ -83,6 +83,12 @@ def trial_overhead(root: Path) -> None:
     later_fit = sum(t.user_attrs["fit_seconds"] for t in later)
     print(f"    overhead fraction, all trials: {1 - fit / total:.1%}; "
           f"excluding the first (one-off graph tracing): {1 - later_fit / later_total:.1%}  (goal < 10%)")
+    import resource
+
+    # Trials skip the full garbage collection on CPU (tumorscope.models.train.fresh_session):
+    # the peak memory shows whether that lets memory pile up.
+    print(f"    peak resident memory of this process after the trials: "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
 
 def workers_speedup(root: Path, postgres: str) -> None:

@@ -337,7 +337,7 @@ def run_crossval(params: Params) -> str:
     import mlflow
 
     from tumorscope import registry
-    from tumorscope.models.train import predict_proba, set_precision, train_model
+    from tumorscope.models.train import fresh_session, predict_proba, set_precision, train_model
     from tumorscope.models.zoo import build_model
 
     critical = class_index(classes, params.evaluate.critical_class)
@@ -352,7 +352,7 @@ def run_crossval(params: Params) -> str:
                                             "preprocess.image_size": params.preprocess.image_size}))
         for fold in range(cv.folds):
             roles = fold_roles(folds, fold, cv.folds)
-            keras.backend.clear_session()
+            fresh_session()
             keras.utils.set_random_seed(params.seed)
             model = build_model(cfg.architecture, params.preprocess.image_size, len(classes),
                                 **model_options(cfg, params.seed))

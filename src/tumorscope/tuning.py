@@ -328,7 +328,7 @@ def make_objective(params: Params, handle: StudyHandle, trial_guard=None):
 
     from tumorscope import registry
     from tumorscope.data.preprocess import load_classes, load_groups, load_split
-    from tumorscope.models.train import predict_proba, set_precision, train_model
+    from tumorscope.models.train import fresh_session, predict_proba, set_precision, train_model
     from tumorscope.models.zoo import build_model
     from tumorscope.pipeline import model_options
 
@@ -353,7 +353,7 @@ def make_objective(params: Params, handle: StudyHandle, trial_guard=None):
             with mlflow.start_run(run_id=run.info.run_id):
                 cfg = suggest_train_config(trial, params.train, params.tune.search_space, params.tune.trial_epochs)
                 mlflow.log_params(registry.flatten({"train": cfg.model_dump()}))
-                keras.backend.clear_session()  # free the previous trial's graphs (memory grows otherwise)
+                fresh_session()  # the previous trial's graphs and layer names go (memory grows otherwise)
                 keras.utils.set_random_seed(params.seed + trial.number)
                 mlflow.set_tag("precision", set_precision(cfg.precision))
                 model = build_model(cfg.architecture, params.preprocess.image_size, len(classes),

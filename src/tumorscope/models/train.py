@@ -163,6 +163,16 @@ def accelerator() -> str:
     return "cpu"
 
 
+def fresh_session() -> None:
+    """Drop the previous model's Keras global state before the next trial or fold builds one.
+    The full Python garbage collection that clear_session runs by default took 0.36 s of a
+    trial's ~0.67 s overhead on CPU (cProfile, benchmarks/bench_tuning.py settings), so it runs
+    only on a GPU, whose memory Python's own collector cannot see filling up."""
+    import keras
+
+    keras.backend.clear_session(free_memory=accelerator() == "gpu")
+
+
 def set_precision(mode: str) -> str:
     """Apply train.precision as the global Keras dtype policy (before building a model)."""
     import keras
