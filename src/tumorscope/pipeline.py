@@ -190,22 +190,31 @@ def headline_metrics(metrics: dict) -> dict:
     return headline
 
 
+def cached_split_rows(params: Params, classes: list[str], labels, splits: tuple[str, ...]):
+    """The split.csv rows of ``splits`` in the cache's order (split by split), checked against the
+    cached labels: split.csv holds what the cache does not (paths, pHashes)."""
+    import pandas as pd
+
+    if not Path(params.split.path).is_file():
+        raise UserError(f"{params.split.path} not found (run tumorscope split and preprocess first)")
+    table = pd.read_csv(params.split.path)
+    rows = pd.concat([table[table["split"] == split] for split in splits])
+    if len(rows) != len(labels) or [classes[i] for i in labels] != rows["label"].tolist():
+        raise UserError(f"{params.split.path} does not match the cache in {params.preprocess.cache_dir}: "
+                        "rerun tumorscope preprocess")
+    return rows
+
+
 def accuracy_by_train_distance(params: Params, classes: list[str], labels, predicted) -> list[dict]:
-    """Test accuracy in bands of pHash distance to the nearest training slice (split.csv holds the
-    hashes, in the cache's order)."""
+    """Test accuracy in bands of pHash distance to the nearest training slice."""
     import numpy as np
     import pandas as pd
 
     from tumorscope.data.split import nearest_distances
     from tumorscope.models.evaluate import accuracy_by_distance
 
-    if not Path(params.split.path).is_file():
-        raise UserError(f"{params.split.path} not found (run tumorscope split and preprocess first)")
+    test = cached_split_rows(params, classes, labels, ("test",))
     table = pd.read_csv(params.split.path)
-    test = table[table["split"] == "test"]
-    if len(test) != len(labels) or [classes[i] for i in labels] != test["label"].tolist():
-        raise UserError(f"{params.split.path} does not match the test cache in {params.preprocess.cache_dir}: "
-                        "rerun tumorscope preprocess")
     distances = nearest_distances(test["phash"], table.loc[table["split"] == "train", "phash"])
     return accuracy_by_distance(np.asarray(labels) == np.asarray(predicted), distances,
                                 params.evaluate.distance_bands)
@@ -303,9 +312,12 @@ def crossval_summary_line(report: dict, critical_class: str) -> str:
     interval = pooled["macro_f1_ci"]
     shown = f" [{interval['low']:.3f}, {interval['high']:.3f}]" if interval["low"] is not None else ""
     per_fold = ", ".join(f"{r['macro_f1']:.2f}" for r in report["rounds"])
+    bands = ", ".join(f"{b['distance']}: {b['accuracy']:.2f} (n={b['n']})" for b in report["accuracy_by_train_distance"]
+                      if b["n"])
     return (f"crossval: {report['folds']} grouped folds of {report['n_images']} images ({report['architecture']}): "
             f"macro-F1 {spread(report['macro_f1'])}; {critical_class} recall {spread(report['critical_recall'])}; "
-            f"pooled out-of-fold macro-F1 {pooled['macro_f1']:.3f}{shown}; per fold {per_fold}")
+            f"pooled out-of-fold macro-F1 {pooled['macro_f1']:.3f}{shown}; per fold {per_fold}\n"
+            f"crossval: out-of-fold accuracy by pHash distance to the nearest training slice: {bands}")
 
 
 def run_crossval(params: Params) -> str:
@@ -316,9 +328,9 @@ def run_crossval(params: Params) -> str:
 
     from tumorscope.config import with_overrides
     from tumorscope.data.preprocess import load_classes
-    from tumorscope.data.split import grouped_folds
+    from tumorscope.data.split import SPLITS, grouped_folds, nearest_distances
     from tumorscope.models.crossval import fold_roles, summarise_rounds
-    from tumorscope.models.evaluate import class_index
+    from tumorscope.models.evaluate import accuracy_by_distance, class_index
     from tumorscope.tuning import flat_scores, read_best_params, score_predictions
 
     cv = params.crossval
@@ -327,6 +339,7 @@ def run_crossval(params: Params) -> str:
     cfg = params.train
     classes = load_classes(params.preprocess.cache_dir)
     images, labels, groups = load_cached_dataset(params.preprocess.cache_dir)
+    hashes = cached_split_rows(params, classes, labels, SPLITS)["phash"].to_numpy()
     folds = grouped_folds(labels, groups, cv.folds, params.seed)
     empty = [fold for fold in range(cv.folds) if not np.any(folds == fold)]
     if empty:
@@ -343,6 +356,7 @@ def run_crossval(params: Params) -> str:
     critical = class_index(classes, params.evaluate.critical_class)
     precision = set_precision(cfg.precision)
     out_of_fold = np.zeros((len(labels), len(classes)), dtype=np.float32)
+    train_distance = np.zeros(len(labels), dtype=np.int64)  # test slice -> nearest training slice of its round
     rounds = []
     experiment_id = registry.configure(params.mlflow)
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"crossval-{cfg.architecture}-{cv.folds}fold") as parent:
@@ -363,6 +377,7 @@ def run_crossval(params: Params) -> str:
                                      callbacks=[registry.epoch_logger()], critical_index=critical)
                 probabilities = predict_proba(result.model, images[roles["test"]])
                 out_of_fold[roles["test"]] = probabilities
+                train_distance[roles["test"]] = nearest_distances(hashes[roles["test"]], hashes[roles["train"]])
                 scores = score_predictions(labels[roles["test"]], probabilities, groups[roles["test"]], classes, params)
                 mlflow.log_metrics(flat_scores(scores, "test_") | {"epochs_run": result.epochs_run})
             rounds.append({"fold": fold, **{f"n_{role}": int(mask.sum()) for role, mask in roles.items()},
@@ -377,7 +392,9 @@ def run_crossval(params: Params) -> str:
                   "macro_f1": summarise_rounds(rounds, "macro_f1"),
                   "critical_recall": summarise_rounds(rounds, "critical_recall"),
                   "degenerate_folds": [r["fold"] for r in rounds if r["degenerate"]],
-                  "pooled": pooled, "rounds": rounds, "mlflow_run_id": parent.info.run_id}
+                  "pooled": pooled, "rounds": rounds, "mlflow_run_id": parent.info.run_id,
+                  "accuracy_by_train_distance": accuracy_by_distance(out_of_fold.argmax(axis=1) == labels,
+                                                                     train_distance, params.evaluate.distance_bands)}
         write_json(cv.report_path, report)
         mlflow.log_metrics({f"cv_macro_f1_{k}": v for k, v in report["macro_f1"].items() if v is not None}
                            | {f"cv_critical_recall_{k}": v for k, v in report["critical_recall"].items() if v is not None}

@@ -25,6 +25,7 @@ def test_crossval_tests_every_image_once_and_logs_a_run_per_fold(project):
     params = with_overrides(load_params("params.yaml"), {"crossval": {"folds": 3}})
     line = pipeline.run_crossval(params)
     assert line.startswith("crossval: 3 grouped folds of 32 images (small_cnn): macro-F1 mean ")
+    assert "\ncrossval: out-of-fold accuracy by pHash distance to the nearest training slice: " in line
 
     report = json.loads(open(params.crossval.report_path).read())
     assert [r["fold"] for r in report["rounds"]] == [0, 1, 2]
@@ -32,6 +33,11 @@ def test_crossval_tests_every_image_once_and_logs_a_run_per_fold(project):
     assert all(r["n_train"] + r["n_val"] + r["n_test"] == 32 for r in report["rounds"])
     assert report["macro_f1"]["n"] == 3 and 0.0 <= report["macro_f1"]["min"] <= report["macro_f1"]["max"] <= 1.0
     assert set(report["pooled"]["recall"]) == {"Cyst", "Normal", "Stone", "Tumor"}
+
+    bands = report["accuracy_by_train_distance"]
+    assert sum(band["n"] for band in bands) == 32  # every out-of-fold prediction sits in a band
+    # Duplicates within the grouping threshold share a group, hence a fold: none is that close.
+    assert bands[0]["distance"] == "0-4" and bands[0]["n"] == 0 and params.split.phash_threshold == 4
 
     # No duplicate group is both trained on and tested in any round.
     _, labels, groups = pipeline.load_cached_dataset(params.preprocess.cache_dir)
