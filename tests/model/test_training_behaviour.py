@@ -34,23 +34,48 @@ def phantom_arrays(tmp_path_factory):
     return (images[order[:cut]], labels[order[:cut]]), (images[order[cut:]], labels[order[cut:]])
 
 
+@pytest.fixture(scope="module")
+def findings_arrays():
+    """A task both normalisation choices learn in a few epochs on either backend: noisy dark
+    slices, class 0 without a finding, classes 1-3 with a bright square, a horizontal bar or a
+    vertical bar anywhere in the slice (translation- and flip-invariant, as the model's global max
+    pooling and augmentation assume). On the phantom at this size the CNN without normalisation
+    stayed at chance for 20-30 epochs on both backends, so a non-constant prediction there was
+    luck, not evidence (it passed on TensorFlow and failed on JAX)."""
+    rng = np.random.default_rng(0)
+    n = 320
+    labels = rng.integers(0, 4, n).astype(np.int32)
+    images = np.clip(rng.normal(40, 15, (n, SIZE, SIZE)), 0, 255)
+    shapes = {1: (6, 6), 2: (3, 14), 3: (14, 3)}
+    for i, label in enumerate(labels):
+        if label:
+            height, width = shapes[int(label)]
+            row, col = rng.integers(4, SIZE - height - 4), rng.integers(4, SIZE - width - 4)
+            images[i, row:row + height, col:col + width] = rng.normal(200, 20)
+    images = images.astype(np.uint8)[..., None]
+    cut = int(0.75 * n)
+    return (images[:cut], labels[:cut]), (images[cut:], labels[cut:])
+
+
 @pytest.mark.parametrize("norm", ["none", "batch"])
-def test_brief_training_gives_non_constant_inference_predictions(phantom_arrays, norm):
+def test_a_model_that_learned_keeps_its_skill_in_inference_mode(findings_arrays, norm):
+    """Training-mode accuracy near 1 and inference-mode (predict) predictions that are not one
+    class and score well: the BatchNormalization lag of DESIGN.md would show as the gap between
+    the two. With train.warmup_epochs: 0 TensorFlow's BatchNormalization model restored an early
+    epoch whose predict() never chose class 0 (validation accuracy 0.71); the default warm-up is
+    what this tests."""
     import keras
 
-    (x_train, y_train), (x_val, y_val) = phantom_arrays
+    (x_train, y_train), (x_val, y_val) = findings_arrays
     keras.utils.set_random_seed(0)
-    # warmup_epochs=0: the best validation-loss epoch may be an early one. With the 10-epoch
-    # warm-up default the BatchNormalization model restored here (epoch 17 of 20, training
-    # accuracy 0.39 on this toy) predicted one class even after recalibration: measured, and said
-    # in the README; the default CNN has no BatchNormalization.
-    cfg = TrainConfig(epochs=20, batch_size=16, lr=1e-3, patience=20, norm=norm, warmup_epochs=0)
+    cfg = TrainConfig(epochs=15, batch_size=16, lr=1e-3, patience=20, norm=norm)
     model = build_model("small_cnn", SIZE, 4, norm=norm, seed=0)
     result = train_model(model, (x_train, y_train), (x_val, y_val), cfg, seed=0)
+    assert max(result.history["accuracy"][-3:]) >= 0.9, f"{norm}: the model did not learn the task"
     predicted = predict_proba(result.model, x_val).argmax(axis=1)
-    assert len(np.unique(predicted)) >= 2, f"{norm}: every prediction is class {predicted[0]}"
     assert degenerate_predictions(y_val, predicted, 0.95) is None
-    assert result.epochs_run >= 1 and np.isfinite(result.history["loss"]).all()
+    assert len(np.unique(predicted)) == 4, f"{norm}: predictions {np.bincount(predicted, minlength=4)}"
+    assert np.mean(predicted == y_val) >= 0.8, f"{norm}: inference-mode accuracy {np.mean(predicted == y_val):.2f}"
 
 
 def test_saved_keras_file_loads_back_with_identical_predictions(phantom_arrays, tmp_path):
