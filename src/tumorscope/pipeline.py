@@ -89,11 +89,9 @@ def run_split(params: Params) -> str:
 
 
 def run_preprocess(params: Params) -> str:
-    import pandas as pd
-
     from tumorscope.data.preprocess import build_cache
 
-    table = pd.read_csv(params.split.path, keep_default_na=False)
+    table = read_split_table(params)
     report = build_cache(table, sorted(table["label"].unique()), params.preprocess, params.data.dicom_window)
     write_json(params.preprocess.report_path, report)
     return f"preprocess: cache {report['counts']} at {params.preprocess.image_size}px in {params.preprocess.cache_dir}"
@@ -190,14 +188,21 @@ def headline_metrics(metrics: dict) -> dict:
     return headline
 
 
-def cached_split_rows(params: Params, classes: list[str], labels, splits: tuple[str, ...]):
-    """The split.csv rows of ``splits`` in the cache's order (split by split), checked against the
-    cached labels: split.csv holds what the cache does not (paths, pHashes)."""
+def read_split_table(params: Params):
+    """split.csv as written by the split stage (labels kept as text: a class folder named "NA" or
+    "None" stays a label, as the cache saw it)."""
     import pandas as pd
 
     if not Path(params.split.path).is_file():
         raise UserError(f"{params.split.path} not found (run tumorscope split and preprocess first)")
-    table = pd.read_csv(params.split.path)
+    return pd.read_csv(params.split.path, keep_default_na=False)
+
+
+def cached_split_rows(table, params: Params, classes: list[str], labels, splits: tuple[str, ...]):
+    """The split.csv rows of ``splits`` in the cache's order (split by split), checked against the
+    cached labels: split.csv holds what the cache does not (paths, pHashes)."""
+    import pandas as pd
+
     rows = pd.concat([table[table["split"] == split] for split in splits])
     if len(rows) != len(labels) or [classes[i] for i in labels] != rows["label"].tolist():
         raise UserError(f"{params.split.path} does not match the cache in {params.preprocess.cache_dir}: "
@@ -208,16 +213,20 @@ def cached_split_rows(params: Params, classes: list[str], labels, splits: tuple[
 def accuracy_by_train_distance(params: Params, classes: list[str], labels, predicted) -> list[dict]:
     """Test accuracy in bands of pHash distance to the nearest training slice."""
     import numpy as np
-    import pandas as pd
 
     from tumorscope.data.split import nearest_distances
     from tumorscope.models.evaluate import accuracy_by_distance
 
-    test = cached_split_rows(params, classes, labels, ("test",))
-    table = pd.read_csv(params.split.path)
+    table = read_split_table(params)
+    test = cached_split_rows(table, params, classes, labels, ("test",))
     distances = nearest_distances(test["phash"], table.loc[table["split"] == "train", "phash"])
     return accuracy_by_distance(np.asarray(labels) == np.asarray(predicted), distances,
                                 params.evaluate.distance_bands)
+
+
+def format_bands(bands: list[dict]) -> str:
+    """'5-8: 0.86 (n=73), ...' over the bands that hold any slice."""
+    return ", ".join(f"{b['distance']}: {b['accuracy']:.2f} (n={b['n']})" for b in bands if b["n"])
 
 
 def add_intervals(metrics: dict, labels, probabilities, groups, classes: list[str], cfg, seed: int) -> dict:
@@ -285,9 +294,8 @@ def run_evaluate(params: Params) -> str:
             f"ECE {metrics['ece']:.3f}; recall {recalls}")
     if metrics["degenerate"] and cfg.fail_on_degenerate:
         raise UserError(f"{line} -- DEGENERATE MODEL: {metrics['degenerate_reason']}")
-    bands = ", ".join(f"{b['distance']}: {b['accuracy']:.2f} (n={b['n']})" for b in
-                      metrics["accuracy_by_train_distance"] if b["n"])
-    return f"{line}\nevaluate: accuracy by pHash distance to the nearest training slice: {bands}"
+    return (f"{line}\nevaluate: accuracy by pHash distance to the nearest training slice: "
+            f"{format_bands(metrics['accuracy_by_train_distance'])}")
 
 
 def load_cached_dataset(cache_dir: str) -> tuple:
@@ -312,12 +320,11 @@ def crossval_summary_line(report: dict, critical_class: str) -> str:
     interval = pooled["macro_f1_ci"]
     shown = f" [{interval['low']:.3f}, {interval['high']:.3f}]" if interval["low"] is not None else ""
     per_fold = ", ".join(f"{r['macro_f1']:.2f}" for r in report["rounds"])
-    bands = ", ".join(f"{b['distance']}: {b['accuracy']:.2f} (n={b['n']})" for b in report["accuracy_by_train_distance"]
-                      if b["n"])
     return (f"crossval: {report['folds']} grouped folds of {report['n_images']} images ({report['architecture']}): "
             f"macro-F1 {spread(report['macro_f1'])}; {critical_class} recall {spread(report['critical_recall'])}; "
             f"pooled out-of-fold macro-F1 {pooled['macro_f1']:.3f}{shown}; per fold {per_fold}\n"
-            f"crossval: out-of-fold accuracy by pHash distance to the nearest training slice: {bands}")
+            "crossval: out-of-fold accuracy by pHash distance to the nearest training slice: "
+            f"{format_bands(report['accuracy_by_train_distance'])}")
 
 
 def run_crossval(params: Params) -> str:
@@ -339,7 +346,7 @@ def run_crossval(params: Params) -> str:
     cfg = params.train
     classes = load_classes(params.preprocess.cache_dir)
     images, labels, groups = load_cached_dataset(params.preprocess.cache_dir)
-    hashes = cached_split_rows(params, classes, labels, SPLITS)["phash"].to_numpy()
+    hashes = cached_split_rows(read_split_table(params), params, classes, labels, SPLITS)["phash"].to_numpy()
     folds = grouped_folds(labels, groups, cv.folds, params.seed)
     empty = [fold for fold in range(cv.folds) if not np.any(folds == fold)]
     if empty:
