@@ -18,7 +18,7 @@ $(CURDIR)/.tools/bin/uv:
 	python3 -m venv $(CURDIR)/.tools
 	$(CURDIR)/.tools/bin/pip install --quiet uv
 
-.PHONY: help install run test test-fast bench crossval mlflow-ui clean
+.PHONY: help install run test test-fast bench crossval gpu-wheels mlflow-ui clean
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
 
@@ -40,6 +40,15 @@ bench: install ## run the benchmarks in benchmarks/ and print measured ratios
 
 crossval: install ## grouped k-fold cross-validation of train.* on the cache (after make run; params: crossval.*)
 	$(RUN) tumorscope crossval
+
+# What the lent GPU machine (Python 3.12, JAX, no TensorFlow, no package registry) lacks to run the
+# model code and benchmarks/bench_architectures.py: versions as in uv.lock. README "On a GPU".
+GPU_WHEELS := keras==3.15.1 namex==0.1.0 optree==0.20.0 pydantic==2.14.3 pydantic-core==2.50.4 \
+	annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0
+gpu-wheels: ## download the wheels the GPU machine lacks into .whl/ (carry it to the device)
+	rm -rf .whl && python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+	  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
 
 mlflow-ui: install ## open the MLflow UI on the local tracking store (http://127.0.0.1:5000)
 	$(RUN) mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000

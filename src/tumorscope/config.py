@@ -140,6 +140,11 @@ class TrainConfig(_Section):
     filters: int = Field(16, ge=4)
     dense_units: int = Field(64, ge=4)
     augment_strength: float = Field(0.1, ge=0, le=0.5)
+    # Where the random flip/rotation/shift/zoom runs: "loader" warps each batch on the host
+    # (tumorscope.data.augment) before the model; "model" uses Keras preprocessing layers inside
+    # it. Same transforms; the loader is the default because on the JAX backend the Keras layers
+    # were the bottleneck (README, Benchmarks) and it gives the same pixels on every backend.
+    augment_in: Literal["loader", "model"] = "loader"
     # "none" by default: measured on the phantom it generalised best, and it has no inference-time
     # statistics that can lag training (the BatchNormalization pitfall in DESIGN.md).
     # (GroupNormalization was tried too: still one constant class after 20 epochs on 240 slices.)
@@ -161,6 +166,10 @@ class TrainConfig(_Section):
     # learning rate is not rescaled: tune on the device you train on. Image size is a data
     # setting (the cache), not scaled behind DVC's back: see the README's GPU profile.
     gpu_batch_multiplier: int = Field(4, ge=1, le=64)
+
+    def augment_strength_in(self, place: Literal["loader", "model"]) -> float:
+        """augment_strength where augmentation runs (``augment_in``), 0 in the other place."""
+        return self.augment_strength if self.augment_in == place else 0.0
 
 
 class EvaluateConfig(_Section):

@@ -99,8 +99,8 @@ def run_preprocess(params: Params) -> str:
 
 def model_options(cfg, seed: int) -> dict:
     """Keyword arguments of tumorscope.models.zoo.build_model for the configured architecture."""
-    common = {"dense_units": cfg.dense_units, "dropout": cfg.dropout, "augment_strength": cfg.augment_strength,
-              "seed": seed}
+    common = {"dense_units": cfg.dense_units, "dropout": cfg.dropout,
+              "augment_strength": cfg.augment_strength_in("model"), "seed": seed}
     if cfg.architecture == "small_cnn":
         return common | {"filters": cfg.filters, "norm": cfg.norm}
     if cfg.weights is not None and not Path(cfg.weights).is_file():

@@ -21,14 +21,21 @@ def balanced_class_weights(labels: np.ndarray, n_classes: int) -> np.ndarray:
     return weights
 
 
-def make_batches(images, labels, batch_size: int, *, shuffle: bool, seed: int, class_weights=None):
-    """A keras PyDataset over (possibly memory-mapped) arrays; yields (x, y[, sample_weight])."""
+def make_batches(images, labels, batch_size: int, *, shuffle: bool, seed: int, class_weights=None,
+                 augment_strength: float = 0.0):
+    """A keras PyDataset over (possibly memory-mapped) arrays; yields (x, y[, sample_weight]).
+    With ``augment_strength`` > 0 each batch is randomly warped on the host
+    (`tumorscope.data.augment`), seeded by (seed, epoch, batch) so that any batch order gives the
+    same pixels."""
     import keras
+
+    from tumorscope.data.augment import augment_batch
 
     class ArrayBatches(keras.utils.PyDataset):
         def __init__(self):
             super().__init__()
             self.rng = np.random.default_rng(seed)
+            self.epoch = 0
             self.order = np.arange(len(labels))
             if shuffle:
                 self.rng.shuffle(self.order)
@@ -40,12 +47,15 @@ def make_batches(images, labels, batch_size: int, *, shuffle: bool, seed: int, c
             # Sorted indices turn the memory-map gather into forward reads of the page cache.
             picked = np.sort(self.order[index * batch_size:(index + 1) * batch_size])
             x = np.asarray(images[picked], dtype=np.uint8)
+            if augment_strength > 0:
+                x = augment_batch(x, augment_strength, np.random.default_rng([seed, self.epoch, index]))
             y = labels[picked]
             if class_weights is None:
                 return x, y
             return x, y, class_weights[y].astype(np.float32)
 
         def on_epoch_end(self):
+            self.epoch += 1
             if shuffle:
                 self.rng.shuffle(self.order)
 
@@ -112,7 +122,9 @@ def train_model(model, train_data, val_data, cfg: TrainConfig, seed: int, callba
     n_classes = model.output_shape[-1]
     weights = balanced_class_weights(y_train, n_classes) if cfg.class_weights else None
     batch_size = device_batch_size(cfg.batch_size, cfg.gpu_batch_multiplier, accelerator())
-    train_batches = make_batches(x_train, y_train, batch_size, shuffle=True, seed=seed, class_weights=weights)
+    loader_augment = cfg.augment_strength_in("loader")
+    train_batches = make_batches(x_train, y_train, batch_size, shuffle=True, seed=seed, class_weights=weights,
+                                 augment_strength=loader_augment)
     val_batches = make_batches(*val_data, batch_size, shuffle=False, seed=seed)
     phases = []  # (lr, epochs, trainable top layers or None for "leave as is")
     if backbone_of(model) is not None:
@@ -134,7 +146,7 @@ def train_model(model, train_data, val_data, cfg: TrainConfig, seed: int, callba
             history.setdefault(key, []).extend(float(v) for v in values)
     # Early stopping restored the best epoch's weights; give BatchNormalization statistics that
     # match them (a no-op for models without trainable BatchNormalization, e.g. the default CNN).
-    recalibrate_batch_norm(model, x_train, batch_size, seed=seed)
+    recalibrate_batch_norm(model, x_train, batch_size, seed=seed, augment_strength=loader_augment)
     seconds = time.perf_counter() - started
     epochs_run = len(history["loss"])
     return TrainResult(model, history, epochs_run, seconds, epochs_run * len(y_train) / seconds, batch_size)
@@ -195,26 +207,33 @@ def batch_norm_layers(model) -> list:
     return found
 
 
-def recalibrate_batch_norm(model, images, batch_size: int = 32, max_batches: int = 64, seed: int = 0) -> int:
+def recalibrate_batch_norm(model, images, batch_size: int = 32, max_batches: int = 64, seed: int = 0,
+                           augment_strength: float = 0.0) -> int:
     """Re-estimate BatchNormalization moving statistics for the final weights ("precise BN").
 
     During training the moving averages trail weights that keep changing, so inference-mode
     predictions can differ wildly from training-mode ones (even collapse to one class). Passing
     training data through the model in training mode with momentum i/(i+1) on batch i makes each
     moving statistic the plain average over those batches, computed with the final weights. No
-    weight is trained (no optimizer step). Returns the number of batches used.
+    weight is trained (no optimizer step). The batches are augmented as in training (in the model,
+    or here with ``augment_strength`` when the loader augments), the distribution the statistics
+    saw. Returns the number of batches used.
     """
+    from tumorscope.data.augment import augment_batch
+
     layers = [layer for layer in batch_norm_layers(model) if layer.trainable]
     if not layers:
         return 0
     saved = [layer.momentum for layer in layers]
-    order = np.random.default_rng(seed).permutation(len(images))
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(images))
     used = 0
     try:
         for used, start in enumerate(range(0, min(len(images), batch_size * max_batches), batch_size)):
             for layer in layers:
                 layer.momentum = used / (used + 1.0)
-            model(np.asarray(images[np.sort(order[start:start + batch_size])], dtype=np.uint8), training=True)
+            batch = np.asarray(images[np.sort(order[start:start + batch_size])], dtype=np.uint8)
+            model(augment_batch(batch, augment_strength, rng), training=True)
     finally:
         for layer, momentum in zip(layers, saved):
             layer.momentum = momentum

@@ -1,8 +1,9 @@
 """Model architectures, backend-agnostic Keras 3 (keras and keras.ops only: runs on TF and JAX).
 
-Inputs are uint8 greyscale slices (H, W, 1) straight from the cache; scaling and augmentation are
-layers inside the model, so the service feeds the same bytes the training saw, and augmentation
-is active only in training mode.
+Inputs are uint8 greyscale slices (H, W, 1) straight from the cache; scaling is a layer inside the
+model, so the service feeds the same bytes the training saw. Augmentation runs in the training
+loader by default (`tumorscope.data.augment`); with `train.augment_in: model` it is layers here,
+active only in training mode.
 """
 
 from __future__ import annotations

@@ -1,0 +1,82 @@
+"""Loader-side augmentation: the transform ranges, the geometry convention, determinism."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tumorscope.data.augment import augment_batch, random_affines
+
+
+def _slices(n: int = 16, size: int = 32, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(1, 256, (n, size, size, 1), dtype=np.uint8)
+
+
+def test_strength_zero_returns_the_batch_unchanged():
+    batch = _slices()
+    assert augment_batch(batch, 0.0, np.random.default_rng(0)) is batch
+
+
+@pytest.mark.parametrize("strength", [0.05, 0.2, 0.5])
+def test_affine_parameters_stay_within_the_keras_layers_ranges(strength):
+    size = 64
+    matrices, offsets = random_affines(np.random.default_rng(1), 2000, strength, size)
+    flips = np.sign(np.linalg.det(matrices))
+    zooms = np.sqrt(np.abs(np.linalg.det(matrices)))
+    unflipped = matrices.copy()
+    unflipped[:, :, 1] *= flips[:, None]  # undo the column flip: a rotation times a zoom remains
+    angles = np.arctan2(unflipped[:, 1, 0], unflipped[:, 0, 0])
+    # RandomRotation(strength / 2): a fraction of a full turn; RandomZoom(strength); RandomFlip.
+    assert np.abs(angles).max() <= np.pi * strength + 1e-9
+    assert np.abs(angles).max() > 0.9 * np.pi * strength
+    assert zooms.min() >= 1 - strength - 1e-9 and zooms.max() <= 1 + strength + 1e-9
+    assert 0.45 < np.mean(flips < 0) < 0.55
+    # RandomTranslation(strength / 2, strength / 2): the centre maps to within that shift.
+    centre = np.full(2, (size - 1) / 2.0)
+    shifts = centre - (matrices @ centre + offsets)
+    assert np.abs(shifts).max() <= strength / 2 * size + 1e-6
+
+
+def test_a_vanishing_strength_gives_the_slice_or_its_mirror_image_exactly():
+    batch = _slices(64)
+    out = augment_batch(batch, 1e-9, np.random.default_rng(3))
+    same = np.all(out == batch, axis=(1, 2, 3))
+    mirrored = np.all(out == batch[:, :, ::-1], axis=(1, 2, 3))
+    assert np.all(same | mirrored)
+    assert same.any() and mirrored.any()
+
+
+def test_zoom_out_and_shifts_fill_the_border_with_zero_and_keep_the_range():
+    batch = np.full((32, 32, 32, 1), 200, dtype=np.uint8)
+    out = augment_batch(batch, 0.4, np.random.default_rng(4))
+    assert out.dtype == np.uint8 and out.shape == batch.shape
+    assert set(np.unique(out)) <= set(range(0, 201))
+    borders = np.concatenate([out[:, 0].ravel(), out[:, -1].ravel(), out[:, :, 0].ravel(), out[:, :, -1].ravel()])
+    assert np.mean(borders == 0) > 0.2  # content moved off the edges somewhere
+    assert np.all(out[:, 16, 16, 0] == 200)  # the centre stays inside every warp at this strength
+
+
+def test_the_same_generator_state_gives_the_same_pixels_and_another_does_not():
+    batch = _slices()
+    first = augment_batch(batch, 0.2, np.random.default_rng(7))
+    again = augment_batch(batch, 0.2, np.random.default_rng(7))
+    other = augment_batch(batch, 0.2, np.random.default_rng(8))
+    assert np.array_equal(first, again)
+    assert not np.array_equal(first, other)
+
+
+def test_loader_batches_are_seeded_by_epoch_and_index_not_by_access_order():
+    from tumorscope.models.train import make_batches
+
+    images, labels = _slices(64), np.arange(64) % 4
+
+    def loader():
+        return make_batches(images, labels, 16, shuffle=True, seed=5, augment_strength=0.2)
+
+    forward, backward = loader(), loader()
+    in_order = [forward[i][0] for i in range(4)]
+    reversed_order = [backward[i][0] for i in reversed(range(4))][::-1]
+    assert all(np.array_equal(a, b) for a, b in zip(in_order, reversed_order))
+    assert not np.array_equal(in_order[0], images[np.sort(forward.order[:16])])  # it did augment
+    forward.on_epoch_end()
+    assert not np.array_equal(forward[0][0], in_order[0])  # a new epoch draws new warps
