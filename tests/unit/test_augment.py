@@ -80,3 +80,15 @@ def test_loader_batches_are_seeded_by_epoch_and_index_not_by_access_order():
     assert not np.array_equal(in_order[0], images[np.sort(forward.order[:16])])  # it did augment
     forward.on_epoch_end()
     assert not np.array_equal(forward[0][0], in_order[0])  # a new epoch draws new warps
+
+
+@pytest.mark.parametrize("place", ["loader", "model"])
+def test_augment_in_sends_the_strength_to_one_place_only(place):
+    from tumorscope.config import TrainConfig
+    from tumorscope.pipeline import model_options
+
+    cfg = TrainConfig(augment_strength=0.2, augment_in=place)
+    other = "model" if place == "loader" else "loader"
+    assert cfg.augment_strength_in(place) == 0.2 and cfg.augment_strength_in(other) == 0.0
+    # the model is built with augmentation layers only when they are where it runs
+    assert model_options(cfg, seed=0)["augment_strength"] == cfg.augment_strength_in("model")
