@@ -205,6 +205,17 @@ def preflight(params: Params, steps: list[str]) -> None:
         registry.check_database_reachable(params.mlflow.tracking_uri, "mlflow.tracking_uri")
 
 
+def patient_ephemeral_server():
+    """Wait up to 180 s (PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS if set) for the temporary
+    Prefect server of an in-process run, not Prefect's 20 s: on 2 busy cores its start took longer
+    and the `tune` stage failed ("Timed out while attempting to connect to ephemeral Prefect API
+    server"). Set in the settings context, since Prefect read the environment at import."""
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
+
+    seconds = int(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180"))
+    return temporary_settings(updates={PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: seconds})
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python flows/training_flow.py [--steps tune,train]` (DVC stages) or `... worker` (a child
     tuning process). User mistakes print one line and exit 1."""
@@ -227,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
             print(pipeline.run_tune_worker(params, args.index, architecture_guard(limits) if limits else None))
         else:
             preflight(load_params(args.params), args.steps.split(","))
-            result = training_flow(params_path=args.params, steps=[s for s in args.steps.split(",") if s])
+            with patient_ephemeral_server():
+                result = training_flow(params_path=args.params, steps=[s for s in args.steps.split(",") if s])
             if "tune" in result:
                 best = result["tune"]["best"]
                 print(f"tune: best trial {best['trial']} ({best['architecture']}) of study {result['tune']['study_name']}, "

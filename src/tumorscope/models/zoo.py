@@ -3,7 +3,8 @@
 Inputs are uint8 greyscale slices (H, W, 1) straight from the cache; scaling is a layer inside the
 model, so the service feeds the same bytes the training saw. Augmentation runs in the training
 loader by default (`tumorscope.data.augment`); with `train.augment_in: model` it is layers here,
-active only in training mode.
+active only in training mode. The builders' ``augment_strength`` defaults to 0 so that a model
+built without it is not augmented twice by a default-configured `train_model`.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def _normalization(kind: str, name: str):
 
 
 def build_small_cnn(image_size: int, n_classes: int, *, filters: int = 16, dense_units: int = 64,
-                    dropout: float = 0.3, augment_strength: float = 0.1, norm: str = "batch", seed: int = 0):
+                    dropout: float = 0.3, augment_strength: float = 0.0, norm: str = "batch", seed: int = 0):
     """Four conv blocks (conv, normalisation, ReLU, max-pool), global max pooling, a dense head.
 
     Global max pooling, not average: a stone is a few bright pixels that averaging washes out.
@@ -97,7 +98,7 @@ def _scale_for(family: str, x):
 
 
 def build_application(architecture: str, image_size: int, n_classes: int, *, dense_units: int = 128,
-                      dropout: float = 0.3, augment_strength: float = 0.1, weights: str | None = None,
+                      dropout: float = 0.3, augment_strength: float = 0.0, weights: str | None = None,
                       bn_momentum: float = 0.9, seed: int = 0):
     """A Keras Applications backbone with a pooling + dense + dropout head.
 
