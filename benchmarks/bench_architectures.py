@@ -56,20 +56,24 @@ def measure(architecture: str, size: int, batch: int, seconds: float, rounds: in
     model = build_model(architecture, size, N_CLASSES, **model_options(cfg, seed=0))
     model.compile(optimizer=keras.optimizers.Adam(cfg.lr), loss="sparse_categorical_crossentropy")
 
-    def timed_epoch(steps: int) -> tuple[float, np.ndarray]:
+    def loader(steps: int):
         images, labels = synthetic_slices(batch * steps, size)
-        batches = make_batches(images, labels, batch, shuffle=True, seed=0,
-                               class_weights=balanced_class_weights(labels, N_CLASSES), augment_strength=cfg.augment_strength_in("loader"))
+        return images, make_batches(images, labels, batch, shuffle=True, seed=0,
+                                    class_weights=balanced_class_weights(labels, N_CLASSES),
+                                    augment_strength=cfg.augment_strength_in("loader"))
+
+    def timed_epoch(batches) -> float:
         started = time.perf_counter()
         model.fit(batches, epochs=1, verbose=0)
-        return time.perf_counter() - started, images
+        return time.perf_counter() - started
 
-    first_epoch, _ = timed_epoch(2)
-    probe, _ = timed_epoch(2)
+    _, short = loader(2)
+    first_epoch = timed_epoch(short)
+    probe = timed_epoch(short)
     steps = int(min(100, max(2, seconds / (probe / 2))))
-    timings = [timed_epoch(steps) for _ in range(rounds)]
-    step_seconds = float(np.median([elapsed for elapsed, _ in timings])) / steps
-    images = timings[-1][1]
+    images, batches = loader(steps)
+    timings = [timed_epoch(batches) for _ in range(rounds)]
+    step_seconds = float(np.median(timings)) / steps
 
     predict_proba(model, images[:batch], batch_size=batch)  # compile the inference function
     started = time.perf_counter()
@@ -79,18 +83,14 @@ def measure(architecture: str, size: int, batch: int, seconds: float, rounds: in
     return {"architecture": f"{architecture} ({label})" if label else architecture,
             "policy": policy, "parameters": int(model.count_params()), "timed_steps": steps,
             "train_img_s": batch / step_seconds, "predict_img_s": len(images) / inference,
-            "train_rounds_img_s": [round(len(images) / elapsed, 1) for elapsed, _ in timings],
+            "train_rounds_img_s": [round(len(images) / elapsed, 1) for elapsed in timings],
             "startup_s": max(0.0, first_epoch - 2 * step_seconds)}
 
 
 def policies_for(precision: str) -> list[str]:
-    from tumorscope.models.train import accelerator
+    from tumorscope.models.train import precision_policy
 
-    if precision == "both":
-        return ["float32", "mixed_float16"]
-    if precision == "auto":
-        return ["mixed_float16" if accelerator() == "gpu" else "float32"]
-    return [precision]
+    return ["float32", "mixed_float16"] if precision == "both" else [precision_policy(precision)]
 
 
 def print_table(rows: list[dict]) -> None:

@@ -185,11 +185,16 @@ def fresh_session() -> None:
     keras.backend.clear_session(free_memory=accelerator() == "gpu")
 
 
+def precision_policy(mode: str) -> str:
+    """The Keras dtype policy train.precision means on this device ("auto": mixed_float16 on a GPU)."""
+    return ("mixed_float16" if accelerator() == "gpu" else "float32") if mode == "auto" else mode
+
+
 def set_precision(mode: str) -> str:
     """Apply train.precision as the global Keras dtype policy (before building a model)."""
     import keras
 
-    policy = ("mixed_float16" if accelerator() == "gpu" else "float32") if mode == "auto" else mode
+    policy = precision_policy(mode)
     keras.config.set_dtype_policy(policy)
     return policy
 
