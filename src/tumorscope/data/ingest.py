@@ -4,11 +4,17 @@ Accepts the public Kaggle "CT KIDNEY DATASET: Normal-Cyst-Tumor-Stone" as downlo
 folder of the same name around the class folders, plus ``kidneyData.csv``), or any folder whose
 sub-folders are classes. Every file inside a class folder is copied, images or not: deciding what
 is readable is the manifest's job, so nothing is dropped here without a trace.
+
+``raw_dir`` is a generated copy, rebuilt whole on every run. Two rules keep that from ever costing
+source data: the source may not be, contain or sit inside any pipeline output folder (checked
+before anything is touched), and the new copy is built in a sibling work folder that replaces the
+old one only once every file was copied.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,6 +23,10 @@ from tumorscope.config import DataConfig
 from tumorscope.errors import UserError
 
 METADATA_SUFFIXES = {".csv", ".txt", ".md", ".json"}
+RAW_DIR_KEY = "data.raw_dir"
+# Siblings of raw_dir that ingest itself creates and deletes while swapping in a new copy.
+WORK_SUFFIX = ".tmp-ingest"
+OLD_SUFFIX = ".old-ingest"
 
 
 def _is_hidden(path: Path) -> bool:
@@ -86,9 +96,116 @@ def _class_files(folder: Path) -> tuple[list[Path], list[Path]]:
     return kept, hidden
 
 
-def ingest(cfg: DataConfig) -> IngestReport:
-    """Copy the source data set into ``cfg.raw_dir/<label>/...``; return what was done."""
+def _same_folder(a: Path, b: Path) -> bool:
+    """a and b (both resolved) name one folder: equal paths, or one inode (case-insensitive file
+    systems, bind mounts) when both exist."""
+    if a == b:
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _relation(source: Path, output: Path) -> str | None:
+    """How a resolved source folder overlaps a resolved output folder, if it does."""
+    if _same_folder(source, output):
+        return "is the same folder as"
+    if any(_same_folder(parent, output) for parent in source.parents):
+        return "is inside"
+    if any(_same_folder(parent, source) for parent in output.parents):
+        return "contains"
+    return None
+
+
+def check_source_apart(source: Path, outputs: dict[str, str]) -> None:
+    """Raise UserError if ``source`` is, contains or sits inside one of ``outputs``.
+
+    ``outputs`` maps a params key (``data.raw_dir``, ``preprocess.cache_dir``, ...) to a folder the
+    pipeline writes: data in such a folder is deleted or overwritten by a later run, so it cannot
+    be a source. Paths are compared resolved (symlinks followed), so a link into raw_dir counts.
+    """
+    real_source = Path(source).expanduser().resolve()
+    for key, folder in outputs.items():
+        if not folder:  # an unset output folder overlaps nothing ("" would resolve to the cwd)
+            continue
+        relation = _relation(real_source, Path(folder).expanduser().resolve())
+        if relation is None:
+            continue
+        writer = "which ingest rebuilds" if key.startswith(RAW_DIR_KEY) else "which the pipeline writes"
+        raise UserError(
+            f"data.source ({source}) {relation} {key} ({folder}), {writer}: "
+            "point data.source at a folder outside the pipeline's outputs"
+        )
+
+
+def _remove(path: Path) -> None:
+    """Delete a file, link or folder tree if present (a link itself, never what it points to)."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+
+
+def _swap_in(new: Path, target: Path) -> None:
+    """Replace folder ``target`` by ``new`` with renames, so target is never half deleted: the old
+    tree is moved aside first and deleted only once the new one stands in its place."""
+    old = target.with_name(target.name + OLD_SUFFIX)
+    _remove(old)  # left by an interrupted earlier run
+    if target.exists():
+        target.rename(old)
+    try:
+        new.rename(target)
+    except BaseException:
+        if old.exists() and not target.exists():
+            old.rename(target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)  # a leftover is removed by the next run
+
+
+def _copy_into(work: Path, plan: dict[str, list[tuple[Path, Path]]], metadata: list[Path]) -> None:
+    for label, pairs in plan.items():
+        for src, rel in pairs:
+            dest = work / label / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dest)
+    for meta in metadata:
+        (work / "_meta").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(meta, work / "_meta" / meta.name)
+
+
+def _metadata_files(source: Path, class_root: Path) -> list[Path]:
+    """Dataset-level metadata (e.g. kidneyData.csv) in the wrapper folders, kept beside the classes.
+
+    Walked in a fixed order (source first): the report is a DVC dependency of `validate`, so it
+    must not change between identical runs (a set of paths iterates in hash order).
+    """
+    wrappers = [class_root, *class_root.parents]
+    found = []
+    for folder in reversed(wrappers[:wrappers.index(source) + 1]):
+        for meta in sorted(folder.glob("*")):
+            if meta.is_file() and meta.suffix.lower() in METADATA_SUFFIXES:
+                found.append(meta)
+    return found
+
+
+def ingest(cfg: DataConfig, output_dirs: dict[str, str] | None = None) -> IngestReport:
+    """Copy the source data set into ``cfg.raw_dir/<label>/...``; return what was done.
+
+    ``output_dirs`` ({params key: folder}) names further pipeline output folders the source must
+    stay apart from; ``data.raw_dir`` is always checked.
+    """
     source = Path(cfg.source).expanduser()
+    raw_dir = Path(cfg.raw_dir)
+    # Work on the real folder: if raw_dir is a link, the link stays and its target is rebuilt.
+    real_raw = raw_dir.expanduser().resolve()
+    work = real_raw.with_name(real_raw.name + WORK_SUFFIX)
+    check_source_apart(source, {
+        **(output_dirs or {}),
+        RAW_DIR_KEY: cfg.raw_dir,
+        f"{RAW_DIR_KEY}'s work folder": str(work),
+        f"{RAW_DIR_KEY}'s previous copy": str(real_raw.with_name(real_raw.name + OLD_SUFFIX)),
+    })
     if not source.exists():
         raise UserError(f"data.source: folder not found: {source}")
     if not source.is_dir():
@@ -110,23 +227,22 @@ def ingest(cfg: DataConfig) -> IngestReport:
             plan.setdefault(label, []).extend((p, prefix / p.relative_to(folder)) for p in kept)
         report.files_per_label[label] = len(plan[label])
         report.folders_per_label[label] = [str(f) for f in folders]
+    metadata = _metadata_files(source, class_root)
+    report.metadata_files = [str(m) for m in metadata]
 
-    raw_dir = Path(cfg.raw_dir)
-    if raw_dir.exists():
-        shutil.rmtree(raw_dir)  # a generated copy: rebuilt whole so removed source files vanish
-    for label, pairs in plan.items():
-        for src, rel in pairs:
-            dest = raw_dir / label / rel
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, dest)
-    # Dataset-level metadata (e.g. kidneyData.csv) sits in the wrapper folders: keep it beside.
-    # Walked in a fixed order (source first): the report is a DVC dependency of `validate`, so
-    # it must not change between identical runs (a set of paths iterates in hash order).
-    wrappers = [class_root, *class_root.parents]
-    for folder in reversed(wrappers[:wrappers.index(source) + 1]):
-        for meta in sorted(folder.glob("*")):
-            if meta.is_file() and meta.suffix.lower() in METADATA_SUFFIXES:
-                (raw_dir / "_meta").mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(meta, raw_dir / "_meta" / meta.name)
-                report.metadata_files.append(str(meta))
+    # Rebuilt whole (so removed source files vanish), but in a work folder first: a failure
+    # mid-copy leaves the previous raw_dir as it was and removes only the work folder.
+    _remove(work)  # left by an interrupted earlier run
+    work.mkdir(parents=True)
+    try:
+        _copy_into(work, plan, metadata)
+    except BaseException as err:
+        shutil.rmtree(work, ignore_errors=True)
+        if isinstance(err, OSError):  # unreadable source file, full disk, ...: say which, one line
+            raise UserError(
+                f"ingest failed copying into {raw_dir} ({type(err).__name__}: {err}); "
+                f"{raw_dir} was left as it was"
+            ) from err
+        raise
+    _swap_in(work, real_raw)
     return report

@@ -13,7 +13,12 @@ import numpy as np
 import pandas as pd
 
 from tumorscope.config import WindowConfig
-from tumorscope.data.images import UnreadableImage, decode_greyscale
+from tumorscope.data.images import (
+    UnreadableImage,
+    check_file_size,
+    decode_greyscale,
+    error_reason,
+)
 from tumorscope.errors import UserError
 
 MANIFEST_COLUMNS = [
@@ -30,16 +35,40 @@ def phash_hex(pixels: np.ndarray) -> str:
     return str(imagehash.phash(Image.fromarray(pixels)))
 
 
+def _sha256_of_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hash a file in chunks: used for files too large to read into memory."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _quarantined(row: dict, reason: str) -> dict:
+    return row | {"phash": "", "width": 0, "height": 0, "mode": "", "mean": np.nan, "std": np.nan,
+                  "min": np.nan, "max": np.nan, "readable": False, "error": reason}
+
+
 def describe_file(path: Path, label: str, window: WindowConfig) -> dict:
-    """One manifest row for one file."""
-    data = path.read_bytes()
-    row = {"path": path.as_posix(), "label": label, "sha256": hashlib.sha256(data).hexdigest()}
+    """One manifest row for one file. Never raises for a bad file: whatever goes wrong reading or
+    decoding it (a bomb, a truncation, a decoder bug, a vanished or locked file) becomes a
+    quarantined row with the reason, so one hostile file cannot stop the whole manifest."""
+    row = {"path": path.as_posix(), "label": label, "sha256": ""}
+    try:
+        try:
+            check_file_size(path.stat().st_size)
+        except UnreadableImage as err:  # hashed in chunks, never read whole into memory
+            return _quarantined(row | {"sha256": _sha256_of_file(path)}, error_reason(err))
+        data = path.read_bytes()
+    except OSError as err:  # no bytes, so no sha256 either: the reason says why
+        return _quarantined(row, f"cannot read file ({error_reason(err)})")
+    row["sha256"] = hashlib.sha256(data).hexdigest()
     try:
         pixels, mode = decode_greyscale(data, path.suffix, window)
-    except UnreadableImage as err:
-        return row | {"phash": "", "width": 0, "height": 0, "mode": "", "mean": np.nan,
-                      "std": np.nan, "min": np.nan, "max": np.nan, "readable": False,
-                      "error": str(err)}
+    except ImportError:
+        raise  # a missing decoder package is the environment's fault, not this file's
+    except Exception as err:  # any decoder failure quarantines this one file, and only it
+        return _quarantined(row, error_reason(err))
     return row | {
         "phash": phash_hex(pixels), "width": int(pixels.shape[1]), "height": int(pixels.shape[0]),
         "mode": mode, "mean": float(pixels.mean()), "std": float(pixels.std()),
