@@ -48,7 +48,7 @@ def measure(architecture: str, size: int, batch: int, seconds: float, rounds: in
     from tumorscope.config import TrainConfig
     from tumorscope.models.train import balanced_class_weights, fresh_session, make_batches, predict_proba
     from tumorscope.models.zoo import build_model
-    from tumorscope.pipeline import model_options
+    from tumorscope.models.zoo import model_options
 
     fresh_session()
     keras.config.set_dtype_policy(policy)

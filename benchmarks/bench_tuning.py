@@ -28,12 +28,11 @@ import yaml
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REPO = Path(__file__).resolve().parents[1]
-FLOW = REPO / "flows" / "training_flow.py"
 
 
 def make_project(root: Path, images: int, trials: int, epochs: int) -> dict:
     """Phantom data through the preprocess stage; params for a pruning-free small-CNN study."""
-    from tumorscope import pipeline
+    from tumorscope.stages import data as stages
     from tumorscope.config import load_params
 
     shutil.copytree(REPO / "expectations", root / "expectations")
@@ -51,8 +50,8 @@ def make_project(root: Path, images: int, trials: int, epochs: int) -> dict:
     os.chdir(root)
     try:
         params = load_params("params.yaml")
-        for stage in pipeline.DATA_STAGES:
-            getattr(pipeline, f"run_{stage}")(params)
+        for stage in stages.DATA_STAGES:
+            getattr(stages, f"run_{stage}")(params)
     finally:
         os.chdir(here)
     return raw
@@ -110,7 +109,7 @@ def workers_speedup(root: Path, postgres: str) -> None:
         try:
             tuning.open_study(params)
             started = time.perf_counter()
-            running = [subprocess.Popen([sys.executable, str(FLOW), "worker", "--params", path.name, "--index", str(i)],
+            running = [subprocess.Popen([sys.executable, "-m", "tumorscope.cli", "tune-worker", "--params", path.name, "--index", str(i)],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
                        for i in range(workers)]
             errors = [p.communicate()[1] for p in running]

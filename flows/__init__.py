@@ -1,1 +1,1 @@
-"""Prefect flows: orchestration only; every step is a tumorscope.pipeline call."""
+"""Prefect flows: orchestration only; every step is a tumorscope.stages call."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from flows.training_flow import training_flow
+from flows.training import training_flow
 
 DEPLOYMENT = "train"
 

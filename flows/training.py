@@ -1,9 +1,9 @@
 """Training flow: prepare data -> tune (Optuna) -> train the best configuration -> evaluate.
 
-Each task calls one tumorscope library function; nothing here decides anything a DVC stage would
-decide differently. The `tune` and `train` DVC stages run this same flow in-process with
-`python flows/training_flow.py --steps tune` (resp. `train`), and the `train` deployment
-(flows/deploy.py) runs it with every step, so `dvc repro` and a Prefect run share one code path.
+Each task calls one stage function of ``tumorscope.stages``; nothing here decides anything a DVC
+stage would decide differently. The `tune` DVC stage (`tumorscope tune`) runs this flow's tune
+step in-process, and the `train` deployment (flows/deploy.py) runs it with every step, so
+`dvc repro` and a Prefect run share one code path.
 
 Parallel tuning: with tune.workers > 1 each worker is a separate process (Optuna's n_jobs is
 threads only) on the same PostgreSQL-backed study. Per-architecture concurrency: a Prefect global
@@ -13,7 +13,6 @@ is held while a trial of that architecture trains, across all workers.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import subprocess
@@ -25,8 +24,8 @@ import yaml
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
-from tumorscope import pipeline
 from tumorscope.config import Params, load_params, with_overrides
+from tumorscope.stages import training as training_stages
 
 STEPS = ("prepare", "tune", "train", "evaluate")
 LIMIT_PREFIX = "tumorscope-arch-"
@@ -105,21 +104,20 @@ def retry_unless_user_error(task, task_run, state) -> bool:
 @task(retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_user_error)
 def prepare(params_path: str, overrides: dict) -> list[str]:
     """The data stages (phantom only when data.source is the phantom's folder)."""
+    from tumorscope.stages import data as data_stages  # here: the tune stage alone does not run them
+
     params = effective_params(params_path, overrides)
-    stages = [s for s in pipeline.DATA_STAGES if s != "phantom" or pipeline.uses_phantom(params)]
+    names = [s for s in data_stages.DATA_STAGES if s != "phantom" or data_stages.uses_phantom(params)]
     summaries = []
-    for name in stages:
-        summaries.append(getattr(pipeline, f"run_{name}")(params))
+    for name in names:
+        summaries.append(getattr(data_stages, f"run_{name}")(params))
         print(summaries[-1])
     return summaries
 
 
 @task
 def open_study(params_path: str, overrides: dict) -> dict:
-    from tumorscope import tuning
-
-    handle = tuning.open_study(effective_params(params_path, overrides))
-    return handle.__dict__
+    return training_stages.run_tune_open(effective_params(params_path, overrides)).__dict__
 
 
 @task
@@ -128,14 +126,14 @@ def tune_worker(params_path: str, overrides: dict, worker_index: int, separate_p
     params = effective_params(params_path, overrides)
     limits = params.tune.architecture_concurrency
     if not separate_process:
-        return pipeline.run_tune_worker(params, worker_index, architecture_guard(limits) if limits else None)
+        return training_stages.run_tune_worker(params, worker_index, architecture_guard(limits) if limits else None)
     with tempfile.TemporaryDirectory() as folder:
         effective = Path(folder) / "params.yaml"
         effective.write_text(yaml.safe_dump(params.model_dump(mode="json", by_alias=True)))
         env = dict(os.environ)
         if limits:
             env["PREFECT_API_URL"] = current_api_url()  # the children share this flow's API
-        done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "worker", "--params", str(effective),
+        done = subprocess.run([sys.executable, "-m", "tumorscope.cli", "tune-worker", "--params", str(effective),
                                "--index", str(worker_index)], env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"tune worker {worker_index} exited {done.returncode}: {done.stderr.strip()[-2000:]}")
@@ -144,9 +142,9 @@ def tune_worker(params_path: str, overrides: dict, worker_index: int, separate_p
 
 @task
 def finish_study(params_path: str, overrides: dict, handle: dict) -> dict:
-    from tumorscope import tuning
+    from tumorscope.tuning import StudyHandle
 
-    summary = tuning.finish_study(effective_params(params_path, overrides), tuning.StudyHandle(**handle))
+    summary = training_stages.run_tune_finish(effective_params(params_path, overrides), StudyHandle(**handle))
     create_markdown_artifact(summary["markdown"], key="tumorscope-leaderboard",
                              description=f"Optuna study {summary['study_name']}: leaderboard")
     return {k: summary[k] for k in ("study_name", "states", "parent_run_id", "best")}
@@ -154,12 +152,12 @@ def finish_study(params_path: str, overrides: dict, handle: dict) -> dict:
 
 @task(retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_user_error)
 def train_best(params_path: str, overrides: dict) -> str:
-    return pipeline.run_train_best(effective_params(params_path, overrides))
+    return training_stages.run_train(effective_params(params_path, overrides))
 
 
 @task
 def evaluate(params_path: str, overrides: dict) -> str:
-    return pipeline.run_evaluate(effective_params(params_path, overrides))
+    return training_stages.run_evaluate(effective_params(params_path, overrides))
 
 
 @flow(name="tumorscope-train", log_prints=True)
@@ -197,12 +195,12 @@ def training_flow(params_path: str = "params.yaml", architectures: list[str] | N
 def preflight(params: Params, steps: list[str]) -> None:
     """Check what a user can get wrong before the flow starts (one line, no flow-run traceback):
     the study storage and the MLflow store must be reachable."""
-    from tumorscope import registry, tuning
+    from tumorscope import tracking, tuning
 
     if "tune" in steps:
         tuning.open_storage(params.tune)
     if {"tune", "train", "evaluate"} & set(steps):
-        registry.check_database_reachable(params.mlflow.tracking_uri, "mlflow.tracking_uri")
+        tracking.check_database_reachable(params.mlflow.tracking_uri, "mlflow.tracking_uri")
 
 
 def patient_ephemeral_server():
@@ -216,42 +214,27 @@ def patient_ephemeral_server():
     return temporary_settings(updates={PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: seconds})
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python flows/training_flow.py [--steps tune,train]` (DVC stages) or `... worker` (a child
-    tuning process). User mistakes print one line and exit 1."""
-    from tumorscope.errors import UserError
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", nargs="?", default="run", choices=["run", "worker"])
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}")
-    parser.add_argument("--index", type=int, default=0, help="worker index (seeds its sampler)")
-    args = parser.parse_args(argv)
+def run_in_process(params_path: str, steps: list[str]) -> dict:
+    """Run the flow here, against PREFECT_API_URL if set, else a temporary local Prefect server
+    (what `tumorscope tune` does for `dvc repro`). Storage and tracking are checked first, so a
+    bad URL is one line, not a flow-run traceback."""
+    preflight(load_params(params_path), steps)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    # The temporary Prefect server started for an in-process run inherits this: its telemetry
-    # heartbeat races the first migration on a fresh SQLite file and logs a scary traceback.
+    # The temporary Prefect server inherits this: its telemetry heartbeat races the first
+    # migration on a fresh SQLite file and logs a scary traceback.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    try:
-        if args.command == "worker":
-            params = load_params(args.params)
-            limits = params.tune.architecture_concurrency
-            print(pipeline.run_tune_worker(params, args.index, architecture_guard(limits) if limits else None))
-        else:
-            preflight(load_params(args.params), args.steps.split(","))
-            with patient_ephemeral_server():
-                result = training_flow(params_path=args.params, steps=[s for s in args.steps.split(",") if s])
-            if "tune" in result:
-                best = result["tune"]["best"]
-                print(f"tune: best trial {best['trial']} ({best['architecture']}) of study {result['tune']['study_name']}, "
-                      f"states {result['tune']['states']}; see reports/leaderboard.md")
-            for step in ("train", "evaluate"):
-                if step in result:
-                    print(result[step])
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    with patient_ephemeral_server():
+        return training_flow(params_path=params_path, steps=steps)
+
+
+def summary_lines(result: dict) -> list[str]:
+    lines = []
+    if "tune" in result:
+        best = result["tune"]["best"]
+        lines.append(f"tune: best trial {best['trial']} ({best['architecture']}) of study "
+                     f"{result['tune']['study_name']}, states {result['tune']['states']}; see reports/leaderboard.md")
+    return lines + [result[step] for step in ("train", "evaluate") if step in result]
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    print("\n".join(summary_lines(run_in_process("params.yaml", list(STEPS)))))

@@ -91,7 +91,7 @@ def prepared_project(tmp_path_factory) -> Path:
 
     import yaml
 
-    from tumorscope import pipeline
+    from tumorscope.stages import data as stages
     from tumorscope.config import load_params
 
     root = tmp_path_factory.mktemp("prepared")
@@ -101,8 +101,8 @@ def prepared_project(tmp_path_factory) -> Path:
     os.chdir(root)
     try:
         params = load_params("params.yaml")
-        for stage in pipeline.DATA_STAGES[1:]:
-            getattr(pipeline, f"run_{stage}")(params)
+        for stage in stages.DATA_STAGES[1:]:
+            getattr(stages, f"run_{stage}")(params)
     finally:
         os.chdir(here)
     return root

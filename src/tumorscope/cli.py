@@ -1,7 +1,7 @@
-"""`tumorscope <stage>`: a thin Typer CLI over tumorscope.pipeline (DVC stages call these).
+"""`tumorscope <stage>`: a thin Typer CLI over tumorscope.stages (DVC stages call only these).
 
-Heavy libraries (TensorFlow, Great Expectations, MLflow) are imported inside the stage functions
-so that `tumorscope --help` answers at once. A user mistake prints one line and exits 1.
+Heavy libraries (TensorFlow, Great Expectations, MLflow, Prefect) are imported inside the
+commands so that `tumorscope --help` answers at once. A user mistake prints one line and exits 1.
 """
 
 from __future__ import annotations
@@ -16,26 +16,33 @@ app = typer.Typer(help="tumorscope: kidney CT slice classification pipeline.", n
                   add_completion=False, pretty_exceptions_enable=False)
 
 ParamsOption = Annotated[Path, typer.Option("--params", "-p", help="params.yaml to read")]
+DEFAULT_PARAMS = Path("params.yaml")
 
 
-def _run(stage: Callable, params_path: Path) -> None:
-    from tumorscope.config import load_params
+def _report(work: Callable[[], str]) -> None:
+    """Run one command; print its summary, or a user mistake as one red line and exit 1."""
     from tumorscope.errors import UserError
 
     # Quiet TensorFlow's C++ start-up chatter; keep its errors.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
-        typer.echo(stage(load_params(params_path)))
+        typer.echo(work())
     except UserError as err:
         typer.secho(f"error: {err}", err=True, fg=typer.colors.RED)
         raise typer.Exit(1) from None
 
 
-def _stage(name: str, doc: str):
-    def command(params: ParamsOption = Path("params.yaml")) -> None:
-        from tumorscope import pipeline
+def _params(path: Path):
+    from tumorscope.config import load_params
 
-        _run(getattr(pipeline, f"run_{name}"), params)
+    return load_params(path)
+
+
+def _data_stage(name: str, doc: str):
+    def command(params: ParamsOption = DEFAULT_PARAMS) -> None:
+        from tumorscope.stages import data
+
+        _report(lambda: getattr(data, f"run_{name}")(_params(params)))
 
     command.__doc__ = doc
     app.command(name)(command)
@@ -48,11 +55,64 @@ for _name, _doc in [
     ("validate", "Run the Great Expectations suites in expectations/ on the manifest."),
     ("split", "Leakage-aware stratified train/val/test split (duplicate groups kept whole)."),
     ("preprocess", "Resize/enhance into the memory-mapped uint8 cache."),
-    ("train", "Train the configured architecture; log the run and model to MLflow."),
-    ("evaluate", "Test-split metrics, calibration and plots; log them to MLflow."),
-    ("crossval", "Grouped k-fold cross-validation of train.* (duplicate groups kept whole); MLflow runs."),
 ]:
-    _stage(_name, _doc)
+    _data_stage(_name, _doc)
+
+
+@app.command()
+def tune(params: ParamsOption = DEFAULT_PARAMS) -> None:
+    """Run the Optuna study (tune.*) through the Prefect training flow; write the leaderboard and best params."""
+    def work() -> str:
+        from flows.training import run_in_process, summary_lines
+
+        return "\n".join(summary_lines(run_in_process(str(params), ["tune"])))
+
+    _report(work)
+
+
+@app.command("tune-worker", hidden=True)
+def tune_worker(params: ParamsOption = DEFAULT_PARAMS,
+                index: Annotated[int, typer.Option(help="worker index (seeds its sampler)")] = 0) -> None:
+    """One Optuna worker process on the study (the training flow starts these when tune.workers > 1)."""
+    def work() -> str:
+        from tumorscope.stages import training
+
+        loaded = _params(params)
+        limits = loaded.tune.architecture_concurrency
+        guard = None
+        if limits:
+            from flows.training import architecture_guard
+
+            guard = architecture_guard(limits)
+        return training.run_tune_worker(loaded, index, guard)
+
+    _report(work)
+
+
+@app.command()
+def train(params: ParamsOption = DEFAULT_PARAMS,
+          baseline: Annotated[bool, typer.Option(
+              "--baseline", help="train params.yaml's train.* untuned, into <train.model_dir>/baseline")] = False) -> None:
+    """Train the tuned best configuration (tune.best_params_path over train.*); log run and model to MLflow."""
+    from tumorscope.stages import training
+
+    _report(lambda: training.run_train(_params(params), baseline=baseline))
+
+
+@app.command()
+def evaluate(params: ParamsOption = DEFAULT_PARAMS) -> None:
+    """Test-split metrics, calibration and plots; log them to MLflow."""
+    from tumorscope.stages import training
+
+    _report(lambda: training.run_evaluate(_params(params)))
+
+
+@app.command()
+def crossval(params: ParamsOption = DEFAULT_PARAMS) -> None:
+    """Grouped k-fold cross-validation of train.* (duplicate groups kept whole); MLflow runs."""
+    from tumorscope.stages import training
+
+    _report(lambda: training.run_crossval(_params(params)))
 
 
 def main() -> None:  # pragma: no cover - console entry point

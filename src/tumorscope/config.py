@@ -124,8 +124,8 @@ class PreprocessConfig(_Section):
 class TrainConfig(_Section):
     model_dir: str = "models"
     architecture: Literal["small_cnn", "mobilenet_v2", "efficientnet_b0", "resnet50", "densenet121", "vgg19"] = "small_cnn"
-    # Keras Applications only: None trains from scratch (offline default); else a local ImageNet
-    # weights file without the top (nothing is ever downloaded).
+    # Keras Applications only: None trains from scratch (the offline default); a local ImageNet
+    # weights file without the top; or "imagenet", which Keras downloads (needs internet once).
     weights: str | None = None
     # Two-phase fine-tuning (Applications only): phase 1 trains the head with the backbone frozen
     # for head_epochs at lr; phase 2 unfreezes the top unfreeze_top_n backbone layers (-1: all)

@@ -1,4 +1,5 @@
-"""MLflow tracking: experiment set-up, run tags (data version, git commit), epoch logging.
+"""MLflow tracking: experiment set-up, run tags (data version, git commit), and the logging of a
+training run, in one place for the train stage, tuning trials and cross-validation folds.
 
 The tracking URI comes from params (an SQLite file by default, PostgreSQL works the same).
 """
@@ -145,3 +146,39 @@ def epoch_logger():
                 mlflow.log_metrics({k: float(v) for k, v in logs.items()}, step=epoch)
 
     return EpochLogger()
+
+
+def fit_params(params, cfg) -> dict[str, object]:
+    """What every training run logs as MLflow params: the train settings it used and the data
+    settings it trained on (the same keys for the train stage, a trial and a fold)."""
+    return flatten({"seed": params.seed, "train": cfg.model_dump(),
+                    "preprocess": {"image_size": params.preprocess.image_size},
+                    "split": {"phash_threshold": params.split.phash_threshold}})
+
+
+def start_training_run(params, experiment_id: str, name: str, stage: str, parent_run_id: str | None = None,
+                       tags: dict[str, str] | None = None):
+    """An MLflow run for one training (a context manager, like ``mlflow.start_run``), tagged with
+    the data and code versions and nested under ``parent_run_id`` when given."""
+    import mlflow
+
+    nested = {"mlflow.parentRunId": parent_run_id} if parent_run_id else {}
+    return mlflow.start_run(experiment_id=experiment_id, run_name=name,
+                            tags=run_tags(params) | nested | {"stage": stage} | (tags or {}))
+
+
+def log_fit(params, cfg, outcome, prefix: str) -> None:
+    """Log one ``models.train.fit_and_score`` outcome to the active run: params, how it trained,
+    and its scores on the scored set (``prefix``: "final_val_" after the best epoch's weights were
+    restored, "test_" for a held-out fold). Per-epoch metrics come from ``epoch_logger`` during
+    the fit."""
+    import mlflow
+
+    from tumorscope.models.evaluate import flat_scores
+
+    result = outcome.result
+    mlflow.log_params(fit_params(params, cfg) | {"effective_batch_size": result.batch_size})
+    mlflow.set_tag("precision", outcome.precision)
+    mlflow.log_metrics({"epochs_run": result.epochs_run, "fit_seconds": result.fit_seconds,
+                        "train_images_per_second": result.images_per_second}
+                       | flat_scores(outcome.scores, prefix))

@@ -20,11 +20,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from tumorscope.config import APPLICATION_ONLY, SMALL_CNN_ONLY, Params, RangeSpec, TrainConfig
 from tumorscope.errors import UserError
-from tumorscope.models.evaluate import class_index
 from tumorscope.reports import read_json, write_json
 
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
@@ -85,7 +82,7 @@ def open_storage(cfg, key: str = "tune.storage"):
     import optuna
     import sqlalchemy
 
-    from tumorscope.registry import check_database_reachable
+    from tumorscope.tracking import check_database_reachable
 
     try:
         sqlalchemy.engine.make_url(cfg.storage)
@@ -137,18 +134,23 @@ def make_pruner(cfg):
 
 
 def stored_study_name(params: Params) -> str:
-    """<study_name>-<hash>: a change of data, search space, per-trial budget or fixed train settings
-    starts a new study; more trials, workers or a restart continue the same one."""
+    """<study_name>-<hash> of what trials depend on: the data (split and preprocessing), the search
+    space, the per-trial budget, the train settings a trial does not search, and how trials are
+    scored. A change of any starts a new study; more trials, workers, a restart or a new full
+    budget (train.epochs, which only the train stage uses) continue the same one."""
     import hashlib
     import json
 
-    from tumorscope import registry
+    from tumorscope import tracking
 
     cfg = params.tune
     split_path = Path(params.split.path)
     identity = {
-        "data": registry.file_fingerprint(split_path) if split_path.is_file() else "none",
-        "image_size": params.preprocess.image_size, "seed": params.seed, "train": params.train.model_dump(),
+        "data": tracking.file_fingerprint(split_path) if split_path.is_file() else "none",
+        "preprocess": params.preprocess.model_dump(exclude={"cache_dir", "report_path"}), "seed": params.seed,
+        "train": params.train.model_dump(exclude={"epochs", "model_dir", *cfg.search_space}),
+        "scoring": params.evaluate.model_dump(include={"bootstrap_samples", "confidence", "max_single_class_share",
+                                                       "calibration_bins"}),
         "search_space": cfg.model_dump(mode="json")["search_space"], "trial_epochs": cfg.trial_epochs,
         "metric": cfg.metric, "min_critical_recall": cfg.min_critical_recall, "pruner": cfg.pruner,
         "warmup": cfg.pruner_warmup_epochs, "critical_class": params.evaluate.critical_class,
@@ -194,22 +196,22 @@ def open_study(params: Params) -> StudyHandle:
     is checked before anything is written, so a bad URL leaves no half-made study behind."""
     import mlflow
 
-    from tumorscope import registry
+    from tumorscope import tracking
 
     check_separate_stores(params)
     storage = open_storage(params.tune)
-    registry.check_database_reachable(params.mlflow.tracking_uri, "mlflow.tracking_uri")
+    tracking.check_database_reachable(params.mlflow.tracking_uri, "mlflow.tracking_uri")
     study = load_study(params, storage)
-    experiment_id = registry.configure(params.mlflow)
+    experiment_id = tracking.configure(params.mlflow)
     parent_run_id = study.user_attrs.get(PARENT_RUN_ATTR)
     if parent_run_id is None:
         client = mlflow.tracking.MlflowClient()
         run = client.create_run(experiment_id, run_name=f"study-{study.study_name}",
-                                tags=registry.run_tags(params) | {"stage": "tune", "optuna_study": study.study_name,
+                                tags=tracking.run_tags(params) | {"stage": "tune", "optuna_study": study.study_name,
                                                          "optuna_storage": redact(params.tune.storage)})
         parent_run_id = run.info.run_id
         client.log_batch(parent_run_id, params=[
-            mlflow.entities.Param(k, str(v)[:6000]) for k, v in registry.flatten(
+            mlflow.entities.Param(k, str(v)[:6000]) for k, v in tracking.flatten(
                 {"tune": params.tune.model_dump(mode="json"), "seed": params.seed}).items()])
         study.set_user_attr(PARENT_RUN_ATTR, parent_run_id)
     return StudyHandle(study.study_name, params.tune.storage, experiment_id, parent_run_id)
@@ -218,7 +220,7 @@ def open_study(params: Params) -> StudyHandle:
 def check_separate_stores(params: Params) -> None:
     """Optuna and MLflow both keep an `alembic_version` table: in one database schema each
     overwrites the other's and MLflow then refuses to start. Catch it before either writes."""
-    from tumorscope.registry import database_location
+    from tumorscope.tracking import database_location
 
     storage, tracking = params.tune.storage, params.mlflow.tracking_uri
     if not storage.startswith("sqlite") and not tracking.startswith(("sqlite", "http", "file")):
@@ -242,37 +244,6 @@ def redact(url: str) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Scoring
-
-
-def score_predictions(labels: np.ndarray, probabilities: np.ndarray, groups: np.ndarray, classes: list[str],
-                      params: Params) -> dict:
-    """Point scores and group-bootstrap intervals of macro-F1 and the critical class's recall."""
-    from tumorscope.models.evaluate import (
-        confusion,
-        degenerate_predictions,
-        group_bootstrap,
-        macro_f1_from_confusion,
-        per_class_scores,
-    )
-
-    predicted = probabilities.argmax(axis=1)
-    matrix = confusion(labels, predicted, len(classes))
-    per_class = per_class_scores(matrix)
-    recall, present = per_class["recall"], per_class["support"] > 0
-    ev = params.evaluate
-    interval = group_bootstrap(labels, predicted, groups, len(classes), ev.bootstrap_samples, ev.confidence, params.seed)
-    critical = class_index(classes, ev.critical_class)
-    if critical is not None and not present[critical]:
-        critical = None  # no such slice to miss here (a cross-validation fold can lack a class)
-    return {
-        "macro_f1": float(macro_f1_from_confusion(matrix[None])[0]),
-        "macro_f1_ci": interval["macro_f1"],
-        "critical_recall": float(recall[critical]) if critical is not None else None,
-        "critical_recall_ci": interval["recall"][critical] if critical is not None else None,
-        # Classes without a slice here have no recall (0 would read as "all missed").
-        "recall": {c: float(recall[i]) for i, c in enumerate(classes) if present[i]},
-        "degenerate": degenerate_predictions(labels, predicted, ev.max_single_class_share),
-    }
 
 
 def infeasibility(scores: dict, min_critical_recall: float) -> str | None:
@@ -316,100 +287,64 @@ def epoch_reporter(trial, metric: str):
 
 
 def make_objective(params: Params, handle: StudyHandle, trial_guard=None):
-    """The Optuna objective: build, train (trial_epochs), score on validation; one nested MLflow
-    run per trial with its params, per-epoch metrics and final state. ``trial_guard(architecture)``
-    may return a context manager held while the trial trains (the Prefect flow passes a
-    per-architecture concurrency slot)."""
-    import contextlib
-
-    import keras
+    """The Optuna objective: ``models.train.fit_and_score`` on the trial's configuration for
+    tune.trial_epochs, scored on validation; one nested MLflow run per trial, logged by
+    ``tracking.log_fit`` like every other training. ``trial_guard(architecture)`` may return a
+    context manager held while the trial trains (the Prefect flow passes a per-architecture
+    concurrency slot)."""
     import mlflow
     import optuna
 
-    from tumorscope import registry
+    from tumorscope import tracking
     from tumorscope.data.preprocess import load_classes, load_groups, load_split
-    from tumorscope.models.train import fresh_session, predict_proba, set_precision, train_model
-    from tumorscope.models.zoo import build_model
-    from tumorscope.pipeline import model_options
+    from tumorscope.models.evaluate import summary_scores
+    from tumorscope.models.train import fit_and_score
 
     cache = params.preprocess.cache_dir
     classes = load_classes(cache)
     train_data = load_split(cache, "train")
     val_images, val_labels = load_split(cache, "val")
-    val_groups = load_groups(cache, "val")
-    critical = class_index(classes, params.evaluate.critical_class)
-    tags = registry.run_tags(params)
+    scored = (val_images, val_labels, load_groups(cache, "val"))
     client = mlflow.tracking.MlflowClient()
 
     def objective(trial) -> float:
         started = time.perf_counter()
-        run = client.create_run(handle.experiment_id, run_name=f"trial-{trial.number}",
-                                tags=tags | {"mlflow.parentRunId": handle.parent_run_id, "stage": "tune-trial",
-                                             "optuna_study": handle.study_name, "optuna_trial": str(trial.number)})
-        trial.set_user_attr("mlflow_run_id", run.info.run_id)
-        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-        state = "FAILED"
-        try:
-            with mlflow.start_run(run_id=run.info.run_id):
+        tags = {"optuna_study": handle.study_name, "optuna_trial": str(trial.number)}
+        with tracking.start_training_run(params, handle.experiment_id, f"trial-{trial.number}", "tune-trial",
+                                         handle.parent_run_id, tags) as run:
+            trial.set_user_attr("mlflow_run_id", run.info.run_id)
+            trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+            try:  # a bad suggested value fails here, inside the run, so the failure is on record
                 cfg = suggest_train_config(trial, params.train, params.tune.search_space, params.tune.trial_epochs)
-                mlflow.log_params(registry.flatten({"train": cfg.model_dump()}))
-                fresh_session()  # the previous trial's graphs and layer names go (memory grows otherwise)
-                keras.utils.set_random_seed(params.seed + trial.number)
-                mlflow.set_tag("precision", set_precision(cfg.precision))
-                model = build_model(cfg.architecture, params.preprocess.image_size, len(classes),
-                                    **model_options(cfg, params.seed))
                 reporter = epoch_reporter(trial, params.tune.metric)
-                with (trial_guard(cfg.architecture) if trial_guard else contextlib.nullcontext()):
-                    result = train_model(model, train_data, (val_images, val_labels), cfg, params.seed,
-                                         callbacks=[reporter, registry.epoch_logger()], critical_index=critical)
-                fit_seconds = result.fit_seconds
-                mlflow.log_param("effective_batch_size", result.batch_size)
-                trial.set_user_attr("architecture", cfg.architecture)
-                trial.set_user_attr("fit_seconds", fit_seconds)
-                if reporter.pruned_at is not None:
-                    trial.set_user_attr("trial_seconds", time.perf_counter() - started)
-                    mlflow.set_tags({"optuna_state": "PRUNED", "pruned_at_epoch": str(reporter.pruned_at)})
-                    state = "KILLED"
-                    raise optuna.TrialPruned(f"pruned after epoch {reporter.pruned_at}")
-                scores = score_predictions(val_labels, predict_proba(result.model, val_images), val_groups,
-                                           classes, params)
-                reason = infeasibility(scores, params.tune.min_critical_recall)
-                feasible = reason is None
-                trial.set_user_attr("scores", scores)
-                trial.set_user_attr("feasible", feasible)
-                trial.set_user_attr("infeasible_because", reason)
-                trial.set_user_attr("epochs_run", result.epochs_run)
-                mlflow.log_metrics(flat_scores(scores, "final_val_"))  # after best-epoch restore
-                mlflow.set_tags({"optuna_state": "COMPLETE", "feasible": str(feasible).lower()})
-                value = scores[params.tune.metric] if scores[params.tune.metric] is not None else scores["macro_f1"]
-                trial.set_user_attr("trial_seconds", time.perf_counter() - started)
-                mlflow.log_metrics({"trial_seconds": time.perf_counter() - started, "fit_seconds": fit_seconds})
-                state = "FINISHED"
-                return value
-        except optuna.TrialPruned:
-            raise
-        except Exception as err:
-            client.set_tag(run.info.run_id, "optuna_state", "FAIL")
-            client.set_tag(run.info.run_id, "error", f"{type(err).__name__}: {str(err)[:400]}")
-            raise
-        finally:
-            client.set_terminated(run.info.run_id, status=state)
+                outcome = fit_and_score(cfg, params.preprocess.image_size, classes, params.seed + trial.number,
+                                        train_data, (val_images, val_labels), scored, params.evaluate,
+                                        callbacks=[reporter, tracking.epoch_logger()],
+                                        guard=trial_guard(cfg.architecture) if trial_guard else None)
+            except Exception as err:
+                mlflow.set_tags({"optuna_state": "FAIL", "error": f"{type(err).__name__}: {str(err)[:400]}"})
+                raise
+            tracking.log_fit(params, cfg, outcome, "final_val_")  # after the best epoch's weights were restored
+            scores = summary_scores(outcome.scores)
+            reason = infeasibility(scores, params.tune.min_critical_recall)
+            trial.set_user_attr("architecture", cfg.architecture)
+            trial.set_user_attr("scores", scores)
+            trial.set_user_attr("feasible", reason is None)
+            trial.set_user_attr("infeasible_because", reason)
+            trial.set_user_attr("epochs_run", outcome.result.epochs_run)
+            trial.set_user_attr("trial_seconds", time.perf_counter() - started)
+            trial.set_user_attr("fit_seconds", outcome.result.fit_seconds)
+            mlflow.log_metric("trial_seconds", time.perf_counter() - started)
+            pruned = reporter.pruned_at is not None
+            mlflow.set_tags({"optuna_state": "PRUNED" if pruned else "COMPLETE", "feasible": str(reason is None).lower()}
+                            | ({"pruned_at_epoch": str(reporter.pruned_at)} if pruned else {}))
+        if pruned:
+            client.set_terminated(run.info.run_id, status="KILLED")
+            raise optuna.TrialPruned(f"pruned after epoch {reporter.pruned_at}")
+        metric = params.tune.metric
+        return scores[metric] if scores[metric] is not None else scores["macro_f1"]
 
     return objective
-
-
-def flat_scores(scores: dict, prefix: str) -> dict[str, float]:
-    flat = {f"{prefix}macro_f1": scores["macro_f1"]}
-    if scores["macro_f1_ci"]["low"] is not None:
-        flat |= {f"{prefix}macro_f1_ci_low": scores["macro_f1_ci"]["low"],
-                 f"{prefix}macro_f1_ci_high": scores["macro_f1_ci"]["high"]}
-    if scores["critical_recall"] is not None:
-        flat[f"{prefix}critical_recall"] = scores["critical_recall"]
-        if scores["critical_recall_ci"]["low"] is not None:
-            flat |= {f"{prefix}critical_recall_ci_low": scores["critical_recall_ci"]["low"],
-                     f"{prefix}critical_recall_ci_high": scores["critical_recall_ci"]["high"]}
-    flat |= {f"{prefix}recall_{c}": v for c, v in scores["recall"].items()}
-    return flat
 
 
 def run_worker(params: Params, handle: StudyHandle, worker_index: int = 0, trial_guard=None) -> dict[str, int]:
@@ -454,9 +389,8 @@ def leaderboard(study, metric: str) -> list[dict]:
             "feasible": bool(trial.user_attrs.get("feasible", True)),
             "infeasible_because": trial.user_attrs.get("infeasible_because"),
             "rank_by": ranking_key(scores, metric), "value": trial.value, "params": dict(trial.params),
-            "scores": scores, "mlflow_run_id": trial.user_attrs.get("mlflow_run_id"),
-            "trial_seconds": trial.user_attrs.get("trial_seconds"), "fit_seconds": trial.user_attrs.get("fit_seconds"),
-        })
+            "scores": scores, "epochs_run": trial.user_attrs.get("epochs_run"),
+        })  # run ids and times stay in MLflow and Optuna: this table is a DVC output that must repeat
     # Feasible first; among the rest a collapsed model comes last, whatever its score.
     rows.sort(key=lambda row: (not row["feasible"], bool(row["scores"].get("degenerate")), -row["rank_by"],
                                row["trial"]))
@@ -493,6 +427,8 @@ def finish_study(params: Params, handle: StudyHandle) -> dict:
     """Leaderboard, best params and Optuna plots: written to reports/ and the MLflow parent run."""
     import mlflow
 
+    from tumorscope.models.evaluate import flat_scores
+
     study = load_study(params)
     counts = count_states(study)
     rows = leaderboard(study, params.tune.metric)
@@ -512,12 +448,11 @@ def finish_study(params: Params, handle: StudyHandle) -> dict:
         markdown = f"**{warning}**\n\n{markdown}"
         print(f"tune: {warning}")
     summary = {"study_name": study.study_name, "storage": redact(cfg.storage), "metric": cfg.metric,
-               "states": counts, "parent_run_id": handle.parent_run_id, "best": best, "warning": warning,
-               "leaderboard": rows}
+               "states": counts, "best": best, "warning": warning, "leaderboard": rows}
     write_json(cfg.leaderboard_path, summary)
     Path(cfg.leaderboard_path).with_suffix(".md").write_text(markdown + "\n")
-    write_json(cfg.best_params_path, {"trial": best["trial"], "train": best_train_overrides(best),
-                                      "parent_run_id": handle.parent_run_id})
+    write_json(cfg.best_params_path, {"study_name": study.study_name, "trial": best["trial"],
+                                      "train": best_train_overrides(best)})
     plots = write_study_plots(study, Path(cfg.plots_dir))
     with mlflow.start_run(run_id=handle.parent_run_id):
         mlflow.log_metrics({"best_trial": best["trial"], **flat_scores(best["scores"], "best_val_"),
@@ -527,6 +462,7 @@ def finish_study(params: Params, handle: StudyHandle) -> dict:
         for plot in plots:
             mlflow.log_artifact(str(plot), artifact_path="optuna")
     summary["markdown"] = markdown
+    summary["parent_run_id"] = handle.parent_run_id
     return summary
 
 
@@ -560,6 +496,22 @@ def write_study_plots(study, out_dir: Path) -> list[Path]:
         plt.close(figure)
         written.append(out_dir / name)
     return written
+
+
+def find_parent_run(params: Params) -> str | None:
+    """The MLflow run of the study these (untuned) params identify, to nest the final training
+    under; None when the study storage or the study is gone (a clone that pulled the results)."""
+    import optuna
+
+    sqlite_file = params.tune.storage.removeprefix("sqlite:///")
+    if params.tune.storage.startswith("sqlite:///") and not Path(sqlite_file).is_file():
+        return None  # opening it would create an empty database
+    try:
+        summaries = optuna.get_all_study_summaries(open_storage(params.tune), include_best_trial=False)
+    except UserError:
+        return None
+    name = stored_study_name(params)
+    return next((s.user_attrs.get(PARENT_RUN_ATTR) for s in summaries if s.study_name == name), None)
 
 
 def read_best_params(params: Params) -> dict:

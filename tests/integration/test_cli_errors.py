@@ -95,3 +95,14 @@ def test_non_image_files_are_quarantined_with_a_warning_line(tmp_path, class_fol
     assert result.returncode == 0, result.stderr
     assert "1 unreadable file(s) quarantined" in result.stdout
     assert "Thumbs.db" in (project / "reports" / "quarantine.csv").read_text()
+
+
+def test_a_source_inside_the_raw_folder_is_refused_and_nothing_is_deleted(tmp_path, class_folders):
+    """A user who put their slices where the pipeline keeps its copy: ingest used to delete them."""
+    raw = tmp_path / "data" / "raw"
+    raw.parent.mkdir(parents=True)
+    class_folders.rename(raw)
+    before = sorted((p.relative_to(raw), p.read_bytes()) for p in raw.rglob("*") if p.is_file())
+    project = _project(tmp_path, {"data": {"source": "data/raw", "raw_dir": "data/raw"}})
+    _assert_one_line_error(tumorscope("ingest", cwd=project), "data.source", "data.raw_dir")
+    assert sorted((p.relative_to(raw), p.read_bytes()) for p in raw.rglob("*") if p.is_file()) == before

@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import yaml
 
-from tumorscope import pipeline
 from tumorscope.config import load_params, with_overrides
-from tumorscope.registry import absolute_sqlite_uri
+from tumorscope.data.preprocess import load_cached_dataset
+from tumorscope.stages import data as data_stages
+from tumorscope.stages import training as training_stages
+from tumorscope.tracking import absolute_sqlite_uri
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +25,7 @@ def test_crossval_tests_every_image_once_and_logs_a_run_per_fold(project):
     from tumorscope.models.crossval import fold_roles
 
     params = with_overrides(load_params("params.yaml"), {"crossval": {"folds": 3}})
-    line = pipeline.run_crossval(params)
+    line = training_stages.run_crossval(params)
     assert line.startswith("crossval: 3 grouped folds of 32 images (small_cnn): macro-F1 mean ")
     assert "\ncrossval: out-of-fold accuracy by pHash distance to the nearest training slice: " in line
 
@@ -40,7 +42,7 @@ def test_crossval_tests_every_image_once_and_logs_a_run_per_fold(project):
     assert bands[0]["distance"] == "0-4" and bands[0]["n"] == 0 and params.split.phash_threshold == 4
 
     # No duplicate group is both trained on and tested in any round.
-    _, labels, groups = pipeline.load_cached_dataset(params.preprocess.cache_dir)
+    _, labels, groups = load_cached_dataset(params.preprocess.cache_dir)
     folds = grouped_folds(labels, groups, 3, params.seed)
     for fold in range(3):
         roles = fold_roles(folds, fold, 3)
@@ -65,9 +67,9 @@ def test_more_folds_than_groups_is_a_one_line_error(project):
     raw["split"]["phash_threshold"] = 64  # every image one group... after a re-split
     yaml.safe_dump(raw, open("params.yaml", "w"))
     params = load_params("params.yaml")
-    pipeline.run_split(params)
-    pipeline.run_preprocess(params)
-    _, _, groups = pipeline.load_cached_dataset(params.preprocess.cache_dir)
+    data_stages.run_split(params)
+    data_stages.run_preprocess(params)
+    _, _, groups = load_cached_dataset(params.preprocess.cache_dir)
     assert len(np.unique(groups)) < 20
     result = subprocess.run([sys.executable, "-m", "tumorscope.cli", "crossval"], capture_output=True, text=True,
                             timeout=300)

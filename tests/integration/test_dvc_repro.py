@@ -48,8 +48,10 @@ def _deep_update(base: dict, changes: dict) -> dict:
 
 def make_project(root: Path, changes: dict) -> Path:
     """A fresh git+DVC repository with this project's pipeline files and tweaked params."""
-    for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"):
         shutil.copy(REPO / name, root / name)
+    with open(root / ".gitignore", "a") as ignore:
+        ignore.write("/remote/\n")
     shutil.copytree(REPO / "expectations", root / "expectations")
     for code in ("src", "flows"):
         shutil.copytree(REPO / code, root / code, ignore=shutil.ignore_patterns("__pycache__"))
@@ -92,7 +94,8 @@ run_id = json.load(open("{project}/models/train.json"))["run_id"]
 run = mlflow.get_run(run_id)
 assert run.data.params["train.architecture"] == "small_cnn", run.data.params
 best = json.load(open("{project}/reports/best_params.json"))
-assert run.data.tags["mlflow.parentRunId"] == best["parent_run_id"]  # nested under the study
+parent = mlflow.get_run(run.data.tags["mlflow.parentRunId"])  # nested under the study's run
+assert parent.data.tags["optuna_study"] == best["study_name"], parent.data.tags
 assert float(run.data.params["train.lr"]) == best["train"]["lr"]  # the tuned value was trained
 assert "test_macro_f1" in run.data.metrics and "dataset_fingerprint" in run.data.tags
 local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model/model.keras")
@@ -108,14 +111,33 @@ print("mlflow ok")
     assert "mlflow ok" in result.stdout, result.stderr[-3000:]
 
 
+def _git(args: list[str], cwd: Path) -> None:
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, check=True,
+                   capture_output=True)
+
+
+def _tracked_outputs(project: Path) -> dict[str, bytes]:
+    """The files a repeated run must reproduce byte for byte."""
+    names = ["metrics.json", "data/split.csv", "reports/leaderboard.json", "reports/leaderboard.md",
+             "reports/best_params.json", "reports/split.json", "reports/validation.json", "evaluation/report.json"]
+    return {name: (project / name).read_bytes() for name in names}
+
+
 def _stages_run(result: subprocess.CompletedProcess) -> set[str]:
     return {line.split("'")[1] for line in result.stdout.splitlines() if line.startswith("Running stage")}
 
 
-def test_dvc_repro_on_tiny_phantom(tmp_path):
-    project = make_project(tmp_path, TINY)
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory) -> tuple[Path, dict[str, bytes], str]:
+    """A tiny project after its first `dvc repro`, with a snapshot of its outputs."""
+    project = make_project(tmp_path_factory.mktemp("first"), TINY)
     first = _run(["dvc", "repro"], project)
-    assert "Running stage 'evaluate'" in first.stdout
+    return project, _tracked_outputs(project), first.stdout
+
+
+def test_dvc_repro_on_tiny_phantom(first_run):
+    project, _, stdout = first_run
+    assert "Running stage 'evaluate'" in stdout
     _check_outputs(project, ["Cyst", "Normal", "Stone", "Tumor"])
     _check_mlflow_run_and_model(project, 4)
     # The phantom's masks and index travel with the raw data.
@@ -137,6 +159,28 @@ def test_dvc_repro_on_tiny_phantom(tmp_path):
     assert sum(leaderboard["states"].get(s, 0) for s in ("COMPLETE", "PRUNED")) == 3  # the same study, grown
     _run(["dvc", "push"], project)
     assert any((project / "remote").rglob("*"))
+
+    # A clone that pulls the results has nothing to rerun: every output is in git or the remote,
+    # and no output holds an absolute path or a time that would differ there.
+    _git(["add", "-A"], project)
+    _git(["commit", "-q", "-m", "results"], project)
+    clone = project.parent / "clone"
+    _git(["clone", "-q", str(project), str(clone)], project.parent)
+    _run(["dvc", "pull", "-q"], clone)
+    status = _run(["dvc", "status"], clone)
+    assert "up to date" in status.stdout, status.stdout
+    assert "Running stage" not in _run(["dvc", "repro"], clone).stdout
+
+
+def test_a_second_fresh_run_repeats_the_first_byte_for_byte(first_run, tmp_path):
+    """Seeded Keras, a seeded sampler and no times or run ids in the outputs: the same code and
+    params give the same split, study, model scores and leaderboard in a fresh project."""
+    _, first_outputs, _ = first_run
+    project = make_project(tmp_path, TINY)
+    _run(["dvc", "repro"], project)
+    second_outputs = _tracked_outputs(project)
+    differing = [name for name in first_outputs if first_outputs[name] != second_outputs[name]]
+    assert not differing, f"outputs differ between two fresh runs: {differing}"
 
 
 @needs_sample

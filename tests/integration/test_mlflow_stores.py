@@ -8,7 +8,7 @@ import pytest
 
 from tumorscope.config import MlflowConfig
 from tumorscope.errors import UserError
-from tumorscope import registry
+from tumorscope import tracking
 
 from conftest import needs_postgres, postgres_schema_uri
 
@@ -16,12 +16,12 @@ from conftest import needs_postgres, postgres_schema_uri
 def _log_and_read_back(cfg: MlflowConfig, tmp_path) -> None:
     import mlflow
 
-    experiment_id = registry.configure(cfg)
-    assert registry.configure(cfg) == experiment_id  # idempotent: found, not re-created
+    experiment_id = tracking.configure(cfg)
+    assert tracking.configure(cfg) == experiment_id  # idempotent: found, not re-created
     model_file = tmp_path / "model.keras"
     model_file.write_bytes(b"stand-in artefact bytes")
     with mlflow.start_run(experiment_id=experiment_id) as run:
-        mlflow.log_params(registry.flatten({"train": {"lr": 0.001, "epochs": 3}}))
+        mlflow.log_params(tracking.flatten({"train": {"lr": 0.001, "epochs": 3}}))
         for epoch, loss in enumerate([1.3, 0.9, 0.7]):
             mlflow.log_metrics({"val_loss": loss}, step=epoch)
         mlflow.log_artifact(str(model_file), artifact_path="model")
@@ -48,5 +48,5 @@ def test_postgres_store(tmp_path):
 
 def test_unreachable_store_is_one_line_user_error():
     with pytest.raises(UserError, match="mlflow.tracking_uri: cannot open") as err:
-        registry.configure(MlflowConfig(tracking_uri="postgresql://nobody@127.0.0.1:1/none"))
+        tracking.configure(MlflowConfig(tracking_uri="postgresql://nobody@127.0.0.1:1/none"))
     assert "\n" not in str(err.value)

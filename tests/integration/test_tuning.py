@@ -13,13 +13,13 @@ import uuid
 import pytest
 import yaml
 
-from conftest import REPO, needs_postgres, postgres_schema_uri
+from conftest import needs_postgres, postgres_schema_uri
 from tumorscope import tuning
-from tumorscope.registry import absolute_sqlite_uri
 from tumorscope.config import load_params, with_overrides
+from tumorscope.tracking import absolute_sqlite_uri
 
 pytestmark = pytest.mark.slow
-FLOW = str(REPO / "flows" / "training_flow.py")
+CLI = [sys.executable, "-m", "tumorscope.cli"]
 
 
 def child_runs(params, parent_run_id: str):
@@ -63,7 +63,11 @@ def test_study_records_trials_failures_and_nested_runs(project):
         interval = row["scores"]["macro_f1_ci"]
         assert interval["low"] <= interval["high"]
     best = json.loads(open(params.tune.best_params_path).read())
-    assert best["trial"] == rows[0]["trial"] and best["parent_run_id"] == handle.parent_run_id
+    assert best["trial"] == rows[0]["trial"] and best["study_name"] == handle.study_name
+    assert tuning.find_parent_run(params) == handle.parent_run_id  # the train stage nests its run here
+    # No run ids or times in the DVC outputs (they differ on every run); MLflow and Optuna keep them.
+    leaderboard_text = open(params.tune.leaderboard_path).read()
+    assert handle.parent_run_id not in leaderboard_text and "seconds" not in leaderboard_text
     assert (project / params.tune.plots_dir / "optimization_history.png").stat().st_size > 1000
     assert "| 1 |" in (project / "reports" / "leaderboard.md").read_text()
 
@@ -87,7 +91,7 @@ def test_killed_worker_resumes_the_same_study(project):
     params = with_overrides(load_params("params.yaml"), overrides)
     (project / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json", by_alias=True)))
     tuning.open_study(params)
-    worker = subprocess.Popen([sys.executable, FLOW, "worker"], cwd=project, stdout=subprocess.PIPE,
+    worker = subprocess.Popen([*CLI, "tune-worker"], cwd=project, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:  # kill it in the middle of its second trial
@@ -103,7 +107,7 @@ def test_killed_worker_resumes_the_same_study(project):
     assert before and len(killed) == 1
     time.sleep(2 * params.tune.heartbeat_seconds + 1)  # the killed trial's heartbeat goes stale
 
-    done = subprocess.run([sys.executable, FLOW, "worker"], cwd=project, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([*CLI, "tune-worker"], cwd=project, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     after = _states(params)
     assert {t.number: t.value for t in after if t.number in before} == before  # completed trials kept
@@ -129,7 +133,7 @@ def test_two_postgres_workers_share_one_study(project):
         "mlflow": {"tracking_uri": postgres_schema_uri("tumorscope_mlflow"), "experiment": name}})
     (project / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json", by_alias=True)))
     handle = tuning.open_study(params)
-    workers = [subprocess.Popen([sys.executable, FLOW, "worker", "--index", str(i)], cwd=project,
+    workers = [subprocess.Popen([*CLI, "tune-worker", "--index", str(i)], cwd=project,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     try:
         outputs = [w.communicate(timeout=600) for w in workers]
@@ -171,7 +175,7 @@ def test_bad_storage_is_one_line_and_writes_nothing(project, storage, expected):
     params["tune"]["storage"] = storage
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     before = sorted(p.relative_to(project) for p in project.rglob("*"))
-    done = subprocess.run([sys.executable, FLOW, "--steps", "tune"], cwd=project, capture_output=True, text=True,
+    done = subprocess.run([*CLI, "tune"], cwd=project, capture_output=True, text=True,
                           timeout=120, env=dict(os.environ, PREFECT_HOME=str(project.parent / "prefect-home")))
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [f"error: {done.stderr.strip()[7:]}"]

@@ -91,7 +91,7 @@ def test_recalibration_makes_moving_statistics_match_the_data():
 
 def test_missing_weights_file_is_a_user_error():
     from tumorscope.errors import UserError
-    from tumorscope.pipeline import model_options
+    from tumorscope.models.zoo import model_options
 
     with pytest.raises(UserError, match="train.weights: weights file not found: /no/such.h5"):
         model_options(TrainConfig(architecture="resnet50", weights="/no/such.h5"), seed=0)
@@ -100,3 +100,33 @@ def test_missing_weights_file_is_a_user_error():
 def test_too_small_input_is_rejected():
     with pytest.raises(ValueError, match="image_size >= 32"):
         build_model("vgg19", 16, 4)
+
+
+def test_imagenet_weights_download_or_one_line_naming_the_setting(tmp_path):
+    """``train.weights: imagenet`` downloads through Keras where there is internet; offline (CI,
+    hospital servers) it is one line naming the setting and the local-file alternative. An empty
+    KERAS_HOME, so that weights downloaded earlier on this machine cannot hide the offline path."""
+    import os
+    import subprocess
+    import sys
+
+    code = """
+from tumorscope.config import TrainConfig
+from tumorscope.errors import UserError
+from tumorscope.models.zoo import build_configured
+try:
+    model = build_configured(TrainConfig(architecture="mobilenet_v2", weights="imagenet"), 64, 4, seed=0)
+    print("BUILT", model.get_layer("backbone").count_params())
+except UserError as err:
+    print("USER_ERROR", err)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, KERAS_HOME=str(tmp_path / "keras-home")))
+    lines = [line for line in done.stdout.splitlines() if line.startswith(("BUILT", "USER_ERROR"))]
+    assert len(lines) == 1, done.stdout[-2000:] + done.stderr[-2000:]
+    if lines[0].startswith("BUILT"):  # a machine with internet: the real backbone
+        assert int(lines[0].split()[1]) > 2_000_000
+    else:
+        assert lines[0].startswith("USER_ERROR train.weights: imagenet: the mobilenet_v2 ImageNet weights could "
+                                   "not be downloaded")
+        assert lines[0].endswith("set train.weights to its local path")

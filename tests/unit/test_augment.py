@@ -85,7 +85,7 @@ def test_loader_batches_are_seeded_by_epoch_and_index_not_by_access_order():
 @pytest.mark.parametrize("place", ["loader", "model"])
 def test_augment_in_sends_the_strength_to_one_place_only(place):
     from tumorscope.config import TrainConfig
-    from tumorscope.pipeline import model_options
+    from tumorscope.models.zoo import model_options
 
     cfg = TrainConfig(augment_strength=0.2, augment_in=place)
     other = "model" if place == "loader" else "loader"

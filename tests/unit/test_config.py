@@ -38,7 +38,7 @@ def test_validate_section_alias():
 
 
 def test_relative_sqlite_uris_become_absolute(tmp_path, monkeypatch):
-    from tumorscope.registry import absolute_sqlite_uri
+    from tumorscope.tracking import absolute_sqlite_uri
 
     monkeypatch.chdir(tmp_path)
     assert absolute_sqlite_uri("sqlite:///mlflow.db") == f"sqlite:///{tmp_path / 'mlflow.db'}"

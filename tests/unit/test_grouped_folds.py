@@ -61,11 +61,11 @@ def test_summary_skips_rounds_without_the_score():
 
 def test_a_fold_without_the_critical_class_has_no_recall_for_it():
     """A fold without tumour slices missed no tumour: its tumour recall is undefined, not 0."""
-    from tumorscope.tuning import flat_scores, score_predictions
+    from tumorscope.models.evaluate import flat_scores, score_predictions
 
     classes = ["Cyst", "Normal", "Stone", "Tumor"]
     labels = np.repeat(np.arange(3), 4)  # no Tumor
-    scores = score_predictions(labels, np.eye(4)[labels], np.arange(12), classes, Params())
+    scores = score_predictions(labels, np.eye(4)[labels], np.arange(12), classes, Params().evaluate, 0)
     assert scores["critical_recall"] is None and scores["critical_recall_ci"] is None
     assert scores["recall"] == {"Cyst": 1.0, "Normal": 1.0, "Stone": 1.0}
     assert scores["macro_f1"] == 1.0

@@ -3,14 +3,22 @@ import pytest
 
 from tumorscope.models.evaluate import (
     accuracy_by_distance,
-    compute_metrics,
     confusion,
     degenerate_predictions,
     expected_calibration_error,
     per_class_scores,
+    score_predictions,
+    summary_scores,
 )
+from tumorscope.config import EvaluateConfig
 
 CLASSES = ["Cyst", "Normal", "Tumor"]
+
+
+def compute_metrics(labels, probabilities, classes, bins: int, max_share: float) -> dict:
+    """score_predictions with every slice its own duplicate group."""
+    cfg = EvaluateConfig(calibration_bins=bins, max_single_class_share=max_share, bootstrap_samples=50)
+    return score_predictions(labels, probabilities, np.arange(len(labels)), classes, cfg, seed=0)
 
 
 def test_confusion_and_scores_by_hand():
@@ -63,6 +71,22 @@ def test_auc_undefined_for_absent_class():
     metrics = compute_metrics(labels, probabilities, CLASSES, 5, 0.95)
     assert metrics["per_class"]["Tumor"]["roc_auc_ovr"] is None
     assert metrics["macro_f1"] == 1.0  # averaged over classes present in the test split
+    assert metrics["per_class"]["Tumor"]["recall"] is None and "Tumor" not in metrics["recall"]
+
+
+def test_one_scoring_gives_every_caller_the_same_fields_and_types():
+    """Validation, trials, folds and the test split share one scoring: the compact view a trial or a
+    fold keeps is a projection of the full score, not a second computation."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 60)
+    probabilities = rng.dirichlet(np.ones(3), 60)
+    full = compute_metrics(labels, probabilities, CLASSES, 10, 0.95)
+    compact = summary_scores(full)
+    assert compact == {key: full[key] for key in compact}
+    assert isinstance(full["degenerate"], bool) and isinstance(full["degenerate_reason"], str)
+    assert full["critical_class"] == "Tumor" and full["critical_recall"] == full["recall"]["Tumor"]
+    low, high = full["macro_f1_ci"]["low"], full["macro_f1_ci"]["high"]
+    assert 0.0 <= low <= high <= 1.0
 
 
 def test_accuracy_by_distance_bands_by_hand():

@@ -78,7 +78,8 @@ def test_group_bootstrap_of_perfect_predictions_is_a_point():
 def _trial(number: int, low: float, point: float, feasible: bool = True, degenerate: str | None = None):
     interval = {"mean": point, "low": low, "high": min(1.0, point + 0.1)}
     scores = {"macro_f1": point, "macro_f1_ci": interval, "critical_recall": 0.9,
-              "critical_recall_ci": {"mean": 0.9, "low": 0.8, "high": 1.0}, "recall": {}, "degenerate": degenerate}
+              "critical_recall_ci": {"mean": 0.9, "low": 0.8, "high": 1.0}, "recall": {}, "degenerate": degenerate is not None,
+              "degenerate_reason": degenerate or ""}
     return optuna.trial.create_trial(
         params={"lr": 0.001}, distributions={"lr": optuna.distributions.FloatDistribution(1e-4, 1e-2)},
         value=point, user_attrs={"scores": scores, "feasible": feasible, "architecture": "small_cnn"})
@@ -97,22 +98,23 @@ def test_leaderboard_ranks_by_interval_lower_bound_feasible_first():
 def test_a_model_predicting_only_the_critical_class_is_never_feasible():
     """Seen in make run: a trial predicting "Tumor" for every slice met the tumour-recall
     constraint (recall 1.0), ranked first and trained a degenerate final model."""
-    from tumorscope.tuning import infeasibility, score_predictions
+    from tumorscope.models.evaluate import score_predictions
+    from tumorscope.tuning import infeasibility
 
     classes = ["Cyst", "Normal", "Stone", "Tumor"]
     labels = np.repeat(np.arange(4), 5)
     all_tumour = np.tile(np.eye(4)[3], (20, 1))
-    scores = score_predictions(labels, all_tumour, np.arange(20), classes, Params())
+    scores = score_predictions(labels, all_tumour, np.arange(20), classes, Params().evaluate, 0)
     assert scores["critical_recall"] == 1.0 and scores["degenerate"]
     assert infeasibility(scores, 0.8) == "predictions collapse to one class"
-    good = score_predictions(labels, np.eye(4)[labels], np.arange(20), classes, Params())
-    assert good["degenerate"] is None and infeasibility(good, 0.8) is None
+    good = score_predictions(labels, np.eye(4)[labels], np.arange(20), classes, Params().evaluate, 0)
+    assert good["degenerate"] is False and infeasibility(good, 0.8) is None
     assert infeasibility({**good, "critical_recall": 0.5}, 0.8) == "critical recall 0.500 < 0.8"
 
 
 def test_deployment_parameters_override_only_what_they_name():
     from conftest import REPO
-    from flows.training_flow import deployment_overrides, effective_params
+    from flows.training import deployment_overrides, effective_params
 
     path = str(REPO / "params.yaml")
     overrides = deployment_overrides(path, ["small_cnn", "resnet50"], 3, "/data/ct", None)

@@ -125,3 +125,10 @@ def load_groups(cache_dir: str | Path, split: str) -> np.ndarray:
 
 def load_classes(cache_dir: str | Path) -> list[str]:
     return json.loads((Path(cache_dir) / "classes.json").read_text())
+
+
+def load_cached_dataset(cache_dir: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every cached image of every split, in memory: (images, labels, duplicate-group ids)."""
+    parts = [load_split(cache_dir, split, mmap=False) for split in SPLITS]
+    return (np.concatenate([images for images, _ in parts]), np.concatenate([labels for _, labels in parts]),
+            np.concatenate([load_groups(cache_dir, split) for split in SPLITS]))

@@ -182,3 +182,28 @@ def make_split(readable: pd.DataFrame, fractions: dict[str, float], threshold: i
     frame["group"] = duplicate_groups(frame["sha256"], frame["phash"], threshold)
     frame["split"] = assign_groups_to_splits(frame["label"], frame["group"], fractions, seed)
     return frame
+
+
+def read_split_table(path: str) -> pd.DataFrame:
+    """split.csv as written by the split stage (labels kept as text: a class folder named "NA" or
+    "None" stays a label, as the cache saw it)."""
+    from pathlib import Path
+
+    from tumorscope.errors import UserError
+
+    if not Path(path).is_file():
+        raise UserError(f"{path} not found (run tumorscope split and preprocess first)")
+    return pd.read_csv(path, keep_default_na=False)
+
+
+def rows_in_cache_order(table: pd.DataFrame, classes: list[str], labels, splits: tuple[str, ...],
+                        where: str) -> pd.DataFrame:
+    """The split.csv rows of ``splits`` in the cache's order (split by split), checked against the
+    cached labels: split.csv holds what the cache does not (paths, pHashes). ``where`` names the
+    two files for the error message."""
+    from tumorscope.errors import UserError
+
+    rows = pd.concat([table[table["split"] == split] for split in splits])
+    if len(rows) != len(labels) or [classes[i] for i in labels] != rows["label"].tolist():
+        raise UserError(f"{where}: split table and cache do not match: rerun tumorscope preprocess")
+    return rows

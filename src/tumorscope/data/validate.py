@@ -374,7 +374,9 @@ def validate_manifest(manifest: pd.DataFrame, classes: list[str], cfg: ValidateC
         "parameters": params,
         "failed": failures,
         "class_counts": class_count_table(manifest, classes).to_dict(orient="records"),
-        "docs_index": str(docs_index) if docs_index else None,
+        # Relative to the project (as params name it): an absolute path would differ on every
+        # clone, and DVC would rerun every stage downstream of this file there.
+        "docs_index": (Path(cfg.docs_dir) / "index.html").as_posix() if docs_index else None,
     }
     result_path.parent.mkdir(parents=True, exist_ok=True)
     result_path.write_text(json.dumps(_jsonable(report), indent=2) + "\n")

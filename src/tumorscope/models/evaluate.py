@@ -82,34 +82,100 @@ def degenerate_predictions(labels: np.ndarray, predicted: np.ndarray, max_share:
     return None
 
 
-def compute_metrics(labels: np.ndarray, probabilities: np.ndarray, classes: list[str],
-                    n_bins: int, max_single_class_share: float) -> dict:
+def score_predictions(labels: np.ndarray, probabilities: np.ndarray, groups: np.ndarray, classes: list[str],
+                      cfg, seed: int) -> dict:
+    """The one scoring of a model's predictions on a set of slices: validation after training, a
+    tuning trial, a cross-validation fold and the test split all get these fields, with these types.
+
+    Point scores, their group-bootstrap intervals (whole duplicate groups resampled), calibration,
+    one-vs-rest ROC-AUC, the confusion matrix and a guard against predictions collapsed to one
+    class. ``cfg`` is the evaluate section of params (``tumorscope.config.EvaluateConfig``). A class
+    without a slice in this set has no recall (None, not 0: "every tumour missed" would be false).
+    """
+    labels = np.asarray(labels)
+    probabilities = np.asarray(probabilities)
     predicted = probabilities.argmax(axis=1)
     matrix = confusion(labels, predicted, len(classes))
-    scores = per_class_scores(matrix)
-    ece, reliability = expected_calibration_error(labels, probabilities, n_bins)
+    per_class = per_class_scores(matrix)
+    present = per_class["support"] > 0
+    ece, reliability = expected_calibration_error(labels, probabilities, cfg.calibration_bins)
     auc = one_vs_rest_auc(labels, probabilities)
-    present = scores["support"] > 0
     defined_auc = [a for a in auc if a is not None]
-    degenerate = degenerate_predictions(labels, predicted, max_single_class_share)
+    interval = group_bootstrap(labels, predicted, groups, len(classes), cfg.bootstrap_samples, cfg.confidence, seed)
+    critical = class_index(classes, cfg.critical_class)
+    if critical is not None and not present[critical]:
+        critical = None  # no such slice to miss here (a cross-validation fold can lack a class)
+    degenerate = degenerate_predictions(labels, predicted, cfg.max_single_class_share)
     return {
-        "n_test": int(len(labels)),
-        "accuracy": float((predicted == labels).mean()) if len(labels) else 0.0,
-        # Macro over classes present in the test split (an absent class has no recall to average).
-        "macro_f1": float(scores["f1"][present].mean()) if present.any() else 0.0,
+        "n": int(len(labels)),
+        "n_groups": interval["n_groups"],
+        "accuracy": float((predicted == labels).mean()) if len(labels) else None,
+        "macro_f1": float(macro_f1_from_confusion(matrix[None])[0]),
+        "macro_f1_ci": interval["macro_f1"],
+        "critical_class": cfg.critical_class if critical is not None else None,
+        "critical_recall": float(per_class["recall"][critical]) if critical is not None else None,
+        "critical_recall_ci": interval["recall"][critical] if critical is not None else None,
+        "recall": {c: float(per_class["recall"][i]) for i, c in enumerate(classes) if present[i]},
+        "recall_ci": {c: interval["recall"][i] for i, c in enumerate(classes) if present[i]},
         "macro_roc_auc_ovr": float(np.mean(defined_auc)) if defined_auc else None,
-        "ece": ece,
-        "per_class": {
-            c: {"precision": float(scores["precision"][i]), "recall": float(scores["recall"][i]),
-                "f1": float(scores["f1"][i]), "support": int(scores["support"][i]), "roc_auc_ovr": auc[i]}
-            for i, c in enumerate(classes)
-        },
-        "prediction_share": {c: float(np.mean(predicted == i)) for i, c in enumerate(classes)},
+        "ece": ece if len(labels) else None,
         "degenerate": degenerate is not None,
         "degenerate_reason": degenerate or "",
+        "per_class": {
+            c: {"precision": float(per_class["precision"][i]),
+                "recall": float(per_class["recall"][i]) if present[i] else None,
+                "f1": float(per_class["f1"][i]), "support": int(per_class["support"][i]), "roc_auc_ovr": auc[i]}
+            for i, c in enumerate(classes)
+        },
+        "prediction_share": {c: float(np.mean(predicted == i)) if len(predicted) else 0.0
+                             for i, c in enumerate(classes)},
         "confusion_matrix": matrix.tolist(),
         "reliability": reliability,
+        "bootstrap": {"n_samples": interval["n_samples"], "confidence": interval["confidence"]},
     }
+
+
+# The part of a score a leaderboard row, a fold summary or an Optuna trial keeps (no matrices).
+SUMMARY_FIELDS = ("n", "n_groups", "accuracy", "macro_f1", "macro_f1_ci", "critical_class", "critical_recall",
+                  "critical_recall_ci", "recall", "ece", "degenerate", "degenerate_reason")
+
+
+def summary_scores(scores: dict) -> dict:
+    """The compact view of ``score_predictions``'s result: same names, same types."""
+    return {key: scores[key] for key in SUMMARY_FIELDS}
+
+
+def flat_scores(scores: dict, prefix: str) -> dict[str, float]:
+    """MLflow metrics of a score (``prefix`` names the set: val_, test_, ...); undefined values
+    (a class absent from the set, an interval over too few groups) are left out, not logged as 0."""
+    flat: dict[str, float] = {}
+
+    def put(name: str, value) -> None:
+        if value is not None:
+            flat[f"{prefix}{name}"] = float(value)
+
+    for name in ("accuracy", "macro_f1", "critical_recall", "ece", "macro_roc_auc_ovr"):
+        put(name, scores.get(name))
+    for name in ("macro_f1", "critical_recall"):
+        interval = scores.get(f"{name}_ci") or {}
+        put(f"{name}_ci_low", interval.get("low"))
+        put(f"{name}_ci_high", interval.get("high"))
+    for label, value in scores["recall"].items():
+        put(f"recall_{label}", value)
+    put("degenerate", int(bool(scores["degenerate"])))
+    return flat
+
+
+def headline_metrics(scores: dict) -> dict:
+    """The flat subset of a test score that DVC shows and diffs: overall scores, their intervals
+    as scalars (so that `dvc metrics show/diff` lists them) and per-class recall (a missed tumour
+    is the costly error)."""
+    interval = scores["macro_f1_ci"]
+    return {"n_test": scores["n"], "accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"],
+            "macro_roc_auc_ovr": scores["macro_roc_auc_ovr"], "ece": scores["ece"], "degenerate": scores["degenerate"],
+            "recall": scores["recall"],
+            "macro_f1_ci": {"low": interval["low"], "high": interval["high"]},
+            "recall_ci_low": {c: r["low"] for c, r in scores["recall_ci"].items()}}
 
 
 def macro_f1_from_confusion(matrices: np.ndarray) -> np.ndarray:

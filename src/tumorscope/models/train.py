@@ -263,3 +263,42 @@ def save_model(model, model_dir: Path) -> Path:
     path = model_dir / "model.keras"
     model.save(path)
     return path
+
+
+@dataclass
+class FitOutcome:
+    result: TrainResult
+    precision: str  # the Keras dtype policy it trained under
+    probabilities: np.ndarray  # inference-mode, on the scored slices
+    scores: dict  # tumorscope.models.evaluate.score_predictions on the scored slices
+
+
+def fit_and_score(cfg: TrainConfig, image_size: int, classes: list[str], seed: int, train_data, val_data,
+                  scored, evaluate_cfg, callbacks=(), guard=None) -> FitOutcome:
+    """Build -> train -> score: the one routine behind the train stage, every Optuna trial and every
+    cross-validation fold, so that they cannot drift apart.
+
+    ``train_data``/``val_data`` are (images, labels); ``scored`` is (images, labels, duplicate-group
+    ids) of the slices to score (validation for the train stage and trials, the held-out fold for
+    cross-validation). ``guard`` is a context manager held while the model trains (a Prefect
+    concurrency slot). The Keras session is reset and seeded first, so a routine called in a loop
+    gives each model the same start as a fresh process would.
+    """
+    import contextlib
+
+    import keras
+
+    from tumorscope.models.evaluate import class_index, score_predictions
+    from tumorscope.models.zoo import build_configured
+
+    fresh_session()
+    keras.utils.set_random_seed(seed)
+    precision = set_precision(cfg.precision)
+    model = build_configured(cfg, image_size, len(classes), seed)
+    with guard if guard is not None else contextlib.nullcontext():
+        result = train_model(model, train_data, val_data, cfg, seed, callbacks=callbacks,
+                             critical_index=class_index(classes, evaluate_cfg.critical_class))
+    images, labels, groups = scored
+    probabilities = predict_proba(result.model, images)
+    scores = score_predictions(labels, probabilities, groups, classes, evaluate_cfg, seed)
+    return FitOutcome(result, precision, probabilities, scores)

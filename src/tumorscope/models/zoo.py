@@ -164,3 +164,47 @@ def build_model(architecture: str, image_size: int, n_classes: int, **kwargs):
     if architecture in APPLICATIONS:
         return build_application(architecture, image_size, n_classes, **kwargs)
     raise ValueError(f"unknown architecture '{architecture}' (known: {', '.join(ARCHITECTURES)})")
+
+
+def model_options(cfg, seed: int) -> dict:
+    """Keyword arguments of ``build_model`` for a train config (``tumorscope.config.TrainConfig``)."""
+    from pathlib import Path
+
+    from tumorscope.errors import UserError
+
+    common = {"dense_units": cfg.dense_units, "dropout": cfg.dropout,
+              "augment_strength": cfg.augment_strength_in("model"), "seed": seed}
+    if cfg.architecture == "small_cnn":
+        return common | {"filters": cfg.filters, "norm": cfg.norm}
+    if cfg.weights not in (None, "imagenet") and not Path(cfg.weights).is_file():
+        raise UserError(f"train.weights: weights file not found: {cfg.weights} (use a local *_notop.h5 file, "
+                        "'imagenet' to download on a machine with internet, or null to train from scratch)")
+    return common | {"weights": cfg.weights}
+
+
+def build_configured(cfg, image_size: int, n_classes: int, seed: int):
+    """The model a train config describes. ``train.weights: imagenet`` lets Keras download the
+    ImageNet weights (cached in ~/.keras/models); without internet that is one line naming the
+    setting and the offline alternative, not a traceback from deep inside urllib."""
+    from tumorscope.errors import UserError
+
+    options = model_options(cfg, seed)
+    try:
+        return build_model(cfg.architecture, image_size, n_classes, **options)
+    except Exception as err:
+        if options.get("weights") != "imagenet" or not _is_download_failure(err):
+            raise
+        raise UserError(f"train.weights: imagenet: the {cfg.architecture} ImageNet weights could not be downloaded "
+                        f"({_first_line(err)}); on an offline machine download the *_notop.h5 file elsewhere and "
+                        "set train.weights to its local path") from None
+
+
+def _is_download_failure(err: Exception) -> bool:
+    import urllib.error
+
+    return isinstance(err, (urllib.error.URLError, OSError, ConnectionError)) or "URL fetch failure" in str(err)
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__

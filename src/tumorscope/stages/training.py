@@ -1,0 +1,271 @@
+"""The model stages: tune (one Optuna worker at a time; the Prefect flow runs the workers), train,
+evaluate and cross-validate. Params in, the stage's files out, one MLflow run per training.
+
+Every training goes through ``models.train.fit_and_score`` and every score through
+``models.evaluate.score_predictions``, logged by ``tracking.log_fit``: the train stage, a trial
+and a fold differ only in what they train on and what they score.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tumorscope.config import Params
+from tumorscope.errors import UserError
+from tumorscope.reports import read_json, write_json
+
+TRAIN_REPORT = "train.json"
+BASELINE_DIR = "baseline"
+
+
+# ---------------------------------------------------------------------------------------------
+# Tune: the Prefect training flow (flows/training.py) calls these three in order.
+
+
+def run_tune_open(params: Params):
+    """Create or load the study and its MLflow parent run (a ``tuning.StudyHandle``)."""
+    from tumorscope import tuning
+
+    return tuning.open_study(params)
+
+
+def run_tune_worker(params: Params, worker_index: int = 0, trial_guard=None) -> str:
+    """One Optuna worker on the configured study (created if missing); see tumorscope.tuning."""
+    from tumorscope import tuning
+
+    handle = tuning.open_study(params)
+    counts = tuning.run_worker(params, handle, worker_index, trial_guard)
+    return f"tune worker {worker_index}: study {handle.study_name!r} trial states {counts}"
+
+
+def run_tune_finish(params: Params, handle) -> dict:
+    """Leaderboard, best params and plots (reports/), also logged to the study's MLflow run."""
+    from tumorscope import tuning
+
+    return tuning.finish_study(params, handle)
+
+
+# ---------------------------------------------------------------------------------------------
+# Train
+
+
+def run_train(params: Params, baseline: bool = False) -> str:
+    """Train what the DVC ``train`` stage trains: the tuned best configuration (tune.best_params_path
+    over train.*) for the full budget, as a run nested under the study's MLflow run, into
+    train.model_dir. ``baseline``: params.yaml's train.* untouched, into train.model_dir/baseline,
+    so the untuned model never overwrites the one DVC tracks."""
+    from tumorscope import tuning
+    from tumorscope.config import with_overrides
+
+    if baseline:
+        return train_and_save(params, Path(params.train.model_dir) / BASELINE_DIR, run_name="train-baseline",
+                              parent_run_id=None, trained="baseline (params.yaml train.*)")
+    best = tuning.read_best_params(params)
+    parent_run_id = tuning.find_parent_run(params)  # the study is identified by the untuned params
+    tuned = with_overrides(params, {"train": best["train"]})
+    return train_and_save(tuned, Path(params.train.model_dir), run_name=f"train-best-trial-{best['trial']}",
+                          parent_run_id=parent_run_id, trained=f"best trial {best['trial']} of {best['study_name']}")
+
+
+def train_and_save(params: Params, model_dir: Path, run_name: str, parent_run_id: str | None, trained: str) -> str:
+    """Fit train.* on the train split (validation for early stopping, then scored), save the
+    ``.keras`` file and train.json, log the run (params, epochs, scores, model) to MLflow."""
+    import mlflow
+
+    from tumorscope import tracking
+    from tumorscope.data.preprocess import load_classes, load_groups, load_split
+    from tumorscope.models.train import fit_and_score, save_model
+
+    cfg, cache = params.train, params.preprocess.cache_dir
+    classes = load_classes(cache)
+    val_images, val_labels = load_split(cache, "val")
+    experiment_id = tracking.configure(params.mlflow)
+    with tracking.start_training_run(params, experiment_id, run_name, "train", parent_run_id) as run:
+        outcome = fit_and_score(cfg, params.preprocess.image_size, classes, params.seed, load_split(cache, "train"),
+                                (val_images, val_labels), (val_images, val_labels, load_groups(cache, "val")),
+                                params.evaluate, callbacks=[tracking.epoch_logger()])
+        tracking.log_fit(params, cfg, outcome, "final_val_")
+        mlflow.log_param("classes", ",".join(classes))
+        model_path = save_model(outcome.result.model, model_dir)
+        mlflow.log_artifact(str(model_path), artifact_path="model")
+    result = outcome.result
+    # No wall-clock times here: this file is a DVC output (they are on the MLflow run).
+    write_json(model_dir / TRAIN_REPORT, {
+        "run_id": run.info.run_id, "experiment_id": experiment_id, "trained": trained,
+        "architecture": cfg.architecture, "classes": classes, "epochs_run": result.epochs_run,
+        "batch_size": result.batch_size, "val_macro_f1": outcome.scores["macro_f1"], "history": result.history})
+    return (f"train: {trained}: {cfg.architecture} {result.epochs_run} epochs in {result.fit_seconds:.0f}s "
+            f"({result.images_per_second:.0f} img/s), validation macro-F1 {outcome.scores['macro_f1']:.3f}; "
+            f"{model_path}, MLflow run {run.info.run_id}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluate
+
+
+def accuracy_by_train_distance(params: Params, classes: list[str], labels, predicted) -> list[dict]:
+    """Test accuracy in bands of pHash distance to the nearest training slice."""
+    import numpy as np
+
+    from tumorscope.data.split import nearest_distances, read_split_table, rows_in_cache_order
+    from tumorscope.models.evaluate import accuracy_by_distance
+
+    table = read_split_table(params.split.path)
+    test = rows_in_cache_order(table, classes, labels, ("test",), f"{params.split.path} vs {params.preprocess.cache_dir}")
+    distances = nearest_distances(test["phash"], table.loc[table["split"] == "train", "phash"])
+    return accuracy_by_distance(np.asarray(labels) == np.asarray(predicted), distances,
+                                params.evaluate.distance_bands)
+
+
+def format_bands(bands: list[dict]) -> str:
+    """'5-8: 0.86 (n=73), ...' over the bands that hold any slice."""
+    return ", ".join(f"{b['distance']}: {b['accuracy']:.2f} (n={b['n']})" for b in bands if b["n"])
+
+
+def format_interval(interval: dict | None) -> str:
+    return f" [{interval['low']:.3f}, {interval['high']:.3f}]" if interval and interval["low"] is not None else ""
+
+
+def run_evaluate(params: Params) -> str:
+    """Score the trained model on the test split: report.json, metrics.json (DVC metrics), plots,
+    and the test scores on the model's MLflow run."""
+    import keras
+    import mlflow
+    import numpy as np
+    import pandas as pd
+
+    from tumorscope import tracking
+    from tumorscope.data.preprocess import load_groups, load_split
+    from tumorscope.models import evaluate as ev
+    from tumorscope.models.train import predict_proba
+
+    cfg = params.evaluate
+    report_path = Path(params.train.model_dir) / TRAIN_REPORT
+    if not report_path.is_file():
+        raise UserError(f"{report_path} not found (run tumorscope train first)")
+    train_summary = read_json(report_path)
+    classes = train_summary["classes"]
+    model = keras.saving.load_model(Path(params.train.model_dir) / "model.keras")
+    images, labels = load_split(params.preprocess.cache_dir, "test")
+    probabilities = predict_proba(model, images)
+    scores = ev.score_predictions(labels, probabilities, load_groups(params.preprocess.cache_dir, "test"), classes,
+                                  cfg, params.seed)
+    predicted = probabilities.argmax(axis=1)
+    bands = accuracy_by_train_distance(params, classes, labels, predicted)
+
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ev.plot_confusion(np.array(scores["confusion_matrix"]), classes, out / "confusion_matrix.png")
+    ev.plot_class_histogram(labels, predicted, classes, out / "class_histogram.png")
+    ev.plot_reliability(scores["reliability"], scores["ece"], out / "reliability.png")
+    pd.DataFrame({"actual": [classes[i] for i in labels], "predicted": [classes[i] for i in predicted]}).to_csv(
+        out / "predictions.csv", index=False)
+    write_json(out / "report.json", scores | {"accuracy_by_train_distance": bands})
+    write_json(cfg.metrics_path, ev.headline_metrics(scores))
+
+    tracking.configure(params.mlflow)
+    with mlflow.start_run(run_id=train_summary["run_id"]):
+        mlflow.log_metrics(ev.flat_scores(scores, "test_"))
+        mlflow.set_tag("degenerate", str(scores["degenerate"]).lower())
+        mlflow.log_artifact(cfg.metrics_path)
+        mlflow.log_artifacts(str(out), artifact_path="evaluation")
+    recalls = ", ".join(f"{c} {v:.2f}" for c, v in scores["recall"].items())
+    line = (f"evaluate: accuracy {scores['accuracy']:.3f}, macro-F1 {scores['macro_f1']:.3f}"
+            f"{format_interval(scores['macro_f1_ci'])} over {scores['n_groups']} groups, "
+            f"ECE {scores['ece']:.3f}; recall {recalls}")
+    if scores["degenerate"] and cfg.fail_on_degenerate:
+        raise UserError(f"{line} -- DEGENERATE MODEL: {scores['degenerate_reason']}")
+    return f"{line}\nevaluate: accuracy by pHash distance to the nearest training slice: {format_bands(bands)}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Cross-validation (not a DVC stage: k trainings)
+
+
+def crossval_summary_line(report: dict, critical_class: str) -> str:
+    def spread(summary: dict) -> str:
+        if summary["mean"] is None:
+            return "n/a"
+        return f"mean {summary['mean']:.3f} (sd {summary['std']:.3f}, {summary['min']:.3f}-{summary['max']:.3f})"
+
+    pooled = report["pooled"]
+    per_fold = ", ".join(f"{r['macro_f1']:.2f}" for r in report["rounds"])
+    return (f"crossval: {report['folds']} grouped folds of {report['n_images']} images ({report['architecture']}): "
+            f"macro-F1 {spread(report['macro_f1'])}; {critical_class} recall {spread(report['critical_recall'])}; "
+            f"pooled out-of-fold macro-F1 {pooled['macro_f1']:.3f}{format_interval(pooled['macro_f1_ci'])}; "
+            f"per fold {per_fold}\n"
+            "crossval: out-of-fold accuracy by pHash distance to the nearest training slice: "
+            f"{format_bands(report['accuracy_by_train_distance'])}")
+
+
+def run_crossval(params: Params) -> str:
+    """Grouped k-fold cross-validation of train.* (or the tuned configuration) on the cache: each
+    image is tested once by a model that never saw its duplicate group. Writes crossval.report_path
+    and one MLflow parent run with a nested run per fold."""
+    import numpy as np
+
+    from tumorscope.config import with_overrides
+    from tumorscope.data.preprocess import load_cached_dataset, load_classes
+    from tumorscope.data.split import SPLITS, grouped_folds, nearest_distances, read_split_table, rows_in_cache_order
+    from tumorscope.models.crossval import fold_roles, summarise_rounds
+    from tumorscope.models.evaluate import accuracy_by_distance, flat_scores, score_predictions, summary_scores
+    from tumorscope.tuning import read_best_params
+
+    cv = params.crossval
+    if cv.use_best_params:
+        params = with_overrides(params, {"train": read_best_params(params)["train"]})
+    cfg = params.train
+    classes = load_classes(params.preprocess.cache_dir)
+    images, labels, groups = load_cached_dataset(params.preprocess.cache_dir)
+    hashes = rows_in_cache_order(read_split_table(params.split.path), classes, labels, SPLITS,
+                                 f"{params.split.path} vs {params.preprocess.cache_dir}")["phash"].to_numpy()
+    folds = grouped_folds(labels, groups, cv.folds, params.seed)
+    empty = [fold for fold in range(cv.folds) if not np.any(folds == fold)]
+    if empty:
+        raise UserError(f"crossval.folds: {cv.folds} folds but only {len(np.unique(groups))} duplicate groups; "
+                        f"fold(s) {empty} would be empty: use fewer folds")
+    # Checked before TensorFlow and MLflow load, so that a user mistake answers at once.
+    import mlflow
+
+    from tumorscope import tracking
+    from tumorscope.models.train import fit_and_score
+
+    out_of_fold = np.zeros((len(labels), len(classes)), dtype=np.float32)
+    train_distance = np.zeros(len(labels), dtype=np.int64)  # test slice -> nearest training slice of its round
+    rounds = []
+    experiment_id = tracking.configure(params.mlflow)
+    with tracking.start_training_run(params, experiment_id, f"crossval-{cfg.architecture}-{cv.folds}fold",
+                                     "crossval") as parent:
+        mlflow.log_params(tracking.fit_params(params, cfg) | tracking.flatten({"crossval": cv.model_dump()}))
+        for fold in range(cv.folds):
+            roles = fold_roles(folds, fold, cv.folds)
+            with tracking.start_training_run(params, experiment_id, f"crossval-fold-{fold}", "crossval-fold",
+                                             parent.info.run_id, {"fold": str(fold)}):
+                outcome = fit_and_score(cfg, params.preprocess.image_size, classes, params.seed,
+                                        (images[roles["train"]], labels[roles["train"]]),
+                                        (images[roles["val"]], labels[roles["val"]]),
+                                        (images[roles["test"]], labels[roles["test"]], groups[roles["test"]]),
+                                        params.evaluate, callbacks=[tracking.epoch_logger()])
+                tracking.log_fit(params, cfg, outcome, "test_")
+            out_of_fold[roles["test"]] = outcome.probabilities
+            train_distance[roles["test"]] = nearest_distances(hashes[roles["test"]], hashes[roles["train"]])
+            rounds.append({"fold": fold, **{f"n_{role}": int(mask.sum()) for role, mask in roles.items()},
+                           "test_counts": {c: int(np.sum(labels[roles["test"]] == i)) for i, c in enumerate(classes)},
+                           "epochs_run": outcome.result.epochs_run, **summary_scores(outcome.scores)})
+        pooled = summary_scores(score_predictions(labels, out_of_fold, groups, classes, params.evaluate, params.seed))
+        report = {"folds": cv.folds, "n_images": int(len(labels)), "n_groups": int(len(np.unique(groups))),
+                  "phash_threshold": params.split.phash_threshold, "image_size": params.preprocess.image_size,
+                  "architecture": cfg.architecture, "train": cfg.model_dump(), "classes": classes,
+                  "critical_class": params.evaluate.critical_class,
+                  "macro_f1": summarise_rounds(rounds, "macro_f1"),
+                  "critical_recall": summarise_rounds(rounds, "critical_recall"),
+                  "degenerate_folds": [r["fold"] for r in rounds if r["degenerate"]],
+                  "pooled": pooled, "rounds": rounds, "mlflow_run_id": parent.info.run_id,
+                  "accuracy_by_train_distance": accuracy_by_distance(out_of_fold.argmax(axis=1) == labels,
+                                                                     train_distance, params.evaluate.distance_bands)}
+        write_json(cv.report_path, report)
+        mlflow.log_metrics({f"cv_macro_f1_{k}": v for k, v in report["macro_f1"].items() if v is not None}
+                           | {f"cv_critical_recall_{k}": v for k, v in report["critical_recall"].items() if v is not None}
+                           | flat_scores(pooled, "pooled_"))
+        mlflow.log_artifact(cv.report_path)
+    return crossval_summary_line(report, params.evaluate.critical_class)
