@@ -18,7 +18,7 @@ $(CURDIR)/.tools/bin/uv:
 	python3 -m venv $(CURDIR)/.tools
 	$(CURDIR)/.tools/bin/pip install --quiet uv
 
-.PHONY: help install run test test-fast bench crossval gpu-wheels mlflow-ui clean
+.PHONY: help install run test test-fast bench crossval gpu-wheels mlflow-ui clean clean-stores prefect-server deploy worker
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
 
@@ -41,17 +41,29 @@ bench: install ## run the benchmarks in benchmarks/ and print measured ratios
 crossval: install ## grouped k-fold cross-validation of train.* on the cache (after make run; params: crossval.*)
 	$(RUN) tumorscope crossval
 
-# What the lent GPU machine (Python 3.12, JAX, no TensorFlow, no package registry) lacks to run the
-# model code and benchmarks/bench_architectures.py: versions as in uv.lock. README "On a GPU".
+# What an offline GPU host with JAX but no TensorFlow and no package index (Python 3.12) lacks to run the
+# model code and benchmarks/bench_architectures.py: versions as in uv.lock. docs/architectures.md, "On a GPU".
 GPU_WHEELS := keras==3.15.1 namex==0.1.0 optree==0.20.0 pydantic==2.14.3 pydantic-core==2.50.4 \
 	annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0
-gpu-wheels: ## download the wheels the GPU machine lacks into .whl/ (carry it to the device)
+gpu-wheels: ## download the wheels an offline JAX GPU host lacks into .whl/ (copy it there with the project)
 	rm -rf .whl && python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
 	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
 	  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
 
+prefect-server: install ## a local Prefect server and UI (http://127.0.0.1:4200); then: export PREFECT_API_URL=http://127.0.0.1:4200/api
+	$(RUN) prefect server start --host 127.0.0.1
+
+deploy: install ## register the training deployment (dvc exp run per flow run) on the tumorscope work pool
+	$(RUN) python -m flows.deploy
+
+worker: install ## a Prefect worker that runs the deployment's flow runs in this folder
+	$(RUN) prefect worker start --pool tumorscope
+
 mlflow-ui: install ## open the MLflow UI on the local tracking store (http://127.0.0.1:5000)
 	$(RUN) mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
-clean: ## remove pipeline outputs and local stores (not the DVC remote)
-	rm -rf data models evaluation reports metrics.json mlflow.db mlartifacts
+clean: install ## remove the pipeline's outputs (never data.source, the DVC cache or remote)
+	$(RUN) tumorscope clean
+
+clean-stores: install ## clean, and also the local MLflow, Optuna and Prefect stores (all together)
+	$(RUN) tumorscope clean --stores

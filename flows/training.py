@@ -14,6 +14,7 @@ is held while a trial of that architecture trains, across all workers.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -21,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 import yaml
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from tumorscope.config import Params, load_params, with_overrides
@@ -111,7 +112,7 @@ def prepare(params_path: str, overrides: dict) -> list[str]:
     summaries = []
     for name in names:
         summaries.append(getattr(data_stages, f"run_{name}")(params))
-        print(summaries[-1])
+        get_run_logger().info(summaries[-1])
     return summaries
 
 
@@ -181,14 +182,14 @@ def training_flow(params_path: str = "params.yaml", architectures: list[str] | N
         futures = [tune_worker.submit(params_path, overrides, i, separate) for i in range(params.tune.workers)]
         result["workers"] = [future.result() for future in futures]
         result["tune"] = finish_study(params_path, overrides, handle)
-        print(f"tune: best trial {result['tune']['best']['trial']} ({result['tune']['best']['architecture']}), "
+        get_run_logger().info(f"tune: best trial {result['tune']['best']['trial']} ({result['tune']['best']['architecture']}), "
               f"states {result['tune']['states']}")
     if "train" in steps:
         result["train"] = train_best(params_path, overrides)
-        print(result["train"])
+        get_run_logger().info(result["train"])
     if "evaluate" in steps:
         result["evaluate"] = evaluate(params_path, overrides)
-        print(result["evaluate"])
+        get_run_logger().info(result["evaluate"])
     return result
 
 
@@ -212,6 +213,57 @@ def patient_ephemeral_server():
 
     seconds = int(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180"))
     return temporary_settings(updates={PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: seconds})
+
+
+# ---------------------------------------------------------------------------------------------
+# Deployment runs: the pipeline as a DVC experiment
+
+
+def experiment_settings(params_path: str, architectures: list[str] | None, n_trials: int | None,
+                        data_source: str | None, workers: int | None) -> dict[str, str]:
+    """Flow parameters -> `dvc exp run -S key=value` settings (values as YAML, which DVC parses).
+    Validated like params.yaml itself first, so a bad value fails the run before DVC starts."""
+    effective_params(params_path, deployment_overrides(params_path, architectures, n_trials, data_source, workers))
+    named = {"tune.search_space.architecture": architectures, "tune.n_trials": n_trials,
+             "data.source": data_source, "tune.workers": workers}
+    return {key: json.dumps(value) for key, value in named.items() if value is not None}
+
+
+@task
+def dvc_experiment(settings: dict[str, str], name: str) -> dict:
+    """`dvc exp run` in this folder: DVC reruns what the settings change, records the experiment
+    (`dvc exp show` lists it, `dvc exp apply` brings it back) and holds its repository lock, so a
+    second writer waits or fails instead of mixing outputs."""
+    dvc = str(Path(sys.executable).with_name("dvc"))
+    command = [dvc, "exp", "run", "--name", name, *[arg for key, value in settings.items() for arg in ("-S", f"{key}={value}")]]
+    logger = get_run_logger()
+    logger.info("$ %s", " ".join(command))
+    done = subprocess.run(command, capture_output=True, text=True)
+    logger.info(done.stdout[-4000:])
+    if done.returncode != 0:
+        raise RuntimeError(f"dvc exp run exited {done.returncode}: {done.stderr.strip()[-2000:]}")
+    metrics = json.loads(Path(load_params("params.yaml").evaluate.metrics_path).read_text())
+    return {"experiment": name, "settings": settings, "metrics": metrics}
+
+
+@flow(name="tumorscope-experiment", log_prints=True)
+def experiment_flow(params_path: str = "params.yaml", architectures: list[str] | None = None,
+                    n_trials: int | None = None, data_source: str | None = None, workers: int | None = None,
+                    name: str | None = None) -> dict:
+    """The whole pipeline (data -> tune -> train -> evaluate) as a DVC experiment with this run's
+    parameters over params.yaml: the deployment's flow. Tuning inside it runs the training flow,
+    tracked here too when the worker's PREFECT_API_URL is set."""
+    from prefect.runtime import flow_run
+
+    settings = experiment_settings(params_path, architectures, n_trials, data_source, workers)
+    name = name or f"prefect-{flow_run.get_name() or 'run'}"
+    result = dvc_experiment(settings, name)
+    metrics = result["metrics"]
+    create_markdown_artifact(
+        f"DVC experiment `{name}` ({', '.join(f'{k}={v}' for k, v in settings.items()) or 'params.yaml as is'}): "
+        f"test macro-F1 {metrics['macro_f1']:.3f}, recall {metrics['recall']}; `dvc exp show` lists it.",
+        key="tumorscope-experiment", description="DVC experiment of this run")
+    return result
 
 
 def run_in_process(params_path: str, steps: list[str]) -> dict:

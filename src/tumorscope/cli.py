@@ -25,11 +25,24 @@ def _report(work: Callable[[], str]) -> None:
 
     # Quiet TensorFlow's C++ start-up chatter; keep its errors.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    _log_to_stderr()
     try:
         typer.echo(work())
     except UserError as err:
         typer.secho(f"error: {err}", err=True, fg=typer.colors.RED)
         raise typer.Exit(1) from None
+
+
+def _log_to_stderr() -> None:
+    """The library's log records (warnings such as "no feasible trial") as plain lines on stderr."""
+    import logging
+
+    logger = logging.getLogger("tumorscope")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 def _params(path: Path):
@@ -113,6 +126,20 @@ def crossval(params: ParamsOption = DEFAULT_PARAMS) -> None:
     from tumorscope.stages import training
 
     _report(lambda: training.run_crossval(_params(params)))
+
+
+@app.command()
+def clean(params: ParamsOption = DEFAULT_PARAMS,
+          stores: Annotated[bool, typer.Option(
+              "--stores", help="also the local MLflow, Optuna and Prefect stores (together)")] = False) -> None:
+    """Remove the pipeline's outputs (never data.source, the DVC cache or remote, or a database server)."""
+    def work() -> str:
+        from tumorscope.workspace import clean as clean_workspace
+
+        removed = clean_workspace(_params(params), Path("."), stores=stores)
+        return f"clean: removed {len(removed)} path(s)" + "".join(f"\n  {p}" for p in removed)
+
+    _report(work)
 
 
 def main() -> None:  # pragma: no cover - console entry point

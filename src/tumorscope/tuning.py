@@ -13,6 +13,7 @@ duplicate groups of the validation split, not by one point estimate that a lucky
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -25,6 +26,7 @@ from tumorscope.errors import UserError
 from tumorscope.reports import read_json, write_json
 
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
+log = logging.getLogger(__name__)
 FINISHED_STATES = ("COMPLETE", "PRUNED")
 
 
@@ -359,7 +361,10 @@ def run_worker(params: Params, handle: StudyHandle, worker_index: int = 0, trial
     if remaining > 0:
         # Failed trials do not count towards n_trials, so allow some extra attempts; the callback
         # stops every worker once the study holds n_trials finished trials.
+        from tumorscope.progress import on_terminal
+
         study.optimize(objective, n_trials=remaining + max(3, remaining), catch=(Exception,),
+                       show_progress_bar=on_terminal() and cfg.workers == 1,
                        timeout=cfg.timeout_minutes * 60 if cfg.timeout_minutes else None,
                        callbacks=[optuna.study.MaxTrialsCallback(
                            cfg.n_trials, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))])
@@ -446,7 +451,7 @@ def finish_study(params: Params, handle: StudyHandle) -> dict:
                    f"{cfg.min_critical_recall}, tune.min_critical_recall, and predictions not all one class); "
                    f"using the best infeasible trial {best['trial']}: {best['infeasible_because']}")
         markdown = f"**{warning}**\n\n{markdown}"
-        print(f"tune: {warning}")
+        log.warning("tune: %s", warning)
     summary = {"study_name": study.study_name, "storage": redact(cfg.storage), "metric": cfg.metric,
                "states": counts, "best": best, "warning": warning, "leaderboard": rows}
     write_json(cfg.leaderboard_path, summary)
@@ -487,7 +492,7 @@ def write_study_plots(study, out_dir: Path) -> list[Path]:
             try:
                 axes = plot(study)
             except (ValueError, RuntimeError) as err:  # e.g. importances of a constant column
-                print(f"tune: skipped {name}: {err}")
+                log.info("tune: skipped %s: %s", name, err)
                 continue
         figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
         figure.set_size_inches(7, 4.5)

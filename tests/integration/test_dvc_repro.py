@@ -146,7 +146,7 @@ def test_dvc_repro_on_tiny_phantom(first_run):
     assert "Running stage" not in second.stdout  # an unchanged workspace is a no-op
     # Changing one evaluation knob reruns only evaluate; one more trial reruns tune onwards.
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["evaluate"]["calibration_bins"] = 5
+    params["evaluate"]["distance_bands"] = [3, 8, 12]  # read by evaluate alone
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = _run(["dvc", "repro"], project)
     assert _stages_run(third) == {"evaluate"}

@@ -91,7 +91,10 @@ def list_raw_files(raw_dir: Path) -> list[tuple[Path, str]]:
 
 
 def build_manifest(raw_dir: Path, window: WindowConfig) -> pd.DataFrame:
-    rows = [describe_file(path, label, window) for path, label in list_raw_files(raw_dir)]
+    from tumorscope.progress import progress
+
+    files = list_raw_files(raw_dir)
+    rows = [describe_file(path, label, window) for path, label in progress(files, len(files), "manifest")]
     return pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
 
 

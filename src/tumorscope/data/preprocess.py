@@ -16,6 +16,7 @@ import pandas as pd
 from tumorscope.config import PreprocessConfig, WindowConfig
 from tumorscope.data.images import read_greyscale
 from tumorscope.data.split import SPLITS
+from tumorscope.progress import progress
 
 
 def resize(pixels: np.ndarray, size: int) -> np.ndarray:
@@ -77,7 +78,7 @@ def build_cache(split_table: pd.DataFrame, classes: list[str], cfg: PreprocessCo
         # Written through a memory map so peak RAM stays one slice, whatever the data set size.
         images = np.lib.format.open_memmap(x_path, mode="w+", dtype=np.uint8,
                                            shape=(len(rows), cfg.image_size, cfg.image_size, 1))
-        for i, path in enumerate(rows["path"]):
+        for i, path in enumerate(progress(rows["path"], len(rows), f"cache {split}")):
             pixels, _ = read_greyscale(path, window)
             plain = resize(pixels, cfg.image_size)
             processed = enhance(plain, cfg)
