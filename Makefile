@@ -18,7 +18,7 @@ $(CURDIR)/.tools/bin/uv:
 	python3 -m venv $(CURDIR)/.tools
 	$(CURDIR)/.tools/bin/pip install --quiet uv
 
-.PHONY: help install run test test-fast bench crossval gpu-wheels mlflow-ui clean clean-stores prefect-server deploy worker
+.PHONY: help install run test lint test-fast bench crossval gpu-wheels mlflow-ui clean clean-stores prefect-server deploy worker
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
 
@@ -29,8 +29,12 @@ run: install ## install, then run the whole pipeline (dvc repro) on the embedded
 	$(RUN) dvc repro
 	$(RUN) dvc metrics show
 
-test: install ## run the test suite (unit, integration, model; slow tests at a small size)
+test: install lint ## lint and type-check, then run the test suite (unit, integration, model; slow tests at a small size)
 	$(RUN) pytest
+
+lint: install ## ruff (style, imports, bug patterns) and mypy (types) on the code
+	$(RUN) ruff check src flows tests benchmarks
+	$(RUN) mypy
 
 test-fast: install ## unit tests only
 	$(RUN) pytest tests/unit -m "not slow"

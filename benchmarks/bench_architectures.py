@@ -47,8 +47,7 @@ def measure(architecture: str, size: int, batch: int, seconds: float, rounds: in
 
     from tumorscope.config import TrainConfig
     from tumorscope.models.train import balanced_class_weights, fresh_session, make_batches, predict_proba
-    from tumorscope.models.zoo import build_model
-    from tumorscope.models.zoo import model_options
+    from tumorscope.models.zoo import build_model, model_options
 
     fresh_session()
     keras.config.set_dtype_policy(policy)
@@ -132,7 +131,8 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"--architectures: unknown {', '.join(unknown)} (known: {', '.join(ARCHITECTURES)})")
     device = accelerator()
-    print(f"architecture throughput: {args.size}x{args.size} greyscale, batch {args.batch}, median of {args.rounds} timed epochs of ~{args.seconds:g} s, "
+    print(f"architecture throughput: {args.size}x{args.size} greyscale, batch {args.batch}, median of {args.rounds} "
+          f"timed epochs of ~{args.seconds:g} s, "
           f"from scratch; Keras {keras.__version__} on {keras.backend.backend()}, device {device}, "
           f"{os.cpu_count()} CPU cores ({platform.machine()})")
     rows = []

@@ -38,7 +38,6 @@ def loader_rate(images, labels, batch_size: int, repeats: int = 3) -> float:
 def fit_rate(images, labels, size: int, epochs: int, batch_size: int) -> float:
     import keras
 
-    from tumorscope.config import TrainConfig
     from tumorscope.models.train import make_batches
     from tumorscope.models.zoo import build_small_cnn
 

@@ -32,8 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def make_project(root: Path, images: int, trials: int, epochs: int) -> dict:
     """Phantom data through the preprocess stage; params for a pruning-free small-CNN study."""
-    from tumorscope.stages import data as stages
     from tumorscope.config import load_params
+    from tumorscope.stages import data as stages
 
     shutil.copytree(REPO / "expectations", root / "expectations")
     raw = {
@@ -91,8 +91,8 @@ def trial_overhead(root: Path) -> None:
 
 
 def workers_speedup(root: Path, postgres: str) -> None:
-    from tumorscope.config import load_params, with_overrides
     from tumorscope import tuning
+    from tumorscope.config import load_params, with_overrides
 
     timings = {}
     for workers in (1, 2):

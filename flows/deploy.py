@@ -18,6 +18,10 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import cast
+
+from prefect import Flow
+from prefect.deployments.runner import RunnerDeployment
 
 from flows.training import experiment_flow
 
@@ -56,8 +60,12 @@ def main(argv: list[str] | None = None) -> None:
         experiment_flow.serve(**options)
         return
     ensure_work_pool(args.pool)
-    deployed = experiment_flow.from_source(source=str(Path.cwd()), entrypoint=ENTRYPOINT)
-    deployed.deploy(work_pool_name=args.pool, concurrency_limit=1, print_next_steps=False, **options)
+    # from_source is sync-compatible (typed as "a flow or a coroutine"): called from sync code, a flow.
+    source = cast(Flow, experiment_flow.from_source(source=str(Path.cwd()), entrypoint=ENTRYPOINT))
+    # to_deployment + apply rather than Flow.deploy: with prefect 3.8's server, deploy's check for
+    # online workers sends a request the server rejects (422 on workers/filter, "limit": null).
+    deployment = cast(RunnerDeployment, source.to_deployment(work_pool_name=args.pool, concurrency_limit=1, **options))
+    deployment.apply(work_pool_name=args.pool)
     print(f"deployment tumorscope-experiment/{DEPLOYMENT} -> work pool {args.pool!r}; "
           f"start a worker: prefect worker start --pool {args.pool}")
 

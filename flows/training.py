@@ -132,8 +132,9 @@ def tune_worker(params_path: str, overrides: dict, worker_index: int, separate_p
         effective = Path(folder) / "params.yaml"
         effective.write_text(yaml.safe_dump(params.model_dump(mode="json", by_alias=True)))
         env = dict(os.environ)
-        if limits:
-            env["PREFECT_API_URL"] = current_api_url()  # the children share this flow's API
+        api_url = current_api_url() if limits else None
+        if api_url:
+            env["PREFECT_API_URL"] = api_url  # the children share this flow's API (concurrency slots)
         done = subprocess.run([sys.executable, "-m", "tumorscope.cli", "tune-worker", "--params", str(effective),
                                "--index", str(worker_index)], env=env, capture_output=True, text=True)
     if done.returncode != 0:
@@ -164,8 +165,9 @@ def evaluate(params_path: str, overrides: dict) -> str:
 @flow(name="tumorscope-train", log_prints=True)
 def training_flow(params_path: str = "params.yaml", architectures: list[str] | None = None,
                   n_trials: int | None = None, data_source: str | None = None, workers: int | None = None,
-                  steps: list[str] = list(STEPS)) -> dict:
+                  steps: list[str] | None = None) -> dict:
     """prepare -> tune -> train best -> evaluate; parameters override params.yaml for this run."""
+    steps = list(STEPS) if steps is None else steps
     unknown = sorted(set(steps) - set(STEPS))
     if unknown:
         raise ValueError(f"unknown steps {unknown}; choose from {list(STEPS)}")

@@ -91,8 +91,8 @@ def prepared_project(tmp_path_factory) -> Path:
 
     import yaml
 
-    from tumorscope.stages import data as stages
     from tumorscope.config import load_params
+    from tumorscope.stages import data as stages
 
     root = tmp_path_factory.mktemp("prepared")
     shutil.copytree(REPO / "expectations", root / "expectations")

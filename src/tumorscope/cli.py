@@ -7,8 +7,9 @@ commands so that `tumorscope --help` answers at once. A user mistake prints one 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Callable
+from typing import Annotated
 
 import typer
 

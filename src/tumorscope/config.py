@@ -17,7 +17,7 @@ from tumorscope.errors import UserError
 
 CANONICAL_CLASSES = ("Cyst", "Normal", "Stone", "Tumor")
 # Class counts of the public Kaggle "CT KIDNEY DATASET: Normal-Cyst-Tumor-Stone".
-PUBLIC_PROPORTIONS = {"Normal": 5077, "Cyst": 3709, "Tumor": 2283, "Stone": 1377}
+PUBLIC_PROPORTIONS: dict[str, float] = {"Normal": 5077, "Cyst": 3709, "Tumor": 2283, "Stone": 1377}
 
 
 class ConfigError(UserError, ValueError):
@@ -360,7 +360,7 @@ def _dotted(loc: tuple) -> str:
     return ".".join(str(part) for part in loc if part != "__root__")
 
 
-def parse_params(raw: dict) -> Params:
+def parse_params(raw: dict | None) -> Params:
     """Validate a params mapping; raise ConfigError naming the first bad key."""
     try:
         return Params.model_validate(raw or {})

@@ -18,8 +18,10 @@ import os
 import socket
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tumorscope.config import APPLICATION_ONLY, SMALL_CNN_ONLY, Params, RangeSpec, TrainConfig
 from tumorscope.errors import UserError
@@ -67,7 +69,7 @@ def suggest_train_config(trial, base: TrainConfig, space: dict, epochs: int) -> 
     values = {}
     if "architecture" in space:
         values["architecture"] = suggest(trial, "architecture", space["architecture"])
-    architecture = values.get("architecture", base.architecture)
+    architecture = str(values.get("architecture", base.architecture))
     for name, dimension in space.items():
         if name != "architecture" and applies_to(name, architecture):
             values[name] = suggest(trial, name, dimension)
@@ -482,7 +484,7 @@ def write_study_plots(study, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
-    plots = [("optimization_history.png", vis.plot_optimization_history)]
+    plots: list[tuple[str, Callable[[Any], Any]]] = [("optimization_history.png", vis.plot_optimization_history)]
     # Importances need at least two complete trials and a parameter that varied.
     if len(complete) >= 2 and any(len({str(t.params.get(p)) for t in complete}) > 1 for p in complete[0].params):
         plots.append(("param_importances.png", vis.plot_param_importances))

@@ -7,11 +7,10 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
+import numpy as np
 import yaml
 
 from conftest import textured_slice, write_png
-import numpy as np
 
 
 def tumorscope(*args: str, cwd: Path) -> subprocess.CompletedProcess:

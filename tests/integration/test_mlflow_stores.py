@@ -6,11 +6,10 @@ import uuid
 
 import pytest
 
+from conftest import needs_postgres, postgres_schema_uri
+from tumorscope import tracking
 from tumorscope.config import MlflowConfig
 from tumorscope.errors import UserError
-from tumorscope import tracking
-
-from conftest import needs_postgres, postgres_schema_uri
 
 
 def _log_and_read_back(cfg: MlflowConfig, tmp_path) -> None:

@@ -15,7 +15,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from test_dvc_repro import TINY, _git, _run, make_project
 
 pytestmark = pytest.mark.slow

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from tumorscope.config import PhantomConfig, PreprocessConfig, TrainConfig, WindowConfig
+from tumorscope.data.images import read_greyscale
 from tumorscope.data.phantom import generate_phantom
 from tumorscope.data.preprocess import prepare_slice
-from tumorscope.data.images import read_greyscale
 from tumorscope.models.evaluate import degenerate_predictions
 from tumorscope.models.train import predict_proba, save_model, train_model
 from tumorscope.models.zoo import build_model

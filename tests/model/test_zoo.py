@@ -51,9 +51,9 @@ def test_two_phase_training_gives_non_constant_predictions_and_round_trips(archi
     assert not any(layer.trainable for layer in backbone_of(model).layers)
     result = train_model(model, (x_train, y_train), (x_val, y_val), cfg, seed=0)
     assert result.epochs_run == 8  # one head epoch + seven fine-tuning epochs (no early stop)
-    assert not all(np.allclose(a, b) for a, b in zip(head_before, _weights(model.get_layer("probabilities"))))
+    assert not all(np.allclose(a, b) for a, b in zip(head_before, _weights(model.get_layer("probabilities")), strict=True))
     backbone_after = _weights(backbone_of(model))
-    assert not all(np.allclose(a, b) for a, b in zip(backbone_before, backbone_after))  # phase 2 moved it
+    assert not all(np.allclose(a, b) for a, b in zip(backbone_before, backbone_after, strict=True))  # phase 2 moved it
 
     predicted = predict_proba(result.model, x_val).argmax(axis=1)
     assert len(np.unique(predicted)) >= 2, f"{architecture}: every prediction is class {predicted[0]}"

@@ -76,7 +76,7 @@ def test_loader_batches_are_seeded_by_epoch_and_index_not_by_access_order():
     forward, backward = loader(), loader()
     in_order = [forward[i][0] for i in range(4)]
     reversed_order = [backward[i][0] for i in reversed(range(4))][::-1]
-    assert all(np.array_equal(a, b) for a, b in zip(in_order, reversed_order))
+    assert all(np.array_equal(a, b) for a, b in zip(in_order, reversed_order, strict=True))
     assert not np.array_equal(in_order[0], images[np.sort(forward.order[:16])])  # it did augment
     forward.on_epoch_end()
     assert not np.array_equal(forward[0][0], in_order[0])  # a new epoch draws new warps

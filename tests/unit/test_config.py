@@ -1,7 +1,7 @@
 import pytest
 
-from tumorscope.config import ConfigError, Params, load_params, parse_params
 from conftest import REPO
+from tumorscope.config import ConfigError, Params, load_params, parse_params
 
 
 def test_repo_params_yaml_is_valid_and_matches_defaults():

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import textured_slice, write_png
 from tumorscope.config import WindowConfig
 from tumorscope.data import images, manifest
 from tumorscope.data.images import MAX_PIXELS, UnreadableImage, decode_greyscale, error_reason
 from tumorscope.data.manifest import build_manifest, describe_file, quarantine_table
-from conftest import textured_slice, write_png
 
 WINDOW = WindowConfig()
 N_GOOD = 4

@@ -3,11 +3,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import textured_slice, write_png
 from tumorscope.config import DataConfig, WindowConfig
 from tumorscope.data.ingest import find_class_root, ingest
 from tumorscope.data.manifest import build_manifest, check_every_class_readable, quarantine_table
 from tumorscope.errors import UserError
-from conftest import textured_slice, write_png
 
 
 def _ingest(source: Path, tmp_path: Path, **kwargs):

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from tumorscope.config import EvaluateConfig
 from tumorscope.models.evaluate import (
     accuracy_by_distance,
     confusion,
@@ -10,7 +11,6 @@ from tumorscope.models.evaluate import (
     score_predictions,
     summary_scores,
 )
-from tumorscope.config import EvaluateConfig
 
 CLASSES = ["Cyst", "Normal", "Tumor"]
 

@@ -125,3 +125,20 @@ def test_deployment_parameters_override_only_what_they_name():
         k: v for k, v in base.tune.search_space.items() if k != "architecture"}
     assert (params.tune.n_trials, params.tune.workers, params.data.source) == (3, base.tune.workers, "/data/ct")
     assert deployment_overrides(path, None, None, None, None) == {}
+
+
+def test_study_identity_hashes_only_what_trials_depend_on():
+    """A new full budget (train.epochs) or a new value of a searched setting continues the study;
+    other data preprocessing or a fixed train setting the trials use starts a new one."""
+    from tumorscope.config import with_overrides
+    from tumorscope.tuning import stored_study_name
+
+    base = Params()
+    same = [{"train": {"epochs": 200}}, {"train": {"model_dir": "elsewhere"}}, {"train": {"lr": 0.01}},
+            {"tune": {"n_trials": 40, "workers": 1}}, {"evaluate": {"distance_bands": [2, 6]}}]
+    for overrides in same:
+        assert stored_study_name(with_overrides(base, overrides)) == stored_study_name(base), overrides
+    different = [{"preprocess": {"clahe": True}}, {"preprocess": {"image_size": 96}}, {"train": {"patience": 3}},
+                 {"tune": {"trial_epochs": 5}}, {"evaluate": {"bootstrap_samples": 200}}, {"seed": 1}]
+    for overrides in different:
+        assert stored_study_name(with_overrides(base, overrides)) != stored_study_name(base), overrides

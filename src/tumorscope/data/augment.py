@@ -42,7 +42,7 @@ def augment_batch(images: np.ndarray, strength: float, rng: np.random.Generator)
     # "grid-constant" blends edge pixels with the 0 fill, as Keras' constant fill does; scipy's
     # "constant" zeroes any point a hair outside the slice (a black line at the border).
     out = np.empty_like(images)
-    for index, (matrix, offset) in enumerate(zip(matrices, offsets)):
+    for index, (matrix, offset) in enumerate(zip(matrices, offsets, strict=True)):
         warped = ndimage.affine_transform(images[index, :, :, 0].astype(np.float32), matrix, offset,
                                           order=1, mode="grid-constant", cval=0.0)
         out[index, :, :, 0] = np.clip(np.rint(warped), 0, 255)

@@ -87,7 +87,8 @@ def resolve_class_folders(class_root: Path, class_map: dict[str, str | None]) ->
 
 def _class_files(folder: Path) -> tuple[list[Path], list[Path]]:
     """All regular files under a class folder: (kept, hidden)."""
-    kept, hidden = [], []
+    kept: list[Path] = []
+    hidden: list[Path] = []
     for path in sorted(folder.rglob("*")):
         if not path.is_file():
             continue

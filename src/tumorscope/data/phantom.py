@@ -265,7 +265,8 @@ def _anatomy(rng: np.random.Generator, g: _Grid) -> _Scene:
         liver_hu = rng.uniform(50, 70)
         hu[liver] = liver_hu + 1.5 * drift[liver] + 4.0 * fine[liver]
         if rng.random() < 0.3:  # gallbladder: a water-density oval in the liver (a cyst look-alike)
-            gb = g.ellipse(bcx - ca + la * rng.uniform(1.0, 1.4), bcy - cb * rng.uniform(0.1, 0.4), 0.06 * scale, 0.045 * scale, rng.uniform(0, math.pi)) & cavity
+            gb = g.ellipse(bcx - ca + la * rng.uniform(1.0, 1.4), bcy - cb * rng.uniform(0.1, 0.4), 0.06 * scale,
+                           0.045 * scale, rng.uniform(0, math.pi)) & cavity
             hu[gb] = rng.uniform(0, 20)
     if rng.random() < 0.5:  # spleen tip (patient's left, posterior)
         sp = g.blob(bcx + ca * 0.75, sy - 0.05, 0.12 * scale, 0.16 * scale, 0.5, _harmonics(rng, 3, 0.1)) & cavity
@@ -382,7 +383,8 @@ def _anatomy(rng: np.random.Generator, g: _Grid) -> _Scene:
         hu[pelvis] = rng.uniform(-40, -5)  # collapsed pelvis and hilar vessels in fat
         kidney_masks.append(outline)
         sinus_masks.append(sinus | pelvis)
-    return _Scene(hu=hu, body=body, cavity=cavity, allowed=cavity & ~solid, kidneys=kidneys, kidney_masks=kidney_masks, sinus_masks=sinus_masks, scale=scale)
+    return _Scene(hu=hu, body=body, cavity=cavity, allowed=cavity & ~solid, kidneys=kidneys, kidney_masks=kidney_masks,
+                  sinus_masks=sinus_masks, scale=scale)
 
 
 # ----------------------------------------------------------------------------- lesions

@@ -70,7 +70,8 @@ def build_cache(split_table: pd.DataFrame, classes: list[str], cfg: PreprocessCo
     cache_dir = Path(cfg.cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     class_index = {c: i for i, c in enumerate(classes)}
-    ssims, psnrs = [], []
+    ssims: list[float] = []
+    psnrs: list[float] = []
     counts = {}
     for split in SPLITS:
         rows = split_table[split_table["split"] == split]

@@ -75,7 +75,7 @@ def assign_groups_to_splits(labels, groups, fractions: dict[str, float], seed: i
     filled = np.zeros_like(targets)
 
     composition: dict[int, np.ndarray] = {}
-    for group, label in zip(groups, labels):
+    for group, label in zip(groups, labels, strict=True):
         composition.setdefault(int(group), np.zeros(len(classes)))[class_index[label]] += 1
     rng = np.random.default_rng(seed)
     order = list(composition)

@@ -359,8 +359,8 @@ def validate_manifest(manifest: pd.DataFrame, classes: list[str], cfg: ValidateC
         failures += [_failure_record(name, r) for r in failed]
 
     context.build_data_docs(site_names=[DOCS_SITE])
-    docs_index = docs_dir / "index.html"
-    docs_index = docs_index if docs_index.is_file() else None
+    index_file = docs_dir / "index.html"
+    docs_index = index_file if index_file.is_file() else None
 
     success = all(s["success"] for s in per_suite.values())
     report = {

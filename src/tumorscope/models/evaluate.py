@@ -59,7 +59,7 @@ def one_vs_rest_auc(labels: np.ndarray, probabilities: np.ndarray) -> list[float
     """ROC-AUC of each class against the rest; None where the test set lacks positives or negatives."""
     from sklearn.metrics import roc_auc_score
 
-    scores = []
+    scores: list[float | None] = []
     for c in range(probabilities.shape[1]):
         positive = labels == c
         if positive.all() or not positive.any():
@@ -281,7 +281,7 @@ def plot_class_histogram(labels: np.ndarray, predicted: np.ndarray, classes: lis
 def plot_reliability(reliability: dict, ece: float, path: Path) -> None:
     plt = _figure()
     fig, ax = plt.subplots(figsize=(4.2, 4.2), dpi=120)
-    centres = [(lo + hi) / 2 for lo, hi in zip(reliability["lower"], reliability["upper"])]
+    centres = [(lo + hi) / 2 for lo, hi in zip(reliability["lower"], reliability["upper"], strict=True)]
     width = reliability["upper"][0] - reliability["lower"][0]
     accuracy = [a if a is not None else 0.0 for a in reliability["accuracy"]]
     ax.bar(centres, accuracy, width=width * 0.9, edgecolor="black", label="accuracy")

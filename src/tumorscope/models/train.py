@@ -125,8 +125,9 @@ def train_model(model, train_data, val_data, cfg: TrainConfig, seed: int, callba
     loader_augment = cfg.augment_strength_in("loader")
     train_batches = make_batches(x_train, y_train, batch_size, shuffle=True, seed=seed, class_weights=weights,
                                  augment_strength=loader_augment)
-    val_batches = make_batches(*val_data, batch_size, shuffle=False, seed=seed)
-    phases = []  # (lr, epochs, trainable top layers or None for "leave as is")
+    x_val, y_val = val_data
+    val_batches = make_batches(x_val, y_val, batch_size, shuffle=False, seed=seed)
+    phases: list[tuple[float, int, int | None]] = []  # (lr, epochs, trainable top layers or None: leave as is)
     if backbone_of(model) is not None:
         if cfg.head_epochs > 0:
             phases.append((cfg.lr, cfg.head_epochs, 0))
@@ -240,7 +241,7 @@ def recalibrate_batch_norm(model, images, batch_size: int = 32, max_batches: int
             batch = np.asarray(images[np.sort(order[start:start + batch_size])], dtype=np.uint8)
             model(augment_batch(batch, augment_strength, rng), training=True)
     finally:
-        for layer, momentum in zip(layers, saved):
+        for layer, momentum in zip(layers, saved, strict=True):
             layer.momentum = momentum
     return used + 1
 

@@ -96,7 +96,6 @@ def run_split(params: Params) -> str:
 
 def run_preprocess(params: Params) -> str:
     from tumorscope.data.preprocess import build_cache
-
     from tumorscope.data.split import read_split_table
 
     table = read_split_table(params.split.path)
