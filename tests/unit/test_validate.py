@@ -208,3 +208,18 @@ def test_absolute_suite_dir(tmp_path):
     assert outcome.success, outcome.summary()
     assert outcome.result_path == tmp_path / "reports" / "validation.json"
     assert not (tmp_path / "gx").exists()
+
+
+def test_data_docs_depend_on_the_data_alone(outcomes, tmp_path):
+    """The Data Docs are a DVC output: validating the same manifest again writes the same files,
+    byte for byte (no run time in page names or tables), so a rerun or a clone changes nothing."""
+    first = outcomes["good"].docs_index.parent
+    shutil.copytree(REPO_SUITES, tmp_path / "expectations")
+    again = validate_manifest(unreadable(good_manifest(), [10]), CLASSES, ValidateConfig(), tmp_path)
+    second = again.docs_index.parent
+
+    def tree(root):
+        return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    assert tree(first) == tree(second)
+    assert not any("2026" in name or "2027" in name for name in tree(first))  # page paths hold no date

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import sys
 from dataclasses import dataclass
@@ -318,6 +319,49 @@ def _clean_docs_dir(docs_dir: Path) -> None:
             entry.unlink()
 
 
+REMOTE_LOGO = re.compile(r"https://great-expectations-web-assets\.s3\.us-east-2\.amazonaws\.com/logo-long\.png\?[^\"']*")
+LOCAL_LOGO = "static/images/logo-long-vector.svg"
+
+
+LOAD_TIME = re.compile(r"(>ge_load_time</span>.*?<span[^>]*>)\d{8}T\d{6}\.\d{6}Z", re.DOTALL)
+COLLAPSE_ID = re.compile(r"collapse-body-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def number_collapse_ids(html: str) -> str:
+    """Each distinct random collapse id -> collapse-body-<n>, n in order of first appearance."""
+    numbered: dict[str, str] = {}
+    return COLLAPSE_ID.sub(lambda m: numbered.setdefault(m.group(0), f"collapse-body-{len(numbered)}"), html)
+
+
+def make_pages_reproducible(docs_dir: Path) -> None:
+    """Make GE's rendered pages depend on the data alone (they are a DVC output):
+    - the logo points at the copy GE ships in the docs folder; GE links a remote image with the
+      render time (and the context id) in its query string, a timestamp here and a request to a
+      third party whenever someone opens the pages;
+    - the batch's load time (GE's "ge_load_time" marker) reads "not recorded";
+    - the random ids of collapsible blocks become numbered in page order (same links, same ids)."""
+    for page in docs_dir.rglob("*.html"):
+        local = Path(os.path.relpath(docs_dir / LOCAL_LOGO, page.parent)).as_posix()
+        html = page.read_text()
+        fixed = number_collapse_ids(LOAD_TIME.sub(r"\1not recorded", REMOTE_LOGO.sub(local, html)))
+        if fixed != html:
+            page.write_text(fixed)
+
+
+def reproducible_run_id(manifest: pd.DataFrame):
+    """A Great Expectations run id that depends on the data alone: the Data Docs are a DVC output,
+    and GE's default (the wall-clock time, in page paths and tables) would make every run differ.
+    The run is named by the manifest's fingerprint; its time is fixed at the Unix epoch (when a
+    validation ran is in the git and DVC history, not in the pages)."""
+    import hashlib
+    from datetime import UTC, datetime
+
+    from great_expectations.core.run_identifier import RunIdentifier
+
+    digest = hashlib.sha256(pd.util.hash_pandas_object(manifest, index=False).values.tobytes()).hexdigest()[:12]
+    return RunIdentifier(run_name=f"manifest-{digest}", run_time=datetime(1970, 1, 1, tzinfo=UTC))
+
+
 def validate_manifest(manifest: pd.DataFrame, classes: list[str], cfg: ValidateConfig,
                       project_root: Path = Path(".")) -> ValidationOutcome:
     """Run both suites; write the JSON result and Data Docs. A failed validation does not raise."""
@@ -347,7 +391,8 @@ def validate_manifest(manifest: pd.DataFrame, classes: list[str], cfg: ValidateC
             gx.ValidationDefinition(name=f"{name}_validation", data=batch, suite=suite))
         result = definition.run(batch_parameters={"dataframe": tables[name]},
                                 expectation_parameters=params,
-                                result_format={"result_format": "SUMMARY"})
+                                result_format={"result_format": "SUMMARY"},
+                                run_id=reproducible_run_id(tables[MANIFEST_SUITE]))
         stats = dict(result.statistics)
         per_suite[name] = {"success": bool(result.success), "statistics": stats}
         evaluated += int(stats.get("evaluated_expectations", 0))
@@ -359,6 +404,7 @@ def validate_manifest(manifest: pd.DataFrame, classes: list[str], cfg: ValidateC
         failures += [_failure_record(name, r) for r in failed]
 
     context.build_data_docs(site_names=[DOCS_SITE])
+    make_pages_reproducible(docs_dir)
     index_file = docs_dir / "index.html"
     docs_index = index_file if index_file.is_file() else None
 
