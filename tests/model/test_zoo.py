@@ -130,3 +130,21 @@ except UserError as err:
         assert lines[0].startswith("USER_ERROR train.weights: imagenet: the mobilenet_v2 ImageNet weights could "
                                    "not be downloaded")
         assert lines[0].endswith("set train.weights to its local path")
+
+
+def test_a_local_weights_file_is_loaded_into_the_backbone(tmp_path):
+    """The offline path to pretrained weights: a local file, loaded as is (nothing downloaded)."""
+    import keras
+
+    from tumorscope.config import TrainConfig
+    from tumorscope.models.zoo import backbone_of, build_configured
+
+    keras.utils.set_random_seed(7)
+    donor = keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(64, 64, 3))
+    path = tmp_path / "mobilenet_v2_notop.weights.h5"
+    donor.save_weights(path)
+    keras.utils.set_random_seed(8)  # a different initialisation: equality below comes from the file
+    model = build_configured(TrainConfig(architecture="mobilenet_v2", weights=str(path)), 64, 4, seed=0)
+    loaded = backbone_of(model).get_weights()
+    assert len(loaded) == len(donor.get_weights())
+    assert all(np.array_equal(a, b) for a, b in zip(loaded, donor.get_weights(), strict=True))
