@@ -18,7 +18,23 @@ $(CURDIR)/.tools/bin/uv:
 	python3 -m venv $(CURDIR)/.tools
 	$(CURDIR)/.tools/bin/pip install --quiet uv
 
-.PHONY: help install run test lint test-fast bench crossval gpu-wheels mlflow-ui clean clean-stores prefect-server deploy worker
+# dvc metrics show --json -> a two-column Markdown table (the wide `--md` one has a column per metric).
+define METRICS_TABLE
+import json, sys
+def rows(prefix, value):
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            yield from rows(f"{prefix}.{key}" if prefix else key, inner)
+    else:
+        yield prefix, f"{value:.4g}" if isinstance(value, float) else str(value)
+print("| file | metric | value |"); print("|---|---|---|")
+for path, entry in json.load(sys.stdin)[""]["data"].items():
+    for name, value in rows("", entry["data"]):
+        print(f"| {path} | {name} | {value} |")
+endef
+export METRICS_TABLE
+
+.PHONY: help install run test lint test-fast bench metrics-table crossval gpu-wheels mlflow-ui clean clean-stores prefect-server deploy worker
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
 
@@ -41,6 +57,9 @@ test-fast: install ## unit tests only
 
 bench: install ## run the benchmarks in benchmarks/ and print measured ratios
 	@for script in benchmarks/bench_*.py; do echo "== $$script"; $(RUN) python $$script || exit 1; done
+
+metrics-table: install ## the metrics of `dvc metrics show`, one row per metric (the README's table)
+	@$(RUN) dvc metrics show --json | $(RUN) python -c "$$METRICS_TABLE"
 
 crossval: install ## grouped k-fold cross-validation of train.* on the cache (after make run; params: crossval.*)
 	$(RUN) tumorscope crossval
