@@ -163,7 +163,8 @@ def start_training_run(params, experiment_id: str, name: str, stage: str, parent
     import mlflow
 
     nested = {"mlflow.parentRunId": parent_run_id} if parent_run_id else {}
-    return mlflow.start_run(experiment_id=experiment_id, run_name=name,
+    # nested=True lets a fold's run start while the cross-validation run is active.
+    return mlflow.start_run(experiment_id=experiment_id, run_name=name, nested=parent_run_id is not None,
                             tags=run_tags(params) | nested | {"stage": stage} | (tags or {}))
 
 
