@@ -118,7 +118,8 @@ def _git(args: list[str], cwd: Path) -> None:
 def _tracked_outputs(project: Path) -> dict[str, bytes]:
     """The files a repeated run must reproduce byte for byte."""
     names = ["metrics.json", "data/split.csv", "reports/leaderboard.json", "reports/leaderboard.md",
-             "reports/best_params.json", "reports/split.json", "reports/validation.json", "evaluation/report.json"]
+             "reports/best_params.json", "reports/split.json", "reports/validation.json", "evaluation/report.json",
+             "models/model.keras"]
     docs = project / "reports" / "data_docs"
     names += [p.relative_to(project).as_posix() for p in sorted(docs.rglob("*")) if p.is_file()]
     return {name: (project / name).read_bytes() for name in names}

@@ -81,3 +81,30 @@ def test_the_saved_model_loads_with_plain_keras_in_a_fresh_process(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     np.testing.assert_allclose(np.load(tmp_path / "p.npy"), expected, atol=1e-5)
+
+
+def test_a_saved_model_is_the_same_bytes_whenever_it_is_saved(tmp_path):
+    """models/model.keras is a DVC output: saving the same weights later must not change a byte
+    (Keras writes the save time into the zip), and the file must still load."""
+    import time
+
+    import keras
+
+    from tumorscope.models.train import save_model
+
+    def build():  # built twice: the same weights in new Python objects (other shared-object ids)
+        keras.backend.clear_session()  # layer names restart, as fit_and_score does before each model
+        keras.utils.set_random_seed(0)
+        built = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="relu"),
+                                  keras.layers.Dense(2, activation="softmax")])
+        built.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+        return built
+
+    first = save_model(build(), tmp_path / "a").read_bytes()
+    time.sleep(1.1)  # zip times have a 2 s resolution, Keras's date_saved 1 s
+    model = build()
+    second = save_model(model, tmp_path / "b").read_bytes()
+    assert first == second
+    loaded = keras.saving.load_model(tmp_path / "b" / "model.keras")
+    x = np.ones((3, 4), dtype="float32")
+    assert np.allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
