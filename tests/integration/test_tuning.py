@@ -96,7 +96,9 @@ def test_killed_worker_resumes_the_same_study(project):
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:  # kill it in the middle of its second trial
         trials = _states(params)
-        if any(t.state.name == "COMPLETE" for t in trials) and any(t.state.name == "RUNNING" for t in trials):
+        # ...once its MLflow run is on record (killed before that, there is no run to close).
+        if any(t.state.name == "COMPLETE" for t in trials) and any(
+                t.state.name == "RUNNING" and "mlflow_run_id" in t.user_attrs for t in trials):
             break
         assert worker.poll() is None, worker.stdout.read()
         time.sleep(0.5)
