@@ -26,9 +26,10 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from tumorscope.config import Params, load_params, with_overrides
+from tumorscope.stages import promotion as promotion_stages
 from tumorscope.stages import training as training_stages
 
-STEPS = ("prepare", "tune", "train", "evaluate")
+STEPS = ("prepare", "tune", "train", "evaluate", "promote")
 LIMIT_PREFIX = "tumorscope-arch-"
 
 
@@ -162,11 +163,16 @@ def evaluate(params_path: str, overrides: dict) -> str:
     return training_stages.run_evaluate(effective_params(params_path, overrides))
 
 
+@task
+def promote(params_path: str, overrides: dict) -> str:
+    return promotion_stages.run_promote(effective_params(params_path, overrides))
+
+
 @flow(name="tumorscope-train", log_prints=True)
 def training_flow(params_path: str = "params.yaml", architectures: list[str] | None = None,
                   n_trials: int | None = None, data_source: str | None = None, workers: int | None = None,
                   steps: list[str] | None = None) -> dict:
-    """prepare -> tune -> train best -> evaluate; parameters override params.yaml for this run."""
+    """prepare -> tune -> train best -> evaluate -> promote (gates); parameters override params.yaml for this run."""
     steps = list(STEPS) if steps is None else steps
     unknown = sorted(set(steps) - set(STEPS))
     if unknown:
@@ -192,6 +198,9 @@ def training_flow(params_path: str = "params.yaml", architectures: list[str] | N
     if "evaluate" in steps:
         result["evaluate"] = evaluate(params_path, overrides)
         get_run_logger().info(result["evaluate"])
+    if "promote" in steps:
+        result["promote"] = promote(params_path, overrides)
+        get_run_logger().info(result["promote"])
     return result
 
 
@@ -202,7 +211,7 @@ def preflight(params: Params, steps: list[str]) -> None:
 
     if "tune" in steps:
         tuning.open_storage(params.tune)
-    if {"tune", "train", "evaluate"} & set(steps):
+    if {"tune", "train", "evaluate", "promote"} & set(steps):
         tracking.check_database_reachable(params.mlflow.tracking_uri, "mlflow.tracking_uri")
 
 
@@ -287,7 +296,7 @@ def summary_lines(result: dict) -> list[str]:
         best = result["tune"]["best"]
         lines.append(f"tune: best trial {best['trial']} ({best['architecture']}) of study "
                      f"{result['tune']['study_name']}, states {result['tune']['states']}; see reports/leaderboard.md")
-    return lines + [result[step] for step in ("train", "evaluate") if step in result]
+    return lines + [result[step] for step in ("train", "evaluate", "promote") if step in result]
 
 
 if __name__ == "__main__":

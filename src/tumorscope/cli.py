@@ -122,6 +122,38 @@ def evaluate(params: ParamsOption = DEFAULT_PARAMS) -> None:
 
 
 @app.command()
+def promote(params: ParamsOption = DEFAULT_PARAMS) -> None:
+    """Register the evaluated model (alias challenger); make it champion if it passes the promote.* gates."""
+    from tumorscope.stages import promotion
+
+    _report(lambda: promotion.run_promote(_params(params)))
+
+
+@app.command()
+def rollback(reason: Annotated[str, typer.Option("--reason", help="why (recorded in MLflow with who and when)")],
+             to: Annotated[str | None, typer.Option("--to", help="version to restore (default: the previous champion)")] = None,
+             params: ParamsOption = DEFAULT_PARAMS) -> None:
+    """Point the registry's champion alias back at the previous champion."""
+    from tumorscope.stages import promotion
+
+    _report(lambda: promotion.run_rollback(_params(params), reason, to))
+
+
+@app.command()
+def predict(sources: Annotated[list[Path], typer.Argument(help="image files or folders (a folder of class folders is "
+                                                                "also scored: external validation)")],
+            model: Annotated[str | None, typer.Option(
+                "--model", help="registry alias or version, an MLflow models:/ or runs:/ URI, or a model folder "
+                                "(default serve.model)")] = None,
+            out: Annotated[Path | None, typer.Option("--out", help="CSV to write (default <serve.predictions_dir>/predictions.csv)")] = None,
+            params: ParamsOption = DEFAULT_PARAMS) -> None:
+    """Classify slices (PNG/JPEG/DICOM) with the champion: a CSV of class and probabilities per image."""
+    from tumorscope.stages import prediction
+
+    _report(lambda: prediction.run_predict(_params(params), sources, model, out))
+
+
+@app.command()
 def crossval(params: ParamsOption = DEFAULT_PARAMS) -> None:
     """Grouped k-fold cross-validation of train.* (duplicate groups kept whole); MLflow runs."""
     from tumorscope.stages import training

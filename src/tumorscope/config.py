@@ -333,6 +333,36 @@ def _check_train_value(name: str, value) -> None:
         raise ValueError(f"'{name}' choice {value!r}: {err.errors()[0]['msg']}") from None
 
 
+class PromoteConfig(_Section):
+    """Gates a trained model must pass to become the registry's ``champion`` (tumorscope promote)."""
+
+    registered_model: str = Field("tumorscope-kidney-ct", min_length=1)
+    report_path: str = "reports/promotion.json"
+    # Absolute gates on the test split use the lower ends of the group-bootstrap intervals: a point
+    # estimate from a few duplicate groups can pass by luck.
+    min_macro_f1_low: float = Field(0.7, ge=0, le=1)
+    min_critical_recall_low: float = Field(0.8, ge=0, le=1)
+    max_ece: float = Field(0.1, ge=0, le=1)
+    # Against the champion, on the same test slices: the lower end of the paired group-bootstrap
+    # interval of (challenger - champion) macro-F1 must exceed this. 0: better beyond doubt;
+    # a small negative value, e.g. -0.02: not worse by more than 2 points (non-inferiority).
+    min_improvement: float = Field(0.0, ge=-1, le=1)
+
+
+class ServeConfig(_Section):
+    """The Bento service (serving/service.py) and tumorscope predict."""
+
+    model: str = "champion"          # registry alias, version number, or an MLflow models:/ or runs:/ URI
+    alert_threshold: float = Field(0.5, ge=0, le=1)  # probability of evaluate.critical_class that raises the alert
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    max_batch_files: int = Field(64, ge=1)
+    max_batch_size: int = Field(32, ge=1)        # BentoML adaptive batching
+    max_latency_ms: int = Field(200, ge=1)
+    inference_log: str = "logs/inference.jsonl"
+    embedding_dims: int = Field(8, ge=1, le=64)  # summary of the penultimate layer kept per prediction
+    predictions_dir: str = "predictions"         # tumorscope predict's CSV and external validation report
+
+
 class MlflowConfig(_Section):
     tracking_uri: str = "sqlite:///mlflow.db"
     artifact_root: str = "mlartifacts"
@@ -351,6 +381,8 @@ class Params(_Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     tune: TuneConfig = TuneConfig()
     crossval: CrossvalConfig = CrossvalConfig()
+    promote: PromoteConfig = PromoteConfig()
+    serve: ServeConfig = ServeConfig()
     mlflow: MlflowConfig = MlflowConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)

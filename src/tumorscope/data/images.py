@@ -182,3 +182,16 @@ def read_greyscale(path: str | Path, window: WindowConfig) -> tuple[np.ndarray, 
     path = Path(path)
     check_file_size(path.stat().st_size)
     return decode_greyscale(path.read_bytes(), path.suffix, window)
+
+
+def dicom_pixel_spacing(data: bytes) -> tuple[float, float] | None:
+    """(row, column) spacing in mm from a DICOM's PixelSpacing, or None when absent or malformed
+    (areas are then reported in pixels only, never in guessed millimetres)."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=True, stop_before_pixels=True)
+        row, column = (float(v) for v in ds.PixelSpacing)
+    except Exception:  # absent tag, wrong multiplicity, text where numbers belong
+        return None
+    return (row, column) if row > 0 and column > 0 else None

@@ -190,6 +190,53 @@ def macro_f1_from_confusion(matrices: np.ndarray) -> np.ndarray:
     return (f1 * occurs).sum(axis=1) / np.maximum(occurs.sum(axis=1), 1)
 
 
+def group_confusions(labels: np.ndarray, predicted: np.ndarray, groups: np.ndarray, n_classes: int) -> np.ndarray:
+    """One confusion matrix per duplicate group, (G, K, K) in the order of ``np.unique(groups)``."""
+    _, group_index = np.unique(groups, return_inverse=True)
+    per_group = np.zeros((int(group_index.max()) + 1 if len(group_index) else 0, n_classes, n_classes), dtype=np.int64)
+    np.add.at(per_group, (group_index, np.asarray(labels), np.asarray(predicted)), 1)
+    return per_group
+
+
+def group_draw_weights(n_groups: int, n_samples: int, seed: int) -> np.ndarray:
+    """(B, G) bootstrap weights: how often each of G groups is drawn in each of B resamples."""
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, n_groups, size=(n_samples, n_groups))
+    return np.stack([np.bincount(d, minlength=n_groups) for d in draws]) if n_groups else np.zeros((n_samples, 0), int)
+
+
+def paired_group_bootstrap(labels: np.ndarray, predicted_a: np.ndarray, predicted_b: np.ndarray, groups: np.ndarray,
+                           n_classes: int, n_samples: int, confidence: float, seed: int) -> dict:
+    """Macro-F1 of model A minus model B on the same slices, with a paired bootstrap over duplicate
+    groups: each resample draws the same groups for both models, so the interval is that of the
+    *difference* (the models' shared easy and hard slices cancel). ``p_not_better`` is the share of
+    resamples in which A is not better than B (a one-sided bootstrap p-value for "A beats B")."""
+    a = group_confusions(labels, predicted_a, groups, n_classes)
+    b = group_confusions(labels, predicted_b, groups, n_classes)
+    weights = group_draw_weights(len(a), n_samples, seed)
+    difference = (macro_f1_from_confusion(np.tensordot(weights, a, axes=(1, 0)))
+                  - macro_f1_from_confusion(np.tensordot(weights, b, axes=(1, 0))))
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(difference, [tail, 100 - tail]) if len(a) else (0.0, 0.0)
+    point = float(macro_f1_from_confusion(a.sum(axis=0)[None])[0] - macro_f1_from_confusion(b.sum(axis=0)[None])[0])
+    return {"macro_f1_difference": point, "low": float(low), "high": float(high),
+            "p_not_better": float(np.mean(difference <= 0)) if len(a) else 1.0,
+            "n_groups": int(len(a)), "n_samples": n_samples, "confidence": confidence}
+
+
+def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> dict:
+    """McNemar's exact test on paired per-image correctness: ``a_only`` slices only A gets right,
+    ``b_only`` only B; the two-sided p-value of the binomial test on the discordant pairs. It treats
+    slices as independent (near-duplicates are not), so it is reported beside the group bootstrap,
+    not instead of it."""
+    from scipy.stats import binomtest
+
+    a_only = int(np.sum(correct_a & ~correct_b))
+    b_only = int(np.sum(~correct_a & correct_b))
+    p_value = float(binomtest(a_only, a_only + b_only, 0.5).pvalue) if a_only + b_only else 1.0
+    return {"a_only": a_only, "b_only": b_only, "p_value": p_value}
+
+
 def group_bootstrap(labels: np.ndarray, predicted: np.ndarray, groups: np.ndarray, n_classes: int,
                     n_samples: int, confidence: float, seed: int) -> dict:
     """Bootstrap intervals of macro-F1 and per-class recall that resample whole duplicate groups.
@@ -199,12 +246,8 @@ def group_bootstrap(labels: np.ndarray, predicted: np.ndarray, groups: np.ndarra
     replacement; per-group confusion matrices make a draw a weighted sum, so 1,000 draws are cheap.
     Returns mean and [low, high] percentile bounds.
     """
-    group_ids, group_index = np.unique(groups, return_inverse=True)
-    per_group = np.zeros((len(group_ids), n_classes, n_classes), dtype=np.int64)
-    np.add.at(per_group, (group_index, labels, predicted), 1)
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, len(group_ids), size=(n_samples, len(group_ids)))
-    weights = np.stack([np.bincount(d, minlength=len(group_ids)) for d in draws])
+    per_group = group_confusions(labels, predicted, groups, n_classes)
+    weights = group_draw_weights(len(per_group), n_samples, seed)
     matrices = np.tensordot(weights, per_group, axes=(1, 0))  # (B, K, K)
     support = matrices.sum(axis=2)
     recall = np.divide(np.diagonal(matrices, axis1=1, axis2=2), support,
@@ -218,9 +261,14 @@ def group_bootstrap(labels: np.ndarray, predicted: np.ndarray, groups: np.ndarra
         low, high = np.percentile(values, [tail, 100 - tail])
         return {"mean": float(values.mean()), "low": float(low), "high": float(high)}
 
-    return {"n_groups": int(len(group_ids)), "n_samples": n_samples, "confidence": confidence,
+    return {"n_groups": int(len(per_group)), "n_samples": n_samples, "confidence": confidence,
             "macro_f1": summary(macro_f1_from_confusion(matrices)),
             "recall": [summary(recall[:, c]) for c in range(n_classes)]}
+
+
+def format_interval(interval: dict | None) -> str:
+    """' [low, high]' of an interval, or '' when it is undefined."""
+    return f" [{interval['low']:.3f}, {interval['high']:.3f}]" if interval and interval["low"] is not None else ""
 
 
 def accuracy_by_distance(correct: np.ndarray, distances: np.ndarray, upper_edges: list[int]) -> list[dict]:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from tumorscope.config import Params
 from tumorscope.errors import UserError
+from tumorscope.models.evaluate import format_interval
 from tumorscope.reports import read_json, write_json
 
 TRAIN_REPORT = "train.json"
@@ -72,8 +73,9 @@ def train_and_save(params: Params, model_dir: Path, run_name: str, parent_run_id
     ``.keras`` file and train.json, log the run (params, epochs, scores, model) to MLflow."""
     import mlflow
 
-    from tumorscope import tracking
+    from tumorscope import registry, tracking
     from tumorscope.data.preprocess import load_classes, load_groups, load_split
+    from tumorscope.inference import input_spec
     from tumorscope.models.train import fit_and_score, save_model
 
     cfg, cache = params.train, params.preprocess.cache_dir
@@ -87,11 +89,13 @@ def train_and_save(params: Params, model_dir: Path, run_name: str, parent_run_id
         tracking.log_fit(params, cfg, outcome, "final_val_")
         mlflow.log_param("classes", ",".join(classes))
         model_path = save_model(outcome.result.model, model_dir)
-        mlflow.log_artifact(str(model_path), artifact_path="model")
+        spec = input_spec(classes, params.preprocess, params.data.dicom_window)
+        logged_uri = registry.log_model(outcome.result.model, spec, val_images[:2])
     result = outcome.result
     # No wall-clock times here: this file is a DVC output (they are on the MLflow run).
     write_json(model_dir / TRAIN_REPORT, {
-        "run_id": run.info.run_id, "experiment_id": experiment_id, "trained": trained,
+        "run_id": run.info.run_id, "experiment_id": experiment_id, "model_uri": logged_uri, "input_spec": spec,
+        "trained": trained,
         "architecture": cfg.architecture, "classes": classes, "epochs_run": result.epochs_run,
         "batch_size": result.batch_size, "val_macro_f1": outcome.scores["macro_f1"], "history": result.history})
     return (f"train: {trained}: {cfg.architecture} {result.epochs_run} epochs in {result.fit_seconds:.0f}s "
@@ -120,10 +124,6 @@ def accuracy_by_train_distance(params: Params, classes: list[str], labels, predi
 def format_bands(bands: list[dict]) -> str:
     """'5-8: 0.86 (n=73), ...' over the bands that hold any slice."""
     return ", ".join(f"{b['distance']}: {b['accuracy']:.2f} (n={b['n']})" for b in bands if b["n"])
-
-
-def format_interval(interval: dict | None) -> str:
-    return f" [{interval['low']:.3f}, {interval['high']:.3f}]" if interval and interval["low"] is not None else ""
 
 
 def run_evaluate(params: Params) -> str:

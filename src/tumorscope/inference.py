@@ -1,0 +1,124 @@
+"""From an image file to class probabilities: the one path that `tumorscope predict`, the
+promotion gate and the Bento service share with training.
+
+A trained model travels with its *input spec*: the classes in output order and every setting the
+training cache applied to a decoded slice (input size, enhancements, the DICOM window). Training
+writes it into ``train.json`` and the MLflow model's metadata; whoever loads the model reads it
+back, so a file is decoded (``data.images.decode_greyscale``) and prepared
+(``data.preprocess.prepare_slice``) exactly as the cache did it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tumorscope.config import PreprocessConfig, WindowConfig
+from tumorscope.errors import UserError
+
+# The preprocess settings that change pixels (cache_dir and report_path only say where).
+PIXEL_SETTINGS = ("image_size", "clahe", "clahe_clip_limit", "equalize", "denoise", "denoise_weight")
+SPEC_KEY = "tumorscope_input"  # the key of the input spec in an MLflow model's metadata
+
+
+def input_spec(classes: list[str], preprocess: PreprocessConfig, window: WindowConfig) -> dict[str, Any]:
+    """What a loaded model needs to turn a file into its input (JSON-serialisable)."""
+    return {"classes": list(classes), "preprocess": {k: getattr(preprocess, k) for k in PIXEL_SETTINGS},
+            "dicom_window": window.model_dump()}
+
+
+def spec_preprocess(spec: dict) -> PreprocessConfig:
+    return PreprocessConfig.model_validate(spec["preprocess"])
+
+
+def spec_window(spec: dict) -> WindowConfig:
+    return WindowConfig.model_validate(spec["dicom_window"])
+
+
+def same_pixels(spec_a: dict, spec_b: dict) -> bool:
+    """True when two specs turn a file into the same model input (so one cache serves both)."""
+    return spec_a["preprocess"] == spec_b["preprocess"] and spec_a["dicom_window"] == spec_b["dicom_window"]
+
+
+@dataclass
+class PreparedImage:
+    """A model-ready slice and what was learnt on the way (for explanations and the inference log)."""
+
+    pixels: np.ndarray  # (size, size, 1) uint8: the model's input
+    source_mode: str  # "DICOM", "L", "RGB", "I;16", ...
+    original_shape: tuple[int, int]  # decoded slice, before resizing
+    pixel_spacing_mm: tuple[float, float] | None = None  # DICOM PixelSpacing (row, column), when present
+    decoded: np.ndarray | None = None  # the decoded slice before resizing (hashes, image statistics)
+
+
+def prepare_bytes(data: bytes, suffix: str, spec: dict) -> PreparedImage:
+    """Decode file bytes and apply the training preprocessing. Raises ``UnreadableImage``."""
+    from tumorscope.data.images import decode_greyscale, dicom_pixel_spacing
+    from tumorscope.data.preprocess import prepare_slice
+
+    pixels, mode = decode_greyscale(data, suffix, spec_window(spec))
+    prepared = prepare_slice(pixels, spec_preprocess(spec))
+    spacing = dicom_pixel_spacing(data) if mode == "DICOM" else None
+    return PreparedImage(prepared[:, :, np.newaxis], mode, (int(pixels.shape[0]), int(pixels.shape[1])), spacing, pixels)
+
+
+def prepare_file(path: str | Path, spec: dict) -> PreparedImage:
+    """``prepare_bytes`` for a file on disk (size checked before it is read)."""
+    from tumorscope.data.images import check_file_size
+
+    path = Path(path)
+    check_file_size(path.stat().st_size)
+    return prepare_bytes(path.read_bytes(), path.suffix, spec)
+
+
+@dataclass
+class LoadedModel:
+    """A Keras classifier with its input spec and where it came from."""
+
+    model: Any
+    spec: dict
+    version: str  # e.g. "tumorscope-kidney-ct/3", "run:<id>", "file:models/model.keras"
+    source: dict = field(default_factory=dict)  # registry name/version/alias, run id, path
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.spec["classes"])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.spec["preprocess"]["image_size"])
+
+    def predict_proba(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """Inference-mode probabilities of (N, size, size, 1) uint8 images (the training cache's dtype)."""
+        from tumorscope.models.train import predict_proba
+
+        return predict_proba(self.model, images, batch_size)
+
+
+def load_model_dir(model_dir: str | Path) -> LoadedModel:
+    """The model a train stage wrote: ``model.keras`` and the input spec in ``train.json``."""
+    import keras
+
+    from tumorscope.reports import read_json
+
+    model_dir = Path(model_dir)
+    model_path, report_path = model_dir / "model.keras", model_dir / "train.json"
+    for path in (model_path, report_path):
+        if not path.is_file():
+            raise UserError(f"{path} not found (train a model first: tumorscope train)")
+    report = read_json(report_path)
+    if "input_spec" not in report:
+        raise UserError(f"{report_path} has no input_spec (written by an older version): retrain with tumorscope train")
+    model = keras.saving.load_model(model_path)
+    return LoadedModel(model, report["input_spec"], f"file:{model_path}", {"path": str(model_path),
+                                                                           "run_id": report.get("run_id")})
+
+
+def stack(prepared: list[PreparedImage], image_size: int) -> np.ndarray:
+    """(N, size, size, 1) uint8 batch of prepared slices (an empty batch has the right shape)."""
+    if not prepared:
+        return np.zeros((0, image_size, image_size, 1), dtype=np.uint8)
+    return np.stack([p.pixels for p in prepared])
