@@ -77,9 +77,29 @@ def test_loader_batches_are_seeded_by_epoch_and_index_not_by_access_order():
     in_order = [forward[i][0] for i in range(4)]
     reversed_order = [backward[i][0] for i in reversed(range(4))][::-1]
     assert all(np.array_equal(a, b) for a, b in zip(in_order, reversed_order, strict=True))
-    assert not np.array_equal(in_order[0], images[np.sort(forward.order[:16])])  # it did augment
+    assert not np.array_equal(in_order[0], images[np.sort(forward.order_of(0)[:16])])  # it did augment
     forward.on_epoch_end()
     assert not np.array_equal(forward[0][0], in_order[0])  # a new epoch draws new warps
+
+
+def test_loader_epochs_do_not_depend_on_when_on_epoch_end_runs():
+    """Keras starts the next epoch's iterator, and TensorFlow's prefetch thread reads from it,
+    before it calls on_epoch_end: how many batches are read first is thread timing. The batches
+    must be the same whatever that number is."""
+    from tumorscope.models.train import make_batches
+
+    images, labels = _slices(64), np.arange(64) % 4
+
+    def two_epochs(read_ahead: int) -> list[np.ndarray]:
+        batches = make_batches(images, labels, 16, shuffle=True, seed=5, augment_strength=0.2)
+        seen = [batches[i][0] for i in range(4)] + [batches[i][0] for i in range(read_ahead)]
+        batches.on_epoch_end()
+        return seen + [batches[i][0] for i in range(read_ahead, 4)]
+
+    reference = two_epochs(0)
+    for read_ahead in (1, 3, 4):
+        assert all(np.array_equal(a, b) for a, b in zip(reference, two_epochs(read_ahead), strict=True))
+    assert not np.array_equal(reference[0], reference[4])  # the second epoch is a new draw
 
 
 @pytest.mark.parametrize("place", ["loader", "model"])

@@ -24,9 +24,16 @@ def balanced_class_weights(labels: np.ndarray, n_classes: int) -> np.ndarray:
 def make_batches(images, labels, batch_size: int, *, shuffle: bool, seed: int, class_weights=None,
                  augment_strength: float = 0.0):
     """A keras PyDataset over (possibly memory-mapped) arrays; yields (x, y[, sample_weight]).
-    With ``augment_strength`` > 0 each batch is randomly warped on the host
-    (`tumorscope.data.augment`), seeded by (seed, epoch, batch) so that any batch order gives the
-    same pixels."""
+
+    A batch is a pure function of (epoch, index): the epoch's sample order is drawn from
+    (seed, epoch), and with ``augment_strength`` > 0 the batch is warped on the host
+    (`tumorscope.data.augment`) with a generator seeded by (seed, epoch, index). The epoch of a
+    request is the number of times that index was served before, not a counter advanced by
+    ``on_epoch_end``: Keras creates the next epoch's iterator, and TensorFlow's prefetch thread
+    starts reading it, *before* it calls ``on_epoch_end``, so a counter would let thread timing
+    decide which batches belong to which epoch (training then differed from run to run under
+    CPU load). Pass ``shuffle=False`` to ``fit``: this dataset shuffles itself, seeded; Keras
+    would shuffle batch indices with Python's global ``random`` from that prefetch thread."""
     import keras
 
     from tumorscope.data.augment import augment_batch
@@ -34,30 +41,31 @@ def make_batches(images, labels, batch_size: int, *, shuffle: bool, seed: int, c
     class ArrayBatches(keras.utils.PyDataset):
         def __init__(self):
             super().__init__()
-            self.rng = np.random.default_rng(seed)
-            self.epoch = 0
-            self.order = np.arange(len(labels))
-            if shuffle:
-                self.rng.shuffle(self.order)
+            self.served = np.zeros(len(self), dtype=np.int64)  # requests per batch index so far
+            self.orders: dict[int, np.ndarray] = {}
 
         def __len__(self):
             return math.ceil(len(labels) / batch_size)
 
+        def order_of(self, epoch: int) -> np.ndarray:
+            if epoch not in self.orders:
+                order: np.ndarray = (np.random.default_rng([seed, epoch]).permutation(len(labels)) if shuffle
+                                     else np.arange(len(labels)))
+                self.orders = {e: o for e, o in self.orders.items() if e >= epoch - 1} | {epoch: order}
+            return self.orders[epoch]
+
         def __getitem__(self, index):
+            epoch = int(self.served[index])
+            self.served[index] += 1
             # Sorted indices turn the memory-map gather into forward reads of the page cache.
-            picked = np.sort(self.order[index * batch_size:(index + 1) * batch_size])
+            picked = np.sort(self.order_of(epoch)[index * batch_size:(index + 1) * batch_size])
             x = np.asarray(images[picked], dtype=np.uint8)
             if augment_strength > 0:
-                x = augment_batch(x, augment_strength, np.random.default_rng([seed, self.epoch, index]))
+                x = augment_batch(x, augment_strength, np.random.default_rng([seed, epoch, index]))
             y = labels[picked]
             if class_weights is None:
                 return x, y
             return x, y, class_weights[y].astype(np.float32)
-
-        def on_epoch_end(self):
-            self.epoch += 1
-            if shuffle:
-                self.rng.shuffle(self.order)
 
     return ArrayBatches()
 
@@ -105,7 +113,7 @@ def _fit_phase(model, train_batches, val_batches, lr: float, epochs: int, cfg: T
 
     model.compile(optimizer=keras.optimizers.Adam(lr), loss="sparse_categorical_crossentropy",
                   metrics=["accuracy", *scores])
-    history = model.fit(train_batches, validation_data=val_batches, initial_epoch=initial_epoch,
+    history = model.fit(train_batches, validation_data=val_batches, initial_epoch=initial_epoch, shuffle=False,
                         epochs=initial_epoch + epochs, callbacks=[*plateau_callbacks(cfg), *callbacks], verbose=2)
     return history.history
 
