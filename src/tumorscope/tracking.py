@@ -6,6 +6,7 @@ The tracking URI comes from params (an SQLite file by default, PostgreSQL works 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import subprocess
 from pathlib import Path
@@ -77,12 +78,22 @@ def run_tags(params) -> dict[str, str]:
     import keras
 
     split_path = Path(params.split.path)
-    return {
-        "git_commit": git_commit(),
-        "dataset_fingerprint": file_fingerprint(split_path) if split_path.is_file() else "unknown",
-        "dvc_raw_md5": dvc_out_hash("ingest"),
-        "keras_backend": keras.backend.backend(),
-    }
+    return dict(_versions(str(Path.cwd()), str(split_path), _modified(split_path), _modified(Path("dvc.lock")))) | {
+        "keras_backend": keras.backend.backend()}
+
+
+def _modified(path: Path) -> int | None:
+    return path.stat().st_mtime_ns if path.is_file() else None
+
+
+@functools.lru_cache(maxsize=8)
+def _versions(cwd: str, split_path: str, split_modified: int | None, lock_modified: int | None) -> tuple:
+    """Git commit, split fingerprint and DVC data hash, computed once per process while the files
+    they read are unchanged: a worker starting trial after trial would otherwise run git and hash
+    the split table before each one (and a worker killed in that window leaves an unfinished run)."""
+    return (("git_commit", git_commit(cwd)),
+            ("dataset_fingerprint", file_fingerprint(split_path) if split_modified is not None else "unknown"),
+            ("dvc_raw_md5", dvc_out_hash("ingest", Path(cwd) / "dvc.lock")))
 
 
 def check_database_reachable(uri: str, key: str) -> None:

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 from tumorscope.config import Params
+from tumorscope.data.ingest import folder_relation
 
 PREFECT_HOME = ".prefect"
 
@@ -27,7 +28,8 @@ def dvc_outputs(root: Path) -> list[Path]:
 
 def local_stores(params: Params, root: Path) -> list[Path]:
     """The file-based stores of MLflow, Optuna and Prefect in this project (none for a server URL)."""
-    stores = [root / params.mlflow.artifact_root, root / PREFECT_HOME]
+    # The inference log is what the service saw (monitoring reads it): kept like a store.
+    stores = [root / params.mlflow.artifact_root, root / PREFECT_HOME, root / params.serve.inference_log]
     for uri in (params.mlflow.tracking_uri, params.tune.storage):
         if uri.startswith("sqlite:///") and uri != "sqlite:///:memory:":
             stores.append(root / uri.removeprefix("sqlite:///"))
@@ -37,7 +39,8 @@ def local_stores(params: Params, root: Path) -> list[Path]:
 def removable(params: Params, root: Path, stores: bool) -> list[Path]:
     """What clean removes: paths inside ``root``, none of which is or holds data.source (unless it
     is the phantom's folder, which the pipeline generates)."""
-    extra = [root / params.train.model_dir / "baseline", root / params.crossval.report_path]
+    extra = [root / params.train.model_dir / "baseline", root / params.crossval.report_path,
+             root / params.serve.predictions_dir]
     paths = dvc_outputs(root) + extra + (local_stores(params, root) if stores else [])
     source = (root / params.data.source).resolve()
     generated_source = source == (root / params.phantom.out_dir).resolve()
@@ -46,7 +49,7 @@ def removable(params: Params, root: Path, stores: bool) -> list[Path]:
         resolved = path.resolve()
         if not resolved.is_relative_to(root.resolve()):
             continue
-        if source.is_relative_to(resolved) and not generated_source:
+        if folder_relation(source, resolved) in ("is the same folder as", "is inside") and not generated_source:
             continue  # the user's data lives there
         kept.append(path)
     return kept

@@ -108,8 +108,9 @@ def _same_folder(a: Path, b: Path) -> bool:
         return False
 
 
-def _relation(source: Path, output: Path) -> str | None:
-    """How a resolved source folder overlaps a resolved output folder, if it does."""
+def folder_relation(source: Path, output: Path) -> str | None:
+    """How a resolved source folder overlaps a resolved output folder, if it does: "is the same
+    folder as", "is inside" or "contains" (symlinks and bind mounts count as the same folder)."""
     if _same_folder(source, output):
         return "is the same folder as"
     if any(_same_folder(parent, output) for parent in source.parents):
@@ -130,7 +131,7 @@ def check_source_apart(source: Path, outputs: dict[str, str]) -> None:
     for key, folder in outputs.items():
         if not folder:  # an unset output folder overlaps nothing ("" would resolve to the cwd)
             continue
-        relation = _relation(real_source, Path(folder).expanduser().resolve())
+        relation = folder_relation(real_source, Path(folder).expanduser().resolve())
         if relation is None:
             continue
         writer = "which ingest rebuilds" if key.startswith(RAW_DIR_KEY) else "which the pipeline writes"
