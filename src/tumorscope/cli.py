@@ -140,12 +140,20 @@ def rollback(reason: Annotated[str, typer.Option("--reason", help="why (recorded
 
 
 @app.command()
+def bento(params: ParamsOption = DEFAULT_PARAMS) -> None:
+    """Build a Bento (serving/bentofile.yaml) with the champion inside, tagged with model and data versions."""
+    from tumorscope.stages import packaging
+
+    _report(lambda: packaging.run_bento(_params(params)))
+
+
+@app.command()
 def predict(sources: Annotated[list[Path], typer.Argument(help="image files or folders (a folder of class folders is "
                                                                 "also scored: external validation)")],
             model: Annotated[str | None, typer.Option(
                 "--model", help="registry alias or version, an MLflow models:/ or runs:/ URI, or a model folder "
                                 "(default serve.model)")] = None,
-            out: Annotated[Path | None, typer.Option("--out", help="CSV to write (default <serve.predictions_dir>/predictions.csv)")] = None,
+            out: Annotated[Path | None, typer.Option("--out", help="CSV to write (default serve.predictions_dir/predictions.csv)")] = None,
             params: ParamsOption = DEFAULT_PARAMS) -> None:
     """Classify slices (PNG/JPEG/DICOM) with the champion: a CSV of class and probabilities per image."""
     from tumorscope.stages import prediction

@@ -132,3 +132,4 @@ def run_rollback(params: Params, reason: str, to_version: str | None = None) -> 
     return f"rollback: {name} champion {before} -> {after} by {registry.actor()}: {reason.strip()}"
 
 
+

@@ -1,0 +1,91 @@
+"""A Bento that carries its model: the champion copied into the BentoML model store, and the
+service built around it (``serving/bentofile.yaml``), tagged with the model and data versions.
+
+In the project, ``bentoml serve`` loads the model from the MLflow registry (and follows the
+champion alias on reload). A built Bento runs where the registry is not reachable (a container, a
+hospital's server), so the model travels inside it: the native ``.keras`` file and the input spec,
+read back by ``load_from_store`` with the same ``inference.LoadedModel`` the rest uses.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from tumorscope.errors import UserError
+from tumorscope.inference import LoadedModel
+
+MODEL_FILE, SPEC_FILE = "model.keras", "input_spec.json"
+
+
+def store_name(registered_model: str) -> str:
+    """A BentoML tag name (lower case letters, digits, '-', '_', '.') for a registered model name."""
+    name = re.sub(r"[^a-z0-9_.-]+", "-", registered_model.lower()).strip("-.")
+    return name or "tumorscope-model"
+
+
+def bento_version(model_version: int | str, data_version: str) -> str:
+    """'model<N>-data<first 8 characters of the data fingerprint>': a Bento tag says what it serves."""
+    data = re.sub(r"[^a-z0-9]", "", data_version.lower())[:8] or "unknown"
+    return f"model{model_version}-data{data}"
+
+
+def save_to_store(loaded: LoadedModel, name: str, version: str, labels: dict[str, str]) -> str:
+    """Copy a loaded model (its ``.keras`` file and input spec) into the BentoML model store; return the tag."""
+    import bentoml
+
+    try:
+        existing = bentoml.models.get(f"{name}:{version}")
+    except bentoml.exceptions.NotFound:
+        existing = None
+    if existing is not None:
+        return str(existing.tag)
+    with bentoml.models.create(f"{name}:{version}", labels=labels, metadata={"model_version": loaded.version}) as model:
+        target = Path(model.path)
+        loaded.model.save(target / MODEL_FILE)
+        (target / SPEC_FILE).write_text(json.dumps(loaded.spec, indent=2))
+    return str(model.tag)
+
+
+def load_from_store(tag: str) -> LoadedModel:
+    """The model a Bento carries (see ``save_to_store``)."""
+    import bentoml
+    import keras
+
+    try:
+        model = bentoml.models.get(tag)
+    except bentoml.exceptions.NotFound:
+        raise UserError(f"BentoML model {tag} not in the model store (build the Bento with tumorscope bento)") from None
+    path = Path(model.path)
+    spec = json.loads((path / SPEC_FILE).read_text())
+    version = str(model.info.metadata.get("model_version", tag))
+    return LoadedModel(keras.saving.load_model(path / MODEL_FILE), spec, version, {"bento_model": str(model.tag)})
+
+
+def build(bentofile: Path, model_tag: str, version: str, labels: dict[str, str]) -> str:
+    """Build the service described by ``bentofile`` with the stored model ``model_tag``; return the Bento tag."""
+    import bentoml
+
+    if not bentofile.is_file():
+        raise UserError(f"{bentofile} not found")
+    bento = bentoml.bentos.build_bentofile(str(bentofile), version=version, labels=labels,
+                                           build_ctx=str(bentofile.resolve().parents[1]), args={"model_tag": model_tag})
+    return str(bento.tag)
+
+
+def export(bento_tag: str, out_dir: Path) -> Path:
+    """Write the Bento to ``out_dir`` as a .bento archive (to copy to a machine without the project)."""
+    import bentoml
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = bentoml.bentos.export_bento(bento_tag, str(out_dir / f"{bento_tag.replace(':', '-')}.bento"))
+    return Path(path)
+
+
+def remove_model(tag: str) -> None:
+    """Delete a stored model (tests clean up after themselves)."""
+    import bentoml
+
+    bentoml.models.delete(tag)
+
