@@ -356,7 +356,7 @@ class ServeConfig(_Section):
     alert_threshold: float = Field(0.5, ge=0, le=1)  # probability of evaluate.critical_class that raises the alert
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     max_batch_files: int = Field(64, ge=1)
-    max_batch_size: int = Field(32, ge=1)        # BentoML adaptive batching
+    max_batch_size: int = Field(32, ge=2)        # BentoML adaptive batching (it refuses 1)
     max_latency_ms: int = Field(200, ge=1)
     inference_log: str = "logs/inference.jsonl"
     embedding_dims: int = Field(8, ge=1, le=64)  # summary of the penultimate layer kept per prediction

@@ -132,7 +132,8 @@ def test_gates_aliases_and_rollback(tmp_path, monkeypatch):
     assert run.data.tags["promotion"] == "refused" and run.data.metrics["promote_gate_beats_champion"] == 0.0
 
     # The same evaluated model again: nothing to decide, no new version.
-    assert evaluate_and_promote(params, Path("models/good"))[0] == "promote: tumorscope-kidney-ct/2 is already the champion; nothing to decide"
+    again = evaluate_and_promote(params, Path("models/good"))[0]
+    assert again == "promote: tumorscope-kidney-ct/2 is already the champion; nothing to decide"
 
     # Rollback restores the previous champion, with who/when/why on the registry.
     monkeypatch.setenv("TUMORSCOPE_USER", "dr-test")

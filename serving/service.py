@@ -1,0 +1,324 @@
+"""The tumorscope Bento service: classify kidney CT slices, explain them with Grad-CAM.
+
+Two BentoML services, two processes: ``TumorScope`` (the HTTP API: upload checks, decoding, the
+inference log) depends on ``TumorModel`` (the Keras model). Single-image requests reach the model
+through ``TumorModel.predict``, a batchable API, so concurrent requests are run as shared batches
+(BentoML adaptive batching: serve.max_batch_size, serve.max_latency_ms). The logic lives in
+``tumorscope.serving``; this file only wires it to BentoML.
+
+Configuration: the params file named by $TUMORSCOPE_PARAMS (default ./params.yaml): serve.*,
+promote.registered_model, evaluate.critical_class and mlflow.*. Run: ``bentoml serve serving.service:TumorScope``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import uuid
+from pathlib import Path
+from typing import Any, cast
+
+import bentoml
+import numpy as np
+from bentoml.exceptions import BentoMLException, ServiceUnavailable
+
+from tumorscope import serving
+from tumorscope.serving import BadRequest, ModelUnavailable, Route
+
+PARAMS = serving.load_service_params()
+SERVE = PARAMS.serve
+TIMEOUT_S = 120
+READY_PROBE_TIMEOUT_S = 3
+
+
+# BentoML's client to a dependency closes and replaces its HTTP session every runner_connection.max_requests
+# calls (default 100) or max_age seconds (300), and the close fails the calls still in flight on it
+# ("Cannot write to closing transport": 10 of 32 concurrent requests were lost here around the 100th
+# call; the session refresh has broken before, bentoml/BentoML#5540 and #5544). The dependency is on
+# a local socket, so the session is never refreshed.
+NO_SESSION_REFRESH = {"max_requests": 1_000_000_000, "max_age": 10 * 365 * 24 * 3600.0}
+
+
+# `tumorscope bento` builds with --arg model_tag=<BentoML model>: the Bento then carries its model
+# and serves it without a registry. Without it (`bentoml serve` in the project), the registry.
+CARRIED_MODEL: str | None = getattr(bentoml.use_arguments(), "model_tag", None)
+
+
+def _carried_model(name: str, tag: str):
+    from tumorscope.bento import load_from_store
+
+    return load_from_store(tag)
+
+
+@bentoml.service(name="tumorscope_model", workers=1, traffic={"timeout": TIMEOUT_S}, runner_connection=NO_SESSION_REFRESH)
+class TumorModel:
+    """The classifier: from the MLflow registry (serve.model: an alias, a version or a URI), or the
+    model a built Bento carries."""
+
+    if CARRIED_MODEL:
+        carried = bentoml.models.BentoModel(CARRIED_MODEL)  # packed into the Bento by bentoml build
+
+    def __init__(self) -> None:
+        if CARRIED_MODEL:
+            self.served = serving.ServedModel(PARAMS.promote.registered_model, CARRIED_MODEL, SERVE.embedding_dims,
+                                              loader=_carried_model, resolver=lambda name, ref: None)
+        else:
+            serving.configure_tracking(PARAMS.mlflow)
+            self.served = serving.ServedModel(PARAMS.promote.registered_model, SERVE.model, SERVE.embedding_dims)
+        self.served.load()  # a failure is kept (readiness fails, health says why) and reload retries
+
+    def __is_ready__(self) -> bool:
+        return self.served.ready
+
+    @bentoml.api(batchable=True, max_batch_size=SERVE.max_batch_size, max_latency_ms=SERVE.max_latency_ms)
+    def predict(self, images: np.ndarray) -> list[dict[str, Any]]:
+        """(N, size, size, 1) uint8 prepared slices -> per image: probabilities, embedding summary,
+        model version and the size of the batch it ran in."""
+        try:
+            return self.served.predict(images)
+        except ModelUnavailable as err:
+            raise ServiceUnavailable(str(err)) from None
+
+    @bentoml.api
+    def explain(self, image: np.ndarray, class_index: int | None = None) -> dict[str, Any]:
+        try:
+            return self.served.explain(image, class_index)
+        except ModelUnavailable as err:
+            raise ServiceUnavailable(str(err)) from None
+
+    @bentoml.api
+    def info(self) -> dict[str, Any]:
+        return self.served.info()
+
+    @bentoml.api
+    def reload(self, force: bool = False) -> dict[str, Any]:
+        return self.served.reload(force)
+
+
+ROUTES = {"/classify": Route(serving.FILE_FIELD), "/explain": Route(serving.FILE_FIELD, text_fields=(serving.CLASS_FIELD,)),
+          "/classify_batch": Route(serving.BATCH_FIELD, many=True), "/metadata": Route(), "/health": Route(),
+          "/reload": Route()}
+
+
+# BentoML's own readiness probe of the dependency (runner_probe) is off, replaced by __is_ready__:
+# while the model worker is still starting (importing TensorFlow, loading the model), the probe's
+# 5 s timeout raises out of /readyz inside BentoML's TimeoutMiddleware, which then holds the probe
+# request open for the whole traffic timeout and keeps the worker from shutting down until it ends.
+@bentoml.service(name="tumorscope", workers=1, traffic={"timeout": TIMEOUT_S}, runner_probe={"enabled": False})
+class TumorScope:
+    """The HTTP API. Errors are JSON ``{"error": one line, "status": code}`` with a 4xx status for
+    bad input (503 while no model is loaded)."""
+
+    model = bentoml.depends(TumorModel)
+
+    def __init__(self) -> None:
+        self.log = serving.InferenceLog(SERVE.inference_log)
+        self._info: dict[str, Any] | None = None
+
+    @bentoml.on_shutdown
+    def close_inference_log(self) -> None:
+        """Write what is still queued: the writer is a daemon thread, which would die with the process."""
+        self.log.close(timeout=5)
+
+    async def __is_ready__(self) -> bool:
+        """/readyz: the model service answers and has a model loaded."""
+        try:
+            info = await asyncio.wait_for(self.model.to_async.info(), READY_PROBE_TIMEOUT_S)
+        except Exception:  # not started yet, timed out, unreachable: not ready, never an error
+            return False
+        return bool(info.get("ready"))
+
+    # -- the model's description, cached; refreshed when the model answers with another version
+
+    async def _model_info(self, refresh: bool = False) -> dict[str, Any]:
+        if refresh or self._info is None or not self._info.get("ready"):
+            self._info = await self._call(self.model.to_async.info)
+        if not self._info.get("ready"):
+            raise ModelUnavailable(f"no model loaded ({self._info.get('load_error')})")
+        return self._info
+
+    @staticmethod
+    async def _call(method, *args: Any, **kwargs: Any) -> Any:
+        """Call the model service; its failures become ModelUnavailable (503). A dropped connection
+        is retried once: every model API is idempotent."""
+        import aiohttp
+
+        for attempt in (1, 2):
+            try:
+                return await method(*args, **kwargs)
+            except BentoMLException as err:
+                raise ModelUnavailable(f"model service: {serving.one_line(str(err))}") from None
+            except aiohttp.ClientConnectionError as err:
+                if attempt == 2:
+                    raise ModelUnavailable(f"model service unreachable: {serving.one_line(str(err))}") from None
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _refuse(ctx: bentoml.Context, err: Exception) -> dict[str, Any]:
+        if isinstance(err, BadRequest):
+            ctx.response.status_code = err.status
+            return err.body()
+        ctx.response.status_code = 503
+        return {"error": serving.one_line(str(err)), "status": 503}
+
+    # -- one image
+
+    async def _prepare(self, path: Path, part: serving.UploadPart | None, info: dict[str, Any]):
+        data = await asyncio.to_thread(path.read_bytes)
+        filename = part.filename if part else path.name
+        content_type = part.content_type if part else None
+        prepared = await asyncio.to_thread(serving.prepare_upload, data, filename, content_type, info["spec"],
+                                           SERVE.max_upload_bytes)
+        return data, prepared
+
+    async def _classify_one(self, path: Path, part: serving.UploadPart | None, endpoint: str) -> dict[str, Any]:
+        info = await self._model_info()
+        data, prepared = await self._prepare(path, part, info)
+        answer = (await self._call(self.model.to_async.predict, prepared.pixels[np.newaxis]))[0]
+        if answer["model_version"] != info["model_version"]:
+            # The model was reloaded meanwhile: describe the new one, and prepare again if it wants other pixels.
+            from tumorscope.inference import same_pixels
+
+            old_spec = info["spec"]
+            info = await self._model_info(refresh=True)
+            if not same_pixels(old_spec, info["spec"]):
+                data, prepared = await self._prepare(path, part, info)
+                answer = (await self._call(self.model.to_async.predict, prepared.pixels[np.newaxis]))[0]
+        response = serving.classify_response(answer, prepared, info["classes"], PARAMS.evaluate.critical_class,
+                                             SERVE.alert_threshold, uuid.uuid4().hex)
+        self.log.submit(serving.inference_record(endpoint, response, data))
+        return response
+
+    @bentoml.api
+    async def classify(self, file: Path, ctx: bentoml.Context) -> dict[str, Any]:
+        """One slice (PNG, JPEG or DICOM) in multipart field ``file`` -> class, probabilities, alert."""
+        parts = serving.uploads_of(ctx.request.state)
+        try:
+            return await self._classify_one(file, parts[0] if parts else None, "classify")
+        except (BadRequest, ModelUnavailable) as err:
+            return self._refuse(ctx, err)
+
+    @bentoml.api
+    async def classify_batch(self, files: list[Path], ctx: bentoml.Context) -> dict[str, Any]:
+        """Several slices in multipart field ``files`` (at most serve.max_batch_files); a file that
+        cannot be classified gets its error in its item, the others are answered."""
+        parts = serving.uploads_of(ctx.request.state)
+        try:
+            await self._model_info()
+        except ModelUnavailable as err:
+            return self._refuse(ctx, err)
+        if len(files) > SERVE.max_batch_files:  # UploadGuard refuses this first; kept for calls that bypass it
+            return self._refuse(ctx, BadRequest(f"too many files: {len(files)} (limit {SERVE.max_batch_files})", 413))
+
+        async def one(index: int, path: Path) -> dict[str, Any]:
+            part = parts[index] if index < len(parts) else None
+            name = part.filename if part else path.name
+            try:
+                return {"index": index, "filename": name, "ok": True, **await self._classify_one(path, part, "classify_batch")}
+            except BadRequest as err:
+                return {"index": index, "filename": name, "ok": False, **err.body()}
+
+        try:
+            # Each file is its own call to the batchable model API, so the files of one request are
+            # batched together (and with other requests' files) by the same dispatcher.
+            results = await asyncio.gather(*(one(i, path) for i, path in enumerate(files)))
+        except ModelUnavailable as err:
+            return self._refuse(ctx, err)
+        versions = sorted({r["model_version"] for r in results if r["ok"]})
+        return {"n_files": len(results), "n_ok": sum(r["ok"] for r in results),
+                "n_failed": sum(not r["ok"] for r in results), "model_versions": versions, "results": results}
+
+    @bentoml.api
+    async def explain(self, file: Path, ctx: bentoml.Context, target_class: str | None = None) -> dict[str, Any]:
+        """One slice -> class, probabilities, Grad-CAM overlay (PNG, base64) and the hot region
+        (with mm^2 when the DICOM gives its pixel spacing). ``target_class`` explains another class
+        than the predicted one."""
+        from tumorscope.models.explain import overlay_png, region_of_interest
+
+        parts = serving.uploads_of(ctx.request.state)
+        part = parts[0] if parts else None
+        try:
+            info = await self._model_info()
+            classes = info["classes"]
+            if target_class is not None and target_class not in classes:
+                raise BadRequest(f"unknown target_class {target_class!r}; the model's classes: {', '.join(classes)}", 422)
+            data, prepared = await self._prepare(file, part, info)
+            answer = await self._call(self.model.to_async.explain, image=prepared.pixels,
+                                      class_index=None if target_class is None else classes.index(target_class))
+        except (BadRequest, ModelUnavailable) as err:
+            return self._refuse(ctx, err)
+        heat = np.asarray(answer["heat"], dtype=np.float32)
+        suffix = serving.suffix_for(part.filename if part else file.name, part.content_type if part else None)
+        shown = await asyncio.to_thread(serving.overlay_slice, data, suffix, info["spec"])
+        png = await asyncio.to_thread(overlay_png, shown, heat)
+        region = region_of_interest(heat, pixel_spacing_mm=prepared.pixel_spacing_mm, original_shape=prepared.original_shape)
+        result = serving.classify_result(answer["probabilities"], classes, PARAMS.evaluate.critical_class,
+                                         SERVE.alert_threshold)
+        return {"request_id": uuid.uuid4().hex, "model_version": answer["model_version"], **result,
+                "explained_class": classes[answer["class_index"]], "region": region,
+                "heatmap_shape": list(heat.shape), "overlay_shape": list(shown.shape),
+                "overlay_png_base64": base64.b64encode(png).decode("ascii"),
+                "image": serving.image_statistics(prepared), "warnings": serving.source_warnings(prepared.source_mode)}
+
+    # -- the service
+
+    @bentoml.api
+    async def metadata(self, ctx: bentoml.Context) -> dict[str, Any]:
+        """Model version, classes, input size, thresholds and upload limits."""
+        try:
+            info = await self._model_info(refresh=True)
+        except ModelUnavailable as err:
+            return self._refuse(ctx, err)
+        return {"model_version": info["model_version"], "registered_model": info["registered_model"],
+                "model_ref": info["ref"], "model_source": info["source"], "loaded_at": info["loaded_at"],
+                "classes": info["classes"], "input_size": info["image_size"], "preprocess": info["spec"]["preprocess"],
+                "critical_class": PARAMS.evaluate.critical_class, "alert_threshold": SERVE.alert_threshold,
+                "max_upload_bytes": SERVE.max_upload_bytes, "max_batch_files": SERVE.max_batch_files,
+                "accepted_content_types": list(serving.ACCEPTED_CONTENT_TYPES), "min_side": serving.MIN_SIDE,
+                "max_aspect_ratio": serving.MAX_ASPECT_RATIO, "embedding_dims": SERVE.embedding_dims,
+                "adaptive_batching": {"max_batch_size": SERVE.max_batch_size, "max_latency_ms": SERVE.max_latency_ms,
+                                      **info["batching"]}}
+
+    @bentoml.api
+    async def health(self) -> dict[str, Any]:
+        """Model version (or why there is none), inference-log problems, batching counts. Always
+        200: the status field says ok, degraded (the log is losing records) or unavailable."""
+        try:
+            info = await self._call(self.model.to_async.info)
+        except ModelUnavailable as err:
+            info = {"ready": False, "load_error": str(err)}
+        log = self.log.status()
+        status = "unavailable" if not info.get("ready") else ("ok" if log["ok"] else "degraded")
+        return {"status": status, "model_version": info.get("model_version"), "model_error": info.get("load_error"),
+                "inference_log": log, "batching": info.get("batching")}
+
+    @bentoml.api
+    async def reload(self, ctx: bentoml.Context, force: bool = False) -> dict[str, Any]:
+        """Resolve serve.model again (the champion alias may have moved) and serve what it names.
+        503 when loading fails; the previous model keeps serving."""
+        try:
+            outcome = await self._call(self.model.to_async.reload, force=force)
+            self._info = None
+        except ModelUnavailable as err:
+            return self._refuse(ctx, err)
+        if outcome.get("error"):
+            ctx.response.status_code = 503
+            return {**outcome, "status": 503,
+                    "error": f"reload failed, still serving {outcome.get('model_version')}: {outcome['error']}"}
+        return outcome
+
+
+# @bentoml.service turns the class into a bentoml Service (typed as the class, hence the cast).
+cast(Any, TumorScope).add_asgi_middleware(serving.UploadGuard, routes=ROUTES, max_upload_bytes=SERVE.max_upload_bytes,
+                                          max_files=SERVE.max_batch_files)
+
+
+def clinician_page():
+    """The page a clinician drops a slice on (serving/static/index.html), at /ui/."""
+    from starlette.staticfiles import StaticFiles
+
+    return StaticFiles(directory=Path(__file__).resolve().parent / "static", html=True)
+
+
+TumorScope.mount_asgi_app(clinician_page(), path="/ui", name="ui")
+

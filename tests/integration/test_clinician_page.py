@@ -1,0 +1,74 @@
+"""The clinician's page (serving/static/index.html at /ui/) in headless Chromium against the real
+service: a slice chosen in the page shows the class, one probability bar per class and the Grad-CAM
+overlay, and the class equals what the classify endpoint answers for the same file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+
+import bento_server
+from bento_server import phantom_pngs
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+needs_chromium = pytest.mark.skipif(
+    not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()),
+    reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
+
+
+@pytest.fixture(scope="session")
+def served(request, prepared_project, tmp_path_factory):
+    return bento_server.shared_server(request, prepared_project, tmp_path_factory)
+
+
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1100,820"):
+        options.add_argument(argument)
+    # An explicit driver path: Selenium Manager would otherwise try to download one.
+    return webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+
+
+@needs_chromium
+def test_a_dropped_slice_shows_class_probabilities_and_overlay(served, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    name, data = next((n, d) for n, d in phantom_pngs(1).items() if "Tumor" in n)
+    slice_path = tmp_path / name
+    slice_path.write_bytes(data)
+    expected = httpx.post(f"{served.url}/classify", files={"file": (name, data, "image/png")}, timeout=60).json()
+
+    driver = browser()
+    try:
+        driver.get(f"{served.url}/ui/")
+        wait = WebDriverWait(driver, 60)
+        wait.until(lambda d: d.find_element(By.ID, "version").text not in ("", "-"))
+        assert driver.find_element(By.ID, "version").text == expected["model_version"]
+        driver.find_element(By.ID, "file").send_keys(str(slice_path))
+        wait.until(lambda d: d.find_element(By.ID, "result").is_displayed())
+        verdict = driver.find_element(By.ID, "verdict").text
+        assert verdict.startswith(expected["class"] + " (")
+        bars = driver.find_elements(By.CSS_SELECTOR, "#bars .row")
+        assert [b.get_attribute("data-class") for b in bars] == list(expected["probabilities"])
+        overlay = driver.find_element(By.ID, "overlay")
+        assert overlay.get_attribute("src").startswith("data:image/png;base64,")
+        assert driver.execute_script("return arguments[0].naturalWidth", overlay) > 0  # the PNG decoded
+        assert driver.find_element(By.ID, "alert").is_displayed() == expected["alert"]
+        driver.save_screenshot(str(tmp_path / "page.png"))
+
+        # A file that is not an image: the page shows the service's one-line reason, no result.
+        bad = tmp_path / "notes.png"
+        bad.write_bytes(b"not an image at all")
+        driver.find_element(By.ID, "file").send_keys(str(bad))
+        wait.until(lambda d: d.find_element(By.ID, "error").is_displayed())
+        assert driver.find_element(By.ID, "error").text.startswith("notes.png: ")
+        assert not driver.find_element(By.ID, "result").is_displayed()
+    finally:
+        driver.quit()

@@ -1,0 +1,376 @@
+"""tumorscope.serving without a server: upload checks, the response pieces, the inference log, the
+ASGI upload guard (driven by httpx against a minimal ASGI app) and the model side on a tiny model."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import FIXTURE_SLICES
+from tumorscope import serving
+from tumorscope.config import PreprocessConfig, WindowConfig
+from tumorscope.inference import PreparedImage, input_spec
+from tumorscope.serving import BadRequest, InferenceLog, Route, UploadGuard
+
+CLASSES = ["Cyst", "Normal", "Stone", "Tumor"]
+SPEC = input_spec(CLASSES, PreprocessConfig(image_size=32), WindowConfig())
+LIMIT = 64 * 1024
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def dicom_bytes(hu: np.ndarray | None, spacing: tuple[float, float] | None = (0.7, 0.8)) -> bytes:
+    """A CT DICOM (stored = HU + 1024); ``hu`` None: a header-only file without pixel data."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.2")  # CT Image Storage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset("ct.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.Modality = "CT"
+    if hu is not None:
+        stored = np.clip(hu + 1024, 0, 4095).astype(np.uint16)
+        ds.Rows, ds.Columns = stored.shape
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+        ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PixelRepresentation = 1, "MONOCHROME2", 0
+        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+        ds.PixelData = stored.tobytes()
+    if spacing is not None:
+        ds.PixelSpacing = list(spacing)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def fixture_jpeg() -> bytes:
+    return next(FIXTURE_SLICES.glob("Tumor/*.jpg")).read_bytes()
+
+
+# ---------------------------------------------------------------------------------------------
+# Upload checks and preparation
+
+
+@pytest.mark.parametrize(("data", "content_type", "status", "words"), [
+    (b"", "image/png", 400, "empty file"),
+    (b"x" * (LIMIT + 1), "image/png", 413, "too large"),
+    (b"abc", "text/plain", 415, "unsupported content type"),
+    (b"abc", "application/json", 415, "unsupported content type"),
+])
+def test_check_upload_refuses_with_status(data, content_type, status, words):
+    with pytest.raises(BadRequest, match=words) as caught:
+        serving.check_upload(data, content_type, LIMIT)
+    assert caught.value.status == status and "\n" not in caught.value.message
+
+
+@pytest.mark.parametrize("content_type", ["image/png", "image/jpeg", "IMAGE/PNG; q=1", "application/dicom",
+                                          "application/octet-stream", None])
+def test_check_upload_accepts_image_types(content_type):
+    serving.check_upload(b"abc", content_type, LIMIT)
+
+
+def test_suffix_and_status_mapping():
+    assert serving.suffix_for("Slice.PNG", "image/png") == ".png"
+    assert serving.suffix_for("scan", "application/dicom") == ".dcm"
+    assert serving.suffix_for(None, None) == ""
+    assert serving.status_for_reason("empty file") == 400
+    assert serving.status_for_reason("image too large: 9x9 pixels") == 413
+    assert serving.status_for_reason("corrupt image (OSError: truncated)") == 422
+
+
+def test_prepare_upload_real_slice_matches_training_preparation():
+    from tumorscope.inference import prepare_bytes
+
+    data = fixture_jpeg()
+    prepared = serving.prepare_upload(data, "slice.jpg", "image/jpeg", SPEC, LIMIT * 16)
+    assert prepared.pixels.shape == (32, 32, 1) and prepared.pixels.dtype == np.uint8
+    np.testing.assert_array_equal(prepared.pixels, prepare_bytes(data, ".jpg", SPEC).pixels)
+    assert serving.source_warnings(prepared.source_mode) == []
+
+
+@pytest.mark.parametrize(("make", "status", "words"), [
+    (lambda: fixture_jpeg()[:2000], 422, "corrupt image"),
+    (lambda: b"\x89PNG not really" + bytes(200), 422, "not an image"),
+    (lambda: np.random.default_rng(0).bytes(500), 422, "not an image"),
+    (lambda: png_bytes(np.zeros((10, 200), np.uint8)), 422, "too small"),
+    (lambda: png_bytes(np.zeros((40, 400), np.uint8)), 422, "aspect ratio"),
+    (lambda: dicom_bytes(None), 422, "no pixel data"),
+])
+def test_prepare_upload_refusals(make, status, words):
+    with pytest.raises(BadRequest, match=words) as caught:
+        serving.prepare_upload(make(), "file.bin", "application/octet-stream", SPEC, LIMIT * 16)
+    assert caught.value.status == status
+
+
+def test_rgb_and_16_bit_images_are_prepared_like_training_with_a_warning():
+    rng = np.random.default_rng(1)
+    rgb = serving.prepare_upload(png_bytes(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)), "c.png", "image/png",
+                                 SPEC, LIMIT)
+    deep = serving.prepare_upload(png_bytes(rng.integers(0, 65535, (48, 48), dtype=np.uint16)), "d.png", "image/png",
+                                  SPEC, LIMIT)
+    assert rgb.source_mode == "RGB" and "colour image" in serving.source_warnings("RGB")[0]
+    assert deep.source_mode.startswith("I") and "high bit-depth" in serving.source_warnings(deep.source_mode)[0]
+
+
+def test_dicom_is_windowed_and_reports_its_spacing():
+    hu = np.full((40, 40), -1000.0)
+    hu[10:30, 10:30] = 40.0  # soft tissue at the window level: mid grey
+    prepared = serving.prepare_upload(dicom_bytes(hu, (0.5, 0.75)), "ct.dcm", "application/dicom", SPEC, LIMIT)
+    stats = serving.image_statistics(prepared)
+    assert prepared.source_mode == "DICOM" and stats["pixel_spacing_mm"] == [0.5, 0.75]
+    assert stats["original_shape"] == [40, 40] and stats["max"] == 128.0 and stats["min"] == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Response pieces
+
+
+def test_image_statistics_of_the_model_input():
+    pixels = np.arange(1024, dtype=np.uint16).reshape(32, 32, 1) % 256
+    stats = serving.image_statistics(PreparedImage(pixels.astype(np.uint8), "L", (512, 512)))
+    assert stats["mean"] == pytest.approx(127.5) and stats["p50"] == pytest.approx(127.5)
+    assert stats["original_shape"] == [512, 512] and stats["model_input_shape"] == [32, 32]
+    assert stats["pixel_spacing_mm"] is None and stats["source_mode"] == "L"
+
+
+def test_classify_result_alert_at_the_threshold():
+    result = serving.classify_result([0.1, 0.2, 0.2, 0.5], CLASSES, "Tumor", 0.5)
+    assert result["class"] == "Tumor" and result["alert"] is True and result["critical_probability"] == 0.5
+    assert serving.classify_result([0.1, 0.2, 0.21, 0.49], CLASSES, "Tumor", 0.5)["alert"] is False
+    # A model without the critical class never raises the alert.
+    other = serving.classify_result([0.3, 0.7], ["Cyst", "Normal"], "Tumor", 0.0)
+    assert other["alert"] is False and other["critical_probability"] is None
+    with pytest.raises(ValueError):
+        serving.classify_result([0.5, 0.5], CLASSES, "Tumor", 0.5)
+
+
+def test_embedding_projection_is_fixed_and_keeps_distances_roughly():
+    a = serving.embedding_projection(64, 8)
+    np.testing.assert_array_equal(a, serving.embedding_projection(64, 8))
+    assert a.shape == (64, 8) and not np.array_equal(a, serving.embedding_projection(32, 8)[:32].repeat(2, 0))
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(200, 64)).astype(np.float32)
+    summary = serving.summarize_embedding(features, 16)
+    assert summary.shape == (200, 16)
+    ratio = np.linalg.norm(summary[:100] - summary[100:], axis=1) / np.linalg.norm(features[:100] - features[100:], axis=1)
+    assert 0.5 < float(np.median(ratio)) < 1.5
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference log
+
+
+def read_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_inference_log_appends_json_lines(tmp_path):
+    log = InferenceLog(tmp_path / "logs" / "inference.jsonl")
+    for i in range(5):
+        assert log.submit({"request_id": str(i), "probabilities": {"Tumor": 0.5}})
+    assert log.flush()
+    assert [r["request_id"] for r in read_lines(log.path)] == ["0", "1", "2", "3", "4"]
+    status = log.status()
+    assert status["ok"] and status["written"] == 5 and status["failed"] == 0 and status["last_error"] is None
+    log.close()
+
+
+def test_inference_log_to_an_unwritable_directory_does_not_raise_and_is_reported(tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the log folder should be")
+    log = InferenceLog(blocker / "logs" / "inference.jsonl")
+    assert log.submit({"request_id": "a"}) is True  # submitting never fails
+    assert log.flush()
+    status = log.status()
+    assert not status["ok"] and status["failed"] == 1 and status["written"] == 0
+    assert "Error" in status["last_error"] and status["last_error_at"]
+    # The writer thread survived: once the folder can be made, records are written again.
+    blocker.unlink()
+    log.submit({"request_id": "b"})
+    assert log.flush() and log.status()["written"] == 1
+    log.close()
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux) to simulate a full disk")
+def test_inference_log_on_a_full_disk_counts_the_failure():
+    log = InferenceLog("/dev/full")
+    log.submit({"request_id": "a"})
+    assert log.flush()
+    assert log.status()["failed"] == 1 and "No space left" in log.status()["last_error"]
+    log.close()
+
+
+def test_inference_log_queue_full_drops_are_counted_not_silent(tmp_path):
+    log = InferenceLog(tmp_path / "inference.jsonl", max_queue=2, autostart=False)
+    accepted = [log.submit({"request_id": str(i)}) for i in range(5)]
+    assert accepted == [True, True, False, False, False]
+    status = log.status()
+    assert status["dropped_queue_full"] == 3 and not status["ok"] and "queue full" in status["last_error"]
+    log.start()
+    assert log.flush()
+    assert [r["request_id"] for r in read_lines(log.path)] == ["0", "1"]
+    log.close()
+
+
+def test_inference_log_loses_only_a_record_that_is_not_json(tmp_path):
+    log = InferenceLog(tmp_path / "inference.jsonl")
+    log.submit({"request_id": "nan", "value": float("nan")})
+    log.submit({"request_id": "ok"})
+    assert log.flush()
+    assert [r["request_id"] for r in read_lines(log.path)] == ["ok"]
+    assert log.status()["failed"] == 1
+    log.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# UploadGuard, in front of a minimal ASGI app that echoes what reached it
+
+
+async def echo_app(scope, receive, send):
+    body, more = b"", True
+    while more:
+        message = await receive()
+        body += message.get("body", b"")
+        more = message.get("more_body", False)
+    parts = [p.__dict__ for p in scope.get("state", {}).get(serving.STATE_KEY, {}).get("parts", [])]
+    payload = json.dumps({"received": len(body), "parts": parts}).encode()
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": payload})
+
+
+ROUTES = {"/classify": Route("file"), "/classify_batch": Route("files", many=True),
+          "/explain": Route("file", text_fields=("target_class",)), "/metadata": Route()}
+
+
+def guarded(method: str, path: str, **kwargs):
+    import httpx
+
+    async def go():
+        app = UploadGuard(echo_app, ROUTES, max_upload_bytes=LIMIT, max_files=3)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            return await client.request(method, path, **kwargs)
+
+    return asyncio.run(go())
+
+
+def test_guard_passes_a_valid_upload_with_what_it_learnt():
+    response = guarded("POST", "/classify", files={"file": ("a.png", b"\x89PNG....", "image/png")})
+    assert response.status_code == 200
+    assert response.json()["parts"] == [{"filename": "a.png", "content_type": "image/png", "size": 8}]
+    assert response.json()["received"] > 8  # the whole multipart body was replayed
+
+
+@pytest.mark.parametrize(("path", "kwargs", "status", "words"), [
+    ("/classify", {"content": b"x" * 10, "headers": {"content-type": "multipart/form-data; boundary=b",
+                                                     "content-length": str(10**12)}}, 413, "too large"),
+    ("/classify", {"files": {"file": ("a.png", b"x" * (LIMIT + 20_000), "image/png")}}, 413, "too large"),
+    ("/classify", {"content": b"", "headers": {"content-type": "multipart/form-data; boundary=b"}}, 400, "empty request"),
+    ("/classify", {"content": b"\x89PNG", "headers": {"content-type": "image/png"}}, 415, "multipart/form-data"),
+    ("/classify", {"json": {"file": "x"}}, 415, "multipart/form-data"),
+    ("/classify", {"content": b"--b\r\nNoColonHeader\r\n\r\nabc\r\n--b--\r\n",
+                   "headers": {"content-type": "multipart/form-data; boundary=b"}}, 400, "malformed multipart"),
+    ("/classify", {"content": b"--b\r\ngarbage", "headers": {"content-type": "multipart/form-data; boundary=b"}},
+     400, "missing field"),  # an unterminated part is no part
+    ("/classify", {"content": b"abc", "headers": {"content-type": "multipart/form-data"}}, 400, "malformed multipart"),
+    ("/classify", {"data": {"file": "https://example.com/a.png"}, "files": {"x": ("", b"")}}, 400, "must be a file"),
+    ("/classify", {"files": {"other": ("a.png", b"123", "image/png")}}, 400, "unexpected field"),
+    ("/classify", {"files": [("file", ("a.png", b"1", "image/png")), ("file", ("b.png", b"2", "image/png"))]},
+     400, "takes one"),
+    ("/classify", {"files": {"file": ("a" * 300 + ".png", b"1", "image/png")}}, 400, "file name too long"),
+    ("/classify", {"content": b'--b\r\nContent-Disposition: form-data; name="file"; filename="a\x00.png"\r\n\r\n1\r\n--b--\r\n',
+                   "headers": {"content-type": "multipart/form-data; boundary=b"}}, 400, "control characters"),
+    ("/classify_batch", {"files": [("files", (f"{i}.png", b"1", "image/png")) for i in range(4)]}, 413, "too many files"),
+    ("/explain", {"files": {"file": ("a.png", b"1", "image/png"), "target_class": ("t.bin", b"\xff", "x/y")}},
+     400, "must be a text value"),
+    ("/explain", {"files": {"file": ("a.png", b"1", "image/png")}, "data": {"target_class": "123"}}, 400, "must be text"),
+    ("/metadata", {"files": {"file": ("a.png", b"1", "image/png")}}, 415, "JSON body"),
+    ("/metadata", {"content": b"[" * 60_000, "headers": {"content-type": "application/json"}}, 400, "invalid JSON"),
+    ("/metadata", {"content": b"[1, 2]", "headers": {"content-type": "application/json"}}, 400, "must be an object"),
+])
+def test_guard_refusals(path, kwargs, status, words):
+    response = guarded("POST", path, **kwargs)
+    assert response.status_code == status, response.text
+    assert words in response.json()["error"] and response.json()["status"] == status
+
+
+def test_guard_leaves_other_methods_and_paths_alone():
+    assert guarded("GET", "/classify").status_code == 200  # the app behind answers (BentoML: 405)
+    assert guarded("POST", "/elsewhere", content=b"anything").status_code == 200
+    assert guarded("POST", "/metadata").status_code == 200
+    assert guarded("POST", "/explain", files={"file": ("a.png", b"1", "image/png")},
+                   data={"target_class": "Tumor"}).status_code == 200
+
+
+# ---------------------------------------------------------------------------------------------
+# The model side, on a tiny untrained CNN
+
+
+@pytest.fixture(scope="module")
+def tiny_loaded():
+    import keras
+
+    from tumorscope.inference import LoadedModel
+    from tumorscope.models.zoo import build_small_cnn
+
+    keras.utils.set_random_seed(0)
+    model = build_small_cnn(32, len(CLASSES), filters=4, dense_units=12, norm="none")
+    return LoadedModel(model, SPEC, "tiny/1", {"version": 1})
+
+
+def test_served_model_predicts_like_the_loaded_model_with_an_embedding(tiny_loaded):
+    served = serving.ServedModel("tiny", "champion", 5, loader=lambda name, ref: tiny_loaded,
+                                 resolver=lambda name, ref: 1)
+    assert served.load() and served.ready
+    images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 1), dtype=np.uint8)
+    answers = served.predict(images)
+    np.testing.assert_allclose([a["probabilities"] for a in answers], tiny_loaded.predict_proba(images),
+                               rtol=1e-5, atol=1e-6)
+    assert all(len(a["embedding"]) == 5 and a["batch_size"] == 3 and a["model_version"] == "tiny/1" for a in answers)
+    # The embedding is the projection of the penultimate Dense layer's output.
+    import keras
+
+    dense = keras.Model(tiny_loaded.model.inputs, tiny_loaded.model.layers[-1].input).predict_on_batch(images)
+    np.testing.assert_allclose([a["embedding"] for a in answers], serving.summarize_embedding(dense, 5), rtol=1e-4,
+                               atol=1e-5)
+    assert served.info()["batching"]["batch_size_histogram"] == {"3": 1}
+    with pytest.raises(ValueError, match="shape"):
+        served.predict(np.zeros((1, 16, 16, 1), np.uint8))
+    explained = served.explain(images[0])
+    assert explained["heat"].shape == (32, 32) and 0 <= explained["heat"].min() <= explained["heat"].max() <= 1
+
+
+def test_served_model_reload_and_load_failures(tiny_loaded):
+    from tumorscope.errors import UserError
+
+    state = {"version": 1, "fail": False}
+
+    def loader(name, ref):
+        if state["fail"]:
+            raise UserError("registered model 'tiny' has no alias 'champion'")
+        return type(tiny_loaded)(tiny_loaded.model, SPEC, f"tiny/{state['version']}", {"version": state["version"]})
+
+    served = serving.ServedModel("tiny", "champion", 4, loader=loader, resolver=lambda name, ref: state["version"])
+    assert served.load()
+    assert served.reload() == {"reloaded": False, "changed": False, "model_version": "tiny/1", "error": None}
+    state["version"] = 2
+    outcome = served.reload()
+    assert outcome["reloaded"] and outcome["changed"] and outcome["model_version"] == "tiny/2"
+    state["fail"], state["version"] = True, 3
+    failed = served.reload()
+    assert not failed["reloaded"] and "no alias" in failed["error"] and served.info()["model_version"] == "tiny/2"
+
+    empty = serving.ServedModel("tiny", "champion", 4, loader=loader)
+    assert not empty.load() and not empty.ready and "no alias" in empty.info()["load_error"]
+    with pytest.raises(serving.ModelUnavailable, match="no model loaded"):
+        empty.predict(np.zeros((1, 32, 32, 1), np.uint8))
