@@ -13,6 +13,7 @@ export DO_NOT_TRACK ?= 1
 # Prefect keeps its local (ephemeral) API database in the project, not in ~/.prefect.
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export BENTOML_DO_NOT_TRACK ?= true
 
 $(CURDIR)/.tools/bin/uv:
 	python3 -m venv $(CURDIR)/.tools
@@ -34,7 +35,7 @@ for path, entry in json.load(sys.stdin)[""]["data"].items():
 endef
 export METRICS_TABLE
 
-.PHONY: help install run test lint test-fast bench metrics-table crossval gpu-wheels mlflow-ui clean clean-stores prefect-server deploy worker
+.PHONY: help install run test lint test-fast bench metrics-table crossval gpu-wheels mlflow-ui clean clean-stores prefect-server deploy worker serve bento
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
 
@@ -81,6 +82,13 @@ deploy: install ## register the training deployment (dvc exp run per flow run) o
 
 worker: install ## a Prefect worker that runs the deployment's flow runs in this folder
 	$(RUN) prefect worker start --pool tumorscope
+
+serve: install ## serve the champion with BentoML on http://127.0.0.1:3000 (the clinician page: /ui/)
+	$(RUN) bentoml serve serving.service:TumorScope --host 127.0.0.1 --port 3000
+
+# bentoml build runs uv: the one make uses, on PATH or bootstrapped into .tools/bin.
+bento: install ## build a Bento with the champion inside, tagged model<N>-data<fingerprint>-code<commit>
+	PATH="$(dir $(UV)):$$PATH" $(RUN) tumorscope bento
 
 mlflow-ui: install ## open the MLflow UI on the local tracking store (http://127.0.0.1:5000)
 	$(RUN) mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000

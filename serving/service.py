@@ -248,8 +248,7 @@ class TumorScope:
         except (BadRequest, ModelUnavailable) as err:
             return self._refuse(ctx, err)
         heat = np.asarray(answer["heat"], dtype=np.float32)
-        suffix = serving.suffix_for(part.filename if part else file.name, part.content_type if part else None)
-        shown = await asyncio.to_thread(serving.overlay_slice, data, suffix, info["spec"])
+        shown = await asyncio.to_thread(serving.overlay_slice, prepared.decoded)
         png = await asyncio.to_thread(overlay_png, shown, heat)
         region = region_of_interest(heat, pixel_spacing_mm=prepared.pixel_spacing_mm, original_shape=prepared.original_shape)
         result = serving.classify_result(answer["probabilities"], classes, PARAMS.evaluate.critical_class,

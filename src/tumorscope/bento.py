@@ -25,10 +25,19 @@ def store_name(registered_model: str) -> str:
     return name or "tumorscope-model"
 
 
-def bento_version(model_version: int | str, data_version: str) -> str:
-    """'model<N>-data<first 8 characters of the data fingerprint>': a Bento tag says what it serves."""
-    data = re.sub(r"[^a-z0-9]", "", data_version.lower())[:8] or "unknown"
-    return f"model{model_version}-data{data}"
+def _short(text: str, n: int = 8) -> str:
+    return re.sub(r"[^a-z0-9]", "", text.lower())[:n] or "unknown"
+
+
+def bento_version(model_version: int | str, data_version: str, code_version: str) -> str:
+    """'model<N>-data<data fingerprint, 8>-code<git commit, 7>': a Bento tag says what it serves and
+    which service code serves it (a rebuild after a code change gets a new tag)."""
+    return f"model{model_version}-data{_short(data_version)}-code{_short(code_version, 7)}"
+
+
+def store_version(model_version: int | str, run_id: str) -> str:
+    """'v<N>-<run id, 8>': registry versions restart at 1 with a new tracking store, runs do not."""
+    return f"v{model_version}-{_short(run_id)}"
 
 
 def save_to_store(loaded: LoadedModel, name: str, version: str, labels: dict[str, str]) -> str:
@@ -69,7 +78,14 @@ def build(bentofile: Path, model_tag: str, version: str, labels: dict[str, str])
 
     if not bentofile.is_file():
         raise UserError(f"{bentofile} not found")
-    bento = bentoml.bentos.build_bentofile(str(bentofile), version=version, labels=labels,
+    name = "tumorscope"
+    try:
+        existing = bentoml.bentos.get(f"{name}:{version}")
+    except bentoml.exceptions.NotFound:
+        existing = None
+    if existing is not None:  # same model, data and code: nothing to rebuild
+        return str(existing.tag)
+    bento = bentoml.bentos.build_bentofile(str(bentofile), name=name, version=version, labels=labels,
                                            build_ctx=str(bentofile.resolve().parents[1]), args={"model_tag": model_tag})
     return str(bento.tag)
 

@@ -48,9 +48,18 @@ class _KerasFlavor:
 def pip_requirements() -> list[str]:
     """What loading the model needs, pinned to this environment (listed, so MLflow does not load the
     model in a subprocess to guess them)."""
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
-    return [f"{name}=={version(name)}" for name in ("keras", "tensorflow-cpu", "numpy")]
+    import keras
+
+    backend = {"tensorflow": ("tensorflow-cpu", "tensorflow"), "jax": ("jax", "jaxlib"), "torch": ("torch",)}
+    pinned = []
+    for name in ("keras", "numpy", *backend.get(keras.backend.backend(), ())):
+        try:
+            pinned.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:  # e.g. tensorflow instead of tensorflow-cpu, or a GPU host with JAX only
+            continue
+    return pinned
 
 
 def log_model(model, spec: dict, example: np.ndarray) -> str:
@@ -165,6 +174,16 @@ def comparison_gate(comparison: dict | None, cfg: PromoteConfig) -> Gate:
                 f"{comparison['mcnemar']['b_only']}, p={comparison['mcnemar']['p_value']:.3g}")
 
 
+def rollback_gate(version) -> Gate:
+    """A version a person rolled back is not promoted again by a rerun of the same model."""
+    record = (version.tags or {}).get("rolled_back")
+    if not record:
+        return Gate("not_rolled_back", True, None, None, "never rolled back")
+    rolled = json.loads(record)
+    return Gate("not_rolled_back", False, None, None,
+                f"rolled back by {rolled.get('by')} at {rolled.get('at')}: {rolled.get('reason')}")
+
+
 def decision_line(version: str, promoted: bool, gates: list[Gate], champion: str | None) -> str:
     """The one line a promotion prints: the verdict, the failed gates first, then the others."""
     failed = [g for g in gates if not g.passed]
@@ -247,12 +266,14 @@ def rollback(name: str, reason: str, to_version: str | None = None) -> tuple[str
         raise UserError(f"registered model {name!r} has no champion to roll back")
     history = champion_history(client, name)
     if to_version is None:
-        earlier = [v for v in history if v != str(current.version)]
+        # The champion before the current one took over (the history may name a version twice).
+        here = max((i for i, v in enumerate(history) if v == str(current.version)), default=len(history))
+        earlier = [v for v in history[:here] if v != str(current.version)]
         if not earlier:
             raise UserError(f"{name} version {current.version} is the only champion there has been: nothing to roll back to")
         to_version = earlier[-1]
-    get_version(client, name, str(to_version))  # exists?
-    if str(to_version) == str(current.version):
+    to_version = str(get_version(client, name, str(to_version)).version)  # an alias or "03" -> "3"
+    if to_version == str(current.version):
         raise UserError(f"{name} version {to_version} is already the champion")
     stamp, who = now_utc(), actor()
     client.set_registered_model_alias(name, CHAMPION, str(to_version))

@@ -335,7 +335,8 @@ class ServedModel:
             histogram = {str(size): count for size, count in sorted(self.batch_sizes.items())}
             batches = sum(self.batch_sizes.values())
             images = sum(size * count for size, count in self.batch_sizes.items())
-        batching = {"batches": batches, "images": images, "largest_batch": max(self.batch_sizes, default=0),
+            largest = max(self.batch_sizes, default=0)
+        batching = {"batches": batches, "images": images, "largest_batch": largest,
                     "batch_size_histogram": histogram}
         if current is None:
             return {"ready": False, "load_error": self.load_error, "registered_model": self.name, "ref": self.ref,
@@ -786,15 +787,12 @@ def configure_tracking(cfg) -> None:
     mlflow.set_tracking_uri(absolute_sqlite_uri(cfg.tracking_uri))
 
 
-def overlay_slice(data: bytes, suffix: str, spec: dict) -> np.ndarray:
+def overlay_slice(decoded: np.ndarray) -> np.ndarray:
     """The decoded slice an explanation is drawn on (at most OVERLAY_MAX_SIDE a side): the original
-    picture a reader recognises, not the small model input."""
+    picture a reader recognises, not the small model input (``PreparedImage.decoded``, not decoded again)."""
     from PIL import Image
 
-    from tumorscope.data.images import decode_greyscale
-    from tumorscope.inference import spec_window
-
-    pixels, _ = decode_greyscale(data, suffix, spec_window(spec))
+    pixels = decoded
     rows, cols = pixels.shape
     scale = OVERLAY_MAX_SIDE / max(rows, cols)
     if scale < 1:

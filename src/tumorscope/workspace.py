@@ -28,8 +28,7 @@ def dvc_outputs(root: Path) -> list[Path]:
 
 def local_stores(params: Params, root: Path) -> list[Path]:
     """The file-based stores of MLflow, Optuna and Prefect in this project (none for a server URL)."""
-    # The inference log is what the service saw (monitoring reads it): kept like a store.
-    stores = [root / params.mlflow.artifact_root, root / PREFECT_HOME, root / params.serve.inference_log]
+    stores = [root / params.mlflow.artifact_root, root / PREFECT_HOME]
     for uri in (params.mlflow.tracking_uri, params.tune.storage):
         if uri.startswith("sqlite:///") and uri != "sqlite:///:memory:":
             stores.append(root / uri.removeprefix("sqlite:///"))
@@ -39,8 +38,7 @@ def local_stores(params: Params, root: Path) -> list[Path]:
 def removable(params: Params, root: Path, stores: bool) -> list[Path]:
     """What clean removes: paths inside ``root``, none of which is or holds data.source (unless it
     is the phantom's folder, which the pipeline generates)."""
-    extra = [root / params.train.model_dir / "baseline", root / params.crossval.report_path,
-             root / params.serve.predictions_dir]
+    extra = [root / params.train.model_dir / "baseline", root / params.crossval.report_path]
     paths = dvc_outputs(root) + extra + (local_stores(params, root) if stores else [])
     source = (root / params.data.source).resolve()
     generated_source = source == (root / params.phantom.out_dir).resolve()

@@ -145,6 +145,14 @@ def test_gates_aliases_and_rollback(tmp_path, monkeypatch):
     with pytest.raises(Exception, match="only champion there has been"):
         promotion.run_rollback(params, "again")
 
+    # Rerunning the promotion of the rolled-back model does not undo the person's decision.
+    line, report = evaluate_and_promote(params, Path("models/good"))
+    assert not report["promoted"] and "refused (not_rolled_back)" in line and "dr-test" in line
+    assert champion_version(params) == "1"
+    # An alias names a version too; "challenger" is version 2 again after that rerun.
+    assert promotion.run_rollback(params, "back to the newer one", "challenger").endswith("champion 1 -> 2 by dr-test: "
+                                                                                          "back to the newer one")
+
 
 def test_predict_writes_csv_and_external_validation(tmp_path, monkeypatch):
     """`tumorscope predict` on a labelled folder: one row per file (an unreadable one kept, with its

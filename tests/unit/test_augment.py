@@ -78,28 +78,46 @@ def test_loader_batches_are_seeded_by_epoch_and_index_not_by_access_order():
     reversed_order = [backward[i][0] for i in reversed(range(4))][::-1]
     assert all(np.array_equal(a, b) for a, b in zip(in_order, reversed_order, strict=True))
     assert not np.array_equal(in_order[0], images[np.sort(forward.order_of(0)[:16])])  # it did augment
-    forward.on_epoch_end()
-    assert not np.array_equal(forward[0][0], in_order[0])  # a new epoch draws new warps
+    assert np.array_equal(forward[0][0], in_order[0])  # reading again changes nothing
+    forward.epoch = 1
+    assert not np.array_equal(forward[0][0], in_order[0])  # a new epoch draws new order and warps
 
 
-def test_loader_epochs_do_not_depend_on_when_on_epoch_end_runs():
-    """Keras starts the next epoch's iterator, and TensorFlow's prefetch thread reads from it,
-    before it calls on_epoch_end: how many batches are read first is thread timing. The batches
-    must be the same whatever that number is."""
+def test_loader_reads_ahead_of_an_epoch_change_leave_no_trace():
+    """Keras opens the next epoch's iterator, TensorFlow's prefetch thread reads from it, and Keras
+    probes batches for the output signature, at moments set by thread timing. Reads must not change
+    what an epoch's batches are."""
     from tumorscope.models.train import make_batches
 
     images, labels = _slices(64), np.arange(64) % 4
 
-    def two_epochs(read_ahead: int) -> list[np.ndarray]:
+    def epoch_one(reads_before: int) -> list[np.ndarray]:
         batches = make_batches(images, labels, 16, shuffle=True, seed=5, augment_strength=0.2)
-        seen = [batches[i][0] for i in range(4)] + [batches[i][0] for i in range(read_ahead)]
-        batches.on_epoch_end()
-        return seen + [batches[i][0] for i in range(read_ahead, 4)]
+        for i in range(reads_before):
+            batches[i % 4]
+        batches.epoch_callback().on_epoch_begin(1)
+        return [batches[i][0] for i in range(4)]
 
-    reference = two_epochs(0)
-    for read_ahead in (1, 3, 4):
-        assert all(np.array_equal(a, b) for a, b in zip(reference, two_epochs(read_ahead), strict=True))
-    assert not np.array_equal(reference[0], reference[4])  # the second epoch is a new draw
+    reference = epoch_one(0)
+    for reads_before in (1, 2, 7):
+        assert all(np.array_equal(a, b) for a, b in zip(reference, epoch_one(reads_before), strict=True))
+
+
+def test_fit_moves_the_loader_through_its_epochs():
+    """In a real fit the callback sets each epoch before its batches are read: after 3 epochs the
+    loader is at epoch 2, and every sample was drawn once per epoch (orders are permutations)."""
+    import keras
+
+    from tumorscope.models.train import make_batches
+
+    images, labels = _slices(48), np.arange(48) % 4
+    batches = make_batches(images, labels, 16, shuffle=True, seed=5)
+    model = keras.Sequential([keras.Input((32, 32, 1)), keras.layers.Flatten(), keras.layers.Dense(4, activation="softmax")])
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    model.fit(batches, epochs=3, shuffle=False, verbose=0, callbacks=[batches.epoch_callback()])
+    assert batches.epoch == 2
+    for epoch in range(1, 3):
+        assert sorted(batches.order_of(epoch)) == list(range(48))
 
 
 @pytest.mark.parametrize("place", ["loader", "model"])

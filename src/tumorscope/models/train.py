@@ -27,13 +27,14 @@ def make_batches(images, labels, batch_size: int, *, shuffle: bool, seed: int, c
 
     A batch is a pure function of (epoch, index): the epoch's sample order is drawn from
     (seed, epoch), and with ``augment_strength`` > 0 the batch is warped on the host
-    (`tumorscope.data.augment`) with a generator seeded by (seed, epoch, index). The epoch of a
-    request is the number of times that index was served before, not a counter advanced by
-    ``on_epoch_end``: Keras creates the next epoch's iterator, and TensorFlow's prefetch thread
-    starts reading it, *before* it calls ``on_epoch_end``, so a counter would let thread timing
-    decide which batches belong to which epoch (training then differed from run to run under
-    CPU load). Pass ``shuffle=False`` to ``fit``: this dataset shuffles itself, seeded; Keras
-    would shuffle batch indices with Python's global ``random`` from that prefetch thread."""
+    (`tumorscope.data.augment`) with a generator seeded by (seed, epoch, index). Reading a batch
+    changes nothing. The epoch is set by the callback ``epoch_callback()`` from Keras's
+    ``on_epoch_begin`` (pass it to ``fit``), not advanced in ``on_epoch_end``: Keras opens an
+    iterator for the next epoch, and TensorFlow's prefetch thread starts reading it, *before* it
+    calls ``on_epoch_end`` (and then discards it), and it probes batches 0 and 1 for the output
+    signature, so a counter advanced by reads or by ``on_epoch_end`` would let thread timing decide
+    which order and warps a batch got. Pass ``shuffle=False`` to ``fit``: this dataset shuffles
+    itself, seeded; Keras would shuffle batch indices with Python's global ``random``."""
     import keras
 
     from tumorscope.data.augment import augment_batch
@@ -41,7 +42,7 @@ def make_batches(images, labels, batch_size: int, *, shuffle: bool, seed: int, c
     class ArrayBatches(keras.utils.PyDataset):
         def __init__(self):
             super().__init__()
-            self.served = np.zeros(len(self), dtype=np.int64)  # requests per batch index so far
+            self.epoch = 0
             self.orders: dict[int, np.ndarray] = {}
 
         def __len__(self):
@@ -55,8 +56,7 @@ def make_batches(images, labels, batch_size: int, *, shuffle: bool, seed: int, c
             return self.orders[epoch]
 
         def __getitem__(self, index):
-            epoch = int(self.served[index])
-            self.served[index] += 1
+            epoch = self.epoch
             # Sorted indices turn the memory-map gather into forward reads of the page cache.
             picked = np.sort(self.order_of(epoch)[index * batch_size:(index + 1) * batch_size])
             x = np.asarray(images[picked], dtype=np.uint8)
@@ -66,6 +66,17 @@ def make_batches(images, labels, batch_size: int, *, shuffle: bool, seed: int, c
             if class_weights is None:
                 return x, y
             return x, y, class_weights[y].astype(np.float32)
+
+        def epoch_callback(self):
+            """A Keras callback that sets this dataset's epoch as each epoch begins (before Keras
+            opens the epoch's iterator); epochs count across fine-tuning phases (initial_epoch)."""
+            batches = self
+
+            class FollowEpoch(keras.callbacks.Callback):
+                def on_epoch_begin(self, epoch, logs=None):
+                    batches.epoch = int(epoch)
+
+            return FollowEpoch()
 
     return ArrayBatches()
 
@@ -114,7 +125,8 @@ def _fit_phase(model, train_batches, val_batches, lr: float, epochs: int, cfg: T
     model.compile(optimizer=keras.optimizers.Adam(lr), loss="sparse_categorical_crossentropy",
                   metrics=["accuracy", *scores])
     history = model.fit(train_batches, validation_data=val_batches, initial_epoch=initial_epoch, shuffle=False,
-                        epochs=initial_epoch + epochs, callbacks=[*plateau_callbacks(cfg), *callbacks], verbose=2)
+                        epochs=initial_epoch + epochs, verbose=2,
+                        callbacks=[train_batches.epoch_callback(), *plateau_callbacks(cfg), *callbacks])
     return history.history
 
 

@@ -7,6 +7,7 @@ score through ``models.evaluate.score_predictions``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 
@@ -35,34 +36,43 @@ def check_sources_exist(sources: list[Path]) -> None:
         raise UserError(f"predict: not found: {', '.join(missing)}")
 
 
-def collect_sources(sources: list[Path], classes: list[str], extensions: list[str]) -> tuple[list[Path], list[str] | None]:
-    """(files, labels or None). A single folder of class folders named like the model's classes is
-    labelled (external validation); any other folder gives every image file under it; files are
-    taken as given. Nothing is skipped silently: a file that is not an image stays in the list and
-    gets its reason in the CSV."""
+def _visible_files(folder: Path) -> list[Path]:
+    """Every file under ``folder`` except hidden ones ('.name', and '_name' side folders as in ingest)."""
+    return sorted(p for p in folder.rglob("*") if p.is_file()
+                  and not any(part.startswith((".", "_")) for part in p.relative_to(folder).parts))
+
+
+def collect_sources(sources: list[Path], classes: list[str], extensions: list[str]) -> tuple[list[Path], list[str] | None, str]:
+    """(files, labels or None, a note). A single folder of class folders named like the model's
+    classes is labelled (external validation); any other folder gives every file under it; files
+    are taken as given. Nothing is skipped silently: every file is listed, and one that is not an
+    image gets its reason in the CSV (extensionless DICOM files, common in exports, are read too)."""
     from tumorscope.data.ingest import find_class_root
 
     check_sources_exist(sources)
-    wanted = {e.lower() for e in extensions}
     if len(sources) == 1 and sources[0].is_dir():
         root = find_class_root(sources[0], extensions)
         folders = [d for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith((".", "_"))]
-        if folders and all(d.name in classes for d in folders):
+        names = [d.name for d in folders]
+        loose = [p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")]
+        if folders and all(name in classes for name in names):
             files, labels = [], []
             for folder in folders:
-                found = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+                found = _visible_files(folder)
                 files += found
                 labels += [folder.name] * len(found)
-            return files, labels
+            note = f"; {len(loose)} file(s) beside the class folders not scored" if loose else ""
+            return files, labels, note
+        note = (f"; not scored as labelled: folders {names} are not all among the model's classes {classes}"
+                if folders else "")
+    else:
+        note = ""
     files = []
     for source in sources:
-        if source.is_dir():
-            files += sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in wanted)
-        else:
-            files.append(source)
+        files += _visible_files(source) if source.is_dir() else [source]
     if not files:
-        raise UserError(f"predict: no image files ({', '.join(sorted(wanted))}) in {', '.join(map(str, sources))}")
-    return files, None
+        raise UserError(f"predict: no files in {', '.join(map(str, sources))}")
+    return files, None, note
 
 
 def read_for_prediction(paths: list[Path], spec: dict):
@@ -86,7 +96,7 @@ def read_for_prediction(paths: list[Path], spec: dict):
             prepared.append(None)
         else:
             row["phash"] = phash_hex(image.decoded if image.decoded is not None else image.pixels[:, :, 0])
-            prepared.append(image)
+            prepared.append(dataclasses.replace(image, decoded=None))  # full-size slices add up over a folder
         rows.append(row)
     return prepared, rows
 
@@ -127,7 +137,7 @@ def run_predict(params: Params, sources: list[Path], model: str | None = None, o
     check_sources_exist(sources)  # before the model loads: a typo answers at once
     loaded = load_for_prediction(params, model)
     classes = loaded.classes
-    files, labels = collect_sources(sources, classes, params.data.image_extensions)
+    files, labels, note = collect_sources(sources, classes, params.data.image_extensions)
     prepared, rows = read_for_prediction(files, loaded.spec)
     readable = [i for i, p in enumerate(prepared) if p is not None]
     probabilities = loaded.predict_proba(stack([prepared[i] for i in readable], loaded.image_size))
@@ -147,7 +157,7 @@ def run_predict(params: Params, sources: list[Path], model: str | None = None, o
     table.to_csv(csv_path, index=False)
     n_bad = len(files) - len(readable)
     line = (f"predict: {len(readable)} of {len(files)} images with {loaded.version} -> {csv_path}"
-            + (f" ({n_bad} unreadable: see the error column)" if n_bad else ""))
+            + (f" ({n_bad} unreadable: see the error column)" if n_bad else "") + note)
     if labels is None or not readable:
         return line
 
@@ -164,12 +174,17 @@ def run_predict(params: Params, sources: list[Path], model: str | None = None, o
                                       "n_files": len(files), "n_unreadable": n_bad,
                                       "accuracy_by_train_distance": bands, "distance_note": why_no_distance})
     run_id = loaded.source.get("run_id")
+    logged = ""
     if run_id:
         tracking.configure(params.mlflow)
-        with mlflow.start_run(run_id=run_id):
-            mlflow.log_metrics(ev.flat_scores(scores, "external_"))
-            mlflow.log_artifact(str(report_path), artifact_path="external_validation")
+        try:
+            with mlflow.start_run(run_id=run_id):
+                mlflow.log_metrics(ev.flat_scores(scores, "external_"))
+                mlflow.log_artifact(str(report_path), artifact_path="external_validation")
+            logged = f", logged to MLflow run {run_id}"
+        except mlflow.exceptions.MlflowException as err:  # a model file whose run is in another store
+            logged = f" (not logged to MLflow: {str(err).splitlines()[0]})"
     recalls = ", ".join(f"{c} {v:.2f}" for c, v in scores["recall"].items())
     return (f"{line}\npredict: external validation on {scores['n']} labelled images ({scores['n_groups']} groups): "
             f"macro-F1 {scores['macro_f1']:.3f}{ev.format_interval(scores['macro_f1_ci'])}, ECE {scores['ece']:.3f}; "
-            f"recall {recalls} -> {report_path}")
+            f"recall {recalls} -> {report_path}{logged}")

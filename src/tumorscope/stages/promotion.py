@@ -15,6 +15,10 @@ from tumorscope.config import Params
 from tumorscope.errors import UserError
 from tumorscope.reports import read_json, write_json
 
+# What a registered version records of its training run; the split table the run logged.
+RUN_VERSION_TAGS = ("git_commit", "dataset_fingerprint", "dvc_raw_md5")
+SPLIT_ARTIFACT = "data/split.csv"
+
 
 def _trained_model_summary(params: Params) -> dict:
     path = Path(params.train.model_dir) / "train.json"
@@ -31,6 +35,7 @@ def champion_test_probabilities(params: Params, champion, spec: dict, images: np
     """The champion's probabilities on the challenger's test slices, in the challenger's class order.
     The cache serves when both models prepare files the same way; otherwise the test files are read
     again through the champion's own input spec."""
+    from tumorscope.data.images import UnreadableImage
     from tumorscope.data.split import read_split_table, rows_in_cache_order
     from tumorscope.inference import prepare_file, same_pixels, stack
 
@@ -42,20 +47,74 @@ def champion_test_probabilities(params: Params, champion, spec: dict, images: np
     else:
         rows = rows_in_cache_order(read_split_table(params.split.path), classes, labels, ("test",),
                                    f"{params.split.path} vs {params.preprocess.cache_dir}")
-        batch = stack([prepare_file(path, champion.spec) for path in rows["path"]], champion.image_size)
+        try:
+            batch = stack([prepare_file(path, champion.spec) for path in rows["path"]], champion.image_size)
+        except (OSError, UnreadableImage) as err:
+            raise UserError(f"promote: cannot read the test files again for {champion.version}'s preprocessing "
+                            f"({err}); rerun the data stages") from None
     probabilities = champion.predict_proba(batch)
     return probabilities[:, [champion.classes.index(c) for c in classes]]
+
+
+def _challenger_version(client, cfg, summary: dict):
+    """The registered version of the evaluated model's run (registered now if it is not yet), with
+    the challenger alias on it."""
+    from mlflow.exceptions import MlflowException
+
+    from tumorscope import registry
+
+    try:
+        run = client.get_run(summary["run_id"])
+        known = (client.search_model_versions(f"name = '{cfg.registered_model}' and run_id = '{summary['run_id']}'")
+                 if client.search_registered_models(filter_string=f"name = '{cfg.registered_model}'") else [])
+        if known:
+            version = known[0]
+            client.set_registered_model_alias(cfg.registered_model, registry.CHALLENGER, version.version)
+            return version, run
+        return registry.register(cfg.registered_model, summary["model_uri"], summary["run_id"],
+                                 {k: v for k, v in run.data.tags.items() if k in RUN_VERSION_TAGS}), run
+    except MlflowException as err:
+        raise UserError(f"promote: the trained model's MLflow run {summary['run_id']} cannot be registered "
+                        f"({str(err).splitlines()[0]}); is mlflow.tracking_uri the store it trained into? "
+                        "Retrain with tumorscope train") from None
+
+
+def unseen_by_champion(params: Params, client, champion_run_id: str, challenger_run, labels, classes) -> tuple[np.ndarray, str]:
+    """Mask of the challenger's test slices the champion did not train on. The same data version:
+    all of them (a split never leaks). Another data version: the champion's training slices are read
+    from the split table logged with its run, and test slices within split.phash_threshold of one are
+    left out of the comparison (a champion tested on its own training slices would look better than
+    it is)."""
+    from tumorscope.data.split import nearest_distances, read_split_table, rows_in_cache_order
+
+    champion_fingerprint = client.get_run(champion_run_id).data.tags.get("dataset_fingerprint")
+    if champion_fingerprint == challenger_run.data.tags.get("dataset_fingerprint"):
+        return np.ones(len(labels), dtype=bool), "same data version"
+    try:
+        local = client.download_artifacts(champion_run_id, SPLIT_ARTIFACT)
+    except Exception:  # an older run without its split table
+        raise UserError(f"promote: the champion's run {champion_run_id} has no {SPLIT_ARTIFACT} and trained on other "
+                        "data: its training slices are unknown, so the comparison would not be fair. Retrain the "
+                        "champion with this version, or roll it back") from None
+    champion_train = read_split_table(local)
+    champion_train = champion_train.loc[champion_train["split"] == "train", "phash"]
+    test = rows_in_cache_order(read_split_table(params.split.path), classes, labels, ("test",),
+                               f"{params.split.path} vs {params.preprocess.cache_dir}")
+    distance = nearest_distances(test["phash"].to_numpy(), champion_train.to_numpy())
+    unseen = distance > params.split.phash_threshold
+    return unseen, f"other data version: {int((~unseen).sum())} test slices near the champion's training slices left out"
 
 
 def run_promote(params: Params) -> str:
     """Register the evaluated model as ``challenger``; make it ``champion`` if it passes the gates
     (promote.*): absolute ones on its test scores, and the paired comparison with the current
-    champion on the same test slices. Writes promote.report_path and logs the decision to the
-    challenger's MLflow run. A refusal is an outcome, not an error."""
+    champion on the same test slices (those the champion never trained on). Writes
+    promote.report_path and logs the decision to the challenger's MLflow run. A refusal is an
+    outcome, not an error; a version once rolled back is refused (a person decided against it)."""
     import mlflow
 
     from tumorscope import registry, tracking
-    from tumorscope.data.preprocess import load_groups, load_split
+    from tumorscope.data.preprocess import load_classes, load_groups, load_split
     from tumorscope.inference import load_model_dir
     from tumorscope.models import evaluate as ev
 
@@ -67,46 +126,51 @@ def run_promote(params: Params) -> str:
     scores = read_json(report_path)
     challenger = load_model_dir(params.train.model_dir)
     classes = challenger.classes
+    if load_classes(params.preprocess.cache_dir) != classes:
+        raise UserError(f"{params.preprocess.cache_dir} holds other classes than the trained model: rerun tumorscope train")
     images, labels = load_split(params.preprocess.cache_dir, "test")
     groups = load_groups(params.preprocess.cache_dir, "test")
 
     tracking.configure(params.mlflow)
     client = mlflow.MlflowClient()
-    run = client.get_run(summary["run_id"])
-    known = [v for v in client.search_model_versions(f"name = '{cfg.registered_model}'")
-             if v.run_id == summary["run_id"]] if client.search_registered_models(
-                 filter_string=f"name = '{cfg.registered_model}'") else []
-    version = known[0] if known else registry.register(
-        cfg.registered_model, summary["model_uri"], summary["run_id"],
-        {k: v for k, v in run.data.tags.items() if k in ("git_commit", "dataset_fingerprint", "dvc_raw_md5")})
+    version, run = _challenger_version(client, cfg, summary)
     label = f"{cfg.registered_model}/{version.version}"
     champion_version = registry.current_champion(cfg.registered_model)
+    already = champion_version is not None and str(champion_version.version) == str(version.version)
     comparison = None
     champion_label = None
-    if champion_version is not None and champion_version.version == version.version:
-        return f"promote: {label} is already the champion; nothing to decide"
-    if champion_version is not None:
+    if champion_version is not None and not already:
         champion = registry.load_model(cfg.registered_model, str(champion_version.version))
         champion_label = champion.version
+        unseen, basis = unseen_by_champion(params, client, champion_version.run_id, run, labels, classes)
+        if not unseen.any():
+            raise UserError(f"promote: every test slice is near a slice {champion_label} trained on: no fair comparison")
         champion_probabilities = champion_test_probabilities(params, champion, challenger.spec, images, classes, labels)
-        challenger_predicted = challenger.predict_proba(images).argmax(axis=1)
-        champion_predicted = champion_probabilities.argmax(axis=1)
-        comparison = ev.paired_group_bootstrap(labels, challenger_predicted, champion_predicted, groups, len(classes),
-                                               params.evaluate.bootstrap_samples, params.evaluate.confidence, params.seed)
-        comparison["mcnemar"] = ev.mcnemar_exact(challenger_predicted == labels, champion_predicted == labels)
-        comparison["champion_scores"] = ev.summary_scores(ev.score_predictions(
-            labels, champion_probabilities, groups, classes, params.evaluate, params.seed))
-    gates = [*registry.absolute_gates(scores, cfg), registry.comparison_gate(comparison, cfg)]
+        challenger_predicted = challenger.predict_proba(images).argmax(axis=1)[unseen]
+        champion_predicted = champion_probabilities.argmax(axis=1)[unseen]
+        kept_labels, kept_groups = labels[unseen], groups[unseen]
+        comparison = ev.paired_group_bootstrap(kept_labels, challenger_predicted, champion_predicted, kept_groups,
+                                               len(classes), params.evaluate.bootstrap_samples, params.evaluate.confidence,
+                                               params.seed)
+        comparison |= {"basis": basis, "n_slices": int(unseen.sum()), "n_left_out": int((~unseen).sum()),
+                       "mcnemar": ev.mcnemar_exact(challenger_predicted == kept_labels, champion_predicted == kept_labels),
+                       "champion_scores": ev.summary_scores(ev.score_predictions(
+                           kept_labels, champion_probabilities[unseen], kept_groups, classes, params.evaluate, params.seed))}
+    gates = [*registry.absolute_gates(scores, cfg),
+             registry.Gate("beats_champion", True, None, cfg.min_improvement, f"{label} is the champion") if already
+             else registry.comparison_gate(comparison, cfg),
+             registry.rollback_gate(version)]
     promoted = all(g.passed for g in gates)
-    line = registry.decision_line(label, promoted, gates, champion_label)
-    if promoted:
+    line = (f"promote: {label} is already the champion; nothing to decide" if already and promoted
+            else registry.decision_line(label, promoted, gates, champion_label))
+    if promoted and not already:
         registry.make_champion(cfg.registered_model, str(version.version), line)
     client.set_model_version_tag(cfg.registered_model, str(version.version), "promotion_decision",
                                  "promoted" if promoted else "refused")
     # No run ids or times: the report is a DVC output and must repeat for the same models.
     report = {"registered_model": cfg.registered_model, "challenger_version": int(version.version),
               "champion_version_before": int(champion_version.version) if champion_version else None,
-              "promoted": promoted, "decision": line, "gates": registry.gates_record(gates),
+              "promoted": promoted, "already_champion": already, "decision": line, "gates": registry.gates_record(gates),
               "challenger_scores": ev.summary_scores(scores), "comparison": comparison,
               "thresholds": cfg.model_dump()}
     write_json(cfg.report_path, report)

@@ -91,6 +91,8 @@ def train_and_save(params: Params, model_dir: Path, run_name: str, parent_run_id
         model_path = save_model(outcome.result.model, model_dir)
         spec = input_spec(classes, params.preprocess, params.data.dicom_window)
         logged_uri = registry.log_model(outcome.result.model, spec, val_images[:2])
+        # The split it trained on: promotion compares a later model only on slices this one never saw.
+        mlflow.log_artifact(params.split.path, artifact_path="data")
     result = outcome.result
     # No wall-clock times here: this file is a DVC output (they are on the MLflow run).
     write_json(model_dir / TRAIN_REPORT, {

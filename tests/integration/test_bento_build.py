@@ -1,0 +1,79 @@
+"""`tumorscope bento` builds a Bento that carries the champion: tagged model<version>-data<fingerprint>,
+labelled with the model, data and code versions, and served by `bentoml serve <tag>` with no MLflow
+registry in reach, answering as the registered model does."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+
+import bento_server
+from conftest import REPO
+
+
+def uv_directory() -> str | None:
+    """BentoML's build runs uv; the project's own (on PATH, or bootstrapped by make into .tools/bin)."""
+    found = shutil.which("uv") or (str(REPO / ".tools" / "bin" / "uv") if (REPO / ".tools" / "bin" / "uv").exists() else None)
+    return str(Path(found).parent) if found else None
+
+
+@pytest.fixture(scope="session")
+def served(request, prepared_project, tmp_path_factory):
+    return bento_server.shared_server(request, prepared_project, tmp_path_factory)
+
+
+@pytest.mark.skipif(uv_directory() is None, reason="bentoml build needs uv (make install bootstraps it into .tools/bin)")
+def test_built_bento_serves_the_champion_without_the_registry(served, tmp_path):
+    home = tmp_path / "bentoml-home"
+    env = os.environ | {"BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True", "TF_CPP_MIN_LOG_LEVEL": "2",
+                        "PATH": f"{uv_directory()}{os.pathsep}{os.environ.get('PATH', '')}"}
+    built = subprocess.run([sys.executable, "-m", "tumorscope.cli", "bento", "--params", str(served.params_path)],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stdout + built.stderr
+    match = re.match(r"bento: (tumorscope:model1-data[0-9a-f]{8}-code[0-9a-z]{7}) serves tumorscope-kidney-ct/1 ", built.stdout)
+    assert match, built.stdout
+    tag = match.group(1)
+    info = json.loads(subprocess.run([*bento_server.bentoml_command(), "get", tag, "-o", "json"], env=env | {"COLUMNS": "10000"},
+                                     capture_output=True, text=True, timeout=120, check=True).stdout)
+    assert info["labels"]["model_version"] == "1" and info["labels"]["registered_model"] == "tumorscope-kidney-ct"
+    assert info["labels"]["git_commit"] and "-data" + info["labels"]["dataset_fingerprint"][:8] + "-code" in tag
+    carried = [m["tag"] for service in info["services"] for m in service["models"]]
+    # The model service declares it: bentoml export and containerize take it along.
+    assert len(carried) == 1 and carried[0].startswith("tumorscope-kidney-ct:v1-")
+
+    # No registry in reach: the params the Bento runs with point MLflow at a database that does not exist.
+    params = yaml.safe_load(served.params_path.read_text())
+    params["mlflow"] = {"tracking_uri": f"sqlite:///{tmp_path / 'absent' / 'mlflow.db'}", "artifact_root": str(tmp_path)}
+    params["serve"]["inference_log"] = str(tmp_path / "inference.jsonl")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    port = bento_server.free_port()
+    log = (tmp_path / "bento.log").open("wb")
+    process = subprocess.Popen([*bento_server.bentoml_command(), "serve", tag, "--host", "127.0.0.1", "--port", str(port)],
+                               cwd=tmp_path, env=env | {"TUMORSCOPE_PARAMS": str(tmp_path / "params.yaml")},
+                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    bento = bento_server.Served(f"http://127.0.0.1:{port}", tmp_path, tmp_path / "params.yaml", "tumorscope-kidney-ct",
+                                {}, 0.0, tmp_path / "bento.log", tmp_path / "inference.jsonl", process)
+    try:
+        bento_server.wait_ready(bento, time.monotonic())
+        name, data = next(iter(bento_server.phantom_pngs(1).items()))
+        upload = {"file": (name, data, "image/png")}
+        carried = httpx.post(f"{bento.url}/classify", files=upload, timeout=60).json()
+        registered = httpx.post(f"{served.url}/classify", files=upload, timeout=60).json()
+        assert carried["model_version"] == registered["model_version"] == "tumorscope-kidney-ct/1"
+        np.testing.assert_allclose(list(carried["probabilities"].values()), list(registered["probabilities"].values()),
+                                   rtol=1e-5, atol=1e-6)
+        assert not (tmp_path / "absent").exists()  # nothing tried to open the registry
+    finally:
+        bento_server.stop(bento)
+        log.close()
