@@ -85,7 +85,9 @@ def _check_outputs(project: Path, classes: list[str]) -> dict:
 
 
 def _check_mlflow_run_and_model(project: Path, n_classes: int) -> None:
-    """The run holds params, metrics and the .keras model, which loads back and predicts."""
+    """The run holds params and metrics; its MLflow model (a native .keras inside, the input spec in
+    its metadata) loads back with mlflow.keras and predicts like the DVC-tracked models/model.keras,
+    and the promote stage registered it."""
     code = f"""
 import json, mlflow, numpy as np, keras
 mlflow.set_tracking_uri("sqlite:///{project}/mlflow.db")
@@ -97,11 +99,18 @@ parent = mlflow.get_run(run.data.tags["mlflow.parentRunId"])  # nested under the
 assert parent.data.tags["optuna_study"] == best["study_name"], parent.data.tags
 assert float(run.data.params["train.lr"]) == best["train"]["lr"]  # the tuned value was trained
 assert "test_macro_f1" in run.data.metrics and "dataset_fingerprint" in run.data.tags
-local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model/model.keras")
-model = keras.saving.load_model(local)
+import mlflow.keras
+train = json.load(open("{project}/models/train.json"))
+model = mlflow.keras.load_model(train["model_uri"])
+info = mlflow.models.get_model_info(train["model_uri"])
+assert info.metadata["tumorscope_input"] == train["input_spec"] and info.signature is not None
 x = np.load("{project}/data/cache/test_x.npy")
 p = model.predict(x, verbose=0)
 assert p.shape == (len(x), {n_classes}) and np.allclose(p.sum(axis=1), 1, atol=1e-4)
+tracked = keras.saving.load_model("{project}/models/model.keras").predict(x, verbose=0)
+assert np.allclose(p, tracked, atol=1e-6)
+version = mlflow.MlflowClient().search_model_versions(f"run_id = '{{run_id}}'")[0]  # promote registered it
+assert version.name == "tumorscope-kidney-ct"
 history = mlflow.tracking.MlflowClient().get_metric_history(run_id, "val_loss")
 assert len(history) >= 1
 print("mlflow ok")
@@ -119,7 +128,7 @@ def _tracked_outputs(project: Path) -> dict[str, bytes]:
     """The files a repeated run must reproduce byte for byte."""
     names = ["metrics.json", "data/split.csv", "reports/leaderboard.json", "reports/leaderboard.md",
              "reports/best_params.json", "reports/split.json", "reports/validation.json", "evaluation/report.json",
-             "models/model.keras"]
+             "models/model.keras", "reports/promotion.json"]
     docs = project / "reports" / "data_docs"
     names += [p.relative_to(project).as_posix() for p in sorted(docs.rglob("*")) if p.is_file()]
     return {name: (project / name).read_bytes() for name in names}
@@ -146,17 +155,18 @@ def test_dvc_repro_on_tiny_phantom(first_run):
     assert (project / "data" / "raw" / "_meta" / "kidneyData.csv").is_file()
     second = _run(["dvc", "repro"], project)
     assert "Running stage" not in second.stdout  # an unchanged workspace is a no-op
-    # Changing one evaluation knob reruns only evaluate; one more trial reruns tune onwards.
+    # Changing one evaluation knob reruns only evaluate (and promote, which reads its report); one
+    # more trial reruns tune onwards.
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["evaluate"]["distance_bands"] = [3, 8, 12]  # read by evaluate alone
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = _run(["dvc", "repro"], project)
-    assert _stages_run(third) == {"evaluate"}
+    assert _stages_run(third) == {"evaluate", "promote"}
     params["tune"]["n_trials"] = 3
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     fourth = _run(["dvc", "repro"], project)
-    # train/evaluate rerun only if the extra trial changed the winner (best_params.json).
-    assert "tune" in _stages_run(fourth) and _stages_run(fourth) <= {"tune", "train", "evaluate"}
+    # train/evaluate/promote rerun only if the extra trial changed the winner (best_params.json).
+    assert "tune" in _stages_run(fourth) and _stages_run(fourth) <= {"tune", "train", "evaluate", "promote"}
     leaderboard = json.loads((project / "reports" / "leaderboard.json").read_text())
     assert sum(leaderboard["states"].get(s, 0) for s in ("COMPLETE", "PRUNED")) == 3  # the same study, grown
     _run(["dvc", "push"], project)
