@@ -1,4 +1,4 @@
-"""Deploy the training experiment to a Prefect work pool: `uv run python -m flows.deploy`.
+"""Deploy the training experiment and the drift monitor to a Prefect work pool: `uv run python -m flows.deploy`.
 
 With PREFECT_API_URL pointing at a Prefect server, this creates the process work pool (once;
 `--pool`, default `tumorscope`) and registers deployment `tumorscope-experiment/train`, whose runs
@@ -11,6 +11,10 @@ A run is triggered from the UI or with
 deployment run one flow at a time, since every run writes this folder's outputs (DVC's lock would
 refuse a second writer anyway); more machines means more project clones, each with its own worker
 and pool. `--serve` skips the pool: this process itself runs the flow runs (one-process use).
+
+It also registers `tumorscope-monitor/drift` (flows/monitoring.py) on an interval schedule
+(`--monitor-every`, minutes, default 60; 0 = unscheduled): a drift check of monitor.current that
+starts `tumorscope-experiment/train` when it finds drift (monitor.retrain).
 Kept apart from the flow code (PrefectHQ examples): importing the flow registers nothing.
 """
 
@@ -18,15 +22,20 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 from prefect import Flow
 from prefect.deployments.runner import RunnerDeployment
 
+from flows.monitoring import monitoring_flow
 from flows.training import experiment_flow
 
 DEPLOYMENT = "train"
 ENTRYPOINT = "flows/training.py:experiment_flow"
+MONITOR_DEPLOYMENT = "drift"
+MONITOR_ENTRYPOINT = "flows/monitoring.py:monitoring_flow"
+MONITOR_DESCRIPTION = ("drift of monitor.current (new slices or the inference log) against the champion's reference; "
+                       "on drift: alert and start the training deployment (monitor.retrain), the promotion gates decide.")
 DESCRIPTION = ("dvc exp run of the whole pipeline (data -> Optuna tune -> train best -> evaluate); parameters "
                "override params.yaml for this run: architectures, n_trials, data_source, workers, name.")
 
@@ -52,22 +61,33 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pool", default="tumorscope", help="process work pool (created if missing)")
     parser.add_argument("--params", default="params.yaml", help="params file the runs start from")
     parser.add_argument("--cron", default=None, help="optional schedule, e.g. '0 3 * * 0' (weekly retraining)")
+    parser.add_argument("--monitor-every", type=float, default=60.0,
+                        help="minutes between scheduled drift checks (0: no schedule)")
     parser.add_argument("--serve", action="store_true", help="no pool: run the flow runs in this process")
     args = parser.parse_args(argv)
-    options = dict(name=DEPLOYMENT, parameters={"params_path": args.params}, cron=args.cron,
+    options: dict[str, Any] = dict(name=DEPLOYMENT, parameters={"params_path": args.params}, cron=args.cron,
                    tags=["tumorscope", "training"], description=DESCRIPTION)
+    monitor_options: dict[str, Any] = dict(name=MONITOR_DEPLOYMENT, parameters={"params_path": args.params},
+                           interval=args.monitor_every * 60 if args.monitor_every > 0 else None,
+                           tags=["tumorscope", "monitoring"], description=MONITOR_DESCRIPTION)
     if args.serve:
-        experiment_flow.serve(**options)
+        from prefect import serve
+
+        serve(cast(RunnerDeployment, experiment_flow.to_deployment(**options)),
+              cast(RunnerDeployment, monitoring_flow.to_deployment(**monitor_options)))
         return
     ensure_work_pool(args.pool)
-    # from_source is sync-compatible (typed as "a flow or a coroutine"): called from sync code, a flow.
-    source = cast(Flow, experiment_flow.from_source(source=str(Path.cwd()), entrypoint=ENTRYPOINT))
-    # to_deployment + apply rather than Flow.deploy: with prefect 3.8's server, deploy's check for
-    # online workers sends a request the server rejects (422 on workers/filter, "limit": null).
-    deployment = cast(RunnerDeployment, source.to_deployment(work_pool_name=args.pool, concurrency_limit=1, **options))
-    deployment.apply(work_pool_name=args.pool)
-    print(f"deployment tumorscope-experiment/{DEPLOYMENT} -> work pool {args.pool!r}; "
-          f"start a worker: prefect worker start --pool {args.pool}")
+    for flow, entrypoint, deployment_options in ((experiment_flow, ENTRYPOINT, options),
+                                                 (monitoring_flow, MONITOR_ENTRYPOINT, monitor_options)):
+        # from_source is sync-compatible (typed as "a flow or a coroutine"): called from sync code, a flow.
+        source = cast(Flow, flow.from_source(source=str(Path.cwd()), entrypoint=entrypoint))
+        # to_deployment + apply rather than Flow.deploy: with prefect 3.8's server, deploy's check for
+        # online workers sends a request the server rejects (422 on workers/filter, "limit": null).
+        deployment = cast(RunnerDeployment, source.to_deployment(work_pool_name=args.pool, concurrency_limit=1,
+                                                                 **deployment_options))
+        deployment.apply(work_pool_name=args.pool)
+        print(f"deployment {flow.name}/{deployment_options['name']} -> work pool {args.pool!r}")
+    print(f"start a worker: prefect worker start --pool {args.pool}")
 
 
 if __name__ == "__main__":

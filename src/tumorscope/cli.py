@@ -162,6 +162,24 @@ def predict(sources: Annotated[list[Path], typer.Argument(help="image files or f
 
 
 @app.command()
+def incoming(params: ParamsOption = DEFAULT_PARAMS) -> None:
+    """Write a labelled batch of new phantom patients (monitor.phantom_batch: same or another scanner)."""
+    from tumorscope.stages import monitoring
+
+    _report(lambda: monitoring.run_incoming(_params(params)))
+
+
+@app.command()
+def monitor(params: ParamsOption = DEFAULT_PARAMS,
+            current: Annotated[str | None, typer.Option("--current", help="a folder of new slices or an inference "
+                                                        "log (*.jsonl); default monitor.current")] = None) -> None:
+    """Drift of a current window against the champion's reference (Evidently report, summary, MLflow)."""
+    from tumorscope.stages import monitoring
+
+    _report(lambda: monitoring.run_monitor(_params(params), current)[0])
+
+
+@app.command()
 def crossval(params: ParamsOption = DEFAULT_PARAMS) -> None:
     """Grouped k-fold cross-validation of train.* (duplicate groups kept whole); MLflow runs."""
     from tumorscope.stages import training

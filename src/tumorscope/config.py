@@ -363,6 +363,60 @@ class ServeConfig(_Section):
     predictions_dir: str = "predictions"         # tumorscope predict's CSV and external validation report
 
 
+class ScannerConfig(_Section):
+    """How a phantom scanner acquires and displays a slice (the reference phantom's are in phantom.*)."""
+
+    noise_hu: float = Field(30.0, ge=0)
+    blur_sigma: float = Field(1.4, ge=0)
+    window: WindowConfig = WindowConfig(level=70.0, width=300.0)
+    image_size: int = Field(96, ge=32, le=1024)
+    field_of_view: float = Field(0.85, gt=0.3, le=1.0)  # < 1 zooms in: the same body fills more of the frame
+
+
+class PhantomBatchConfig(_Section):
+    """A labelled batch of new phantom patients (tumorscope incoming): the default current window of
+    the monitor stage, and data with a known shift for drift tests and the demo."""
+
+    out_dir: str = "data/incoming"
+    n_images: int = Field(240, ge=8)
+    seed: int = 2026                   # other patients than the training phantom's (seed)
+    scanner: Literal["same", "other"] = "other"   # same: phantom.* settings (no drift expected)
+    other: ScannerConfig = ScannerConfig()
+
+
+class RetrainConfig(_Section):
+    """What the monitoring flow does when it finds drift."""
+
+    deployment: str | None = "tumorscope-experiment/train"   # Prefect deployment to run; null: alert only
+    # data.source of the retraining run; null: the monitored folder when it holds class folders,
+    # else params' data.source (the inference log has no labels to train on).
+    data_source: str | None = None
+    wait_seconds: int = Field(0, ge=0)  # > 0: wait this long for the run and report its promotion decision
+
+
+class MonitorConfig(_Section):
+    """Drift of a current window against the champion's reference (tumorscope monitor, the monitor
+    DVC stage and the monitoring flow)."""
+
+    current: str = "data/incoming"    # a folder of new slices, or an inference log (*.jsonl, serve.inference_log)
+    window: int = Field(1000, ge=1)   # the newest log rows of the champion compared (a folder: all its slices)
+    min_window: int = Field(50, ge=2)  # fewer slices on either side: no verdict
+    drift_share: float = Field(0.5, gt=0, le=1)   # share of drifted features that means drift
+    method: str | None = None         # Evidently stat test for every feature (null: chosen by size and type)
+    threshold: float | None = None    # its threshold (null: the test's default)
+    embedding_method: Literal["ratio", "distance", "mmd", "model"] = "ratio"
+    embedding_threshold: float | None = None
+    summary_path: str = "reports/monitoring.json"
+    report_dir: str = "reports/monitoring"
+    reference_dir: str = "monitoring/reference"   # reference features per champion version
+    workspace: str = "monitoring/workspace"       # Evidently workspace: evidently ui --workspace monitoring/workspace
+    project: str = "tumorscope"
+    webhook_url: str | None = None    # POSTed the JSON summary when drift is found
+    notification_block: str | None = None   # or a Prefect notification block (e.g. a Slack webhook) by name
+    retrain: RetrainConfig = RetrainConfig()
+    phantom_batch: PhantomBatchConfig = PhantomBatchConfig()
+
+
 class MlflowConfig(_Section):
     tracking_uri: str = "sqlite:///mlflow.db"
     artifact_root: str = "mlartifacts"
@@ -383,6 +437,7 @@ class Params(_Section):
     crossval: CrossvalConfig = CrossvalConfig()
     promote: PromoteConfig = PromoteConfig()
     serve: ServeConfig = ServeConfig()
+    monitor: MonitorConfig = MonitorConfig()
     mlflow: MlflowConfig = MlflowConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)

@@ -173,17 +173,20 @@ def source_warnings(mode: str) -> list[str]:
 
 
 def image_statistics(prepared: PreparedImage) -> dict[str, Any]:
-    """Intensity statistics of the model input (the slice decoded and prepared: what the training
-    cache holds, so drift against the cache compares like with like), its original size and mode."""
-    pixels = np.asarray(prepared.pixels, dtype=np.float64)
-    p1, p50, p99 = (float(v) for v in np.percentile(pixels, [1, 50, 99]))
+    """The monitoring features of the model input (``monitoring.features``: intensity percentiles,
+    contrast, sharpness, noise, original size, bit depth; measured on the slice decoded and prepared
+    as the training cache holds it, so drift against the cache compares like with like), its range,
+    original size and mode."""
+    from tumorscope.monitoring.features import image_features
+
+    pixels = np.asarray(prepared.pixels)
     spacing = prepared.pixel_spacing_mm
-    return {"mean": float(pixels.mean()), "std": float(pixels.std()), "p1": p1, "p50": p50, "p99": p99,
-            "min": float(pixels.min()), "max": float(pixels.max()),
-            "original_shape": [int(prepared.original_shape[0]), int(prepared.original_shape[1])],
-            "model_input_shape": [int(s) for s in prepared.pixels.shape[:2]],
-            "source_mode": prepared.source_mode,
-            "pixel_spacing_mm": None if spacing is None else [float(spacing[0]), float(spacing[1])]}
+    return image_features(pixels, prepared.original_shape, prepared.source_mode) | {
+        "min": float(pixels.min()), "max": float(pixels.max()),
+        "original_shape": [int(prepared.original_shape[0]), int(prepared.original_shape[1])],
+        "model_input_shape": [int(s) for s in prepared.pixels.shape[:2]],
+        "source_mode": prepared.source_mode,
+        "pixel_spacing_mm": None if spacing is None else [float(spacing[0]), float(spacing[1])]}
 
 
 def classify_result(probabilities: Any, classes: list[str], critical_class: str, alert_threshold: float) -> dict[str, Any]:

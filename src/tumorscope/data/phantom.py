@@ -40,7 +40,7 @@ import pandas as pd
 from PIL import Image
 from scipy import ndimage
 
-from tumorscope.config import CANONICAL_CLASSES, PhantomConfig, WindowConfig
+from tumorscope.config import CANONICAL_CLASSES, PhantomBatchConfig, PhantomConfig, ScannerConfig, WindowConfig
 from tumorscope.data.images import window_hu  # the same window DICOM slices go through
 from tumorscope.errors import UserError
 
@@ -581,3 +581,49 @@ def generate_phantom(cfg: PhantomConfig, seed: int) -> pd.DataFrame:
     index["lesion_mean_hu"] = index["lesion_mean_hu"].astype("Float64")
     index.to_csv(out / INDEX_FILE, index=False)
     return index
+
+
+# ----------------------------------------------------------------------------- new patients, other scanners
+
+
+def scanner_of(phantom: PhantomConfig) -> ScannerConfig:
+    """The scanner that acquired the training phantom."""
+    return ScannerConfig(noise_hu=phantom.noise_hu, blur_sigma=phantom.blur_sigma, window=phantom.window,
+                         image_size=phantom.image_size, field_of_view=1.0)
+
+
+def render_with_scanner(rng: np.random.Generator, label: str, scanner: ScannerConfig, attempts: int = 20) -> np.ndarray:
+    """One windowed slice as ``scanner`` acquires it. A field of view below 1 renders the body on a
+    larger grid and keeps the centre, so anatomy fills more of the frame; a lesion must keep at least
+    half its pixels inside the crop (else the patient is drawn again), so the label stays true."""
+    full = max(scanner.image_size, round(scanner.image_size / scanner.field_of_view))
+    start = (full - scanner.image_size) // 2
+    crop = (slice(start, start + scanner.image_size), slice(start, start + scanner.image_size))
+    for _ in range(attempts):
+        s = render_slice_hu(rng, label, full, scanner.noise_hu, scanner.blur_sigma)
+        if label == "Normal" or s.mask[crop].sum() * 2 >= s.mask.sum():
+            return window_hu(s.hu[crop], scanner.window)
+    raise RuntimeError(f"no {label} lesion stayed inside a field of view of {scanner.field_of_view}")
+
+
+def generate_batch(cfg: PhantomBatchConfig, phantom: PhantomConfig) -> dict[str, int]:
+    """Write a labelled batch of new phantom patients (class folders of PNGs) to ``cfg.out_dir``,
+    acquired by the training phantom's scanner (``scanner: same``) or by ``cfg.other``; returns the
+    class counts. Classes follow ``phantom.proportions``."""
+    out = Path(cfg.out_dir)
+    if out.exists():
+        if not out.is_dir():
+            raise UserError(f"monitor.phantom_batch.out_dir exists and is not a folder: {out}")
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in CANONICAL_CLASSES)
+        if foreign:
+            raise UserError(f"monitor.phantom_batch.out_dir {out} holds files the batch did not write ({foreign[:5]}); "
+                            "refusing to delete it: choose an empty or new folder")
+        shutil.rmtree(out)
+    scanner = scanner_of(phantom) if cfg.scanner == "same" else cfg.other
+    counts = class_counts(cfg.n_images, phantom.proportions)
+    for label, n in counts.items():
+        (out / label).mkdir(parents=True, exist_ok=True)
+        for k in range(1, n + 1):
+            pixels = render_with_scanner(image_rng(cfg.seed, label, k), label, scanner)
+            Image.fromarray(pixels).save(out / label / f"{label}- ({k}).png")
+    return {label: n for label, n in counts.items() if n}

@@ -1,0 +1,150 @@
+"""Monitoring flow: drift check -> alert -> retraining -> the promotion gates decide.
+
+`check_drift` runs the same stage function as `tumorscope monitor` and the `monitor` DVC stage.
+On drift the flow alerts (monitor.webhook_url and/or monitor.notification_block) and, when
+monitor.retrain.deployment is set, starts that training deployment with the new data version.
+Nothing is promoted here: the training run's promote step applies the gates, and with
+monitor.retrain.wait_seconds > 0 this flow waits and reports their decision.
+Deployed on a schedule by flows/deploy.py.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from tumorscope.config import Params, load_params
+
+FLOW_NAME = "tumorscope-monitor"
+
+
+@task
+def check_drift(params_path: str, current: str | None) -> dict:
+    from tumorscope.stages.monitoring import run_monitor
+
+    line, summary = run_monitor(load_params(params_path), current)
+    get_run_logger().info(line)
+    return {"line": line, "summary": summary}
+
+
+@task
+def send_alert(params_path: str, line: str, summary: dict, retraining: dict | None) -> dict:
+    """Webhook and/or Prefect block; a failed alert is reported in the result, it does not hide the verdict."""
+    from tumorscope.errors import UserError
+    from tumorscope.monitoring.alerts import alert_payload, notify_block, post_webhook
+
+    cfg = load_params(params_path).monitor
+    payload = alert_payload(line, summary, {"retraining": retraining})
+    sent: dict = {}
+    if cfg.webhook_url:
+        try:
+            sent["webhook"] = {"status": post_webhook(cfg.webhook_url, payload)}
+        except UserError as err:
+            sent["webhook"] = {"error": str(err)}
+    if cfg.notification_block:
+        try:
+            notify_block(cfg.notification_block, "tumorscope: drift detected", line)
+            sent["block"] = {"sent": cfg.notification_block}
+        except UserError as err:
+            sent["block"] = {"error": str(err)}
+    for channel, outcome in sent.items():
+        if "error" in outcome:
+            get_run_logger().warning("alert via %s failed: %s", channel, outcome["error"])
+    return sent
+
+
+def retraining_source(params: Params, current: str) -> str | None:
+    """data.source of the retraining run: monitor.retrain.data_source, else the monitored folder when
+    it holds class folders named like the champion's classes (labelled new data), else None (the
+    deployment's own params.yaml; an inference log carries no labels to train on)."""
+    from tumorscope.config import CANONICAL_CLASSES
+
+    if params.monitor.retrain.data_source:
+        return params.monitor.retrain.data_source
+    path = Path(current)
+    if path.is_dir():
+        folders = {d.name for d in path.iterdir() if d.is_dir() and not d.name.startswith((".", "_"))}
+        if folders and folders <= set(CANONICAL_CLASSES) | set(params.data.class_map):
+            return str(path.resolve())
+    return None
+
+
+def promotion_decision(params: Params, since_ms: int) -> dict | None:
+    """The gate decision of the newest model version registered since ``since_ms`` (MLflow registry:
+    its promotion_decision tag and the decision line of its run's promotion report)."""
+    import mlflow
+
+    from tumorscope import tracking
+
+    tracking.configure(params.mlflow)
+    client = mlflow.MlflowClient()
+    name = params.promote.registered_model
+    versions = [v for v in client.search_model_versions(f"name = '{name}'") if int(v.creation_timestamp) >= since_ms]
+    if not versions:
+        return None
+    newest = max(versions, key=lambda v: int(v.version))
+    decision = {"version": f"{name}/{newest.version}", "decision": newest.tags.get("promotion_decision")}
+    try:
+        local = client.download_artifacts(str(newest.run_id), f"promotion/{Path(params.promote.report_path).name}")
+        decision["line"] = json.loads(Path(local).read_text())["decision"]
+    except Exception as err:  # no report logged (the run failed before promote)
+        decision["line"] = f"no promotion report on run {newest.run_id} ({type(err).__name__})"
+    return decision
+
+
+@task
+def trigger_retraining(params_path: str, current: str) -> dict:
+    """Start the training deployment; with monitor.retrain.wait_seconds > 0 wait for it and read the
+    promotion gates' decision from the registry."""
+    from typing import cast
+
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.deployments import run_deployment
+
+    params = load_params(params_path)
+    cfg = params.monitor.retrain
+    source = retraining_source(params, current)
+    parameters = {"data_source": source} if source else {}
+    started_ms = int(time.time() * 1000)
+    if not cfg.deployment:
+        raise ValueError("monitor.retrain.deployment is not set")
+    # run_deployment is sync-compatible: called from sync code it returns the flow run, not a coroutine.
+    run = cast(FlowRun, run_deployment(cfg.deployment, parameters=parameters, timeout=cfg.wait_seconds, as_subflow=False))
+    result = {"deployment": cfg.deployment, "flow_run_id": str(run.id), "flow_run_name": run.name,
+              "parameters": parameters, "state": run.state.type.value if run.state else None}
+    if cfg.wait_seconds > 0:
+        if run.state is not None and run.state.is_final():
+            result["promotion"] = promotion_decision(params, started_ms)
+        else:
+            result["promotion"] = None
+            result["note"] = f"still running after monitor.retrain.wait_seconds={cfg.wait_seconds}"
+    get_run_logger().info("retraining: %s", result)
+    return result
+
+
+@flow(name=FLOW_NAME, log_prints=True)
+def monitoring_flow(params_path: str = "params.yaml", current: str | None = None, retrain: bool = True) -> dict:
+    """Drift of ``current`` (default monitor.current) vs the champion's reference; on drift: alert and,
+    when ``retrain`` and monitor.retrain.deployment are set, start retraining (gated promotion)."""
+    params = load_params(params_path)
+    current = current or params.monitor.current
+    checked = check_drift(params_path, current)
+    summary = checked["summary"]
+    result: dict = {"line": checked["line"], "status": summary["status"], "drift": summary.get("drift"),
+                    "summary_path": params.monitor.summary_path}
+    if summary.get("drift"):
+        if retrain and params.monitor.retrain.deployment:
+            result["retraining"] = trigger_retraining(params_path, current)
+        result["alert"] = send_alert(params_path, checked["line"], summary, result.get("retraining"))
+    create_markdown_artifact(f"{checked['line']}\n\nReport: `{params.monitor.report_dir}/drift.html`"
+                             + (f"\n\nRetraining: `{result['retraining']}`" if "retraining" in result else ""),
+                             key="tumorscope-drift", description="drift check of the champion")
+    return result
+
+
+if __name__ == "__main__":
+    print(json.dumps(monitoring_flow(), indent=2, default=str))

@@ -1,0 +1,125 @@
+"""The current window: the newest rows of the service's inference log, or a folder of new slices.
+
+Nothing is dropped silently: every line or file that does not enter the window is counted under
+the reason it was left out, and the counts travel with the window into the drift summary.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from tumorscope.monitoring.features import EMBEDDING_PREFIX, IMAGE_FEATURES, embedding_columns, feature_frame, model_outputs
+
+
+@dataclass
+class Window:
+    """Feature rows of one window and what was left out of it (reason -> count)."""
+
+    frame: pd.DataFrame
+    source: str
+    left_out: Counter = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)  # a few left-out lines or files with their reason
+
+    def leave_out(self, reason: str, where: str, limit: int = 5) -> None:
+        self.left_out[reason] += 1
+        if len(self.examples) < limit:
+            self.examples.append(f"{where}: {reason}")
+
+
+def _record_problem(record: Any, dims: int) -> str | None:
+    """Why a parsed log line cannot be a window row (None when it can)."""
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    for key, kind in (("model_version", str), ("predicted_class", str), ("probabilities", dict), ("image", dict),
+                      ("embedding", list)):
+        if not isinstance(record.get(key), kind):
+            return f"no {key}"
+    if len(record["embedding"]) != dims:
+        return f"embedding of {len(record['embedding'])} values, not serve.embedding_dims={dims}"
+    try:
+        [float(v) for v in record["probabilities"].values()]
+        [float(v) for v in record["embedding"]]
+    except (TypeError, ValueError):
+        return "non-numeric probabilities or embedding"
+    return None
+
+
+def _log_row(record: dict) -> dict[str, Any]:
+    image = record["image"]
+    row: dict[str, Any] = {}
+    for name in IMAGE_FEATURES:
+        value = image.get(name)
+        row[name] = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else np.nan
+    row["predicted_class"] = record["predicted_class"]
+    row["confidence"] = max(float(v) for v in record["probabilities"].values())
+    row.update({f"{EMBEDDING_PREFIX}{i}": float(v) for i, v in enumerate(record["embedding"])})
+    return row
+
+
+def read_log_window(path: str | Path, model_version: str, size: int, embedding_dims: int) -> Window:
+    """The newest ``size`` rows of the inference log written by ``model_version`` (e.g.
+    ``tumorscope-kidney-ct/3``). A corrupt line (a crash mid-write, an edit by hand), a row of another
+    model version or one older than the window is counted, not read into the window; the rest of the
+    log is still read. A log not written yet is an empty window."""
+    path = Path(path)
+    window = Window(pd.DataFrame(), f"inference log {path}")
+    if not path.exists():
+        window.leave_out("no inference log yet", str(path))
+        return window
+    newest: deque[dict] = deque(maxlen=size)
+    kept = 0
+    with path.open("rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            if not raw.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                record = json.loads(raw)
+            except (ValueError, UnicodeDecodeError):
+                window.leave_out("corrupt line (not JSON)", where)
+                continue
+            problem = _record_problem(record, embedding_dims)
+            if problem is not None:
+                window.leave_out(f"corrupt line ({problem})", where)
+                continue
+            if record["model_version"] != model_version:
+                window.leave_out(f"another model version ({record['model_version']})", where)
+                continue
+            kept += 1
+            newest.append(record)
+    if kept > len(newest):
+        window.left_out[f"older than the window of {size} rows"] = kept - len(newest)
+    columns = [*IMAGE_FEATURES, "predicted_class", "confidence", *embedding_columns(embedding_dims)]
+    window.frame = pd.DataFrame([_log_row(r) for r in newest], columns=columns)
+    return window
+
+
+def folder_window(files: list[Path], model, spec: dict, embedding_dims: int, source: str) -> Window:
+    """Rows of a folder's slices, decoded and prepared as the model's training cache was
+    (``inference.prepare_file``); an unreadable file is counted with its reason."""
+    from tumorscope.data.images import UnreadableImage
+    from tumorscope.inference import prepare_file, stack
+
+    window = Window(pd.DataFrame(), source)
+    prepared = []
+    for path in files:
+        try:
+            one = prepare_file(path, spec)
+        except (OSError, UnreadableImage) as err:
+            window.leave_out(f"unreadable file ({str(err).splitlines()[0][:120]})", str(path))
+            continue
+        one.decoded = None  # a full-size slice is not needed any more
+        prepared.append(one)
+    size = int(spec["preprocess"]["image_size"])
+    images = stack(prepared, size)
+    probabilities, embeddings = model_outputs(model, images, embedding_dims)
+    window.frame = feature_frame(images, np.array([p.original_shape for p in prepared]).reshape(-1, 2),
+                                 [p.source_mode for p in prepared], probabilities, list(spec["classes"]), embeddings)
+    return window

@@ -1,0 +1,220 @@
+"""Drift monitoring on a real champion: a small phantom model promoted in a real MLflow registry,
+windows of new phantom patients from the same scanner and from another one, the service's own
+inference-log records, real CT slices, and the closed loop through a real Prefect server (drift ->
+alert to a loopback webhook -> the training deployment runs -> the promotion gates decide)."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, SAMPLE, needs_sample
+from test_prefect_deployment import free_port, stop, wait_for
+from tumorscope.config import load_params, with_overrides
+from tumorscope.errors import UserError
+from tumorscope.stages import data as data_stages
+from tumorscope.stages import monitoring, promotion, training
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+
+
+def project_params(root: Path) -> dict:
+    return {
+        "phantom": {"n_images": 240, "image_size": 64},
+        "validate": {"min_images_per_class": 5},
+        "split": {"train": 0.6, "val": 0.2, "test": 0.2},
+        "preprocess": {"image_size": 64},
+        # Enough to answer differently for different slices (a constant model has nothing to drift).
+        "train": {"epochs": 40, "batch_size": 16, "lr": 0.002, "warmup_epochs": 5, "patience": 15},
+        "evaluate": {"fail_on_degenerate": False, "max_single_class_share": 1.0, "bootstrap_samples": 200},
+        "tune": {"n_trials": 1, "trial_epochs": 2, "min_critical_recall": 0.0, "pruner": "none",
+                 "search_space": {"architecture": ["small_cnn"], "lr": [0.003], "filters": [8], "batch_size": [16]}},
+        "promote": {"min_macro_f1_low": 0.0, "min_critical_recall_low": 0.0, "max_ece": 1.0},
+        "monitor": {"min_window": 30, "current": "data/incoming",
+                    "phantom_batch": {"n_images": 120, "out_dir": "data/incoming"}},
+        "mlflow": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "artifact_root": str(root / "mlartifacts")},
+    }
+
+
+@pytest.fixture(scope="module")
+def champion_project(tmp_path_factory) -> Path:
+    """A phantom project with a promoted champion and two new batches: data/same (the training
+    scanner, other patients) and data/incoming (another scanner)."""
+    root = tmp_path_factory.mktemp("monitoring")
+    shutil.copytree(REPO / "expectations", root / "expectations")
+    shutil.copytree(REPO / "flows", root / "flows", ignore=shutil.ignore_patterns("__pycache__"))
+    (root / "params.yaml").write_text(yaml.safe_dump(project_params(root)))
+    here = os.getcwd()
+    os.chdir(root)
+    try:
+        params = load_params("params.yaml")
+        for stage in data_stages.DATA_STAGES:
+            getattr(data_stages, f"run_{stage}")(params)
+        training.train_and_save(params, Path(params.train.model_dir), "train", None, "params.yaml train.*")
+        training.run_evaluate(params)
+        assert "new champion" in promotion.run_promote(params)
+        monitoring.run_incoming(params)
+        monitoring.run_incoming(with_overrides(params, {"monitor": {"phantom_batch": {
+            "scanner": "same", "out_dir": "data/same", "seed": 99}}}))
+    finally:
+        os.chdir(here)
+    return root
+
+
+@pytest.fixture
+def in_project(champion_project: Path, monkeypatch) -> Path:
+    monkeypatch.chdir(champion_project)
+    return champion_project
+
+
+def champion_run_metrics(params, name: str) -> list[float]:
+    import mlflow
+
+    from tumorscope import tracking
+
+    tracking.configure(params.mlflow)
+    client = mlflow.MlflowClient()
+    run_id = client.get_model_version_by_alias(params.promote.registered_model, "champion").run_id
+    return [m.value for m in sorted(client.get_metric_history(run_id, name), key=lambda m: m.step)]
+
+
+def test_same_scanner_passes_other_scanner_drifts_with_report_history_and_mlflow(in_project):
+    params = load_params("params.yaml")
+    line, same = monitoring.run_monitor(params, "data/same")
+    assert same["status"] == "no_drift", line
+    assert same["reference"].startswith("computed from") and same["n_current"] == 120
+    stored = monitoring.reference_path(params, same["model_version"])
+    assert stored.is_file()
+    line, other = monitoring.run_monitor(params)
+    assert other["status"] == "drift" and line.startswith("monitor: DRIFT in folder data/incoming"), line
+    assert other["reference"] == str(stored)  # computed once per champion version
+    assert {"noise", "width", "height"} <= set(other["drifted_features"])
+    summary = json.loads(Path(params.monitor.summary_path).read_text())
+    assert summary["drift"] is True and summary["features"]["noise"]["drifted"]
+    html = Path(params.monitor.report_dir) / "drift.html"
+    assert b"Value Drift for column noise" in html.read_bytes()  # the page a person opens
+    assert champion_run_metrics(params, "monitor_drift")[-2:] == [0.0, 1.0]
+    from evidently.ui.workspace import Workspace
+
+    workspace = Workspace(params.monitor.workspace)
+    project = workspace.search_project(params.monitor.project)[0]
+    assert len(workspace.list_runs(project.id)) >= 2
+
+
+def service_log_lines(params, folder: Path) -> list[str]:
+    """Inference-log lines exactly as the service writes them (same functions, same model)."""
+    from tumorscope import tracking
+    from tumorscope.inference import prepare_bytes, stack
+    from tumorscope.serving import ServedModel, classify_response, inference_record
+
+    tracking.configure(params.mlflow)
+    served = ServedModel(params.promote.registered_model, "champion", params.serve.embedding_dims)
+    assert served.load(), served.load_error
+    spec = served.current().loaded.spec
+    lines = []
+    for i, path in enumerate(sorted(folder.rglob("*.png"))):
+        data = path.read_bytes()
+        prepared = prepare_bytes(data, ".png", spec)
+        answer = served.predict(stack([prepared], prepared.pixels.shape[0]))[0]
+        response = classify_response(answer, prepared, spec["classes"], "Tumor", 0.5, f"req-{i}")
+        lines.append(json.dumps(inference_record("classify", response, data)))
+    return lines
+
+
+def test_inference_log_window_reads_past_bad_lines_and_says_what_it_left_out(in_project, tmp_path):
+    params = load_params("params.yaml")
+    lines = service_log_lines(params, in_project / "data" / "incoming")
+    other_version = json.loads(lines[0]) | {"model_version": "tumorscope-kidney-ct/99"}
+    log = tmp_path / "inference.jsonl"
+    log.write_text("\n".join([*lines[:40], '{"broken', json.dumps(other_version), *lines[40:]]) + "\n")
+    line, summary = monitoring.run_monitor(params, str(log))
+    assert summary["status"] == "drift", line
+    assert summary["n_current"] == 120
+    assert summary["left_out"] == {"corrupt line (not JSON)": 1, "another model version (tumorscope-kidney-ct/99)": 1}
+    assert "left out: 1 corrupt line (not JSON)" in line
+    log.write_text("\n".join(lines[:10]) + "\n")
+    line, small = monitoring.run_monitor(params, str(log))
+    assert small["status"] == "insufficient_data" and small["drift"] is None and "no verdict" in line
+
+
+def test_missing_reference_and_missing_window_say_so(in_project):
+    params = load_params("params.yaml")
+    nobody = with_overrides(params, {"promote": {"registered_model": "no-such-model"}})
+    line, summary = monitoring.run_monitor(nobody)
+    assert summary["status"] == "no_reference" and summary["drift"] is None and "no-such-model" in line
+    assert not (Path(params.monitor.report_dir) / "drift.html").exists()  # no stale report beside the summary
+    with pytest.raises(UserError, match="current window nowhere not found"):
+        monitoring.run_monitor(params, "nowhere")
+
+
+@needs_sample
+def test_real_slices_are_flagged_against_the_phantom_reference(in_project):
+    line, summary = monitoring.run_monitor(load_params("params.yaml"), str(SAMPLE))
+    assert summary["status"] == "drift", line
+    assert summary["n_current"] == 240
+
+
+class _Hook(http.server.BaseHTTPRequestHandler):
+    received: list = []
+
+    def do_POST(self):  # noqa: N802
+        type(self).received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_closed_loop_drift_alerts_and_retrains_and_the_gates_decide(champion_project, tmp_path):
+    hook = http.server.HTTPServer(("127.0.0.1", 0), _Hook)
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    params_path = champion_project / "params.yaml"
+    changed = yaml.safe_load(params_path.read_text())
+    changed["monitor"] |= {"webhook_url": f"http://127.0.0.1:{hook.server_address[1]}/drift",
+                           "retrain": {"deployment": "tumorscope-train/retrain", "wait_seconds": 540}}
+    params_path.write_text(yaml.safe_dump(changed))
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PYTHONPATH": str(champion_project),
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    server = runner = None
+    try:
+        server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        wait_for(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2).status == 200,
+                 180, "prefect server", server)
+        # The training flow (prepare -> tune -> train -> evaluate -> promote) served as a deployment.
+        runner = subprocess.Popen([sys.executable, "-c", "from flows.training import training_flow; "
+                                   "training_flow.serve(name='retrain')"], cwd=champion_project, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        checked = subprocess.run([sys.executable, "-m", "flows.monitoring"], cwd=champion_project, env=env,
+                                 capture_output=True, text=True, timeout=900)
+        assert checked.returncode == 0, checked.stdout[-3000:] + checked.stderr[-3000:]
+        result = json.loads(checked.stdout[checked.stdout.index("{\n"):])
+    finally:
+        stop(runner)
+        stop(server)
+        hook.shutdown()
+        hook.server_close()
+    assert result["status"] == "drift", result["line"]
+    retraining = result["retraining"]
+    assert retraining["state"] == "COMPLETED", retraining
+    assert retraining["parameters"] == {"data_source": str((champion_project / "data" / "incoming").resolve())}
+    decision = retraining["promotion"]
+    assert decision["version"] == "tumorscope-kidney-ct/2" and decision["decision"] in ("promoted", "refused")
+    assert decision["line"].startswith(f"promote: tumorscope-kidney-ct/2 {'is the new champion' if decision['decision'] == 'promoted' else 'refused'}")
+    assert result["alert"]["webhook"] == {"status": 200}
+    alert = _Hook.received[-1]
+    assert alert["drift"] is True and alert["text"] == result["line"] and alert["retraining"]["promotion"] == decision

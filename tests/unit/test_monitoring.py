@@ -1,0 +1,171 @@
+"""Monitoring's pure parts: slice features, the inference-log window (nothing dropped silently),
+the drift verdict on windows with and without a known shift, alerts to a loopback receiver, the
+phantom's other scanner."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from tumorscope.config import PhantomBatchConfig, PhantomConfig, ScannerConfig
+from tumorscope.errors import UserError
+from tumorscope.monitoring import drift, features, windows
+from tumorscope.monitoring.alerts import alert_payload, post_webhook
+
+
+def test_noise_estimate_recovers_the_added_noise_and_ignores_smooth_anatomy():
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:96, 0:96]
+    smooth = 60 + 0.8 * xx + 0.5 * yy  # a ramp: no noise at all
+    noisy = smooth + rng.normal(0, 8.0, smooth.shape)
+    found = features.pixel_features(np.stack([smooth, noisy]).clip(0, 255).astype(np.uint8))
+    assert found["noise"][0] < 1.0
+    assert found["noise"][1] == pytest.approx(8.0, rel=0.15)
+
+
+def test_blur_lowers_sharpness_and_contrast_is_the_percentile_span():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(1)
+    sharp = (rng.random((64, 64)) > 0.5).astype(np.float64) * 200 + 20
+    blurred = ndimage.gaussian_filter(sharp, 2.0)
+    found = features.pixel_features(np.stack([sharp, blurred]).astype(np.uint8)[..., np.newaxis])
+    assert found["sharpness"][1] < found["sharpness"][0] / 10
+    assert np.allclose(found["contrast"], found["p99"] - found["p1"])
+
+
+def test_bit_depth_of_source_modes():
+    assert [features.bit_depth(m) for m in ("L", "RGB", "I;16", "I;16B", "I", "DICOM", "1")] == [8, 8, 16, 16, 32, 16, 1]
+
+
+def _log_record(version: str, rng, shift: float = 0.0, dims: int = 4) -> dict:
+    image = {name: float(rng.normal(100 + shift, 5)) for name in features.IMAGE_FEATURES}
+    return {"timestamp": "t", "endpoint": "classify", "request_id": "r", "model_version": version,
+            "predicted_class": "Cyst", "probabilities": {"Cyst": 0.7, "Tumor": 0.3}, "alert": False, "image": image,
+            "embedding": rng.normal(0, 1, dims).tolist(), "sha256": "0" * 64}
+
+
+def test_log_window_counts_every_line_it_leaves_out_and_keeps_reading(tmp_path):
+    rng = np.random.default_rng(2)
+    log = tmp_path / "inference.jsonl"
+    lines = [json.dumps(_log_record("m/1", rng)) for _ in range(5)]
+    lines.insert(2, '{"timestamp": "t", "model_version": "m/1", "predic')  # a crash mid-write
+    lines.insert(3, json.dumps(_log_record("m/2", rng)))  # a row of the next model version
+    lines.insert(4, json.dumps({"model_version": "m/1"}))  # a row without the fields monitoring needs
+    lines.insert(5, "\xff\xfe not text")
+    lines += [json.dumps(_log_record("m/1", rng)) for _ in range(3)]
+    log.write_text("\n".join(lines) + "\n\n")
+    window = windows.read_log_window(log, "m/1", size=6, embedding_dims=4)
+    assert len(window.frame) == 6
+    assert window.left_out["another model version (m/2)"] == 1
+    assert window.left_out["older than the window of 6 rows"] == 2
+    corrupt = {k: v for k, v in window.left_out.items() if k.startswith("corrupt")}
+    assert sum(corrupt.values()) == 3 and "corrupt line (no predicted_class)" in corrupt
+    assert any(":3: corrupt line (not JSON)" in e for e in window.examples)
+    assert list(window.frame.columns[-4:]) == ["emb_0", "emb_1", "emb_2", "emb_3"]
+    assert window.frame["confidence"].eq(0.7).all()
+
+
+def test_a_missing_log_is_an_empty_window_not_an_error(tmp_path):
+    window = windows.read_log_window(tmp_path / "none.jsonl", "m/1", 100, 4)
+    assert window.frame.empty and window.left_out == {"no inference log yet": 1}
+
+
+def _frame(n: int, rng, shift: float = 0.0) -> pd.DataFrame:
+    rows = {name: rng.normal(100 + shift * 10, 10, n) for name in features.IMAGE_FEATURES}
+    rows["height"] = np.full(n, 512.0)
+    rows["bit_depth"] = np.full(n, 16.0 if shift else 8.0)
+    rows["predicted_class"] = rng.choice(["Cyst", "Normal", "Tumor"], n, p=[0.3, 0.5, 0.2])
+    rows["confidence"] = rng.uniform(0.6, 1.0, n)
+    rows |= {f"emb_{i}": rng.normal(shift, 1, n) for i in range(4)}
+    return pd.DataFrame(rows)
+
+
+def test_drift_verdicts_on_known_windows():
+    rng = np.random.default_rng(3)
+    reference = _frame(600, rng)
+    settings = drift.DriftSettings(min_window=30)
+    same = drift.compare(reference, _frame(200, rng), settings).summary
+    assert same["status"] == drift.NO_DRIFT and same["drift"] is False
+    assert same["features"]["height"]["method"].startswith("constant in reference")
+    shifted = drift.compare(reference, _frame(200, rng, shift=1.0), settings).summary
+    assert shifted["status"] == drift.DRIFT and shifted["drift"] is True
+    assert shifted["embedding"]["drifted"] and "bit_depth" in shifted["drifted_features"]
+    assert "mean" in shifted["drifted_features"] and "height" not in shifted["drifted_features"]
+
+
+def test_a_small_window_gets_no_verdict_and_runs_no_report():
+    rng = np.random.default_rng(4)
+    result = drift.compare(_frame(300, rng), _frame(10, rng), drift.DriftSettings(min_window=50))
+    assert result.summary["status"] == drift.INSUFFICIENT and result.summary["drift"] is None
+    assert result.snapshot is None and "10 slices" in result.summary["reason"]
+
+
+def test_features_missing_from_older_log_rows_are_not_compared():
+    rng = np.random.default_rng(5)
+    current = _frame(80, rng)
+    current.loc[:10, "sharpness"] = np.nan
+    used, embeddings, judged = drift.comparable_columns(_frame(100, rng), current)
+    assert "sharpness" not in used and judged["not_compared"]["sharpness"].startswith("missing")
+    assert embeddings == ["emb_0", "emb_1", "emb_2", "emb_3"]
+
+
+class _Receiver(http.server.BaseHTTPRequestHandler):
+    received: list = []
+
+    def do_POST(self):  # noqa: N802 (http.server's name)
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        type(self).received.append((self.headers["Content-Type"], json.loads(body)))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_webhook_alert_reaches_a_loopback_receiver_and_a_dead_one_is_one_line():
+    server = http.server.HTTPServer(("127.0.0.1", 0), _Receiver)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/hook"
+    try:
+        payload = alert_payload("monitor: DRIFT in x", {"status": "drift", "drift": True, "drifted_features": ["mean"]})
+        assert post_webhook(url, payload) == 204
+    finally:
+        server.shutdown()
+        server.server_close()
+    content_type, body = _Receiver.received[-1]
+    assert content_type == "application/json" and body["text"] == "monitor: DRIFT in x" and body["drift"] is True
+    with pytest.raises(UserError, match=r"drift alert to http://127\.0\.0\.1:\d+/hook failed"):
+        post_webhook(url, payload, timeout=2)
+    with pytest.raises(UserError, match="must be an http"):
+        post_webhook("file:///etc/passwd", payload)
+
+
+def test_other_scanner_batch_differs_where_the_scanner_does(tmp_path):
+    phantom = PhantomConfig(n_images=40, image_size=64)
+    same = PhantomBatchConfig(out_dir=str(tmp_path / "same"), n_images=12, scanner="same")
+    other = PhantomBatchConfig(out_dir=str(tmp_path / "other"), n_images=12, scanner="other",
+                               other=ScannerConfig(noise_hu=40.0, image_size=80, field_of_view=0.8))
+    from tumorscope.data.phantom import generate_batch
+
+    counts = generate_batch(same, phantom)
+    assert generate_batch(other, phantom) == counts and sum(counts.values()) == 12
+
+    def read(folder: str) -> np.ndarray:
+        return np.stack([np.asarray(Image.open(p)) for p in sorted(Path(folder).rglob("*.png"))])
+
+    same_pixels, other_pixels = read(same.out_dir), read(other.out_dir)
+    assert same_pixels.shape[1:] == (64, 64) and other_pixels.shape[1:] == (80, 80)
+    assert np.median(features.pixel_features(other_pixels)["noise"]) > 1.5 * np.median(
+        features.pixel_features(same_pixels)["noise"])
+    (Path(other.out_dir) / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="refusing to delete"):
+        generate_batch(other, phantom)
