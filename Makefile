@@ -35,7 +35,7 @@ for path, entry in json.load(sys.stdin)[""]["data"].items():
 endef
 export METRICS_TABLE
 
-.PHONY: help install run test lint test-fast bench metrics-table crossval gpu-wheels mlflow-ui clean clean-stores prefect-server deploy worker serve bento
+.PHONY: help install run test lint test-fast bench metrics-table crossval gpu-wheels mlflow-ui clean clean-stores prefect-server deploy worker serve bento demo monitor evidently-ui
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
 
@@ -77,7 +77,7 @@ gpu-wheels: ## download the wheels an offline JAX GPU host lacks into .whl/ (cop
 prefect-server: install ## a local Prefect server and UI (http://127.0.0.1:4200); then: export PREFECT_API_URL=http://127.0.0.1:4200/api
 	$(RUN) prefect server start --host 127.0.0.1
 
-deploy: install ## register the training deployment (dvc exp run per flow run) on the tumorscope work pool
+deploy: install ## register the training (dvc exp run) and hourly drift-monitoring deployments on the tumorscope work pool
 	$(RUN) python -m flows.deploy
 
 worker: install ## a Prefect worker that runs the deployment's flow runs in this folder
@@ -89,6 +89,16 @@ serve: install ## serve the champion with BentoML on http://127.0.0.1:3000 (the 
 # bentoml build runs uv: the one make uses, on PATH or bootstrapped into .tools/bin.
 bento: install ## build a Bento with the champion inside, tagged model<N>-data<fingerprint>-code<commit>
 	PATH="$(dir $(UV)):$$PATH" $(RUN) tumorscope bento
+
+monitor: install ## drift of new slices or the inference log against the champion (CURRENT=folder|log.jsonl, default monitor.current)
+	$(RUN) tumorscope monitor $(if $(CURRENT),--current $(CURRENT))
+
+evidently-ui: install ## the Evidently UI on the drift history (http://127.0.0.1:8000)
+	$(RUN) evidently ui --workspace monitoring/workspace --host 127.0.0.1 --port 8000
+
+demo: install ## dvc repro, then serve -> requests -> a batch from another scanner -> drift -> retraining -> gates
+	$(RUN) dvc repro
+	PATH="$(dir $(UV)):$$PATH" $(RUN) python -m flows.demo
 
 mlflow-ui: install ## open the MLflow UI on the local tracking store (http://127.0.0.1:5000)
 	$(RUN) mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000

@@ -164,9 +164,9 @@ def predict(sources: Annotated[list[Path], typer.Argument(help="image files or f
 @app.command()
 def incoming(params: ParamsOption = DEFAULT_PARAMS) -> None:
     """Write a labelled batch of new phantom patients (monitor.phantom_batch: same or another scanner)."""
-    from tumorscope.stages import monitoring
+    from tumorscope.stages import data
 
-    _report(lambda: monitoring.run_incoming(_params(params)))
+    _report(lambda: data.run_incoming(_params(params)))
 
 
 @app.command()

@@ -19,7 +19,6 @@ arrived intact but is not a usable CT slice.
 from __future__ import annotations
 
 import json
-import math
 import os
 import queue
 import threading
@@ -33,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from tumorscope.inference import PreparedImage
+from tumorscope.monitoring.features import feature_model, image_features, summarize_embedding
 
 PARAMS_ENV = "TUMORSCOPE_PARAMS"
 FILE_FIELD = "file"
@@ -50,7 +50,6 @@ MULTIPART_SLACK = 16 * 1024
 MAX_JSON_BODY = 64 * 1024
 # The random projection behind the embedding summary is fixed by this seed (and the layer width),
 # so summaries from different requests, processes and days are comparable for drift monitoring.
-EMBEDDING_SEED = 20261125
 # Longest side of the slice an explanation overlay is drawn on (the original can be 8192 px).
 OVERLAY_MAX_SIDE = 512
 MAX_FILENAME_BYTES = 200  # file systems allow 255 bytes a name; BentoML adds a prefix
@@ -177,8 +176,6 @@ def image_statistics(prepared: PreparedImage) -> dict[str, Any]:
     contrast, sharpness, noise, original size, bit depth; measured on the slice decoded and prepared
     as the training cache holds it, so drift against the cache compares like with like), its range,
     original size and mode."""
-    from tumorscope.monitoring.features import image_features
-
     pixels = np.asarray(prepared.pixels)
     spacing = prepared.pixel_spacing_mm
     return image_features(pixels, prepared.original_shape, prepared.source_mode) | {
@@ -200,40 +197,6 @@ def classify_result(probabilities: Any, classes: list[str], critical_class: str,
     return {"class": classes[best], "confidence": probs[best], "probabilities": dict(zip(classes, probs, strict=True)),
             "critical_class": critical_class, "critical_probability": critical, "alert_threshold": alert_threshold,
             "alert": critical is not None and critical >= alert_threshold}
-
-
-# ---------------------------------------------------------------------------------------------
-# Embedding summary
-
-
-def embedding_projection(width: int, dims: int, seed: int = EMBEDDING_SEED) -> np.ndarray:
-    """A fixed (width, dims) Gaussian random projection scaled by 1/sqrt(dims).
-
-    Random projection roughly keeps distances between feature vectors (Johnson-Lindenstrauss), which
-    is what a drift check on embeddings compares; unlike PCA it needs no fitted state, and unlike
-    keeping the first ``dims`` units it sees every unit. Same width and seed, same matrix."""
-    rng = np.random.default_rng(np.random.SeedSequence([seed, width, dims]))
-    return (rng.standard_normal((width, dims)) / math.sqrt(dims)).astype(np.float32)
-
-
-def summarize_embedding(features: np.ndarray, dims: int) -> np.ndarray:
-    """(N, width) penultimate-layer features -> (N, dims) by ``embedding_projection``."""
-    features = np.asarray(features, dtype=np.float32).reshape(len(features), -1)
-    return features @ embedding_projection(features.shape[1], dims)
-
-
-def feature_model(model: Any) -> Any:
-    """A model with the classifier's two outputs of one forward pass: its probabilities and the
-    input of its final layer (the penultimate Dense layer's output in inference mode: for the
-    small CNN the Dense head, for the Applications the head after its dropout, an identity)."""
-    import keras
-
-    last = model.layers[-1]
-    try:
-        penultimate = last.input
-    except (AttributeError, ValueError) as err:
-        raise ValueError(f"cannot find the input of the final layer {last.name!r}: {err}") from None
-    return keras.Model(model.inputs, [model.outputs[0], penultimate], name=f"{model.name}_with_features")
 
 
 # ---------------------------------------------------------------------------------------------

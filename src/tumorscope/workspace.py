@@ -2,7 +2,8 @@
 
 The outputs are the ones dvc.yaml declares (read through DVC, with params interpolated) plus the
 two that commands outside DVC write (the untuned baseline model and the cross-validation report).
-The local stores (MLflow's SQLite file and artefacts, the Optuna SQLite file, Prefect's home) go
+The local stores (MLflow's SQLite file and artefacts, the Optuna SQLite file, Prefect's home,
+monitoring's reference features and Evidently workspace) go
 only on request and only together, so that no store is left pointing into a deleted one. Data
 sources, the DVC cache and remote, and server databases are never touched.
 """
@@ -27,8 +28,10 @@ def dvc_outputs(root: Path) -> list[Path]:
 
 
 def local_stores(params: Params, root: Path) -> list[Path]:
-    """The file-based stores of MLflow, Optuna and Prefect in this project (none for a server URL)."""
-    stores = [root / params.mlflow.artifact_root, root / PREFECT_HOME]
+    """The file-based stores of MLflow, Optuna and Prefect in this project (none for a server URL), and
+    monitoring's reference features and Evidently workspace (both name MLflow model versions)."""
+    stores = [root / params.mlflow.artifact_root, root / PREFECT_HOME, root / params.monitor.reference_dir,
+              root / params.monitor.workspace]
     for uri in (params.mlflow.tracking_uri, params.tune.storage):
         if uri.startswith("sqlite:///") and uri != "sqlite:///:memory:":
             stores.append(root / uri.removeprefix("sqlite:///"))

@@ -25,6 +25,7 @@ TINY = {
     "evaluate": {"fail_on_degenerate": False, "bootstrap_samples": 200},
     "tune": {"n_trials": 2, "trial_epochs": 2, "min_critical_recall": 0.0,
              "search_space": {"architecture": ["small_cnn"], "lr": {"low": 0.0005, "high": 0.005, "log": True}}},
+    "monitor": {"min_window": 20, "phantom_batch": {"n_images": 40, "other": {"image_size": 48}}},
 }
 
 
@@ -128,7 +129,7 @@ def _tracked_outputs(project: Path) -> dict[str, bytes]:
     """The files a repeated run must reproduce byte for byte."""
     names = ["metrics.json", "data/split.csv", "reports/leaderboard.json", "reports/leaderboard.md",
              "reports/best_params.json", "reports/split.json", "reports/validation.json", "evaluation/report.json",
-             "models/model.keras", "reports/promotion.json"]
+             "models/model.keras", "reports/promotion.json", "reports/monitoring.json"]
     docs = project / "reports" / "data_docs"
     names += [p.relative_to(project).as_posix() for p in sorted(docs.rglob("*")) if p.is_file()]
     return {name: (project / name).read_bytes() for name in names}
@@ -148,25 +149,28 @@ def first_run(tmp_path_factory) -> tuple[Path, dict[str, bytes], str]:
 
 def test_dvc_repro_on_tiny_phantom(first_run):
     project, _, stdout = first_run
-    assert "Running stage 'evaluate'" in stdout
+    assert "Running stage 'evaluate'" in stdout and "Running stage 'monitor'" in stdout
     _check_outputs(project, ["Cyst", "Normal", "Stone", "Tumor"])
+    # The monitor stage judged the incoming batch, or said why it could not (no champion promoted).
+    monitored = json.loads((project / "reports" / "monitoring.json").read_text())
+    assert monitored["status"] in ("drift", "no_drift", "no_reference"), monitored
     _check_mlflow_run_and_model(project, 4)
     # The phantom's masks and index travel with the raw data.
     assert (project / "data" / "raw" / "_meta" / "kidneyData.csv").is_file()
     second = _run(["dvc", "repro"], project)
     assert "Running stage" not in second.stdout  # an unchanged workspace is a no-op
-    # Changing one evaluation knob reruns only evaluate (and promote, which reads its report); one
-    # more trial reruns tune onwards.
+    # Changing one evaluation knob reruns only evaluate (and promote, which reads its report, and
+    # monitor if the promotion report changed); one more trial reruns tune onwards.
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["evaluate"]["distance_bands"] = [3, 8, 12]  # read by evaluate alone
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = _run(["dvc", "repro"], project)
-    assert _stages_run(third) == {"evaluate", "promote"}
+    assert {"evaluate", "promote"} <= _stages_run(third) <= {"evaluate", "promote", "monitor"}
     params["tune"]["n_trials"] = 3
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     fourth = _run(["dvc", "repro"], project)
     # train/evaluate/promote rerun only if the extra trial changed the winner (best_params.json).
-    assert "tune" in _stages_run(fourth) and _stages_run(fourth) <= {"tune", "train", "evaluate", "promote"}
+    assert "tune" in _stages_run(fourth) and _stages_run(fourth) <= {"tune", "train", "evaluate", "promote", "monitor"}
     leaderboard = json.loads((project / "reports" / "leaderboard.json").read_text())
     assert sum(leaderboard["states"].get(s, 0) for s in ("COMPLETE", "PRUNED")) == 3  # the same study, grown
     _run(["dvc", "push"], project)

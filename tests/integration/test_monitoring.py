@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_prefect_deployment import free_port, stop, wait_for
 
 from conftest import REPO, SAMPLE, needs_sample
-from test_prefect_deployment import free_port, stop, wait_for
 from tumorscope.config import load_params, with_overrides
 from tumorscope.errors import UserError
 from tumorscope.stages import data as data_stages
@@ -64,8 +64,8 @@ def champion_project(tmp_path_factory) -> Path:
         training.train_and_save(params, Path(params.train.model_dir), "train", None, "params.yaml train.*")
         training.run_evaluate(params)
         assert "new champion" in promotion.run_promote(params)
-        monitoring.run_incoming(params)
-        monitoring.run_incoming(with_overrides(params, {"monitor": {"phantom_batch": {
+        data_stages.run_incoming(params)
+        data_stages.run_incoming(with_overrides(params, {"monitor": {"phantom_batch": {
             "scanner": "same", "out_dir": "data/same", "seed": 99}}}))
     finally:
         os.chdir(here)
@@ -214,7 +214,8 @@ def test_closed_loop_drift_alerts_and_retrains_and_the_gates_decide(champion_pro
     assert retraining["parameters"] == {"data_source": str((champion_project / "data" / "incoming").resolve())}
     decision = retraining["promotion"]
     assert decision["version"] == "tumorscope-kidney-ct/2" and decision["decision"] in ("promoted", "refused")
-    assert decision["line"].startswith(f"promote: tumorscope-kidney-ct/2 {'is the new champion' if decision['decision'] == 'promoted' else 'refused'}")
+    verdict = "is the new champion" if decision["decision"] == "promoted" else "refused"
+    assert decision["line"].startswith(f"promote: tumorscope-kidney-ct/2 {verdict}")
     assert result["alert"]["webhook"] == {"status": 200}
     alert = _Hook.received[-1]
     assert alert["drift"] is True and alert["text"] == result["line"] and alert["retraining"]["promotion"] == decision

@@ -65,9 +65,11 @@ def test_deployment_on_a_work_pool_runs_a_recorded_dvc_experiment(tmp_path):
     worker = None
     try:
         wait_for(lambda: urllib.request.urlopen(f"{api}/health", timeout=2).status == 200, 180, "server", server)
-        deployed = subprocess.run([sys.executable, "-m", "flows.deploy", "--pool", "test-pool"], cwd=project, env=env,
-                                  capture_output=True, text=True, timeout=180)
+        # Unscheduled here: a drift check due at once would queue before the run this test triggers.
+        deployed = subprocess.run([sys.executable, "-m", "flows.deploy", "--pool", "test-pool", "--monitor-every", "0"],
+                                  cwd=project, env=env, capture_output=True, text=True, timeout=180)
         assert deployed.returncode == 0, deployed.stdout[-2000:] + deployed.stderr[-2000:]
+        assert "tumorscope-monitor/drift -> work pool 'test-pool'" in deployed.stdout
         pool = json.loads(urllib.request.urlopen(f"{api}/work_pools/test-pool", timeout=5).read())
         assert (pool["type"], pool["concurrency_limit"]) == ("process", 1)  # one writer in this folder at a time
 

@@ -169,3 +169,21 @@ def test_other_scanner_batch_differs_where_the_scanner_does(tmp_path):
     (Path(other.out_dir) / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match="refusing to delete"):
         generate_batch(other, phantom)
+
+
+def test_retraining_data_comes_from_labelled_new_slices_only(tmp_path):
+    from flows.monitoring import retraining_source
+    from tumorscope.config import Params
+
+    labelled = tmp_path / "new"
+    for label in ("Cyst", "Tumor"):
+        (labelled / label).mkdir(parents=True)
+    unlabelled = tmp_path / "loose"
+    (unlabelled / "scan-0001").mkdir(parents=True)
+    params = Params()
+    assert retraining_source(params, str(labelled)) == str(labelled.resolve())
+    assert retraining_source(params, str(unlabelled)) is None  # folders that are not classes
+    assert retraining_source(params, "logs/inference.jsonl") is None  # a log has no labels
+    configured = params.model_copy(update={"monitor": params.monitor.model_copy(update={
+        "retrain": params.monitor.retrain.model_copy(update={"data_source": "/data/curated"})})})
+    assert retraining_source(configured, str(unlabelled)) == "/data/curated"

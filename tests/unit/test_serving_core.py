@@ -16,6 +16,7 @@ from conftest import FIXTURE_SLICES
 from tumorscope import serving
 from tumorscope.config import PreprocessConfig, WindowConfig
 from tumorscope.inference import PreparedImage, input_spec
+from tumorscope.monitoring import features as monitoring_features
 from tumorscope.serving import BadRequest, InferenceLog, Route, UploadGuard
 
 CLASSES = ["Cyst", "Normal", "Stone", "Tumor"]
@@ -156,12 +157,12 @@ def test_classify_result_alert_at_the_threshold():
 
 
 def test_embedding_projection_is_fixed_and_keeps_distances_roughly():
-    a = serving.embedding_projection(64, 8)
-    np.testing.assert_array_equal(a, serving.embedding_projection(64, 8))
-    assert a.shape == (64, 8) and not np.array_equal(a, serving.embedding_projection(32, 8)[:32].repeat(2, 0))
+    a = monitoring_features.embedding_projection(64, 8)
+    np.testing.assert_array_equal(a, monitoring_features.embedding_projection(64, 8))
+    assert a.shape == (64, 8) and not np.array_equal(a, monitoring_features.embedding_projection(32, 8)[:32].repeat(2, 0))
     rng = np.random.default_rng(0)
     features = rng.normal(size=(200, 64)).astype(np.float32)
-    summary = serving.summarize_embedding(features, 16)
+    summary = monitoring_features.summarize_embedding(features, 16)
     assert summary.shape == (200, 16)
     ratio = np.linalg.norm(summary[:100] - summary[100:], axis=1) / np.linalg.norm(features[:100] - features[100:], axis=1)
     assert 0.5 < float(np.median(ratio)) < 1.5
@@ -341,7 +342,7 @@ def test_served_model_predicts_like_the_loaded_model_with_an_embedding(tiny_load
     import keras
 
     dense = keras.Model(tiny_loaded.model.inputs, tiny_loaded.model.layers[-1].input).predict_on_batch(images)
-    np.testing.assert_allclose([a["embedding"] for a in answers], serving.summarize_embedding(dense, 5), rtol=1e-4,
+    np.testing.assert_allclose([a["embedding"] for a in answers], monitoring_features.summarize_embedding(dense, 5), rtol=1e-4,
                                atol=1e-5)
     assert served.info()["batching"]["batch_size_histogram"] == {"3": 1}
     with pytest.raises(ValueError, match="shape"):

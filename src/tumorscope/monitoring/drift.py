@@ -20,7 +20,8 @@ from tumorscope.monitoring.features import EMBEDDING_PREFIX, IMAGE_FEATURES, PRE
 
 DRIFT, NO_DRIFT, INSUFFICIENT = "drift", "no_drift", "insufficient_data"
 EMBEDDING_SET = "embedding"
-DASHBOARD_PANELS: tuple[tuple[str, str, dict[str, str]], ...] = (("Share of drifted features", "DriftedColumnsCount", {"value_type": "share"}),
+DASHBOARD_PANELS: tuple[tuple[str, str, dict[str, str]], ...] = (
+    ("Share of drifted features", "DriftedColumnsCount", {"value_type": "share"}),
                     ("Embedding drift score", "EmbeddingsDrift", {}))
 
 

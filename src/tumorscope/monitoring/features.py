@@ -11,6 +11,7 @@ again.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -19,6 +20,9 @@ import pandas as pd
 IMAGE_FEATURES = ("mean", "std", "p1", "p50", "p99", "contrast", "sharpness", "noise", "height", "width", "bit_depth")
 PREDICTION_FEATURES = ("predicted_class", "confidence")
 EMBEDDING_PREFIX = "emb_"
+
+# The random projection that summarises the penultimate layer (the service logs it per request).
+EMBEDDING_SEED = 20261125
 
 # Bits per sample of a decoded source, by Pillow mode; a DICOM's stored values (12-16 bits in CT)
 # count as 16.
@@ -97,11 +101,39 @@ def feature_frame(images: np.ndarray, original_shapes: np.ndarray, source_modes:
     return pd.concat([frame[list(IMAGE_FEATURES)], prediction_frame(probabilities, classes, embeddings)], axis=1)
 
 
+def embedding_projection(width: int, dims: int, seed: int = EMBEDDING_SEED) -> np.ndarray:
+    """A fixed (width, dims) Gaussian random projection scaled by 1/sqrt(dims).
+
+    Random projection roughly keeps distances between feature vectors (Johnson-Lindenstrauss), which
+    is what a drift check on embeddings compares; unlike PCA it needs no fitted state, and unlike
+    keeping the first ``dims`` units it sees every unit. Same width and seed, same matrix."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, width, dims]))
+    return (rng.standard_normal((width, dims)) / math.sqrt(dims)).astype(np.float32)
+
+
+def summarize_embedding(features: np.ndarray, dims: int) -> np.ndarray:
+    """(N, width) penultimate-layer features -> (N, dims) by ``embedding_projection``."""
+    features = np.asarray(features, dtype=np.float32).reshape(len(features), -1)
+    return features @ embedding_projection(features.shape[1], dims)
+
+
+def feature_model(model: Any) -> Any:
+    """A model with the classifier's two outputs of one forward pass: its probabilities and the
+    input of its final layer (the penultimate Dense layer's output in inference mode: for the
+    small CNN the Dense head, for the Applications the head after its dropout, an identity)."""
+    import keras
+
+    last = model.layers[-1]
+    try:
+        penultimate = last.input
+    except (AttributeError, ValueError) as err:
+        raise ValueError(f"cannot find the input of the final layer {last.name!r}: {err}") from None
+    return keras.Model(model.inputs, [model.outputs[0], penultimate], name=f"{model.name}_with_features")
+
+
 def model_outputs(model, images: np.ndarray, embedding_dims: int, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """(probabilities, embedding summaries) of (N, S, S, 1) uint8 images: one forward pass per
     batch through the classifier with its penultimate features (the service's computation)."""
-    from tumorscope.serving import feature_model, summarize_embedding
-
     with_features = feature_model(model)
     probabilities, embeddings = [], []
     for start in range(0, len(images), batch_size):

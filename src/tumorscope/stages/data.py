@@ -107,3 +107,14 @@ def run_preprocess(params: Params) -> str:
 def uses_phantom(params: Params) -> bool:
     """Whether data.source is the embedded phantom's folder (so the phantom stage must run)."""
     return Path(params.data.source).resolve() == Path(params.phantom.out_dir).resolve()
+
+
+def run_incoming(params: Params) -> str:
+    """A labelled batch of new phantom patients (monitor.phantom_batch), from the training phantom's
+    scanner or another one: the monitor stage's default current window."""
+    from tumorscope.data.phantom import generate_batch
+
+    cfg = params.monitor.phantom_batch
+    counts = generate_batch(cfg, params.phantom)
+    scanner = "the training phantom's scanner" if cfg.scanner == "same" else "another scanner (monitor.phantom_batch.other)"
+    return f"incoming: {sum(counts.values())} new phantom slices from {scanner} in {cfg.out_dir}: {counts}"

@@ -1,5 +1,4 @@
-"""Monitor (drift of a current window against the champion's reference) and incoming (a phantom
-batch of new patients, from the training scanner or another one).
+"""Monitor: drift of a current window against the champion's reference.
 
 The reference is the champion's own data version: the train and test slices of the cache it
 trained on, with its answers on them. It is computed once per champion version, kept in
@@ -23,15 +22,6 @@ from tumorscope.reports import write_json
 REFERENCE_ARTIFACT = "monitoring/reference.csv"
 NO_REFERENCE = "no_reference"
 METRIC_PREFIX = "monitor_"
-
-
-def run_incoming(params: Params) -> str:
-    from tumorscope.data.phantom import generate_batch
-
-    cfg = params.monitor.phantom_batch
-    counts = generate_batch(cfg, params.phantom)
-    scanner = "the training phantom's scanner" if cfg.scanner == "same" else "another scanner (monitor.phantom_batch.other)"
-    return f"incoming: {sum(counts.values())} new phantom slices from {scanner} in {cfg.out_dir}: {counts}"
 
 
 def reference_path(params: Params, version_label: str) -> Path:

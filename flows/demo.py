@@ -1,0 +1,217 @@
+"""`make demo`: the story on the default phantom, with every component real and started here.
+
+After `dvc repro` (make demo runs it first; a no-op when the workspace is up to date) the champion
+is served by BentoML, new patients from the training scanner are classified (the inference log
+records them) and judged "no drift"; then a batch from another scanner arrives and is judged
+"drift". The monitoring flow, on a Prefect server started here, alerts and starts the training
+deployment on the new batch; the promotion gates decide, and the service reloads whatever is
+champion afterwards. Everything the demo writes, except the MLflow registry (the gates decide in
+the real one, so a promoted model stays champion: `tumorscope rollback` undoes it), is under
+.demo/; everything it started is stopped at the end, also on Ctrl-C or an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+DEMO = Path(".demo")
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def say(text: str) -> None:
+    print(f"\n== {text}", flush=True)
+
+
+def wait_http(url: str, process: subprocess.Popen, seconds: float, what: str, log: Path) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"demo: {what} exited ({process.returncode}); see {log}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(1)
+    raise SystemExit(f"demo: {what} not ready after {seconds:.0f} s; see {log}")
+
+
+def start(command: list[str], log: Path, env: dict, cwd: Path | None = None) -> subprocess.Popen:
+    with log.open("wb") as out:  # its own session: stopped with every worker process it started
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
+
+def classify_folder(url: str, folder: Path, batch: int = 32) -> dict[str, int]:
+    """POST every slice of ``folder`` to /classify_batch; returns predicted-class counts."""
+    import httpx
+
+    files = sorted(folder.rglob("*.png"))
+    counts: dict[str, int] = {}
+    with httpx.Client(base_url=url, timeout=120) as client:
+        for start_at in range(0, len(files), batch):
+            chunk = files[start_at:start_at + batch]
+            response = client.post("/classify_batch", files=[("files", (p.name, p.read_bytes(), "image/png")) for p in chunk])
+            response.raise_for_status()
+            for item in response.json()["results"]:
+                counts[item["class"]] = counts.get(item["class"], 0) + 1
+    return counts
+
+
+def wait_for_log(path: Path, lines: int, seconds: float = 30.0) -> None:
+    """The service writes its log from a background thread: wait until the answers are on disk."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if path.is_file() and sum(1 for _ in path.open("rb")) >= lines:
+            return
+        time.sleep(0.5)
+    raise SystemExit(f"demo: {path} has fewer than {lines} lines after {seconds:.0f} s")
+
+
+def demo_params(root: Path, n_shifted: int) -> dict:
+    """params.yaml with the demo's log, window and retraining settings; paths under .demo/ except the
+    MLflow store, which is the project's own (the gates decide against its champion)."""
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    store = params["mlflow"]
+    if store["tracking_uri"].startswith("sqlite:///") and not store["tracking_uri"].startswith("sqlite:////"):
+        store["tracking_uri"] = f"sqlite:///{(Path.cwd() / store['tracking_uri'].removeprefix('sqlite:///')).resolve()}"
+    store["artifact_root"] = str(Path(store["artifact_root"]).resolve())
+    params["serve"]["inference_log"] = str(root / "inference.jsonl")
+    params["monitor"] |= {"current": str(root / "inference.jsonl"), "window": n_shifted,
+                          "summary_path": str(root / "monitoring.json"), "report_dir": str(root / "report"),
+                          "retrain": {"deployment": "tumorscope-train/retrain", "data_source": None,
+                                      "wait_seconds": 1800}}
+    return params
+
+
+def retrain_params(params: dict, shifted: Path) -> dict:
+    """The retraining run's params: the new batch as data, a short budget (a demo, not a study),
+    every output under .demo/retrain."""
+    changed = json.loads(json.dumps(params))
+    changed["data"]["source"] = str(shifted.resolve())
+    changed["validate"]["min_images_per_class"] = 5
+    changed["tune"] |= {"n_trials": 2, "trial_epochs": 8, "storage": "sqlite:///optuna.db"}
+    changed["train"] |= {"epochs": 30}
+    return changed
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--same", type=int, default=120, help="new patients from the training scanner")
+    args = parser.parse_args(argv)
+    from tumorscope.config import load_params, parse_params
+    from tumorscope.data.phantom import generate_batch
+
+    if DEMO.exists():
+        shutil.rmtree(DEMO)
+    (DEMO / "retrain").mkdir(parents=True)
+    base = load_params("params.yaml")
+    shifted = Path(base.monitor.phantom_batch.out_dir)
+    if not shifted.is_dir():
+        raise SystemExit(f"demo: {shifted} not found: run dvc repro first (make demo does)")
+    same_batch = base.monitor.phantom_batch.model_copy(update={"scanner": "same", "out_dir": str(DEMO / "same"),
+                                                              "n_images": args.same, "seed": 7})
+    generate_batch(same_batch, base.phantom)
+    n_shifted = sum(1 for _ in shifted.rglob("*.png"))
+    params = demo_params(DEMO, n_shifted)
+    params_path = DEMO / "params.yaml"
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    (DEMO / "retrain" / "params.yaml").write_text(yaml.safe_dump(retrain_params(params, shifted), sort_keys=False))
+    shutil.copytree("expectations", DEMO / "retrain" / "expectations")
+    parse_params(params)
+    env = os.environ | {"TUMORSCOPE_PARAMS": str(params_path.resolve()), "PYTHONUNBUFFERED": "1",
+                        "PREFECT_HOME": str((DEMO / "prefect").resolve()), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                        "PYTHONPATH": str(Path.cwd())}
+    started: list[subprocess.Popen] = []
+    try:
+        say("1. the champion served by BentoML")
+        port = free_port()
+        service_log = DEMO / "service.log"
+        started.append(start([str(BIN / "bentoml"), "serve", "serving.service:TumorScope", "--host", "127.0.0.1",
+                              "--port", str(port)], service_log, env))
+        url = f"http://127.0.0.1:{port}"
+        wait_http(f"{url}/readyz", started[-1], 300, "the Bento service", service_log)
+        with urllib.request.urlopen(f"{url}/metadata", timeout=10) as response:
+            print(f"serving {json.load(response).get('model_version')} at {url} (clinician page {url}/ui/)")
+
+        say(f"2. {args.same} new patients from the training scanner -> /classify_batch -> inference log")
+        print(classify_folder(url, DEMO / "same"))
+        wait_for_log(DEMO / "inference.jsonl", args.same)
+        from tumorscope.stages.monitoring import run_monitor
+
+        demo = load_params(params_path)
+        print(run_monitor(demo.model_copy(update={"monitor": demo.monitor.model_copy(update={"window": args.same})}))[0])
+
+        say(f"3. {n_shifted} slices from another scanner ({shifted}) -> /classify_batch")
+        print(classify_folder(url, shifted))
+        wait_for_log(DEMO / "inference.jsonl", args.same + n_shifted)
+
+        say("4. the monitoring flow on a Prefect server: drift -> alert -> retraining -> promotion gates")
+        prefect_port = free_port()
+        env["PREFECT_API_URL"] = f"http://127.0.0.1:{prefect_port}/api"
+        os.environ.update({k: env[k] for k in ("PREFECT_API_URL", "PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED")})
+        prefect_log = DEMO / "prefect-server.log"
+        started.append(start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
+                             prefect_log, env))
+        wait_http(f"http://127.0.0.1:{prefect_port}/api/health", started[-1], 180, "the Prefect server", prefect_log)
+        runner_log = DEMO / "retrain-runner.log"
+        started.append(start([sys.executable, "-c", "from flows.training import training_flow; "
+                              "training_flow.serve(name='retrain')"], runner_log, env, cwd=DEMO / "retrain"))
+        from flows.monitoring import monitoring_flow
+
+        result = monitoring_flow(params_path=str(params_path))
+        print(result["line"])
+        retraining = result.get("retraining") or {}
+        print(f"retraining: flow run {retraining.get('flow_run_name')} on {retraining.get('parameters')}: "
+              f"{retraining.get('state')}")
+        decision = retraining.get("promotion") or {}
+        print(decision.get("line", f"no promotion decision ({retraining.get('note', 'see ' + str(runner_log))})"))
+
+        say("5. the service follows the champion alias")
+        request = urllib.request.Request(f"{url}/reload", data=b"{}", headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as response:
+            print(json.load(response))
+    finally:
+        for process in reversed(started):
+            stop(process)
+    say("where to look")
+    print(f"""  drift report       {DEMO / 'report' / 'drift.html'} (open in a browser); verdict {DEMO / 'monitoring.json'}
+  Evidently history  make evidently-ui        -> http://127.0.0.1:8000
+  MLflow             make mlflow-ui           -> http://127.0.0.1:5000 (registry: {base.promote.registered_model})
+  Prefect runs       PREFECT_HOME=$PWD/.demo/prefect uv run prefect server start -> http://127.0.0.1:4200
+  the service        make serve               -> http://127.0.0.1:3000/ui/
+  undo a promotion   uv run tumorscope rollback --reason "demo"
+Everything the demo started has been stopped.""")
+
+
+if __name__ == "__main__":
+    main()
