@@ -160,8 +160,10 @@ def main(argv: list[str] | None = None) -> None:
                               "--port", str(port)], service_log, env))
         url = f"http://127.0.0.1:{port}"
         wait_http(f"{url}/readyz", started[-1], 300, "the Bento service", service_log)
-        with urllib.request.urlopen(f"{url}/metadata", timeout=10) as response:
-            print(f"serving {json.load(response).get('model_version')} at {url} (clinician page {url}/ui/)")
+        import httpx
+
+        served = httpx.post(f"{url}/metadata", json={}, timeout=30).json()
+        print(f"serving {served.get('model_version')} at {url} (clinician page {url}/ui/)")
 
         say(f"2. {args.same} new patients from the training scanner -> /classify_batch -> inference log")
         print(classify_folder(url, DEMO / "same"))
@@ -197,10 +199,12 @@ def main(argv: list[str] | None = None) -> None:
         print(decision.get("line", f"no promotion decision ({retraining.get('note', 'see ' + str(runner_log))})"))
 
         say("5. the service follows the champion alias")
-        request = urllib.request.Request(f"{url}/reload", data=b"{}", headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=120) as response:
-            print(json.load(response))
+        print(httpx.post(f"{url}/reload", json={}, timeout=120).json())
     finally:
+        if "prefect" in sys.modules:  # send the flow run's last log lines before its server stops
+            from prefect.logging.handlers import APILogHandler
+
+            APILogHandler.flush()
         for process in reversed(started):
             stop(process)
     say("where to look")
