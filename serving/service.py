@@ -253,7 +253,18 @@ class TumorScope:
         region = region_of_interest(heat, pixel_spacing_mm=prepared.pixel_spacing_mm, original_shape=prepared.original_shape)
         result = serving.classify_result(answer["probabilities"], classes, PARAMS.evaluate.critical_class,
                                          SERVE.alert_threshold)
-        return {"request_id": uuid.uuid4().hex, "model_version": answer["model_version"], **result,
+        request_id = uuid.uuid4().hex
+        # The clinician page explains without classifying first: log the slice like a classification
+        # (its embedding from the same model version), so monitoring sees the page's traffic; a slice
+        # classified and then explained is one slice to monitoring (it dedupes by SHA-256).
+        try:
+            logged = (await self._call(self.model.to_async.predict, prepared.pixels[np.newaxis]))[0]
+            if logged["model_version"] == answer["model_version"]:
+                self.log.submit(serving.inference_record("explain", serving.classify_response(
+                    logged, prepared, classes, PARAMS.evaluate.critical_class, SERVE.alert_threshold, request_id), data))
+        except ModelUnavailable:  # unloaded meanwhile: the explanation is still answered
+            pass
+        return {"request_id": request_id, "model_version": answer["model_version"], **result,
                 "explained_class": classes[answer["class_index"]], "region": region,
                 "heatmap_shape": list(heat.shape), "overlay_shape": list(shown.shape),
                 "overlay_png_base64": base64.b64encode(png).decode("ascii"),

@@ -203,6 +203,14 @@ def test_every_classification_is_in_the_inference_log(served, client):
             "sha256"} <= set(record)
     assert name not in json.dumps(record)  # file names are never logged
     assert client.post("/health").json()["inference_log"]["written"] >= 3
+    # The clinician page only explains: its slices are logged too, with the same fields.
+    explained = client.post("/explain", files={"file": (name, data, "image/jpeg")}).json()["request_id"]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and explained not in logged:
+        logged = {line["request_id"]: line for line in map(json.loads, served.inference_log.read_text().splitlines())}
+        time.sleep(0.1)
+    assert logged[explained]["endpoint"] == "explain" and set(record) == set(logged[explained])
+    assert logged[explained]["sha256"] == record["sha256"]  # one file: monitoring counts it once
 
 
 def test_concurrent_single_requests_share_batches(served, client):

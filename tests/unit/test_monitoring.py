@@ -49,7 +49,7 @@ def _log_record(version: str, rng, shift: float = 0.0, dims: int = 4) -> dict:
     image = {name: float(rng.normal(100 + shift, 5)) for name in features.IMAGE_FEATURES}
     return {"timestamp": "t", "endpoint": "classify", "request_id": "r", "model_version": version,
             "predicted_class": "Cyst", "probabilities": {"Cyst": 0.7, "Tumor": 0.3}, "alert": False, "image": image,
-            "embedding": rng.normal(0, 1, dims).tolist(), "sha256": "0" * 64}
+            "embedding": rng.normal(0, 1, dims).tolist(), "sha256": rng.bytes(32).hex()}
 
 
 def test_log_window_counts_every_line_it_leaves_out_and_keeps_reading(tmp_path):
@@ -71,6 +71,17 @@ def test_log_window_counts_every_line_it_leaves_out_and_keeps_reading(tmp_path):
     assert any(":3: corrupt line (not JSON)" in e for e in window.examples)
     assert list(window.frame.columns[-4:]) == ["emb_0", "emb_1", "emb_2", "emb_3"]
     assert window.frame["confidence"].eq(0.7).all()
+
+
+def test_a_file_sent_twice_is_one_slice_of_the_window(tmp_path):
+    rng = np.random.default_rng(6)
+    records = [_log_record("m/1", rng) | {"sha256": f"{i:064x}"} for i in range(4)]
+    explained = records[1] | {"endpoint": "explain"}  # classified, then explained
+    log = tmp_path / "inference.jsonl"
+    log.write_text("\n".join(json.dumps(r) for r in [*records, explained]) + "\n")
+    window = windows.read_log_window(log, "m/1", size=10, embedding_dims=4)
+    assert len(window.frame) == 4
+    assert window.left_out == {"repeat of a file already in the window (same SHA-256)": 1}
 
 
 def test_a_missing_log_is_an_empty_window_not_an_error(tmp_path):

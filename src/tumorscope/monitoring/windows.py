@@ -63,11 +63,27 @@ def _log_row(record: dict) -> dict[str, Any]:
     return row
 
 
+def _without_repeats(records, window: Window) -> deque[dict]:
+    """The window with each uploaded file once (its newest record): a slice classified and then
+    explained, or sent twice, is one slice of the population monitoring compares."""
+    seen: set[str] = set()
+    kept: deque[dict] = deque()
+    for record in reversed(records):
+        digest = record.get("sha256")
+        if isinstance(digest, str) and digest in seen:
+            window.left_out["repeat of a file already in the window (same SHA-256)"] += 1
+            continue
+        if isinstance(digest, str):
+            seen.add(digest)
+        kept.appendleft(record)
+    return kept
+
+
 def read_log_window(path: str | Path, model_version: str, size: int, embedding_dims: int) -> Window:
     """The newest ``size`` rows of the inference log written by ``model_version`` (e.g.
     ``tumorscope-kidney-ct/3``). A corrupt line (a crash mid-write, an edit by hand), a row of another
-    model version or one older than the window is counted, not read into the window; the rest of the
-    log is still read. A log not written yet is an empty window."""
+    model version, one older than the window or a repeat of a file already in it is counted, not read
+    into the window; the rest of the log is still read. A log not written yet is an empty window."""
     path = Path(path)
     window = Window(pd.DataFrame(), f"inference log {path}")
     if not path.exists():
@@ -96,6 +112,7 @@ def read_log_window(path: str | Path, model_version: str, size: int, embedding_d
             newest.append(record)
     if kept > len(newest):
         window.left_out[f"older than the window of {size} rows"] = kept - len(newest)
+    newest = _without_repeats(newest, window)
     columns = [*IMAGE_FEATURES, "predicted_class", "confidence", *embedding_columns(embedding_dims)]
     window.frame = pd.DataFrame([_log_row(r) for r in newest], columns=columns)
     return window
