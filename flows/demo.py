@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
         if "prefect" in sys.modules:  # send the flow run's last log lines before its server stops
             from prefect.logging.handlers import APILogHandler
 
-            APILogHandler.flush()
+            APILogHandler().flush()
         for process in reversed(started):
             stop(process)
     say("where to look")

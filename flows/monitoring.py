@@ -128,23 +128,26 @@ def trigger_retraining(params_path: str, current: str) -> dict:
 
 @flow(name=FLOW_NAME, log_prints=True)
 def monitoring_flow(params_path: str = "params.yaml", current: str | None = None, retrain: bool = True) -> dict:
-    """Drift of ``current`` (default monitor.current) vs the champion's reference; on drift: alert and,
-    when ``retrain`` and monitor.retrain.deployment are set, start retraining (gated promotion)."""
+    """Drift of ``current`` (default: the service's inference log, serve.inference_log) vs the
+    champion's reference; on drift: alert and, when ``retrain`` and monitor.retrain.deployment are
+    set, start retraining (gated promotion)."""
     params = load_params(params_path)
-    current = current or params.monitor.current
+    current = current or params.serve.inference_log
     checked = check_drift(params_path, current)
     summary = checked["summary"]
     result: dict = {"line": checked["line"], "status": summary["status"], "drift": summary.get("drift"),
-                    "summary_path": params.monitor.summary_path}
+                    "summary_path": summary.get("written_to")}
     if summary.get("drift"):
         if retrain and params.monitor.retrain.deployment:
             result["retraining"] = trigger_retraining(params_path, current)
         result["alert"] = send_alert(params_path, checked["line"], summary, result.get("retraining"))
-    create_markdown_artifact(f"{checked['line']}\n\nReport: `{params.monitor.report_dir}/drift.html`"
+    create_markdown_artifact(f"{checked['line']}\n\nSummary: `{summary.get('written_to')}`"
                              + (f"\n\nRetraining: `{result['retraining']}`" if "retraining" in result else ""),
                              key="tumorscope-drift", description="drift check of the champion")
     return result
 
 
-if __name__ == "__main__":
-    print(json.dumps(monitoring_flow(), indent=2, default=str))
+if __name__ == "__main__":  # python -m flows.monitoring [CURRENT]: one check now
+    import sys
+
+    print(json.dumps(monitoring_flow(current=sys.argv[1] if len(sys.argv) > 1 else None), indent=2, default=str))

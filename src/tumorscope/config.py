@@ -408,6 +408,7 @@ class MonitorConfig(_Section):
     embedding_threshold: float | None = None
     summary_path: str = "reports/monitoring.json"
     report_dir: str = "reports/monitoring"
+    checks_dir: str = "monitoring/checks"        # summaries and reports of other windows (the flow, --current)
     reference_dir: str = "monitoring/reference"   # reference features per champion version
     workspace: str = "monitoring/workspace"       # Evidently workspace: evidently ui --workspace monitoring/workspace
     project: str = "tumorscope"

@@ -23,13 +23,13 @@ def served(request, prepared_project, tmp_path_factory):
     return bento_server.shared_server(request, prepared_project, tmp_path_factory)
 
 
-def browser():
+def browser(window_size: str = "1100,820"):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
-    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1100,820"):
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", f"--window-size={window_size}"):
         options.add_argument(argument)
     # An explicit driver path: Selenium Manager would otherwise try to download one.
     return webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from test_clinician_page import CHROMEDRIVER, CHROMIUM, needs_chromium
+from test_clinician_page import browser, needs_chromium
 from test_prefect_deployment import free_port, stop
 
 from conftest import REPO
@@ -88,18 +88,6 @@ def _wait_until_served(url: str, server: subprocess.Popen, log: Path, seconds: f
     raise AssertionError(f"evidently ui did not answer {url} in {seconds:g} s: {log.read_text()[-3000:]}")
 
 
-def _browser():
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1400,1320"):
-        options.add_argument(argument)
-    # An explicit driver path: Selenium Manager would otherwise try to download one.
-    return webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-
-
 # Per dashboard card: its title and how many points its line chart plots.
 PLOTTED = """return [...document.querySelectorAll('.MuiCard-root')].map(card => [
     card.querySelector('h5') ? card.querySelector('h5').textContent : '',
@@ -145,7 +133,7 @@ def test_the_evidently_ui_plots_the_drift_history_of_the_workspace(tmp_path):
                 assert None not in values and len(values) == len(WINDOWS), (panel["title"], values)
                 assert max(values[:2]) < min(values[2:]) and values[3] >= values[2], (panel["title"], values)
 
-            driver = _browser()
+            driver = browser("1400,1320")
             driver.get(f"{url}/projects/{project_id}")
             wait = WebDriverWait(driver, 45)
             wait.until(lambda d: {t for t, n in d.execute_script(PLOTTED) if n >= len(WINDOWS)} >= set(PANEL_TITLES))

@@ -93,11 +93,15 @@ def test_same_scanner_passes_other_scanner_drifts_with_report_history_and_mlflow
     params = load_params("params.yaml")
     line, same = monitoring.run_monitor(params, "data/same")
     assert same["status"] == "no_drift", line
+    # Another window than monitor.current: its own folder, the DVC stage's outputs untouched.
+    assert Path(same["written_to"]).parent.parent == Path(params.monitor.checks_dir)
+    assert not Path(params.monitor.summary_path).exists()
     assert same["reference"].startswith("computed from") and same["n_current"] == 120
     stored = monitoring.reference_path(params, same["model_version"])
     assert stored.is_file()
     line, other = monitoring.run_monitor(params)
     assert other["status"] == "drift" and line.startswith("monitor: DRIFT in folder data/incoming"), line
+    assert other["written_to"] == params.monitor.summary_path and line.endswith(f"report {other['report_html']}")
     assert other["reference"] == str(stored)  # computed once per champion version
     assert {"noise", "width", "height"} <= set(other["drifted_features"])
     summary = json.loads(Path(params.monitor.summary_path).read_text())
@@ -199,7 +203,7 @@ def test_closed_loop_drift_alerts_and_retrains_and_the_gates_decide(champion_pro
         runner = subprocess.Popen([sys.executable, "-c", "from flows.training import training_flow; "
                                    "training_flow.serve(name='retrain')"], cwd=champion_project, env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        checked = subprocess.run([sys.executable, "-m", "flows.monitoring"], cwd=champion_project, env=env,
+        checked = subprocess.run([sys.executable, "-m", "flows.monitoring", "data/incoming"], cwd=champion_project, env=env,
                                  capture_output=True, text=True, timeout=900)
         assert checked.returncode == 0, checked.stdout[-3000:] + checked.stderr[-3000:]
         result = json.loads(checked.stdout[checked.stdout.index("{\n"):])

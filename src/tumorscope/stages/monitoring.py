@@ -146,9 +146,23 @@ def summary_line(summary: dict) -> str:
     return f"monitor: {verdict} in {where} {counts}: {summary['reason']}{left_text}"
 
 
+def output_paths(params: Params, current: str) -> tuple[Path, Path]:
+    """(summary file, report folder). The DVC stage's window (monitor.current) writes the stage's
+    declared outputs; any other window (the flow on the inference log, an ad hoc --current) writes
+    a folder of its own under monitor.checks_dir, so the stage's outputs stay what DVC recorded."""
+    from datetime import UTC, datetime
+
+    cfg = params.monitor
+    if Path(current) == Path(cfg.current):
+        return Path(cfg.summary_path), Path(cfg.report_dir)
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(current).name or "window").strip("-")[:60]
+    folder = Path(cfg.checks_dir) / f"{datetime.now(UTC):%Y%m%dT%H%M%S%f}-{slug}"
+    return folder / "summary.json", folder
+
+
 def run_monitor(params: Params, current: str | None = None) -> tuple[str, dict[str, Any]]:
     """Compare the current window (``current`` or monitor.current) with the champion's reference;
-    write monitor.summary_path (and monitor.report_dir/drift.html, drift.json when a report was computed),
+    write the summary (and drift.html, drift.json when a report was computed; see ``output_paths``),
     keep the report in the Evidently workspace and log the scores to the champion's run. Returns
     (one line, the summary). No champion or no reference is a "no verdict" outcome, not an error."""
     import os
@@ -161,8 +175,7 @@ def run_monitor(params: Params, current: str | None = None) -> tuple[str, dict[s
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     cfg = params.monitor
     current = current or cfg.current
-    out = Path(cfg.report_dir)
-    summary_path = Path(cfg.summary_path)
+    summary_path, out = output_paths(params, current)
     out.mkdir(parents=True, exist_ok=True)  # the stage's declared output (empty without a report)
     for stale in (out / "drift.html", out / "drift.json"):
         stale.unlink(missing_ok=True)  # never leave an earlier window's report beside this summary
@@ -174,7 +187,7 @@ def run_monitor(params: Params, current: str | None = None) -> tuple[str, dict[s
     except UserError as err:
         summary = {"status": NO_REFERENCE, "drift": None, "reason": str(err), "current": current}
         write_json(summary_path, summary)
-        return summary_line(summary), summary
+        return summary_line(summary), summary | {"written_to": str(summary_path)}
     window = current_window(params, champion, current)
     settings = DriftSettings(drift_share=cfg.drift_share, min_window=cfg.min_window, method=cfg.method,
                              threshold=cfg.threshold, embedding_method=cfg.embedding_method,
@@ -191,4 +204,6 @@ def run_monitor(params: Params, current: str | None = None) -> tuple[str, dict[s
         add_to_workspace(result.snapshot, cfg.workspace, cfg.project, f"{champion.version} vs {window.source}")
     if champion.source.get("run_id"):
         _log_to_champion(client, champion.source["run_id"], summary, written)
-    return summary_line(summary), summary
+    report = out / "drift.html" if result.snapshot is not None else None
+    line = summary_line(summary) + (f"; report {report}" if report else "")
+    return line, summary | {"written_to": str(summary_path), "report_html": str(report) if report else None}
