@@ -24,9 +24,12 @@ NO_REFERENCE = "no_reference"
 METRIC_PREFIX = "monitor_"
 
 
-def reference_path(params: Params, version_label: str) -> Path:
-    safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", version_label)
-    return Path(params.monitor.reference_dir) / f"{safe}-emb{params.serve.embedding_dims}" / Path(REFERENCE_ARTIFACT).name
+def reference_path(params: Params, champion) -> Path:
+    """Where the reference of ``champion`` is kept: named by its version and its run (a registry
+    rebuilt from scratch reuses version numbers, never run ids) and the embedding size."""
+    run = str(champion.source.get("run_id") or "norun")[:12]
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{champion.version}-{run}-emb{params.serve.embedding_dims}")
+    return Path(params.monitor.reference_dir) / safe / Path(REFERENCE_ARTIFACT).name
 
 
 def _reference_from_cache(params: Params, champion) -> pd.DataFrame:
@@ -55,7 +58,7 @@ def reference_window(params: Params, champion, client) -> tuple[pd.DataFrame, st
     from tumorscope import tracking
     from tumorscope.inference import input_spec, same_pixels
 
-    path = reference_path(params, champion.version)
+    path = reference_path(params, champion)
     if path.is_file():
         return pd.read_csv(path), f"{path}"
     run_id = champion.source.get("run_id")
