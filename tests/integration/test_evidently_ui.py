@@ -36,7 +36,7 @@ WINDOWS = [(0.0, ()), (0.0, ()), (0.5, features.IMAGE_FEATURES[:3]), (1.5, featu
 
 
 def _window(n: int, rng, shift: float = 0.0, shifted: tuple[str, ...] = ()) -> pd.DataFrame:
-    """A feature frame as the inference log gives it (columns as in tests/unit/test_monitoring.py)."""
+    """A feature frame as the inference log gives it (columns as in tests/unit/test_monitoring_core.py)."""
     rows = {name: rng.normal(100 + (shift * 10 if name in shifted else 0.0), 10, n) for name in features.IMAGE_FEATURES}
     rows |= {"height": np.full(n, 512.0), "width": np.full(n, 512.0), "bit_depth": np.full(n, 8.0)}
     rows["predicted_class"] = rng.choice(["Cyst", "Normal", "Tumor"], n, p=[0.3, 0.5, 0.2])
