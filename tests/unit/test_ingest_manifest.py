@@ -3,14 +3,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import textured_slice, write_png
+from helpers.images import textured_slice, write_png
 from tumorscope.config import DataConfig, WindowConfig
-from tumorscope.data.ingest import find_class_root, ingest
+from tumorscope.data.ingest import add_batch, find_class_root, ingest
 from tumorscope.data.manifest import build_manifest, check_every_class_readable, quarantine_table
 from tumorscope.errors import UserError
 
 
 def _ingest(source: Path, tmp_path: Path, **kwargs):
+    kwargs.setdefault("added_dir", str(tmp_path / "added"))
     return ingest(DataConfig(source=str(source), raw_dir=str(tmp_path / "raw"), **kwargs))
 
 
@@ -79,3 +80,53 @@ def test_class_with_only_corrupt_files_is_an_error(tmp_path, class_folders):
     manifest = build_manifest(tmp_path / "raw", WindowConfig())
     with pytest.raises(UserError, match="class 'Stone' has no readable image: all 3 file"):
         check_every_class_readable(manifest)
+
+
+def _batch(root: Path, counts: dict[str, int], seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    for label, n in counts.items():
+        for i in range(n):
+            write_png(root / label / f"{label}- ({i}).png", textured_slice(rng))
+    return root
+
+
+def test_added_batches_are_ingested_beside_the_unchanged_source(tmp_path, class_folders):
+    before = _ingest(class_folders, tmp_path)
+    old_paths = sorted(p.relative_to(tmp_path / "raw") for p in (tmp_path / "raw").rglob("*.png"))
+    batch = add_batch(_batch(tmp_path / "new" / "scanner-b", {"Tumor": 3, "Normal": 2}, 1), tmp_path / "added")
+    assert batch.parent == tmp_path / "added" and batch.name.startswith("scanner-b-")
+    report = _ingest(class_folders, tmp_path)
+    assert report.added_batches == {batch.name: {"Normal": 2, "Tumor": 3}}
+    assert report.files_per_label == {"Cyst": 12, "Normal": 14, "Tumor": 15}
+    assert sum(report.files_per_label.values()) == sum(before.files_per_label.values()) + 5
+    now = sorted(p.relative_to(tmp_path / "raw") for p in (tmp_path / "raw").rglob("*.png"))
+    assert set(old_paths) <= set(now)  # old + new: every old file where it was
+    assert sorted(p.parent for p in set(now) - set(old_paths)) == (
+        [Path("Normal", "added", batch.name)] * 2 + [Path("Tumor", "added", batch.name)] * 3)
+
+
+def test_the_same_batch_twice_is_one_batch_and_a_folder_without_classes_copies_nothing(tmp_path):
+    folder = _batch(tmp_path / "incoming", {"Cyst": 2}, 2)
+    first = add_batch(folder, tmp_path / "added")
+    assert add_batch(folder, tmp_path / "added") == first
+    write_png(folder / "Cyst" / "another.png", textured_slice(np.random.default_rng(9)))
+    assert add_batch(folder, tmp_path / "added") != first  # new content: a new batch
+    flat = tmp_path / "flat"
+    write_png(flat / "slice.png", textured_slice(np.random.default_rng(3)))
+    with pytest.raises(UserError, match="no class folders"):
+        add_batch(flat, tmp_path / "added")
+    with pytest.raises(UserError, match="labelled batch not found"):
+        add_batch(tmp_path / "missing", tmp_path / "added")
+    assert len(list((tmp_path / "added").iterdir())) == 2
+
+
+def test_a_batch_with_an_unmapped_class_or_a_colliding_path_is_one_line(tmp_path, class_folders):
+    _batch(tmp_path / "added" / "b1", {"Melanoma": 2}, 4)
+    with pytest.raises(UserError, match=r"class folder\(s\) \['Melanoma'\] are not in data.class_map"):
+        _ingest(class_folders, tmp_path, class_map={"Tumor": "Tumor", "Normal": "Normal"})
+    with pytest.raises(UserError, match=r"added batch .*b1 has class\(es\) \['Melanoma'\] that data.source does not have"):
+        _ingest(class_folders, tmp_path)
+    (tmp_path / "added" / "b1" / "Melanoma").rename(tmp_path / "added" / "b1" / "Tumor")
+    write_png(class_folders / "Tumor" / "added" / "b1" / "Melanoma- (0).png", textured_slice(np.random.default_rng(5)))
+    with pytest.raises(UserError, match="would both be ingested as Tumor/added/b1/Melanoma- \\(0\\).png"):
+        _ingest(class_folders, tmp_path)

@@ -5,6 +5,11 @@ folder of the same name around the class folders, plus ``kidneyData.csv``), or a
 sub-folders are classes. Every file inside a class folder is copied, images or not: deciding what
 is readable is the manifest's job, so nothing is dropped here without a trace.
 
+Labelled batches added later (new scans, a drift window a team has labelled) live in
+``data.added_dir``, one class-per-folder sub-folder per batch; each is copied into
+``raw_dir/<label>/added/<batch>/...`` beside the source's files, whose paths do not change: the
+next data version is old + new, never new instead of old.
+
 ``raw_dir`` is a generated copy, rebuilt whole on every run. Two rules keep that from ever costing
 source data: the source may not be, contain or sit inside any pipeline output folder (checked
 before anything is touched), and the new copy is built in a sibling work folder that replaces the
@@ -43,6 +48,7 @@ class IngestReport:
     excluded_folders: list[str] = field(default_factory=list)
     skipped_hidden_files: list[str] = field(default_factory=list)
     metadata_files: list[str] = field(default_factory=list)
+    added_batches: dict[str, dict[str, int]] = field(default_factory=dict)  # batch -> label -> files
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -62,15 +68,23 @@ def find_class_root(source: Path, image_extensions: list[str]) -> Path:
         return current
 
 
-def resolve_class_folders(class_root: Path, class_map: dict[str, str | None]) -> tuple[dict[str, list[Path]], list[str]]:
-    """Return ({label: [class folders]}, excluded folder names) after applying the class map."""
+def resolve_class_folders(class_root: Path, class_map: dict[str, str | None],
+                          partial: bool = False) -> tuple[dict[str, list[Path]], list[str]]:
+    """Return ({label: [class folders]}, excluded folder names) after applying the class map.
+    ``partial``: an added batch may hold only some of the mapped class folders."""
     folders = {d.name: d for d in sorted(class_root.iterdir()) if d.is_dir() and not _is_hidden(d)}
     if not folders:
         raise UserError(f"no class folders found in {class_root} (expected one sub-folder per class)")
     if not class_map:
         return {name: [path] for name, path in folders.items()}, []
     unknown = sorted(set(class_map) - set(folders))
-    if unknown:
+    if partial:
+        class_map = {name: label for name, label in class_map.items() if name in folders}
+        unmapped = sorted(set(folders) - set(class_map))
+        if unmapped:
+            raise UserError(f"{class_root}: class folder(s) {unmapped} are not in data.class_map "
+                            f"(mapped: {sorted(class_map)})")
+    elif unknown:
         raise UserError(
             f"data.class_map names class folder(s) {unknown} that do not exist in {class_root} "
             f"(found: {sorted(folders)})"
@@ -120,7 +134,7 @@ def folder_relation(source: Path, output: Path) -> str | None:
     return None
 
 
-def check_source_apart(source: Path, outputs: dict[str, str]) -> None:
+def check_source_apart(source: Path, outputs: dict[str, str], key: str = "data.source") -> None:
     """Raise UserError if ``source`` is, contains or sits inside one of ``outputs``.
 
     ``outputs`` maps a params key (``data.raw_dir``, ``preprocess.cache_dir``, ...) to a folder the
@@ -128,16 +142,16 @@ def check_source_apart(source: Path, outputs: dict[str, str]) -> None:
     be a source. Paths are compared resolved (symlinks followed), so a link into raw_dir counts.
     """
     real_source = Path(source).expanduser().resolve()
-    for key, folder in outputs.items():
+    for output_key, folder in outputs.items():
         if not folder:  # an unset output folder overlaps nothing ("" would resolve to the cwd)
             continue
         relation = folder_relation(real_source, Path(folder).expanduser().resolve())
         if relation is None:
             continue
-        writer = "which ingest rebuilds" if key.startswith(RAW_DIR_KEY) else "which the pipeline writes"
+        writer = "which ingest rebuilds" if output_key.startswith(RAW_DIR_KEY) else "which the pipeline writes"
         raise UserError(
-            f"data.source ({source}) {relation} {key} ({folder}), {writer}: "
-            "point data.source at a folder outside the pipeline's outputs"
+            f"{key} ({source}) {relation} {output_key} ({folder}), {writer}: "
+            f"point {key} at a folder outside the pipeline's outputs"
         )
 
 
@@ -163,6 +177,45 @@ def _swap_in(new: Path, target: Path) -> None:
             old.rename(target)
         raise
     shutil.rmtree(old, ignore_errors=True)  # a leftover is removed by the next run
+
+
+ADDED = "added"  # raw_dir/<label>/added/<batch>/...: the files of data.added_dir's batches
+
+
+def added_batches(added_dir: Path | None) -> list[Path]:
+    """The batch folders of data.added_dir in name order (files beside them, e.g. its README, and
+    '_'/'.' folders are not batches); none when the folder is unset or absent."""
+    if added_dir is None or not added_dir.is_dir():
+        return []
+    return [d for d in sorted(added_dir.iterdir()) if d.is_dir() and not _is_hidden(d)]
+
+
+def _plan_label(plan: dict[str, list[tuple[Path, Path]]], label: str, folders: list[Path], under: Path) -> list[str]:
+    """Add the files of one label's class folders to ``plan`` (source -> path under raw_dir/label),
+    below ``under``; returns the hidden files left out."""
+    skipped = []
+    merged = len(folders) > 1
+    for folder in folders:
+        kept, hidden = _class_files(folder)
+        if not kept:
+            raise UserError(f"class folder is empty: {folder} (class '{label}')")
+        skipped += [str(p) for p in hidden]
+        # Merged folders keep their name as a sub-folder so equal file names cannot collide.
+        prefix = under / folder.name if merged else under
+        plan.setdefault(label, []).extend((p, prefix / p.relative_to(folder)) for p in kept)
+    return skipped
+
+
+def _refuse_collisions(plan: dict[str, list[tuple[Path, Path]]]) -> None:
+    """Two files meant for one raw path (a source class folder with its own 'added/<batch>'): say
+    which, rather than let one overwrite the other."""
+    for label, pairs in plan.items():
+        seen: dict[Path, Path] = {}
+        for src, rel in pairs:
+            if rel in seen:
+                raise UserError(f"{src} and {seen[rel]} would both be ingested as {label}/{rel.as_posix()}; "
+                                "rename one of them")
+            seen[rel] = src
 
 
 def _copy_into(work: Path, plan: dict[str, list[tuple[Path, Path]]], metadata: list[Path]) -> None:
@@ -202,6 +255,9 @@ def ingest(cfg: DataConfig, output_dirs: dict[str, str] | None = None) -> Ingest
     # Work on the real folder: if raw_dir is a link, the link stays and its target is rebuilt.
     real_raw = raw_dir.expanduser().resolve()
     work = real_raw.with_name(real_raw.name + WORK_SUFFIX)
+    added_dir = Path(cfg.added_dir).expanduser() if cfg.added_dir else None
+    if added_dir is not None:
+        check_source_apart(added_dir, {**(output_dirs or {}), RAW_DIR_KEY: cfg.raw_dir}, key="data.added_dir")
     check_source_apart(source, {
         **(output_dirs or {}),
         RAW_DIR_KEY: cfg.raw_dir,
@@ -218,17 +274,21 @@ def ingest(cfg: DataConfig, output_dirs: dict[str, str] | None = None) -> Ingest
     plan: dict[str, list[tuple[Path, Path]]] = {}
     report = IngestReport(source=str(source), class_root=str(class_root), excluded_folders=excluded)
     for label, folders in sorted(by_label.items()):
-        merged = len(folders) > 1
-        for folder in folders:
-            kept, hidden = _class_files(folder)
-            if not kept:
-                raise UserError(f"class folder is empty: {folder} (class '{label}')")
-            report.skipped_hidden_files += [str(p) for p in hidden]
-            # Merged folders keep their name as a sub-folder so equal file names cannot collide.
-            prefix = Path(folder.name) if merged else Path()
-            plan.setdefault(label, []).extend((p, prefix / p.relative_to(folder)) for p in kept)
-        report.files_per_label[label] = len(plan[label])
+        report.skipped_hidden_files += _plan_label(plan, label, folders, Path())
         report.folders_per_label[label] = [str(f) for f in folders]
+    for batch in added_batches(added_dir):
+        # The batch folder itself holds the class folders (one class alone is no wrapper folder).
+        batch_labels, _ = resolve_class_folders(batch, cfg.class_map, partial=True)
+        unknown = sorted(set(batch_labels) - set(by_label))
+        if unknown:  # a typo in a folder name must not become a new class
+            raise UserError(f"added batch {batch} has class(es) {unknown} that data.source does not have "
+                            f"(classes: {sorted(by_label)})")
+        counts = {label: len(plan.get(label, [])) for label in batch_labels}
+        for label, folders in sorted(batch_labels.items()):
+            report.skipped_hidden_files += _plan_label(plan, label, folders, Path(ADDED) / batch.name)
+        report.added_batches[batch.name] = {label: len(plan[label]) - counts[label] for label in sorted(batch_labels)}
+    report.files_per_label = {label: len(pairs) for label, pairs in sorted(plan.items())}
+    _refuse_collisions(plan)
     metadata = _metadata_files(source, class_root)
     report.metadata_files = [str(m) for m in metadata]
 
@@ -248,3 +308,39 @@ def ingest(cfg: DataConfig, output_dirs: dict[str, str] | None = None) -> Ingest
         raise
     _swap_in(work, real_raw)
     return report
+
+
+def _tree_digest(folder: Path) -> str:
+    """SHA-256 over the relative paths and bytes of every file under ``folder`` (sorted)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def batch_folder(folder: Path, added_dir: Path) -> Path:
+    """Where ``folder`` goes as an added batch: ``added_dir/<its name>-<content digest>``."""
+    return added_dir / f"{folder.expanduser().resolve().name}-{_tree_digest(folder.expanduser())[:10]}"
+
+
+def add_batch(folder: Path, added_dir: Path) -> Path:
+    """Copy a labelled class-per-folder ``folder`` into ``added_dir/<name>-<content digest>`` (the
+    same content twice is one batch); returns the batch folder. Its class folders are checked
+    first, so a folder without any is one error and nothing is copied."""
+    folder = folder.expanduser()
+    if not folder.is_dir():
+        raise UserError(f"labelled batch not found: {folder} (a folder of class folders)")
+    resolve_class_folders(folder, {})  # raises on a folder without class folders
+    batch = batch_folder(folder, added_dir)
+    if batch.is_dir():
+        return batch
+    work = batch.with_name(f".{batch.name}{WORK_SUFFIX}")  # hidden: never read as a batch
+    _remove(work)
+    shutil.copytree(folder, work, ignore=shutil.ignore_patterns(".*"))
+    work.rename(batch)
+    return batch

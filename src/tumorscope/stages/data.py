@@ -12,7 +12,6 @@ from tumorscope.config import Params
 from tumorscope.errors import UserError
 from tumorscope.reports import read_json, write_json
 
-INGEST_REPORT = "reports/ingest.json"
 DATA_STAGES = ("phantom", "ingest", "manifest", "validate", "split", "preprocess")
 
 
@@ -28,11 +27,14 @@ def run_ingest(params: Params) -> str:
     from tumorscope.data.ingest import ingest
 
     report = ingest(params.data, output_dirs=output_dirs(params))
-    Path(INGEST_REPORT).parent.mkdir(parents=True, exist_ok=True)
-    Path(INGEST_REPORT).write_text(report.to_json() + "\n")
+    Path(params.data.report_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(params.data.report_path).write_text(report.to_json() + "\n")
     excluded = f", excluded folders {report.excluded_folders}" if report.excluded_folders else ""
-    hidden = f", {len(report.skipped_hidden_files)} hidden files listed in {INGEST_REPORT}" if report.skipped_hidden_files else ""
-    return f"ingest: {sum(report.files_per_label.values())} files {report.files_per_label} -> {params.data.raw_dir}{excluded}{hidden}"
+    hidden = f", {len(report.skipped_hidden_files)} hidden files listed in {params.data.report_path}" if report.skipped_hidden_files else ""
+    added = (f", incl. {sum(sum(c.values()) for c in report.added_batches.values())} from {len(report.added_batches)} "
+             f"added batch(es) in {params.data.added_dir}") if report.added_batches else ""
+    return (f"ingest: {sum(report.files_per_label.values())} files {report.files_per_label} -> "
+            f"{params.data.raw_dir}{added}{excluded}{hidden}")
 
 
 def output_dirs(params: Params) -> dict[str, str]:
@@ -42,10 +44,10 @@ def output_dirs(params: Params) -> dict[str, str]:
             "validate.docs_dir": params.validate_.docs_dir, "tune.plots_dir": params.tune.plots_dir}
 
 
-def expected_classes() -> list[str]:
-    if not Path(INGEST_REPORT).is_file():
-        raise UserError(f"{INGEST_REPORT} not found (run the ingest stage first)")
-    return sorted(read_json(INGEST_REPORT)["files_per_label"])
+def expected_classes(report_path: str) -> list[str]:
+    if not Path(report_path).is_file():
+        raise UserError(f"{report_path} not found (run the ingest stage first)")
+    return sorted(read_json(report_path)["files_per_label"])
 
 
 def run_manifest(params: Params) -> str:
@@ -66,7 +68,7 @@ def run_validate(params: Params) -> str:
     from tumorscope.data.manifest import load_manifest
     from tumorscope.data.validate import validate_manifest
 
-    outcome = validate_manifest(load_manifest(params.manifest.path), expected_classes(), params.validate_)
+    outcome = validate_manifest(load_manifest(params.manifest.path), expected_classes(params.data.report_path), params.validate_)
     if not outcome.success:
         raise UserError(f"{outcome.summary()} (details: {outcome.result_path})")
     return outcome.summary()
