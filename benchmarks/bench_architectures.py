@@ -46,7 +46,8 @@ def measure(architecture: str, size: int, batch: int, seconds: float, rounds: in
     import keras
 
     from tumorscope.config import TrainConfig
-    from tumorscope.models.train import balanced_class_weights, fresh_session, make_batches, predict_proba
+    from tumorscope.inference import predict_proba
+    from tumorscope.models.train import balanced_class_weights, fresh_session, make_batches
     from tumorscope.models.zoo import build_model, model_options
 
     fresh_session()

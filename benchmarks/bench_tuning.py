@@ -58,15 +58,15 @@ def make_project(root: Path, images: int, trials: int, epochs: int) -> dict:
 
 
 def trial_overhead(root: Path) -> None:
-    from tumorscope import tuning
     from tumorscope.config import load_params
+    from tumorscope.tuning.study import load_study, open_study, run_worker
 
     here = os.getcwd()
     os.chdir(root)
     try:
         params = load_params("params.yaml")
-        tuning.run_worker(params, tuning.open_study(params))
-        trials = [t for t in tuning.load_study(params).get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+        run_worker(params, open_study(params))
+        trials = [t for t in load_study(params).get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
     finally:
         os.chdir(here)
     print(f"(1) trial overhead, {len(trials)} trials x {params.tune.trial_epochs} epochs, SQLite storage, "
@@ -91,8 +91,8 @@ def trial_overhead(root: Path) -> None:
 
 
 def workers_speedup(root: Path, postgres: str) -> None:
-    from tumorscope import tuning
     from tumorscope.config import load_params, with_overrides
+    from tumorscope.tuning.study import load_study, open_study, stored_study_name
 
     timings = {}
     for workers in (1, 2):
@@ -107,7 +107,7 @@ def workers_speedup(root: Path, postgres: str) -> None:
         here = os.getcwd()
         os.chdir(root)
         try:
-            tuning.open_study(params)
+            open_study(params)
             started = time.perf_counter()
             running = [subprocess.Popen([sys.executable, "-m", "tumorscope.cli", "tune-worker", "--params", path.name, "--index", str(i)],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -116,12 +116,12 @@ def workers_speedup(root: Path, postgres: str) -> None:
             timings[workers] = time.perf_counter() - started
             if any(p.returncode for p in running):
                 raise SystemExit(f"worker failed: {errors}")
-            trials = tuning.load_study(params).get_trials(deepcopy=False)
+            trials = load_study(params).get_trials(deepcopy=False)
             print(f"    {workers} worker(s): {len(trials)} trials in {timings[workers]:.1f} s "
                   f"({len({t.user_attrs.get('worker') for t in trials})} processes did trials)")
             import optuna
 
-            optuna.delete_study(study_name=tuning.stored_study_name(params), storage=params.tune.storage)
+            optuna.delete_study(study_name=stored_study_name(params), storage=params.tune.storage)
         finally:
             os.chdir(here)
     print(f"    speed-up 2 workers vs 1: {timings[1] / timings[2]:.2f}x on {os.cpu_count()} CPU cores "

@@ -4,7 +4,7 @@ Two BentoML services, two processes: ``TumorScope`` (the HTTP API: upload checks
 inference log) depends on ``TumorModel`` (the Keras model). Single-image requests reach the model
 through ``TumorModel.predict``, a batchable API, so concurrent requests are run as shared batches
 (BentoML adaptive batching: serve.max_batch_size, serve.max_latency_ms). The logic lives in
-``tumorscope.serving``; this file only wires it to BentoML.
+``tumorscope.api``; this file only wires it to BentoML.
 
 Configuration: the params file named by $TUMORSCOPE_PARAMS (default ./params.yaml): serve.*,
 promote.registered_model, evaluate.critical_class and mlflow.*. Run: ``bentoml serve serving.service:TumorScope``.
@@ -22,10 +22,12 @@ import bentoml
 import numpy as np
 from bentoml.exceptions import BentoMLException, ServiceUnavailable
 
-from tumorscope import serving
-from tumorscope.serving import BadRequest, ModelUnavailable, Route
+from tumorscope.api import inference_log, refusals, responses, served_model, settings, upload_guard
+from tumorscope.api.refusals import BadRequest
+from tumorscope.api.served_model import ModelUnavailable
+from tumorscope.api.upload_guard import Route
 
-PARAMS = serving.load_service_params()
+PARAMS = settings.load_service_params()
 SERVE = PARAMS.serve
 TIMEOUT_S = 120
 READY_PROBE_TIMEOUT_S = 3
@@ -60,11 +62,11 @@ class TumorModel:
 
     def __init__(self) -> None:
         if CARRIED_MODEL:
-            self.served = serving.ServedModel(PARAMS.promote.registered_model, CARRIED_MODEL, SERVE.embedding_dims,
+            self.served = served_model.ServedModel(PARAMS.promote.registered_model, CARRIED_MODEL, SERVE.embedding_dims,
                                               loader=_carried_model, resolver=lambda name, ref: None)
         else:
-            serving.configure_tracking(PARAMS.mlflow)
-            self.served = serving.ServedModel(PARAMS.promote.registered_model, SERVE.model, SERVE.embedding_dims)
+            settings.configure_tracking(PARAMS.mlflow)
+            self.served = served_model.ServedModel(PARAMS.promote.registered_model, SERVE.model, SERVE.embedding_dims)
         self.served.load()  # a failure is kept (readiness fails, health says why) and reload retries
 
     def __is_ready__(self) -> bool:
@@ -95,8 +97,8 @@ class TumorModel:
         return self.served.reload(force)
 
 
-ROUTES = {"/classify": Route(serving.FILE_FIELD), "/explain": Route(serving.FILE_FIELD, text_fields=(serving.CLASS_FIELD,)),
-          "/classify_batch": Route(serving.BATCH_FIELD, many=True), "/metadata": Route(), "/health": Route(),
+ROUTES = {"/classify": Route(upload_guard.FILE_FIELD), "/explain": Route(upload_guard.FILE_FIELD, text_fields=(upload_guard.CLASS_FIELD,)),
+          "/classify_batch": Route(upload_guard.BATCH_FIELD, many=True), "/metadata": Route(), "/health": Route(),
           "/reload": Route()}
 
 
@@ -112,7 +114,7 @@ class TumorScope:
     model = bentoml.depends(TumorModel)
 
     def __init__(self) -> None:
-        self.log = serving.InferenceLog(SERVE.inference_log)
+        self.log = inference_log.InferenceLog(SERVE.inference_log)
         self._info: dict[str, Any] | None = None
 
     @bentoml.on_shutdown
@@ -147,10 +149,10 @@ class TumorScope:
             try:
                 return await method(*args, **kwargs)
             except BentoMLException as err:
-                raise ModelUnavailable(f"model service: {serving.one_line(str(err))}") from None
+                raise ModelUnavailable(f"model service: {refusals.one_line(str(err))}") from None
             except aiohttp.ClientConnectionError as err:
                 if attempt == 2:
-                    raise ModelUnavailable(f"model service unreachable: {serving.one_line(str(err))}") from None
+                    raise ModelUnavailable(f"model service unreachable: {refusals.one_line(str(err))}") from None
         raise AssertionError("unreachable")
 
     @staticmethod
@@ -159,19 +161,19 @@ class TumorScope:
             ctx.response.status_code = err.status
             return err.body()
         ctx.response.status_code = 503
-        return {"error": serving.one_line(str(err)), "status": 503}
+        return {"error": refusals.one_line(str(err)), "status": 503}
 
     # -- one image
 
-    async def _prepare(self, path: Path, part: serving.UploadPart | None, info: dict[str, Any]):
+    async def _prepare(self, path: Path, part: upload_guard.UploadPart | None, info: dict[str, Any]):
         data = await asyncio.to_thread(path.read_bytes)
         filename = part.filename if part else path.name
         content_type = part.content_type if part else None
-        prepared = await asyncio.to_thread(serving.prepare_upload, data, filename, content_type, info["spec"],
+        prepared = await asyncio.to_thread(refusals.prepare_upload, data, filename, content_type, info["spec"],
                                            SERVE.max_upload_bytes)
         return data, prepared
 
-    async def _classify_one(self, path: Path, part: serving.UploadPart | None, endpoint: str) -> dict[str, Any]:
+    async def _classify_one(self, path: Path, part: upload_guard.UploadPart | None, endpoint: str) -> dict[str, Any]:
         info = await self._model_info()
         data, prepared = await self._prepare(path, part, info)
         answer = (await self._call(self.model.to_async.predict, prepared.pixels[np.newaxis]))[0]
@@ -184,15 +186,15 @@ class TumorScope:
             if not same_pixels(old_spec, info["spec"]):
                 data, prepared = await self._prepare(path, part, info)
                 answer = (await self._call(self.model.to_async.predict, prepared.pixels[np.newaxis]))[0]
-        response = serving.classify_response(answer, prepared, info["classes"], PARAMS.evaluate.critical_class,
+        response = responses.classify_response(answer, prepared, info["classes"], PARAMS.evaluate.critical_class,
                                              SERVE.alert_threshold, uuid.uuid4().hex)
-        self.log.submit(serving.inference_record(endpoint, response, data))
+        self.log.submit(inference_log.inference_record(endpoint, response, data))
         return response
 
     @bentoml.api
     async def classify(self, file: Path, ctx: bentoml.Context) -> dict[str, Any]:
         """One slice (PNG, JPEG or DICOM) in multipart field ``file`` -> class, probabilities, alert."""
-        parts = serving.uploads_of(ctx.request.state)
+        parts = upload_guard.uploads_of(ctx.request.state)
         try:
             return await self._classify_one(file, parts[0] if parts else None, "classify")
         except (BadRequest, ModelUnavailable) as err:
@@ -202,7 +204,7 @@ class TumorScope:
     async def classify_batch(self, files: list[Path], ctx: bentoml.Context) -> dict[str, Any]:
         """Several slices in multipart field ``files`` (at most serve.max_batch_files); a file that
         cannot be classified gets its error in its item, the others are answered."""
-        parts = serving.uploads_of(ctx.request.state)
+        parts = upload_guard.uploads_of(ctx.request.state)
         try:
             await self._model_info()
         except ModelUnavailable as err:
@@ -235,7 +237,7 @@ class TumorScope:
         than the predicted one."""
         from tumorscope.models.explain import overlay_png, region_of_interest
 
-        parts = serving.uploads_of(ctx.request.state)
+        parts = upload_guard.uploads_of(ctx.request.state)
         part = parts[0] if parts else None
         try:
             info = await self._model_info()
@@ -248,10 +250,10 @@ class TumorScope:
         except (BadRequest, ModelUnavailable) as err:
             return self._refuse(ctx, err)
         heat = np.asarray(answer["heat"], dtype=np.float32)
-        shown = await asyncio.to_thread(serving.overlay_slice, prepared.decoded)
+        shown = await asyncio.to_thread(responses.overlay_slice, prepared.decoded)
         png = await asyncio.to_thread(overlay_png, shown, heat)
         region = region_of_interest(heat, pixel_spacing_mm=prepared.pixel_spacing_mm, original_shape=prepared.original_shape)
-        result = serving.classify_result(answer["probabilities"], classes, PARAMS.evaluate.critical_class,
+        result = responses.classify_result(answer["probabilities"], classes, PARAMS.evaluate.critical_class,
                                          SERVE.alert_threshold)
         request_id = uuid.uuid4().hex
         # The clinician page explains without classifying first: log the slice like a classification
@@ -260,7 +262,7 @@ class TumorScope:
         try:
             logged = (await self._call(self.model.to_async.predict, prepared.pixels[np.newaxis]))[0]
             if logged["model_version"] == answer["model_version"]:
-                self.log.submit(serving.inference_record("explain", serving.classify_response(
+                self.log.submit(inference_log.inference_record("explain", responses.classify_response(
                     logged, prepared, classes, PARAMS.evaluate.critical_class, SERVE.alert_threshold, request_id), data))
         except ModelUnavailable:  # unloaded meanwhile: the explanation is still answered
             pass
@@ -268,7 +270,7 @@ class TumorScope:
                 "explained_class": classes[answer["class_index"]], "region": region,
                 "heatmap_shape": list(heat.shape), "overlay_shape": list(shown.shape),
                 "overlay_png_base64": base64.b64encode(png).decode("ascii"),
-                "image": serving.image_statistics(prepared), "warnings": serving.source_warnings(prepared.source_mode)}
+                "image": responses.image_statistics(prepared), "warnings": responses.source_warnings(prepared.source_mode)}
 
     # -- the service
 
@@ -284,8 +286,8 @@ class TumorScope:
                 "classes": info["classes"], "input_size": info["image_size"], "preprocess": info["spec"]["preprocess"],
                 "critical_class": PARAMS.evaluate.critical_class, "alert_threshold": SERVE.alert_threshold,
                 "max_upload_bytes": SERVE.max_upload_bytes, "max_batch_files": SERVE.max_batch_files,
-                "accepted_content_types": list(serving.ACCEPTED_CONTENT_TYPES), "min_side": serving.MIN_SIDE,
-                "max_aspect_ratio": serving.MAX_ASPECT_RATIO, "embedding_dims": SERVE.embedding_dims,
+                "accepted_content_types": list(refusals.ACCEPTED_CONTENT_TYPES), "min_side": refusals.MIN_SIDE,
+                "max_aspect_ratio": refusals.MAX_ASPECT_RATIO, "embedding_dims": SERVE.embedding_dims,
                 "adaptive_batching": {"max_batch_size": SERVE.max_batch_size, "max_latency_ms": SERVE.max_latency_ms,
                                       **info["batching"]}}
 
@@ -319,7 +321,7 @@ class TumorScope:
 
 
 # @bentoml.service turns the class into a bentoml Service (typed as the class, hence the cast).
-cast(Any, TumorScope).add_asgi_middleware(serving.UploadGuard, routes=ROUTES, max_upload_bytes=SERVE.max_upload_bytes,
+cast(Any, TumorScope).add_asgi_middleware(upload_guard.UploadGuard, routes=ROUTES, max_upload_bytes=SERVE.max_upload_bytes,
                                           max_files=SERVE.max_batch_files)
 
 
@@ -330,5 +332,5 @@ def clinician_page():
     return StaticFiles(directory=Path(__file__).resolve().parent / "static", html=True)
 
 
-TumorScope.mount_asgi_app(clinician_page(), path="/ui", name="ui")
+cast(Any, TumorScope).mount_asgi_app(clinician_page(), path="/ui", name="ui")
 

@@ -13,10 +13,9 @@ import json
 import re
 from pathlib import Path
 
+from tumorscope.artifacts import MODEL_FILE, SPEC_FILE
 from tumorscope.errors import UserError
 from tumorscope.inference import LoadedModel
-
-MODEL_FILE, SPEC_FILE = "model.keras", "input_spec.json"
 
 
 def store_name(registered_model: str) -> str:

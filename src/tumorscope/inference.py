@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from tumorscope.artifacts import MODEL_FILE, TRAIN_REPORT
 from tumorscope.config import PreprocessConfig, WindowConfig
 from tumorscope.errors import UserError
 
@@ -93,8 +94,6 @@ class LoadedModel:
 
     def predict_proba(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """Inference-mode probabilities of (N, size, size, 1) uint8 images (the training cache's dtype)."""
-        from tumorscope.models.train import predict_proba
-
         return predict_proba(self.model, images, batch_size)
 
 
@@ -105,7 +104,7 @@ def load_model_dir(model_dir: str | Path) -> LoadedModel:
     from tumorscope.reports import read_json
 
     model_dir = Path(model_dir)
-    model_path, report_path = model_dir / "model.keras", model_dir / "train.json"
+    model_path, report_path = model_dir / MODEL_FILE, model_dir / TRAIN_REPORT
     for path in (model_path, report_path):
         if not path.is_file():
             raise UserError(f"{path} not found (train a model first: tumorscope train)")
@@ -122,3 +121,10 @@ def stack(prepared: list[PreparedImage], image_size: int) -> np.ndarray:
     if not prepared:
         return np.zeros((0, image_size, image_size, 1), dtype=np.uint8)
     return np.stack([p.pixels for p in prepared])
+
+
+def predict_proba(model, images, batch_size: int = 256) -> np.ndarray:
+    """Inference-mode class probabilities, batch by batch from a (memory-mapped) array."""
+    outputs = [model.predict_on_batch(np.asarray(images[i:i + batch_size], dtype=np.uint8))
+               for i in range(0, len(images), batch_size)]
+    return np.concatenate([np.asarray(o) for o in outputs]) if outputs else np.empty((0, model.output_shape[-1]))

@@ -5,7 +5,7 @@ a left/right flip, a rotation of up to ``strength`` * 180 degrees, a translation
 ``strength`` / 2 of each side and a zoom by a factor in [1 - strength, 1 + strength], empty
 borders filled with 0. Here they are composed into one affine warp per image and applied with
 `scipy.ndimage` before the batch reaches the model, which is why this module exists: on the JAX
-backend each Keras affine layer resamples the batch separately and slowly (README, Benchmarks),
+backend each Keras affine layer resamples the batch separately and slowly (docs/benchmarks.md),
 and a loader-side transform gives the same pixels on every backend for the same seed.
 """
 

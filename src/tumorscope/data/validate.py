@@ -18,7 +18,6 @@ are written, both under ``project_root``.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
@@ -30,6 +29,7 @@ from typing import Any
 import pandas as pd
 
 from tumorscope.config import ValidateConfig
+from tumorscope.reports import jsonable
 
 MANIFEST_SUITE = "manifest"
 CLASS_COUNTS_SUITE = "class_counts"
@@ -265,20 +265,6 @@ def _load_suite(gx, path: Path):
     return suite
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    if hasattr(value, "item"):  # numpy scalar
-        return _jsonable(value.item())
-    return str(value)
-
-
 def _describe(kind: str, kwargs: dict) -> str:
     if "column" in kwargs:
         target = str(kwargs["column"])
@@ -425,7 +411,7 @@ def validate_manifest(manifest: pd.DataFrame, classes: list[str], cfg: ValidateC
         "docs_index": (Path(cfg.docs_dir) / "index.html").as_posix() if docs_index else None,
     }
     result_path.parent.mkdir(parents=True, exist_ok=True)
-    result_path.write_text(json.dumps(_jsonable(report), indent=2) + "\n")
+    result_path.write_text(json.dumps(jsonable(report), indent=2) + "\n")
     return ValidationOutcome(
         success=success,
         failed=[f"{f['suite']}: {f['description']}" for f in failures],

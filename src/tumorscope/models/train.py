@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tumorscope.artifacts import MODEL_FILE
 from tumorscope.config import TrainConfig
 
 
@@ -266,13 +267,6 @@ def recalibrate_batch_norm(model, images, batch_size: int = 32, max_batches: int
     return used + 1
 
 
-def predict_proba(model, images, batch_size: int = 256) -> np.ndarray:
-    """Inference-mode class probabilities, batch by batch from a (memory-mapped) array."""
-    outputs = [model.predict_on_batch(np.asarray(images[i:i + batch_size], dtype=np.uint8))
-               for i in range(0, len(images), batch_size)]
-    return np.concatenate([np.asarray(o) for o in outputs]) if outputs else np.empty((0, model.output_shape[-1]))
-
-
 def save_model(model, model_dir: Path) -> Path:
     """Save a ``.keras`` file that plain ``keras.saving.load_model`` opens anywhere (MLflow
     downloads, the Bento service, a user's notebook). The split scores are training-time
@@ -281,7 +275,7 @@ def save_model(model, model_dir: Path) -> Path:
     if getattr(model, "compiled", False):
         model.compile(optimizer=model.optimizer, loss=model.loss, metrics=["accuracy"])
     model_dir.mkdir(parents=True, exist_ok=True)
-    path = model_dir / "model.keras"
+    path = model_dir / MODEL_FILE
     model.save(path)
     make_reproducible(path)
     return path
@@ -345,6 +339,7 @@ def fit_and_score(cfg: TrainConfig, image_size: int, classes: list[str], seed: i
 
     import keras
 
+    from tumorscope.inference import predict_proba
     from tumorscope.models.evaluate import class_index, score_predictions
     from tumorscope.models.zoo import build_configured
 

@@ -48,7 +48,7 @@ def _normalization(kind: str, name: str):
 
     if kind == "batch":
         # momentum 0.9, not Keras' 0.99: the moving statistics used at inference must keep up with
-        # fast-moving weights in short training, or predict() collapses to one class (DESIGN.md).
+        # fast-moving weights in short training, or predict() collapses to one class (docs/decisions/0002).
         return layers.BatchNormalization(momentum=0.9, name=name)
     return layers.Identity(name=name)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tumorscope.artifacts import EVALUATION_REPORT, TRAIN_REPORT
 from tumorscope.config import Params
 from tumorscope.errors import UserError
 from tumorscope.reports import read_json, write_json
@@ -21,7 +22,7 @@ SPLIT_ARTIFACT = "data/split.csv"
 
 
 def _trained_model_summary(params: Params) -> dict:
-    path = Path(params.train.model_dir) / "train.json"
+    path = Path(params.train.model_dir) / TRAIN_REPORT
     if not path.is_file():
         raise UserError(f"{path} not found (run tumorscope train and evaluate first)")
     summary = read_json(path)
@@ -113,14 +114,14 @@ def run_promote(params: Params) -> str:
     outcome, not an error; a version once rolled back is refused (a person decided against it)."""
     import mlflow
 
-    from tumorscope import registry, tracking
+    from tumorscope import gates, registry, tracking
     from tumorscope.data.preprocess import load_classes, load_groups, load_split
     from tumorscope.inference import load_model_dir
     from tumorscope.models import evaluate as ev
 
     cfg = params.promote
     summary = _trained_model_summary(params)
-    report_path = Path(params.evaluate.out_dir) / "report.json"
+    report_path = Path(params.evaluate.out_dir) / EVALUATION_REPORT
     if not report_path.is_file():
         raise UserError(f"{report_path} not found (run tumorscope evaluate first)")
     scores = read_json(report_path)
@@ -156,13 +157,13 @@ def run_promote(params: Params) -> str:
                        "mcnemar": ev.mcnemar_exact(challenger_predicted == kept_labels, champion_predicted == kept_labels),
                        "champion_scores": ev.summary_scores(ev.score_predictions(
                            kept_labels, champion_probabilities[unseen], kept_groups, classes, params.evaluate, params.seed))}
-    gates = [*registry.absolute_gates(scores, cfg),
-             registry.Gate("beats_champion", True, None, cfg.min_improvement, f"{label} is the champion") if already
-             else registry.comparison_gate(comparison, cfg),
-             registry.rollback_gate(version)]
-    promoted = all(g.passed for g in gates)
+    checks = [*gates.absolute_gates(scores, cfg),
+              gates.Gate("beats_champion", True, None, cfg.min_improvement, f"{label} is the champion") if already
+              else gates.comparison_gate(comparison, cfg),
+              gates.rollback_gate(version)]
+    promoted = all(g.passed for g in checks)
     line = (f"promote: {label} is already the champion; nothing to decide" if already and promoted
-            else registry.decision_line(label, promoted, gates, champion_label))
+            else gates.decision_line(label, promoted, checks, champion_label))
     if promoted and not already:
         registry.make_champion(cfg.registered_model, str(version.version), line)
     client.set_model_version_tag(cfg.registered_model, str(version.version), "promotion_decision",
@@ -170,13 +171,13 @@ def run_promote(params: Params) -> str:
     # No run ids or times: the report is a DVC output and must repeat for the same models.
     report = {"registered_model": cfg.registered_model, "challenger_version": int(version.version),
               "champion_version_before": int(champion_version.version) if champion_version else None,
-              "promoted": promoted, "already_champion": already, "decision": line, "gates": registry.gates_record(gates),
+              "promoted": promoted, "already_champion": already, "decision": line, "gates": gates.gates_record(checks),
               "challenger_scores": ev.summary_scores(scores), "comparison": comparison,
               "thresholds": cfg.model_dump()}
     write_json(cfg.report_path, report)
     with mlflow.start_run(run_id=summary["run_id"]):
         mlflow.log_metrics({"promote_promoted": float(promoted), **{
-            f"promote_gate_{g.name}": float(g.passed) for g in gates}}
+            f"promote_gate_{g.name}": float(g.passed) for g in checks}}
             | ({"promote_macro_f1_difference": comparison["macro_f1_difference"],
                 "promote_macro_f1_difference_low": comparison["low"]} if comparison else {}))
         mlflow.set_tag("promotion", "promoted" if promoted else "refused")

@@ -10,40 +10,40 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tumorscope.artifacts import EVALUATION_REPORT, MODEL_FILE, TRAIN_REPORT
 from tumorscope.config import Params
 from tumorscope.errors import UserError
 from tumorscope.models.evaluate import format_interval
 from tumorscope.reports import read_json, write_json
 
-TRAIN_REPORT = "train.json"
 BASELINE_DIR = "baseline"
 
 
 # ---------------------------------------------------------------------------------------------
-# Tune: the Prefect training flow (flows/training.py) calls these three in order.
+# Tune: the Prefect tuning flow (flows/tuning.py) calls these three in order.
 
 
 def run_tune_open(params: Params):
     """Create or load the study and its MLflow parent run (a ``tuning.StudyHandle``)."""
-    from tumorscope import tuning
+    from tumorscope.tuning.study import open_study
 
-    return tuning.open_study(params)
+    return open_study(params)
 
 
 def run_tune_worker(params: Params, worker_index: int = 0, trial_guard=None) -> str:
     """One Optuna worker on the configured study (created if missing); see tumorscope.tuning."""
-    from tumorscope import tuning
+    from tumorscope.tuning.study import open_study, run_worker
 
-    handle = tuning.open_study(params)
-    counts = tuning.run_worker(params, handle, worker_index, trial_guard)
+    handle = open_study(params)
+    counts = run_worker(params, handle, worker_index, trial_guard)
     return f"tune worker {worker_index}: study {handle.study_name!r} trial states {counts}"
 
 
 def run_tune_finish(params: Params, handle) -> dict:
     """Leaderboard, best params and plots (reports/), also logged to the study's MLflow run."""
-    from tumorscope import tuning
+    from tumorscope.tuning.leaderboard import finish_study
 
-    return tuning.finish_study(params, handle)
+    return finish_study(params, handle)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -55,14 +55,15 @@ def run_train(params: Params, baseline: bool = False) -> str:
     over train.*) for the full budget, as a run nested under the study's MLflow run, into
     train.model_dir. ``baseline``: params.yaml's train.* untouched, into train.model_dir/baseline,
     so the untuned model never overwrites the one DVC tracks."""
-    from tumorscope import tuning
     from tumorscope.config import with_overrides
+    from tumorscope.tuning.leaderboard import read_best_params
+    from tumorscope.tuning.study import find_parent_run
 
     if baseline:
         return train_and_save(params, Path(params.train.model_dir) / BASELINE_DIR, run_name="train-baseline",
                               parent_run_id=None, trained="baseline (params.yaml train.*)")
-    best = tuning.read_best_params(params)
-    parent_run_id = tuning.find_parent_run(params)  # the study is identified by the untuned params
+    best = read_best_params(params)
+    parent_run_id = find_parent_run(params)  # the study is identified by the untuned params
     tuned = with_overrides(params, {"train": best["train"]})
     return train_and_save(tuned, Path(params.train.model_dir), run_name=f"train-best-trial-{best['trial']}",
                           parent_run_id=parent_run_id, trained=f"best trial {best['trial']} of {best['study_name']}")
@@ -138,8 +139,8 @@ def run_evaluate(params: Params) -> str:
 
     from tumorscope import tracking
     from tumorscope.data.preprocess import load_groups, load_split
+    from tumorscope.inference import predict_proba
     from tumorscope.models import evaluate as ev
-    from tumorscope.models.train import predict_proba
 
     cfg = params.evaluate
     report_path = Path(params.train.model_dir) / TRAIN_REPORT
@@ -147,7 +148,7 @@ def run_evaluate(params: Params) -> str:
         raise UserError(f"{report_path} not found (run tumorscope train first)")
     train_summary = read_json(report_path)
     classes = train_summary["classes"]
-    model = keras.saving.load_model(Path(params.train.model_dir) / "model.keras")
+    model = keras.saving.load_model(Path(params.train.model_dir) / MODEL_FILE)
     images, labels = load_split(params.preprocess.cache_dir, "test")
     probabilities = predict_proba(model, images)
     scores = ev.score_predictions(labels, probabilities, load_groups(params.preprocess.cache_dir, "test"), classes,
@@ -162,7 +163,7 @@ def run_evaluate(params: Params) -> str:
     ev.plot_reliability(scores["reliability"], scores["ece"], out / "reliability.png")
     pd.DataFrame({"actual": [classes[i] for i in labels], "predicted": [classes[i] for i in predicted]}).to_csv(
         out / "predictions.csv", index=False)
-    write_json(out / "report.json", scores | {"accuracy_by_train_distance": bands})
+    write_json(out / EVALUATION_REPORT, scores | {"accuracy_by_train_distance": bands})
     write_json(cfg.metrics_path, ev.headline_metrics(scores))
 
     tracking.configure(params.mlflow)
@@ -211,7 +212,7 @@ def run_crossval(params: Params) -> str:
     from tumorscope.data.split import SPLITS, grouped_folds, nearest_distances, read_split_table, rows_in_cache_order
     from tumorscope.models.crossval import fold_roles, summarise_rounds
     from tumorscope.models.evaluate import accuracy_by_distance, flat_scores, score_predictions, summary_scores
-    from tumorscope.tuning import read_best_params
+    from tumorscope.tuning.leaderboard import read_best_params
 
     cv = params.crossval
     if cv.use_best_params:

@@ -1,0 +1,141 @@
+"""The inference log: one JSON line per answer, written by a background thread that never blocks or
+fails a request (drift monitoring reads it)."""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from tumorscope.api.refusals import one_line
+from tumorscope.reports import utc_now
+
+
+def inference_record(endpoint: str, response: dict[str, Any], data: bytes) -> dict[str, Any]:
+    """One inference-log line: what monitoring needs, without the file name (it may name a patient)
+    and without pixels; the SHA-256 of the bytes links repeated uploads of one file."""
+    import hashlib
+
+    return {"timestamp": utc_now(), "endpoint": endpoint, "request_id": response["request_id"],
+            "model_version": response["model_version"], "predicted_class": response["class"],
+            "probabilities": response["probabilities"], "alert": response["alert"],
+            "image": response["image"], "embedding": response["embedding"],
+            "sha256": hashlib.sha256(data).hexdigest()}
+
+
+class InferenceLog:
+    """JSON lines appended to ``path`` by one background thread.
+
+    ``submit`` never blocks and never raises: a full queue drops the record and counts it, a write
+    that fails (unwritable folder, full disk: any OSError) counts its records and keeps the last
+    error. ``status()`` is what the health endpoint reports. The file is opened per write batch, so a
+    rotated or deleted log is recreated."""
+
+    def __init__(self, path: str | Path, max_queue: int = 10_000, autostart: bool = True):
+        self.path = Path(path)
+        self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue(maxsize=max_queue)
+        self._lock = threading.Lock()
+        self.written = 0
+        self.dropped = 0  # queue full
+        self.failed = 0  # records lost to failed writes
+        self.last_error: str | None = None
+        self.last_error_at: str | None = None
+        self._thread: threading.Thread | None = None
+        if autostart:
+            self.start()
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="inference-log", daemon=True)
+            self._thread.start()
+
+    def submit(self, record: dict[str, Any]) -> bool:
+        try:
+            self._queue.put_nowait(record)
+        except queue.Full:
+            with self._lock:
+                self.dropped += 1
+                self.last_error = f"queue full ({self._queue.maxsize} records waiting): record dropped"
+                self.last_error_at = utc_now()
+            return False
+        return True
+
+    def _run(self) -> None:
+        while True:
+            record = self._queue.get()
+            batch, stop = [], record is None
+            if record is not None:
+                batch.append(record)
+            while not stop and len(batch) < 256:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stop = True
+                else:
+                    batch.append(more)
+            try:
+                if batch:
+                    self._write(batch)
+            finally:
+                for _ in range(len(batch) + (1 if stop else 0)):
+                    self._queue.task_done()
+            if stop:
+                return
+
+    def _write(self, records: list[dict[str, Any]]) -> None:
+        lines, bad = [], 0
+        for record in records:
+            try:
+                lines.append(json.dumps(record, allow_nan=False, default=str) + "\n")
+            except (TypeError, ValueError) as err:  # NaN, a circular value: lose the record, keep the rest
+                bad += 1
+                self._failed(1, err)
+        if not lines:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a", encoding="utf-8") as file:
+                file.write("".join(lines))
+        except Exception as err:  # OSError above all (ENOSPC, EACCES, ENOTDIR); the thread must never die
+            self._failed(len(lines), err)
+            return
+        with self._lock:
+            self.written += len(lines)
+
+    def _failed(self, n: int, err: BaseException) -> None:
+        with self._lock:
+            self.failed += n
+            self.last_error = one_line(f"{type(err).__name__}: {err}")
+            self.last_error_at = utc_now()
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until every submitted record is written or has failed; False on timeout."""
+        deadline = time.monotonic() + timeout
+        while self._queue.unfinished_tasks:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.005)
+        return True
+
+    def close(self, timeout: float = 5.0) -> None:
+        if self._thread is None:
+            return
+        try:
+            self._queue.put(None, timeout=timeout)
+        except queue.Full:
+            return
+        self._thread.join(timeout)
+        self._thread = None
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            return {"path": str(self.path), "ok": self.failed == 0 and self.dropped == 0, "written": self.written,
+                    "dropped_queue_full": self.dropped, "failed": self.failed, "queued": self._queue.qsize(),
+                    "last_error": self.last_error, "last_error_at": self.last_error_at}
+
+

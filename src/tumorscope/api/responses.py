@@ -1,0 +1,82 @@
+"""What an answer says: the class and its probabilities, the tumour alert, the image's statistics,
+warnings about converted inputs, and the slice an explanation is drawn on."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from tumorscope.inference import PreparedImage
+from tumorscope.monitoring.features import image_features
+
+# Longest side of the slice an explanation overlay is drawn on (the original can be 8192 px).
+OVERLAY_MAX_SIDE = 512
+
+
+def source_warnings(mode: str) -> list[str]:
+    """Warnings for inputs training's decoder accepts but converts (the service mirrors training,
+    so it accepts them too, and says what it did)."""
+    if mode in ("L", "DICOM"):
+        return []
+    if mode.startswith(("I", "F")):
+        return [f"high bit-depth image ({mode}): stretched from its own minimum and maximum to 8 bits, as training "
+                "did; intensities are relative, not Hounsfield units (send DICOM for windowed HU)"]
+    if mode == "1":
+        return ["1-bit (black and white) image: converted to greyscale; unlikely to be a CT slice"]
+    return [f"colour image ({mode}): converted to greyscale as training did; a CT slice is normally greyscale"]
+
+
+def image_statistics(prepared: PreparedImage) -> dict[str, Any]:
+    """The monitoring features of the model input (``monitoring.features``: intensity percentiles,
+    contrast, sharpness, noise, original size, bit depth; measured on the slice decoded and prepared
+    as the training cache holds it, so drift against the cache compares like with like), its range,
+    original size and mode."""
+    pixels = np.asarray(prepared.pixels)
+    spacing = prepared.pixel_spacing_mm
+    return image_features(pixels, prepared.original_shape, prepared.source_mode) | {
+        "min": float(pixels.min()), "max": float(pixels.max()),
+        "original_shape": [int(prepared.original_shape[0]), int(prepared.original_shape[1])],
+        "model_input_shape": [int(s) for s in prepared.pixels.shape[:2]],
+        "source_mode": prepared.source_mode,
+        "pixel_spacing_mm": None if spacing is None else [float(spacing[0]), float(spacing[1])]}
+
+
+def classify_result(probabilities: Any, classes: list[str], critical_class: str, alert_threshold: float) -> dict[str, Any]:
+    """Class, per-class probabilities and the alert flag (probability of ``critical_class`` >=
+    ``alert_threshold``; never raised for a model without that class)."""
+    probs = [float(p) for p in np.asarray(probabilities, dtype=np.float64).ravel()]
+    if len(probs) != len(classes):
+        raise ValueError(f"{len(probs)} probabilities for {len(classes)} classes")
+    best = int(np.argmax(probs))
+    critical = probs[classes.index(critical_class)] if critical_class in classes else None
+    return {"class": classes[best], "confidence": probs[best], "probabilities": dict(zip(classes, probs, strict=True)),
+            "critical_class": critical_class, "critical_probability": critical, "alert_threshold": alert_threshold,
+            "alert": critical is not None and critical >= alert_threshold}
+
+
+
+
+
+
+def classify_response(model_answer: dict[str, Any], prepared: PreparedImage, classes: list[str], critical_class: str,
+                      alert_threshold: float, request_id: str) -> dict[str, Any]:
+    """The JSON answer for one classified image."""
+    return {"request_id": request_id, "model_version": model_answer["model_version"],
+            **classify_result(model_answer["probabilities"], classes, critical_class, alert_threshold),
+            "image": image_statistics(prepared), "embedding": [float(v) for v in model_answer["embedding"]],
+            "warnings": source_warnings(prepared.source_mode), "batch_size": int(model_answer["batch_size"])}
+
+
+def overlay_slice(decoded: np.ndarray) -> np.ndarray:
+    """The decoded slice an explanation is drawn on (at most OVERLAY_MAX_SIDE a side): the original
+    picture a reader recognises, not the small model input (``PreparedImage.decoded``, not decoded again)."""
+    from PIL import Image
+
+    pixels = decoded
+    rows, cols = pixels.shape
+    scale = OVERLAY_MAX_SIDE / max(rows, cols)
+    if scale < 1:
+        size = (max(1, round(cols * scale)), max(1, round(rows * scale)))
+        pixels = np.asarray(Image.fromarray(pixels).resize(size, Image.Resampling.BOX))
+    return pixels

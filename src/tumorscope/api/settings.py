@@ -1,0 +1,29 @@
+"""Where the service's params come from, and its read-only MLflow connection."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PARAMS_ENV = "TUMORSCOPE_PARAMS"
+
+
+def params_path() -> Path:
+    """$TUMORSCOPE_PARAMS, else params.yaml in the working directory."""
+    return Path(os.environ.get(PARAMS_ENV) or "params.yaml")
+
+
+def load_service_params():
+    from tumorscope.config import load_params
+
+    return load_params(params_path())
+
+
+def configure_tracking(cfg) -> None:
+    """Point MLflow at the configured store without creating anything (serving only reads)."""
+    import mlflow
+
+    from tumorscope.tracking import absolute_sqlite_uri, check_database_reachable
+
+    check_database_reachable(cfg.tracking_uri, "mlflow.tracking_uri")
+    mlflow.set_tracking_uri(absolute_sqlite_uri(cfg.tracking_uri))

@@ -1,0 +1,81 @@
+"""The promotion gates, as pure policy: what a challenger must show (absolute gates on its own test
+scores, the paired comparison with the champion, not rolled back) and the one line that says why.
+``registry`` does the MLflow calls; ``stages.promotion`` joins the two."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+from tumorscope.config import PromoteConfig
+
+
+@dataclass
+class Gate:
+    name: str
+    passed: bool
+    value: float | None
+    threshold: float | None
+    detail: str
+
+    def line(self) -> str:
+        verdict = "pass" if self.passed else "FAIL"
+        return f"{self.name} {verdict} ({self.detail})"
+
+
+def _at_least(name: str, value: float | None, minimum: float, what: str) -> Gate:
+    if value is None:
+        return Gate(name, minimum <= 0, None, minimum, f"{what} undefined on this test set, need >= {minimum:.3f}")
+    return Gate(name, value >= minimum, value, minimum, f"{what} {value:.3f}, need >= {minimum:.3f}")
+
+
+def absolute_gates(scores: dict, cfg: PromoteConfig) -> list[Gate]:
+    """Gates on the challenger's own test scores (``models.evaluate.score_predictions``)."""
+    critical = scores.get("critical_class") or "critical class"
+    ece = scores.get("ece")
+    return [
+        _at_least("macro_f1", (scores.get("macro_f1_ci") or {}).get("low"), cfg.min_macro_f1_low,
+                  "macro-F1 interval low"),
+        _at_least("critical_recall", (scores.get("critical_recall_ci") or {}).get("low"), cfg.min_critical_recall_low,
+                  f"{critical} recall interval low"),
+        Gate("calibration", ece is not None and ece <= cfg.max_ece, ece, cfg.max_ece,
+             f"ECE {ece:.3f}, need <= {cfg.max_ece:.3f}" if ece is not None else "ECE undefined"),
+        Gate("not_degenerate", not scores["degenerate"], None, None,
+             scores["degenerate_reason"] or "predictions spread over classes"),
+    ]
+
+
+def comparison_gate(comparison: dict | None, cfg: PromoteConfig) -> Gate:
+    """Challenger vs champion on the same slices (``models.evaluate.paired_group_bootstrap``);
+    passes when there is no champion yet."""
+    if comparison is None:
+        return Gate("beats_champion", True, None, cfg.min_improvement, "no champion yet")
+    low = comparison["low"]
+    return Gate("beats_champion", low > cfg.min_improvement, low, cfg.min_improvement,
+                f"macro-F1 difference {comparison['macro_f1_difference']:+.3f} "
+                f"[{low:+.3f}, {comparison['high']:+.3f}] over {comparison['n_groups']} groups, "
+                f"need low > {cfg.min_improvement:+.3f}; McNemar {comparison['mcnemar']['a_only']} vs "
+                f"{comparison['mcnemar']['b_only']}, p={comparison['mcnemar']['p_value']:.3g}")
+
+
+def rollback_gate(version) -> Gate:
+    """A version a person rolled back is not promoted again by a rerun of the same model."""
+    record = (version.tags or {}).get("rolled_back")
+    if not record:
+        return Gate("not_rolled_back", True, None, None, "never rolled back")
+    rolled = json.loads(record)
+    return Gate("not_rolled_back", False, None, None,
+                f"rolled back by {rolled.get('by')} at {rolled.get('at')}: {rolled.get('reason')}")
+
+
+def decision_line(version: str, promoted: bool, gates: list[Gate], champion: str | None) -> str:
+    """The one line a promotion prints: the verdict, the failed gates first, then the others."""
+    failed = [g for g in gates if not g.passed]
+    verdict = (f"promote: {version} is the new champion" if promoted
+               else f"promote: {version} refused ({', '.join(g.name for g in failed)})")
+    against = f" against champion {champion}" if champion else ""
+    return f"{verdict}{against}; " + "; ".join(g.line() for g in [*failed, *(g for g in gates if g.passed)])
+
+
+def gates_record(gates: list[Gate]) -> list[dict]:
+    return [asdict(g) for g in gates]

@@ -1,0 +1,41 @@
+"""The promotion gates as pure policy (tumorscope.gates): no registry needed."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from tumorscope.config import PromoteConfig
+from tumorscope.gates import absolute_gates, comparison_gate, decision_line, rollback_gate
+
+CFG = PromoteConfig(min_macro_f1_low=0.7, min_critical_recall_low=0.8, max_ece=0.1, min_improvement=0.0)
+
+
+def scores(f1_low=0.75, recall_low=0.85, ece=0.05, degenerate=False):
+    return {"macro_f1_ci": {"low": f1_low}, "critical_recall_ci": {"low": recall_low}, "ece": ece,
+            "degenerate": degenerate, "degenerate_reason": "one class" if degenerate else "", "critical_class": "Tumor"}
+
+
+def test_absolute_gates_use_the_interval_lows_and_name_what_failed():
+    assert all(g.passed for g in absolute_gates(scores(), CFG))
+    failed = [g.name for g in absolute_gates(scores(f1_low=0.69, ece=0.2, degenerate=True), CFG) if not g.passed]
+    assert failed == ["macro_f1", "calibration", "not_degenerate"]
+    undefined = absolute_gates(scores(recall_low=None), CFG)[1]
+    assert not undefined.passed and "undefined" in undefined.detail  # no Tumor in the test set: not a pass
+
+
+def test_the_champion_comparison_needs_its_interval_above_the_margin():
+    assert comparison_gate(None, CFG).passed  # no champion yet
+    comparison = {"low": -0.01, "high": 0.05, "macro_f1_difference": 0.02, "n_groups": 11,
+                  "mcnemar": {"a_only": 3, "b_only": 2, "p_value": 1.0}}
+    assert not comparison_gate(comparison, CFG).passed
+    assert comparison_gate(comparison, CFG.model_copy(update={"min_improvement": -0.02})).passed  # non-inferiority
+
+
+def test_a_rolled_back_version_is_refused_and_the_line_puts_failures_first():
+    rolled = SimpleNamespace(tags={"rolled_back": '{"by": "dr-a", "at": "2026-12-01", "reason": "bad stones"}'})
+    gate = rollback_gate(rolled)
+    assert not gate.passed and "dr-a" in gate.detail and "bad stones" in gate.detail
+    assert rollback_gate(SimpleNamespace(tags={})).passed
+    checks = [*absolute_gates(scores(ece=0.3), CFG), gate]
+    line = decision_line("m/3", False, checks, "m/2")
+    assert line.startswith("promote: m/3 refused (calibration, not_rolled_back) against champion m/2; calibration FAIL")
