@@ -3,11 +3,14 @@
 After `dvc repro` (make demo runs it first; a no-op when the workspace is up to date) the champion
 is served by BentoML, new patients from the training scanner are classified (the inference log
 records them) and judged "no drift"; then a batch from another scanner arrives and is judged
-"drift". The monitoring flow, on a Prefect server started here, alerts and starts the training
-deployment on the new batch; the promotion gates decide, and the service reloads whatever is
-champion afterwards. Everything the demo writes, except the MLflow registry (the gates decide in
-the real one, so a promoted model stays champion: `tumorscope rollback` undoes it), is under
-.demo/; everything it started is stopped at the end, also on Ctrl-C or an error.
+"drift". The monitoring flow, on a Prefect server started here, alerts and starts the experiment
+deployment with the new (labelled) batch added to the data: `dvc exp run` of the whole pipeline on
+old + new, listed by `dvc exp show`; its promotion gates decide, and the service reloads whatever
+is champion afterwards. A workspace that was clean before the experiment is put back as it was
+(`dvc exp apply <name>` brings the experiment back). Everything else the demo writes, except the
+MLflow registry and Optuna study (the gates decide in the real registry, so a promoted model
+stays champion: `tumorscope rollback` undoes it), is under .demo/; everything it started is
+stopped at the end, also on Ctrl-C or an error.
 """
 
 from __future__ import annotations
@@ -97,9 +100,10 @@ def wait_for_log(path: Path, lines: int, seconds: float = 30.0) -> None:
     raise SystemExit(f"demo: {path} has fewer than {lines} lines after {seconds:.0f} s")
 
 
-def demo_params(root: Path, n_shifted: int) -> dict:
+def demo_params(root: Path, n_shifted: int, shifted: Path) -> dict:
     """params.yaml with the demo's log, window and retraining settings; paths under .demo/ except the
-    MLflow store, which is the project's own (the gates decide against its champion)."""
+    MLflow store, which is the project's own (the gates decide against its champion). The shifted
+    batch is phantom data, labelled: the retraining adds it to the data."""
     params = yaml.safe_load(Path("params.yaml").read_text())
     store = params["mlflow"]
     if store["tracking_uri"].startswith("sqlite:///") and not store["tracking_uri"].startswith("sqlite:////"):
@@ -108,20 +112,27 @@ def demo_params(root: Path, n_shifted: int) -> dict:
     params["serve"]["inference_log"] = str(root / "inference.jsonl")
     params["monitor"] |= {"current": str(root / "inference.jsonl"), "window": n_shifted,
                           "summary_path": str(root / "monitoring.json"), "report_dir": str(root / "report"),
-                          "retrain": {"deployment": "tumorscope-train/retrain", "data_source": None,
+                          "retrain": {"deployment": "tumorscope-experiment/train", "new_data": str(shifted.resolve()),
                                       "wait_seconds": 1800}}
     return params
 
 
-def retrain_params(params: dict, shifted: Path) -> dict:
-    """The retraining run's params: the new batch as data, a short budget (a demo, not a study),
-    every output under .demo/retrain."""
-    changed = json.loads(json.dumps(params))
-    changed["data"]["source"] = str(shifted.resolve())
-    changed["validate"]["min_images_per_class"] = 5
-    changed["tune"] |= {"n_trials": 2, "trial_epochs": 8, "storage": "sqlite:///optuna.db"}
-    changed["train"] |= {"epochs": 30}
-    return changed
+def git_status() -> str:
+    done = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True)
+    return done.stdout if done.returncode == 0 else "not a git repository"
+
+
+def restore_workspace(batch: Path) -> None:
+    """Put a workspace that was clean before the experiment back at HEAD: tracked files, the DVC
+    outputs of HEAD's dvc.lock, and only the batch the experiment added (nothing else of data/added)."""
+    subprocess.run(["git", "checkout", "-q", "HEAD", "--", "."], check=True)
+    shutil.rmtree(batch, ignore_errors=True)
+    batch.with_name(batch.name + ".dvc").unlink(missing_ok=True)
+    ignore = batch.parent / ".gitignore"
+    if ignore.is_file():
+        kept = [line for line in ignore.read_text().splitlines() if line.strip("/") != batch.name]
+        ignore.write_text("\n".join(kept) + "\n") if kept else ignore.unlink()
+    subprocess.run([str(BIN / "dvc"), "checkout", "-q", "--force"], check=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -129,11 +140,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--same", type=int, default=120, help="new patients from the training scanner")
     args = parser.parse_args(argv)
     from tumorscope.config import load_params, parse_params
+    from tumorscope.data.ingest import batch_folder
     from tumorscope.data.phantom import generate_batch
 
     if DEMO.exists():
         shutil.rmtree(DEMO)
-    (DEMO / "retrain").mkdir(parents=True)
+    DEMO.mkdir()
     base = load_params("params.yaml")
     shifted = Path(base.monitor.phantom_batch.out_dir)
     if not shifted.is_dir():
@@ -142,11 +154,9 @@ def main(argv: list[str] | None = None) -> None:
                                                               "n_images": args.same, "seed": 7})
     generate_batch(same_batch, base.phantom)
     n_shifted = sum(1 for _ in shifted.rglob("*.png"))
-    params = demo_params(DEMO, n_shifted)
+    params = demo_params(DEMO, n_shifted, shifted)
     params_path = DEMO / "params.yaml"
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
-    (DEMO / "retrain" / "params.yaml").write_text(yaml.safe_dump(retrain_params(params, shifted), sort_keys=False))
-    shutil.copytree("expectations", DEMO / "retrain" / "expectations")
     parse_params(params)
     env = os.environ | {"TUMORSCOPE_PARAMS": str(params_path.resolve()), "PYTHONUNBUFFERED": "1",
                         "PREFECT_HOME": str((DEMO / "prefect").resolve()), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -177,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
         print(classify_folder(url, shifted))
         wait_for_log(DEMO / "inference.jsonl", args.same + n_shifted)
 
-        say("4. the monitoring flow on a Prefect server: drift -> alert -> retraining -> promotion gates")
+        say("4. the monitoring flow on a Prefect server: drift -> alert -> DVC experiment on old + new data -> gates")
         prefect_port = free_port()
         env["PREFECT_API_URL"] = f"http://127.0.0.1:{prefect_port}/api"
         os.environ.update({k: env[k] for k in ("PREFECT_API_URL", "PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED")})
@@ -185,18 +195,31 @@ def main(argv: list[str] | None = None) -> None:
         started.append(start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
                              prefect_log, env))
         wait_http(f"http://127.0.0.1:{prefect_port}/api/health", started[-1], 180, "the Prefect server", prefect_log)
-        runner_log = DEMO / "retrain-runner.log"
-        started.append(start([sys.executable, "-c", "from flows.training import training_flow; "
-                              "training_flow.serve(name='retrain')"], runner_log, env, cwd=DEMO / "retrain"))
+        runner_log = DEMO / "experiment-runner.log"
+        # The experiment deployment, served by a process in the project folder (one that `make deploy`
+        # puts on a work pool): its runs are `dvc exp run` here.
+        started.append(start([sys.executable, "-c", "from flows.experiment import experiment_flow; "
+                              "experiment_flow.serve(name='train')"], runner_log, env))
+        clean_before = git_status() == ""
         from flows.monitoring import monitoring_flow
 
         result = monitoring_flow(params_path=str(params_path))
         print(result["line"])
         retraining = result.get("retraining") or {}
-        print(f"retraining: flow run {retraining.get('flow_run_name')} on {retraining.get('parameters')}: "
+        print(f"retraining: flow run {retraining.get('flow_run_name')} with {retraining.get('parameters')}: "
               f"{retraining.get('state')}")
         decision = retraining.get("promotion") or {}
         print(decision.get("line", f"no promotion decision ({retraining.get('note', 'see ' + str(runner_log))})"))
+        if retraining.get("state") == "COMPLETED":
+            # The experiment flow names its DVC experiment after its flow run; its results are in the workspace.
+            experiment = f"prefect-{retraining['flow_run_name']}"
+            batch = batch_folder(shifted, Path(base.data.added_dir))
+            metrics = json.loads(Path(base.evaluate.metrics_path).read_text())
+            print(f"DVC experiment {experiment}: test macro-F1 {metrics['macro_f1']:.3f} on {metrics['n_test']} test slices "
+                  f"of old + new data (added batch {batch}); `dvc exp show` lists it")
+            if clean_before:
+                restore_workspace(batch)
+                print(f"workspace put back at HEAD; `dvc exp apply {experiment}` brings the experiment back")
 
         say("5. the service follows the champion alias")
         print(httpx.post(f"{url}/reload", json={}, timeout=120).json())

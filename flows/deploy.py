@@ -27,17 +27,18 @@ from typing import Any, cast
 from prefect import Flow
 from prefect.deployments.runner import RunnerDeployment
 
+from flows.experiment import experiment_flow
 from flows.monitoring import monitoring_flow
-from flows.training import experiment_flow
 
 DEPLOYMENT = "train"
-ENTRYPOINT = "flows/training.py:experiment_flow"
+ENTRYPOINT = "flows/experiment.py:experiment_flow"
 MONITOR_DEPLOYMENT = "drift"
 MONITOR_ENTRYPOINT = "flows/monitoring.py:monitoring_flow"
 MONITOR_DESCRIPTION = ("drift of monitor.current (new slices or the inference log) against the champion's reference; "
                        "on drift: alert and start the training deployment (monitor.retrain), the promotion gates decide.")
-DESCRIPTION = ("dvc exp run of the whole pipeline (data -> Optuna tune -> train best -> evaluate); parameters "
-               "override params.yaml for this run: architectures, n_trials, data_source, workers, name.")
+DESCRIPTION = ("dvc exp run of the whole pipeline (data -> Optuna tune -> train best -> evaluate -> promote); parameters "
+               "override params.yaml for this run: architectures, n_trials, data_source, workers, name; "
+               "add_data: a labelled folder added to the data first (old + new).")
 
 
 def ensure_work_pool(name: str) -> None:

@@ -2,8 +2,9 @@
 
 `check_drift` runs the same stage function as `tumorscope monitor` and the `monitor` DVC stage.
 On drift the flow alerts (monitor.webhook_url and/or monitor.notification_block) and, when
-monitor.retrain.deployment is set, starts that training deployment with the new data version.
-Nothing is promoted here: the training run's promote step applies the gates, and with
+monitor.retrain.deployment is set, starts that training deployment (a DVC experiment) with the new
+labelled slices added to the data: a new data version, old + new.
+Nothing is promoted here: the experiment's promote stage applies the gates, and with
 monitor.retrain.wait_seconds > 0 this flow waits and reports their decision.
 Deployed on a schedule by flows/deploy.py.
 """
@@ -57,14 +58,14 @@ def send_alert(params_path: str, line: str, summary: dict, retraining: dict | No
     return sent
 
 
-def retraining_source(params: Params, current: str) -> str | None:
-    """data.source of the retraining run: monitor.retrain.data_source, else the monitored folder when
-    it holds class folders named like the champion's classes (labelled new data), else None (the
-    deployment's own params.yaml; an inference log carries no labels to train on)."""
+def retraining_data(params: Params, current: str) -> str | None:
+    """The labelled folder the retraining run adds to the data (old + new): monitor.retrain.new_data,
+    else the monitored folder when it holds class folders named like the champion's classes, else
+    None (retrain on the data as it is; an inference log carries no labels to train on)."""
     from tumorscope.config import CANONICAL_CLASSES
 
-    if params.monitor.retrain.data_source:
-        return params.monitor.retrain.data_source
+    if params.monitor.retrain.new_data:
+        return params.monitor.retrain.new_data
     path = Path(current)
     if path.is_dir():
         folders = {d.name for d in path.iterdir() if d.is_dir() and not d.name.startswith((".", "_"))}
@@ -107,8 +108,8 @@ def trigger_retraining(params_path: str, current: str) -> dict:
 
     params = load_params(params_path)
     cfg = params.monitor.retrain
-    source = retraining_source(params, current)
-    parameters = {"data_source": source} if source else {}
+    new_data = retraining_data(params, current)
+    parameters = dict(cfg.parameters) | ({"add_data": new_data} if new_data else {})
     started_ms = int(time.time() * 1000)
     if not cfg.deployment:
         raise ValueError("monitor.retrain.deployment is not set")

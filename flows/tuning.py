@@ -1,9 +1,8 @@
-"""Training flow: prepare data -> tune (Optuna) -> train the best configuration -> evaluate.
+"""Tuning flow (`tumorscope-tune`): the Optuna study of the `tune` DVC stage.
 
-Each task calls one stage function of ``tumorscope.stages``; nothing here decides anything a DVC
-stage would decide differently. The `tune` DVC stage (`tumorscope tune`) runs this flow's tune
-step in-process, and the `train` deployment (flows/deploy.py) runs it with every step, so
-`dvc repro` and a Prefect run share one code path.
+The stage graph lives in dvc.yaml alone; `tumorscope tune` runs this flow in-process, and how
+trials run (workers, retries, per-architecture concurrency) is Prefect's job. The whole pipeline
+as a Prefect run is flows/experiment.py (`dvc exp run`).
 
 Parallel tuning: with tune.workers > 1 each worker is a separate process (Optuna's n_jobs is
 threads only) on the same PostgreSQL-backed study. Per-architecture concurrency: a Prefect global
@@ -14,7 +13,6 @@ is held while a trial of that architecture trains, across all workers.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import subprocess
 import sys
@@ -26,10 +24,8 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from tumorscope.config import Params, load_params, with_overrides
-from tumorscope.stages import promotion as promotion_stages
 from tumorscope.stages import training as training_stages
 
-STEPS = ("prepare", "tune", "train", "evaluate", "promote")
 LIMIT_PREFIX = "tumorscope-arch-"
 
 
@@ -103,20 +99,6 @@ def retry_unless_user_error(task, task_run, state) -> bool:
     return True
 
 
-@task(retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_user_error)
-def prepare(params_path: str, overrides: dict) -> list[str]:
-    """The data stages (phantom only when data.source is the phantom's folder)."""
-    from tumorscope.stages import data as data_stages  # here: the tune stage alone does not run them
-
-    params = effective_params(params_path, overrides)
-    names = [s for s in data_stages.DATA_STAGES if s != "phantom" or data_stages.uses_phantom(params)]
-    summaries = []
-    for name in names:
-        summaries.append(getattr(data_stages, f"run_{name}")(params))
-        get_run_logger().info(summaries[-1])
-    return summaries
-
-
 @task
 def open_study(params_path: str, overrides: dict) -> dict:
     return training_stages.run_tune_open(effective_params(params_path, overrides)).__dict__
@@ -145,7 +127,7 @@ def tune_worker(params_path: str, overrides: dict, worker_index: int, separate_p
 
 @task
 def finish_study(params_path: str, overrides: dict, handle: dict) -> dict:
-    from tumorscope.tuning import StudyHandle
+    from tumorscope.tuning.study import StudyHandle
 
     summary = training_stages.run_tune_finish(effective_params(params_path, overrides), StudyHandle(**handle))
     create_markdown_artifact(summary["markdown"], key="tumorscope-leaderboard",
@@ -153,66 +135,34 @@ def finish_study(params_path: str, overrides: dict, handle: dict) -> dict:
     return {k: summary[k] for k in ("study_name", "states", "parent_run_id", "best")}
 
 
-@task(retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_user_error)
-def train_best(params_path: str, overrides: dict) -> str:
-    return training_stages.run_train(effective_params(params_path, overrides))
-
-
-@task
-def evaluate(params_path: str, overrides: dict) -> str:
-    return training_stages.run_evaluate(effective_params(params_path, overrides))
-
-
-@task
-def promote(params_path: str, overrides: dict) -> str:
-    return promotion_stages.run_promote(effective_params(params_path, overrides))
-
-
-@flow(name="tumorscope-train", log_prints=True)
-def training_flow(params_path: str = "params.yaml", architectures: list[str] | None = None,
-                  n_trials: int | None = None, data_source: str | None = None, workers: int | None = None,
-                  steps: list[str] | None = None) -> dict:
-    """prepare -> tune -> train best -> evaluate -> promote (gates); parameters override params.yaml for this run."""
-    steps = list(STEPS) if steps is None else steps
-    unknown = sorted(set(steps) - set(STEPS))
-    if unknown:
-        raise ValueError(f"unknown steps {unknown}; choose from {list(STEPS)}")
-    overrides = deployment_overrides(params_path, architectures, n_trials, data_source, workers)
+@flow(name="tumorscope-tune", log_prints=True)
+def tuning_flow(params_path: str = "params.yaml", architectures: list[str] | None = None,
+                n_trials: int | None = None, workers: int | None = None) -> dict:
+    """The Optuna study of the `tune` DVC stage: open it, run tune.workers workers on it (retries,
+    per-architecture concurrency), write the leaderboard and the best parameters. Parameters
+    override params.yaml for this run. Everything before and after it is a DVC stage."""
+    overrides = deployment_overrides(params_path, architectures, n_trials, None, workers)
     params = effective_params(params_path, overrides)  # fail fast on a bad override
-    result: dict = {"steps": list(steps)}
-    if "prepare" in steps:
-        result["prepare"] = prepare(params_path, overrides)
-    if "tune" in steps:
-        handle = open_study(params_path, overrides)
-        if params.tune.architecture_concurrency:
-            ensure_concurrency_limits(params.tune.architecture_concurrency)
-        separate = params.tune.workers > 1
-        futures = [tune_worker.submit(params_path, overrides, i, separate) for i in range(params.tune.workers)]
-        result["workers"] = [future.result() for future in futures]
-        result["tune"] = finish_study(params_path, overrides, handle)
-        get_run_logger().info(f"tune: best trial {result['tune']['best']['trial']} ({result['tune']['best']['architecture']}), "
-              f"states {result['tune']['states']}")
-    if "train" in steps:
-        result["train"] = train_best(params_path, overrides)
-        get_run_logger().info(result["train"])
-    if "evaluate" in steps:
-        result["evaluate"] = evaluate(params_path, overrides)
-        get_run_logger().info(result["evaluate"])
-    if "promote" in steps:
-        result["promote"] = promote(params_path, overrides)
-        get_run_logger().info(result["promote"])
+    handle = open_study(params_path, overrides)
+    if params.tune.architecture_concurrency:
+        ensure_concurrency_limits(params.tune.architecture_concurrency)
+    separate = params.tune.workers > 1
+    futures = [tune_worker.submit(params_path, overrides, i, separate) for i in range(params.tune.workers)]
+    result: dict = {"workers": [future.result() for future in futures]}
+    result["tune"] = finish_study(params_path, overrides, handle)
+    best = result["tune"]["best"]
+    get_run_logger().info(f"tune: best trial {best['trial']} ({best['architecture']}), states {result['tune']['states']}")
     return result
 
 
-def preflight(params: Params, steps: list[str]) -> None:
+def preflight(params: Params) -> None:
     """Check what a user can get wrong before the flow starts (one line, no flow-run traceback):
     the study storage and the MLflow store must be reachable."""
-    from tumorscope import tracking, tuning
+    from tumorscope import tracking
+    from tumorscope.tuning.study import open_storage
 
-    if "tune" in steps:
-        tuning.open_storage(params.tune)
-    if {"tune", "train", "evaluate", "promote"} & set(steps):
-        tracking.check_database_reachable(params.mlflow.tracking_uri, "mlflow.tracking_uri")
+    open_storage(params.tune)
+    tracking.check_database_reachable(params.mlflow.tracking_uri, "mlflow.tracking_uri")
 
 
 def patient_ephemeral_server():
@@ -226,78 +176,20 @@ def patient_ephemeral_server():
     return temporary_settings(updates={PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: seconds})
 
 
-# ---------------------------------------------------------------------------------------------
-# Deployment runs: the pipeline as a DVC experiment
-
-
-def experiment_settings(params_path: str, architectures: list[str] | None, n_trials: int | None,
-                        data_source: str | None, workers: int | None) -> dict[str, str]:
-    """Flow parameters -> `dvc exp run -S key=value` settings (values as YAML, which DVC parses).
-    Validated like params.yaml itself first, so a bad value fails the run before DVC starts."""
-    effective_params(params_path, deployment_overrides(params_path, architectures, n_trials, data_source, workers))
-    named = {"tune.search_space.architecture": architectures, "tune.n_trials": n_trials,
-             "data.source": data_source, "tune.workers": workers}
-    return {key: json.dumps(value) for key, value in named.items() if value is not None}
-
-
-@task
-def dvc_experiment(settings: dict[str, str], name: str) -> dict:
-    """`dvc exp run` in this folder: DVC reruns what the settings change, records the experiment
-    (`dvc exp show` lists it, `dvc exp apply` brings it back) and holds its repository lock, so a
-    second writer waits or fails instead of mixing outputs."""
-    dvc = str(Path(sys.executable).with_name("dvc"))
-    command = [dvc, "exp", "run", "--name", name, *[arg for key, value in settings.items() for arg in ("-S", f"{key}={value}")]]
-    logger = get_run_logger()
-    logger.info("$ %s", " ".join(command))
-    done = subprocess.run(command, capture_output=True, text=True)
-    logger.info(done.stdout[-4000:])
-    if done.returncode != 0:
-        raise RuntimeError(f"dvc exp run exited {done.returncode}: {done.stderr.strip()[-2000:]}")
-    metrics = json.loads(Path(load_params("params.yaml").evaluate.metrics_path).read_text())
-    return {"experiment": name, "settings": settings, "metrics": metrics}
-
-
-@flow(name="tumorscope-experiment", log_prints=True)
-def experiment_flow(params_path: str = "params.yaml", architectures: list[str] | None = None,
-                    n_trials: int | None = None, data_source: str | None = None, workers: int | None = None,
-                    name: str | None = None) -> dict:
-    """The whole pipeline (data -> tune -> train -> evaluate) as a DVC experiment with this run's
-    parameters over params.yaml: the deployment's flow. Tuning inside it runs the training flow,
-    tracked here too when the worker's PREFECT_API_URL is set."""
-    from prefect.runtime import flow_run
-
-    settings = experiment_settings(params_path, architectures, n_trials, data_source, workers)
-    name = name or f"prefect-{flow_run.get_name() or 'run'}"
-    result = dvc_experiment(settings, name)
-    metrics = result["metrics"]
-    create_markdown_artifact(
-        f"DVC experiment `{name}` ({', '.join(f'{k}={v}' for k, v in settings.items()) or 'params.yaml as is'}): "
-        f"test macro-F1 {metrics['macro_f1']:.3f}, recall {metrics['recall']}; `dvc exp show` lists it.",
-        key="tumorscope-experiment", description="DVC experiment of this run")
-    return result
-
-
-def run_in_process(params_path: str, steps: list[str]) -> dict:
-    """Run the flow here, against PREFECT_API_URL if set, else a temporary local Prefect server
-    (what `tumorscope tune` does for `dvc repro`). Storage and tracking are checked first, so a
-    bad URL is one line, not a flow-run traceback."""
-    preflight(load_params(params_path), steps)
+def run_in_process(params_path: str) -> dict:
+    """Run the tuning flow here, against PREFECT_API_URL if set, else a temporary local Prefect
+    server (what `tumorscope tune` does for `dvc repro`). Storage and tracking are checked first,
+    so a bad URL is one line, not a flow-run traceback."""
+    preflight(load_params(params_path))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     # The temporary Prefect server inherits this: its telemetry heartbeat races the first
     # migration on a fresh SQLite file and logs a scary traceback.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     with patient_ephemeral_server():
-        return training_flow(params_path=params_path, steps=steps)
+        return tuning_flow(params_path=params_path)
 
 
-def summary_lines(result: dict) -> list[str]:
-    lines = []
-    if "tune" in result:
-        best = result["tune"]["best"]
-        lines.append(f"tune: best trial {best['trial']} ({best['architecture']}) of study "
-                     f"{result['tune']['study_name']}, states {result['tune']['states']}; see reports/leaderboard.md")
-    return lines + [result[step] for step in ("train", "evaluate", "promote") if step in result]
-
-
-if __name__ == "__main__":
-    print("\n".join(summary_lines(run_in_process("params.yaml", list(STEPS)))))
+def summary_line(result: dict) -> str:
+    best = result["tune"]["best"]
+    return (f"tune: best trial {best['trial']} ({best['architecture']}) of study {result['tune']['study_name']}, "
+            f"states {result['tune']['states']}; see reports/leaderboard.md")

@@ -75,11 +75,11 @@ for _name, _doc in [
 
 @app.command()
 def tune(params: ParamsOption = DEFAULT_PARAMS) -> None:
-    """Run the Optuna study (tune.*) through the Prefect training flow; write the leaderboard and best params."""
+    """Run the Optuna study (tune.*) through the Prefect tuning flow; write the leaderboard and best params."""
     def work() -> str:
-        from flows.training import run_in_process, summary_lines
+        from flows.tuning import run_in_process, summary_line
 
-        return "\n".join(summary_lines(run_in_process(str(params), ["tune"])))
+        return summary_line(run_in_process(str(params)))
 
     _report(work)
 
@@ -95,7 +95,7 @@ def tune_worker(params: ParamsOption = DEFAULT_PARAMS,
         limits = loaded.tune.architecture_concurrency
         guard = None
         if limits:
-            from flows.training import architecture_guard
+            from flows.tuning import architecture_guard
 
             guard = architecture_guard(limits)
         return training.run_tune_worker(loaded, index, guard)

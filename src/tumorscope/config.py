@@ -8,7 +8,7 @@ CLI prints as one line.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -40,6 +40,9 @@ class DataConfig(_Section):
     # Either the folder of a class-per-folder dataset, or the embedded phantom's output folder.
     source: str = "data/phantom"
     raw_dir: str = "data/raw"
+    # Labelled batches added to the source (one class-per-folder sub-folder each): old + new data.
+    added_dir: str = "data/added"
+    report_path: str = "reports/ingest.json"   # what ingest copied, per class and batch (kept in git)
     # Source folder name -> label. Empty: every class folder is its own label. A folder mapped to
     # null is excluded on purpose (and reported). Several folders may map to one label (merge).
     class_map: dict[str, str | None] = Field(default_factory=dict)
@@ -143,17 +146,17 @@ class TrainConfig(_Section):
     # Where the random flip/rotation/shift/zoom runs: "loader" warps each batch on the host
     # (tumorscope.data.augment) before the model; "model" uses Keras preprocessing layers inside
     # it. Same transforms; the loader is the default because on the JAX backend the Keras layers
-    # were the bottleneck (README, Benchmarks) and it gives the same pixels on every backend.
+    # were the bottleneck (docs/benchmarks.md) and it gives the same pixels on every backend.
     augment_in: Literal["loader", "model"] = "loader"
     # "none" by default: measured on the phantom it generalised best, and it has no inference-time
-    # statistics that can lag training (the BatchNormalization pitfall in DESIGN.md).
+    # statistics that can lag training (the BatchNormalization pitfall: docs/decisions/0002).
     # (GroupNormalization was tried too: still one constant class after 20 epochs on 240 slices.)
     norm: Literal["none", "batch"] = "none"
     class_weights: bool = True
     patience: int = Field(15, ge=1)
     # What early stopping (best weights restored) and the learning-rate halving watch, after
     # warmup_epochs (counted over all phases of one fit) in which neither reacts. Measured on the
-    # phantom over seeds (README): val_loss alone collapsed twice (its minimum after epoch 1 was
+    # phantom over seeds (docs/decisions/0005): val_loss alone collapsed twice (its minimum after epoch 1 was
     # restored: a one-class model), val_macro_f1 never collapsed but trained worse models on
     # average, val_loss after a 10-epoch warm-up neither collapsed nor lost quality.
     monitor: Literal["val_loss", "val_macro_f1"] = "val_loss"
@@ -164,7 +167,7 @@ class TrainConfig(_Section):
     # Batch size scales with the device: on a GPU every batch_size (the params' or a trial's) is
     # multiplied by this, since 16-32 slices leave an accelerator idle; 1 turns it off. The
     # learning rate is not rescaled: tune on the device you train on. Image size is a data
-    # setting (the cache), not scaled behind DVC's back: see the README's GPU profile.
+    # setting (the cache), not scaled behind DVC's back: see docs/architectures.md, "On a GPU".
     gpu_batch_multiplier: int = Field(4, ge=1, le=64)
 
     def augment_strength_in(self, place: Literal["loader", "model"]) -> float:
@@ -388,10 +391,14 @@ class RetrainConfig(_Section):
     """What the monitoring flow does when it finds drift."""
 
     deployment: str | None = "tumorscope-experiment/train"   # Prefect deployment to run; null: alert only
-    # data.source of the retraining run; null: the monitored folder when it holds class folders,
-    # else params' data.source (the inference log has no labels to train on).
-    data_source: str | None = None
-    wait_seconds: int = Field(0, ge=0)  # > 0: wait this long for the run and report its promotion decision
+    # A labelled folder added to the data (data.added_dir) for the retraining run: old + new. null:
+    # the monitored folder when it holds class folders, else none (an inference log has no labels).
+    new_data: str | None = None
+    # Further parameters of the deployment's run, e.g. {n_trials: 4} (the experiment flow's parameters).
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    # > 0: wait this long for the run and report its promotion decision. Only where the monitoring
+    # flow does not hold the slot the retraining run needs (flows/deploy.py's pool runs one at a time).
+    wait_seconds: int = Field(0, ge=0)
 
 
 class MonitorConfig(_Section):

@@ -1,0 +1,92 @@
+"""Experiment flow (`tumorscope-experiment`): the whole pipeline as a DVC experiment.
+
+The `tumorscope-experiment/train` deployment (flows/deploy.py) and the monitoring flow's retraining
+run it: `dvc exp run` in the project folder, so every stage a retrain runs is the one dvc.yaml
+declares, the run is recorded by DVC (`dvc exp show`, `dvc exp apply`) and MLflow, and the same
+promotion gates as `dvc repro` judge it. New labelled slices are added to the data first
+(data.added_dir): a new data version, old + new.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from flows.tuning import deployment_overrides, effective_params
+from tumorscope.config import load_params
+
+
+def experiment_settings(params_path: str, architectures: list[str] | None, n_trials: int | None,
+                        data_source: str | None, workers: int | None) -> dict[str, str]:
+    """Flow parameters -> `dvc exp run -S key=value` settings (values as YAML, which DVC parses).
+    Validated like params.yaml itself first, so a bad value fails the run before DVC starts."""
+    effective_params(params_path, deployment_overrides(params_path, architectures, n_trials, data_source, workers))
+    named = {"tune.search_space.architecture": architectures, "tune.n_trials": n_trials,
+             "data.source": data_source, "tune.workers": workers}
+    return {key: json.dumps(value) for key, value in named.items() if value is not None}
+
+
+def dvc_executable() -> str:
+    return str(Path(sys.executable).with_name("dvc"))
+
+
+@task
+def add_labelled_batch(params_path: str, folder: str) -> str:
+    """Copy a labelled class-per-folder batch into data.added_dir and version it with `dvc add`: the
+    experiment then trains on the data as it was plus this batch (a new data version, old + new)."""
+    from tumorscope.data.ingest import add_batch
+
+    batch = add_batch(Path(folder), Path(load_params(params_path).data.added_dir))
+    done = subprocess.run([dvc_executable(), "add", "-q", str(batch)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"dvc add {batch} exited {done.returncode}: {done.stderr.strip()[-2000:]}")
+    get_run_logger().info("added batch %s (from %s)", batch, folder)
+    return str(batch)
+
+
+@task
+def dvc_experiment(settings: dict[str, str], name: str) -> dict:
+    """`dvc exp run` in this folder: DVC reruns what the settings and the data change, records the
+    experiment (`dvc exp show` lists it, `dvc exp apply` brings it back) and holds its repository
+    lock, so a second writer waits or fails instead of mixing outputs."""
+    command = [dvc_executable(), "exp", "run", "--name", name,
+               *[arg for key, value in settings.items() for arg in ("-S", f"{key}={value}")]]
+    logger = get_run_logger()
+    logger.info("$ %s", " ".join(command))
+    done = subprocess.run(command, capture_output=True, text=True)
+    logger.info(done.stdout[-4000:])
+    if done.returncode != 0:
+        raise RuntimeError(f"dvc exp run exited {done.returncode}: {done.stderr.strip()[-2000:]}")
+    params = load_params("params.yaml")
+    metrics = json.loads(Path(params.evaluate.metrics_path).read_text())
+    promotion = Path(params.promote.report_path)
+    decision = json.loads(promotion.read_text()).get("decision") if promotion.is_file() else None
+    return {"experiment": name, "settings": settings, "metrics": metrics, "promotion": decision}
+
+
+@flow(name="tumorscope-experiment", log_prints=True)
+def experiment_flow(params_path: str = "params.yaml", architectures: list[str] | None = None,
+                    n_trials: int | None = None, data_source: str | None = None, workers: int | None = None,
+                    name: str | None = None, add_data: str | None = None) -> dict:
+    """The whole pipeline (data -> tune -> train -> evaluate -> promote) as a DVC experiment with this
+    run's parameters over params.yaml: the deployment's flow. ``add_data``: a labelled folder added
+    to the data first (data.added_dir), so the run trains on old + new. Tuning inside it runs the
+    tuning flow, tracked here too when the worker's PREFECT_API_URL is set."""
+    from prefect.runtime import flow_run
+
+    settings = experiment_settings(params_path, architectures, n_trials, data_source, workers)
+    name = name or f"prefect-{flow_run.get_name() or 'run'}"
+    added = add_labelled_batch(params_path, add_data) if add_data else None
+    result = dvc_experiment(settings, name) | {"added_batch": added}
+    metrics = result["metrics"]
+    create_markdown_artifact(
+        f"DVC experiment `{name}` ({', '.join(f'{k}={v}' for k, v in settings.items()) or 'params.yaml as is'}"
+        f"{f'; added batch {added}' if added else ''}): test macro-F1 {metrics['macro_f1']:.3f}, "
+        f"recall {metrics['recall']}; {result['promotion'] or 'no promotion report'}; `dvc exp show` lists it.",
+        key="tumorscope-experiment", description="DVC experiment of this run")
+    return result
