@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
+from helpers.paths import REPO
 
 PACKAGES = {"tumorscope": REPO / "src" / "tumorscope", "flows": REPO / "flows"}
 LIBRARY_EXCLUDES = ("tumorscope.cli", "tumorscope.stages")
@@ -174,26 +174,59 @@ def declared_paths(spec: dict) -> list[str]:
     return [next(iter(d)) if isinstance(d, dict) else d for d in spec.get("deps", [])]
 
 
+def covers(path: str, file: str) -> bool:
+    return file == path or file.startswith(path.rstrip("/") + "/")
+
+
+def runs_code(module: str) -> bool:
+    """False for a package's __init__ that only documents (it runs nothing a stage depends on)."""
+    return not (MODULES[module].name == "__init__.py" and not GRAPH[module])
+
+
+def code_files(modules: set[str]) -> set[str]:
+    return {MODULES[m].relative_to(REPO).as_posix() for m in modules if runs_code(m)}
+
+
+def declared_code(spec: dict) -> list[str]:
+    return [p for p in declared_paths(spec) if p.startswith(("src/", "flows/"))]
+
+
+def dependency_mismatch(stage: str, spec: dict) -> tuple[list[str], list[str]]:
+    """(missing, extra): project files the stage's command can import but dvc.yaml does not declare,
+    and declared code paths it cannot import (a folder counts only when its command imports every
+    module in it: one that it does not would rerun the stage for nothing)."""
+    needed = code_files(stage_closure(stage))
+    declared = declared_code(spec)
+    missing = sorted(f for f in needed if not any(covers(p, f) for p in declared))
+    every_file = code_files(set(MODULES))
+    extra = sorted(p for p in declared if not (under := {f for f in every_file if covers(p, f)}) or not under <= needed)
+    return missing, extra
+
+
 @pytest.mark.parametrize("stage", sorted(dvc_stages()))
-def test_every_dvc_stage_declares_the_modules_its_command_imports(stage):
+def test_every_dvc_stage_declares_exactly_the_modules_its_command_imports(stage):
     spec = dvc_stages()[stage]
     assert spec["cmd"] == f"tumorscope {stage}", "a DVC stage calls only `tumorscope <stage>`"
-    declared = [p for p in declared_paths(spec) if not p.startswith("$")]
-    for path in declared:
+    for path in (p for p in declared_paths(spec) if not p.startswith("$")):
         assert (REPO / path).exists(), f"{stage}: declared dependency {path} does not exist"
-    missing = []
-    for module in sorted(stage_closure(stage)):
-        file = MODULES[module].relative_to(REPO).as_posix()
-        if file.endswith("__init__.py") and not GRAPH[module]:
-            continue  # a package docstring runs nothing
-        if not any(file == path or file.startswith(path.rstrip("/") + "/") for path in declared):
-            missing.append(file)
+    missing, extra = dependency_mismatch(stage, spec)
     assert not missing, f"dvc.yaml stage {stage!r} does not declare {missing}"
+    assert not extra, f"dvc.yaml stage {stage!r} declares code its command does not import: {extra}"
+
+
+def test_an_unused_or_missing_dependency_is_found():
+    """The check above fails on a planted extra module, a planted too-wide folder and a removed one."""
+    spec = dvc_stages()["ingest"]
+    assert dependency_mismatch("ingest", spec) == ([], [])
+    planted = {**spec, "deps": [*spec["deps"], "src/tumorscope/models/explain.py", "src/tumorscope/monitoring"]}
+    assert dependency_mismatch("ingest", planted)[1] == ["src/tumorscope/models/explain.py", "src/tumorscope/monitoring"]
+    removed = {**spec, "deps": [d for d in spec["deps"] if d != "src/tumorscope/data/ingest.py"]}
+    assert dependency_mismatch("ingest", removed)[0] == ["src/tumorscope/data/ingest.py"]
 
 
 def test_closure_follows_imports_inside_functions():
     """evaluate's scoring is imported inside run_evaluate: the closure must still see it."""
     assert "tumorscope.models.evaluate" in stage_closure("evaluate")
-    assert "tumorscope.tuning" in stage_closure("tune")
+    assert "tumorscope.tuning.study" in stage_closure("tune")
     assert "tumorscope.data.phantom" in stage_closure("phantom")
     assert "tumorscope.models.zoo" not in stage_closure("ingest")
