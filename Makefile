@@ -35,7 +35,7 @@ for path, entry in json.load(sys.stdin)[""]["data"].items():
 endef
 export METRICS_TABLE
 
-.PHONY: help install run test lint test-fast bench metrics-table crossval gpu-wheels mlflow-ui clean clean-stores prefect-server deploy worker serve bento demo monitor evidently-ui
+.PHONY: help install run test lint test-fast test-deps bench metrics-table crossval gpu-wheels mlflow-ui clean clean-stores prefect-server deploy worker serve bento demo monitor evidently-ui
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
 
@@ -50,11 +50,21 @@ test: install lint ## lint and type-check, then run the test suite (unit, integr
 	$(RUN) pytest
 
 lint: install ## ruff (style, imports, bug patterns) and mypy (types) on the code
-	$(RUN) ruff check src flows tests benchmarks
+	$(RUN) ruff check src flows serving tests benchmarks
 	$(RUN) mypy
 
-test-fast: install ## unit tests only
+test-fast: install ## the unit tier: tests/unit without the slow tests (about a minute)
 	$(RUN) pytest tests/unit -m "not slow"
+
+# The tests' one need beyond the locked Python environment: a browser for the page tests (Debian's
+# chromium and its driver). Installed where we can (root with apt-get); otherwise said, and those
+# tests skip in a user's clone (under CI=true they fail instead).
+test-deps: ## install what the tests need beyond Python: Debian's chromium + chromium-driver (as root)
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then echo "test-deps: chromium and chromedriver present"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null && \
+	  echo "test-deps: installed chromium and chromium-driver"; \
+	else echo "test-deps: run 'sudo apt-get install chromium chromium-driver' for the page tests (they skip without it)"; fi
 
 bench: install ## run the benchmarks in benchmarks/ and print measured ratios
 	@for script in benchmarks/bench_*.py; do echo "== $$script"; $(RUN) python $$script || exit 1; done

@@ -7,33 +7,22 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
-import pytest
 import yaml
 
-import bento_server
-from conftest import REPO
+from helpers import bento as bento_server
+from helpers.images import phantom_pngs
+from helpers.paths import REPO
+from helpers.processes import free_port, stop
+from helpers.requirements import needs_uv, uv_directory
 
 
-def uv_directory() -> str | None:
-    """BentoML's build runs uv; the project's own (on PATH, or bootstrapped by make into .tools/bin)."""
-    found = shutil.which("uv") or (str(REPO / ".tools" / "bin" / "uv") if (REPO / ".tools" / "bin" / "uv").exists() else None)
-    return str(Path(found).parent) if found else None
-
-
-@pytest.fixture(scope="session")
-def served(request, prepared_project, tmp_path_factory):
-    return bento_server.shared_server(request, prepared_project, tmp_path_factory)
-
-
-@pytest.mark.skipif(uv_directory() is None, reason="bentoml build needs uv (make install bootstraps it into .tools/bin)")
+@needs_uv
 def test_built_bento_serves_the_champion_without_the_registry(served, tmp_path):
     home = tmp_path / "bentoml-home"
     env = os.environ | {"BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True", "TF_CPP_MIN_LOG_LEVEL": "2",
@@ -57,7 +46,7 @@ def test_built_bento_serves_the_champion_without_the_registry(served, tmp_path):
     params["mlflow"] = {"tracking_uri": f"sqlite:///{tmp_path / 'absent' / 'mlflow.db'}", "artifact_root": str(tmp_path)}
     params["serve"]["inference_log"] = str(tmp_path / "inference.jsonl")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    port = bento_server.free_port()
+    port = free_port()
     log = (tmp_path / "bento.log").open("wb")
     process = subprocess.Popen([*bento_server.bentoml_command(), "serve", tag, "--host", "127.0.0.1", "--port", str(port)],
                                cwd=tmp_path, env=env | {"TUMORSCOPE_PARAMS": str(tmp_path / "params.yaml")},
@@ -66,7 +55,7 @@ def test_built_bento_serves_the_champion_without_the_registry(served, tmp_path):
                                 {}, 0.0, tmp_path / "bento.log", tmp_path / "inference.jsonl", process)
     try:
         bento_server.wait_ready(bento, time.monotonic())
-        name, data = next(iter(bento_server.phantom_pngs(1).items()))
+        name, data = next(iter(phantom_pngs(1).items()))
         upload = {"file": (name, data, "image/png")}
         carried = httpx.post(f"{bento.url}/classify", files=upload, timeout=60).json()
         registered = httpx.post(f"{served.url}/classify", files=upload, timeout=60).json()
@@ -75,5 +64,5 @@ def test_built_bento_serves_the_champion_without_the_registry(served, tmp_path):
                                    rtol=1e-5, atol=1e-6)
         assert not (tmp_path / "absent").exists()  # nothing tried to open the registry
     finally:
-        bento_server.stop(bento)
+        stop(bento.process)
         log.close()

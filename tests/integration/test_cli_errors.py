@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from conftest import textured_slice, write_png
+from helpers.images import textured_slice, write_png
 
 
 def tumorscope(*args: str, cwd: Path) -> subprocess.CompletedProcess:

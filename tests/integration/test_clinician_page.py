@@ -4,35 +4,11 @@ overlay, and the class equals what the classify endpoint answers for the same fi
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import httpx
-import pytest
 
-import bento_server
-from bento_server import phantom_pngs
-
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
-needs_chromium = pytest.mark.skipif(
-    not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()),
-    reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
-
-
-@pytest.fixture(scope="session")
-def served(request, prepared_project, tmp_path_factory):
-    return bento_server.shared_server(request, prepared_project, tmp_path_factory)
-
-
-def browser(window_size: str = "1100,820"):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", f"--window-size={window_size}"):
-        options.add_argument(argument)
-    # An explicit driver path: Selenium Manager would otherwise try to download one.
-    return webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+from helpers.browser import browser
+from helpers.images import phantom_pngs
+from helpers.requirements import needs_chromium
 
 
 @needs_chromium

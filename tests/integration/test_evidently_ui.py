@@ -20,10 +20,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from test_clinician_page import browser, needs_chromium
-from test_prefect_deployment import free_port, stop
 
-from conftest import REPO
+from helpers.browser import browser
+from helpers.paths import REPO
+from helpers.processes import free_port, stop
+from helpers.requirements import needs_chromium
 from tumorscope.monitoring import drift, features
 
 pytestmark = pytest.mark.slow

@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from conftest import needs_postgres, postgres_schema_uri
+from helpers.requirements import needs_postgres, postgres_schema_uri
 from tumorscope import tracking
 from tumorscope.config import MlflowConfig
 from tumorscope.errors import UserError
@@ -37,7 +37,6 @@ def test_sqlite_store(tmp_path):
                                     artifact_root=str(tmp_path / "artifacts"), experiment="t"), tmp_path)
 
 
-@pytest.mark.postgres
 @needs_postgres
 def test_postgres_store(tmp_path):
     # A fresh experiment name per run: the shared database outlives the test.

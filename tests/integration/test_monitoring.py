@@ -1,32 +1,26 @@
 """Drift monitoring on a real champion: a small phantom model promoted in a real MLflow registry,
 windows of new phantom patients from the same scanner and from another one, the service's own
-inference-log records, real CT slices, and the closed loop through a real Prefect server (drift ->
-alert to a loopback webhook -> the training deployment runs -> the promotion gates decide)."""
+inference-log records and real CT slices. The closed loop (drift -> alert -> the experiment
+deployment retrains on old + new data -> the gates decide) is in test_prefect_deployment.py."""
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import shutil
-import subprocess
-import sys
-import threading
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
-from test_prefect_deployment import free_port, stop, wait_for
 
-from conftest import REPO, SAMPLE, needs_sample
+from helpers.paths import REPO, SAMPLE
+from helpers.requirements import needs_sample
 from tumorscope.config import load_params, with_overrides
 from tumorscope.errors import UserError
 from tumorscope.stages import data as data_stages
 from tumorscope.stages import monitoring, promotion, training
 
 pytestmark = pytest.mark.slow
-BIN = Path(sys.executable).parent
 
 
 def project_params(root: Path) -> dict:
@@ -53,7 +47,6 @@ def champion_project(tmp_path_factory) -> Path:
     scanner, other patients) and data/incoming (another scanner)."""
     root = tmp_path_factory.mktemp("monitoring")
     shutil.copytree(REPO / "expectations", root / "expectations")
-    shutil.copytree(REPO / "flows", root / "flows", ignore=shutil.ignore_patterns("__pycache__"))
     (root / "params.yaml").write_text(yaml.safe_dump(project_params(root)))
     here = os.getcwd()
     os.chdir(root)
@@ -119,8 +112,10 @@ def test_same_scanner_passes_other_scanner_drifts_with_report_history_and_mlflow
 def service_log_lines(params, folder: Path) -> list[str]:
     """Inference-log lines exactly as the service writes them (same functions, same model)."""
     from tumorscope import tracking
+    from tumorscope.api.inference_log import inference_record
+    from tumorscope.api.responses import classify_response
+    from tumorscope.api.served_model import ServedModel
     from tumorscope.inference import prepare_bytes, stack
-    from tumorscope.serving import ServedModel, classify_response, inference_record
 
     tracking.configure(params.mlflow)
     served = ServedModel(params.promote.registered_model, "champion", params.serve.embedding_dims)
@@ -167,59 +162,3 @@ def test_real_slices_are_flagged_against_the_phantom_reference(in_project):
     line, summary = monitoring.run_monitor(load_params("params.yaml"), str(SAMPLE))
     assert summary["status"] == "drift", line
     assert summary["n_current"] == 240
-
-
-class _Hook(http.server.BaseHTTPRequestHandler):
-    received: list = []
-
-    def do_POST(self):  # noqa: N802
-        type(self).received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-        self.send_response(200)
-        self.end_headers()
-
-    def log_message(self, *args):
-        pass
-
-
-def test_closed_loop_drift_alerts_and_retrains_and_the_gates_decide(champion_project, tmp_path):
-    hook = http.server.HTTPServer(("127.0.0.1", 0), _Hook)
-    threading.Thread(target=hook.serve_forever, daemon=True).start()
-    params_path = champion_project / "params.yaml"
-    changed = yaml.safe_load(params_path.read_text())
-    changed["monitor"] |= {"webhook_url": f"http://127.0.0.1:{hook.server_address[1]}/drift",
-                           "retrain": {"deployment": "tumorscope-train/retrain", "wait_seconds": 540}}
-    params_path.write_text(yaml.safe_dump(changed))
-    port = free_port()
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PYTHONPATH": str(champion_project),
-           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    server = runner = None
-    try:
-        server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        wait_for(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2).status == 200,
-                 180, "prefect server", server)
-        # The training flow (prepare -> tune -> train -> evaluate -> promote) served as a deployment.
-        runner = subprocess.Popen([sys.executable, "-c", "from flows.training import training_flow; "
-                                   "training_flow.serve(name='retrain')"], cwd=champion_project, env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        checked = subprocess.run([sys.executable, "-m", "flows.monitoring", "data/incoming"], cwd=champion_project, env=env,
-                                 capture_output=True, text=True, timeout=900)
-        assert checked.returncode == 0, checked.stdout[-3000:] + checked.stderr[-3000:]
-        result = json.loads(checked.stdout[checked.stdout.index("{\n"):])
-    finally:
-        stop(runner)
-        stop(server)
-        hook.shutdown()
-        hook.server_close()
-    assert result["status"] == "drift", result["line"]
-    retraining = result["retraining"]
-    assert retraining["state"] == "COMPLETED", retraining
-    assert retraining["parameters"] == {"data_source": str((champion_project / "data" / "incoming").resolve())}
-    decision = retraining["promotion"]
-    assert decision["version"] == "tumorscope-kidney-ct/2" and decision["decision"] in ("promoted", "refused")
-    verdict = "is the new champion" if decision["decision"] == "promoted" else "refused"
-    assert decision["line"].startswith(f"promote: tumorscope-kidney-ct/2 {verdict}")
-    assert result["alert"]["webhook"] == {"status": 200}
-    alert = _Hook.received[-1]
-    assert alert["drift"] is True and alert["text"] == result["line"] and alert["retraining"]["promotion"] == decision

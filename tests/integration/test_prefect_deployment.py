@@ -1,109 +1,120 @@
-"""The training deployment, end to end as a user runs it: a real Prefect server (temporary
-database), `python -m flows.deploy` registering the deployment on a process work pool, a
-`prefect worker start` polling it, and a run triggered with `prefect deployment run`. The run is a
-DVC experiment (`dvc exp show` lists it with its parameters) and is tracked in MLflow."""
+"""The deployments end to end as a team runs them, on the shared tiny DVC project: a real Prefect
+server, `python -m flows.deploy` registering the experiment and drift deployments on a process work
+pool, a `prefect worker start` polling it, and the closed loop: a drift check of a batch from
+another scanner alerts a loopback webhook and starts the experiment deployment with that labelled
+batch added to the data. The worker runs it as `dvc exp run` (old + new data, a new data version):
+`dvc exp show` lists it with its parameters and metrics, MLflow tracks its trials and training, and
+the promotion gates decide."""
 
 from __future__ import annotations
 
+import http.server
 import json
-import os
-import socket
 import subprocess
 import sys
-import time
+import threading
 import urllib.request
 from pathlib import Path
 
 import pytest
-from test_dvc_repro import TINY, _git, _run, make_project
+import yaml
+
+from helpers.paths import BIN
+from helpers.processes import start, stop
+from helpers.projects import copy_project, git, run_tool, tool_env
 
 pytestmark = pytest.mark.slow
-BIN = Path(sys.executable).parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class _Hook(http.server.BaseHTTPRequestHandler):
+    received: list = []
+
+    def do_POST(self):  # noqa: N802
+        type(self).received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
 
 
-def wait_for(check, seconds: float, what: str, process: subprocess.Popen):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"{what}: process exited {process.returncode}: {process.stdout.read()[-3000:]}")
-        try:
-            if check():
-                return
-        except OSError:
-            pass
-        time.sleep(1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def stop(process: subprocess.Popen | None) -> None:
-    if process is None:
-        return
-    process.terminate()
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-
-
-def test_deployment_on_a_work_pool_runs_a_recorded_dvc_experiment(tmp_path):
-    (tmp_path / "project").mkdir()
-    project = make_project(tmp_path / "project", TINY)
-    _git(["add", "-A"], project)
-    _git(["commit", "-q", "-m", "baseline"], project)  # experiments are recorded against a commit
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_API_URL=api,
-               PREFECT_SERVER_ANALYTICS_ENABLED="false", PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def test_drift_starts_the_experiment_deployment_on_old_and_new_data_and_the_gates_decide(tiny_dvc_run, prefect_server,
+                                                                                          tmp_path):
+    project = copy_project(tiny_dvc_run.project, tmp_path / "project")
+    hook = http.server.HTTPServer(("127.0.0.1", 0), _Hook)
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    # The run waits for the retraining (in this process, not on the pool's one slot) and passes a parameter.
+    params["monitor"] |= {"webhook_url": f"http://127.0.0.1:{hook.server_address[1]}/drift",
+                          "retrain": {"deployment": "tumorscope-experiment/train", "parameters": {"n_trials": 3},
+                                      "wait_seconds": 900}}
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    git(["commit", "-q", "-am", "alert and retrain on drift"], project)  # experiments are recorded against a commit
+    n_before = sum(json.loads((project / "reports" / "ingest.json").read_text())["files_per_label"].values())
+    env = tool_env(project, **prefect_server.env(), PYTHONPATH=str(project))
+    pool = "test-pool"
     worker = None
     try:
-        wait_for(lambda: urllib.request.urlopen(f"{api}/health", timeout=2).status == 200, 180, "server", server)
-        # Unscheduled here: a drift check due at once would queue before the run this test triggers.
-        deployed = subprocess.run([sys.executable, "-m", "flows.deploy", "--pool", "test-pool", "--monitor-every", "0"],
+        # Unscheduled here: a drift check due at once would queue before the run this test starts.
+        deployed = subprocess.run([sys.executable, "-m", "flows.deploy", "--pool", pool, "--monitor-every", "0"],
                                   cwd=project, env=env, capture_output=True, text=True, timeout=180)
         assert deployed.returncode == 0, deployed.stdout[-2000:] + deployed.stderr[-2000:]
-        assert "tumorscope-monitor/drift -> work pool 'test-pool'" in deployed.stdout
-        pool = json.loads(urllib.request.urlopen(f"{api}/work_pools/test-pool", timeout=5).read())
-        assert (pool["type"], pool["concurrency_limit"]) == ("process", 1)  # one writer in this folder at a time
+        assert f"tumorscope-monitor/drift -> work pool '{pool}'" in deployed.stdout
+        found = json.loads(urllib.request.urlopen(f"{prefect_server.api_url}/work_pools/{pool}", timeout=5).read())
+        assert (found["type"], found["concurrency_limit"]) == ("process", 1)  # one writer in this folder at a time
 
-        worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "test-pool"], cwd=tmp_path,
-                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        run = subprocess.run([str(BIN / "prefect"), "deployment", "run", "tumorscope-experiment/train",
-                              "-p", "n_trials=3", "-p", "name=from-prefect", "--watch", "--watch-timeout", "900"],
-                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=960)
-        assert run.returncode == 0 and "Completed" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
+        worker = start([str(BIN / "prefect"), "worker", "start", "--pool", pool], tmp_path / "worker.log", env, cwd=tmp_path)
+        checked = subprocess.run([sys.executable, "-m", "flows.monitoring", "data/incoming"], cwd=project, env=env,
+                                 capture_output=True, text=True, timeout=1000)
+        assert checked.returncode == 0, checked.stdout[-3000:] + checked.stderr[-3000:]
+        result = json.loads(checked.stdout[checked.stdout.index("{\n"):])
     finally:
         stop(worker)
-        stop(server)
+        hook.shutdown()
+        hook.server_close()
+    log = (tmp_path / "worker.log").read_text(errors="replace")[-3000:]
+    assert result["status"] == "drift", result["line"]
+    retraining = result["retraining"]
+    assert retraining["state"] == "COMPLETED", f"{retraining}\n{log}"
+    incoming = project / "data" / "incoming"
+    assert retraining["parameters"] == {"n_trials": 3, "add_data": str(incoming.resolve())}
+    decision = retraining["promotion"]
+    assert decision["version"] == "tumorscope-kidney-ct/2" and decision["decision"] in ("promoted", "refused")
+    verdict = "is the new champion" if decision["decision"] == "promoted" else "refused"
+    assert decision["line"].startswith(f"promote: tumorscope-kidney-ct/2 {verdict}")
+    assert result["alert"]["webhook"] == {"status": 200}
+    alert = _Hook.received[-1]
+    assert alert["drift"] is True and alert["text"] == result["line"] and alert["retraining"]["promotion"] == decision
 
-    # DVC knows the run: an experiment with the run's parameter, its metrics, and the outputs in place.
-    shown = json.loads(_run(["dvc", "exp", "show", "--json"], project).stdout)
+    # DVC recorded the run: an experiment named after the flow run, with its parameter and metrics.
+    shown = json.loads(run_tool(["dvc", "exp", "show", "--json"], project).stdout)
     experiments = [exp for entry in shown for exp in (entry.get("experiments") or [])]
-    named = [exp for exp in experiments if exp.get("name") == "from-prefect"]
+    named = [exp for exp in experiments if exp.get("name") == f"prefect-{retraining['flow_run_name']}"]
     assert named, json.dumps(shown)[:3000]
     revision = named[0]["revs"][0]["data"]
     assert revision["params"]["params.yaml"]["data"]["tune"]["n_trials"] == 3
     assert "macro_f1" in revision["metrics"]["metrics.json"]["data"]
     leaderboard = json.loads((project / "reports" / "leaderboard.json").read_text())
     assert sum(leaderboard["states"].get(s, 0) for s in ("COMPLETE", "PRUNED")) == 3
+    # Old + new: the batch is versioned with DVC in data/added and ingested beside the old data.
+    batches = sorted((project / "data" / "added").glob("incoming-*.dvc"))
+    assert len(batches) == 1, sorted((project / "data" / "added").iterdir())
+    ingested = json.loads((project / "reports" / "ingest.json").read_text())
+    n_new = sum(1 for p in incoming.rglob("*.png"))
+    assert ingested["added_batches"][batches[0].stem] and sum(ingested["added_batches"][batches[0].stem].values()) == n_new
+    assert sum(ingested["files_per_label"].values()) == n_before + n_new
 
-    # MLflow tracked it as today: the study's trials and the final training nested under the study.
+    # MLflow tracked it: the experiment's trials and its training, nested under its study.
     code = f"""
 import json, mlflow
 mlflow.set_tracking_uri("sqlite:///{project}/mlflow.db")
 runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
 stages = sorted(r.data.tags.get("stage") for r in runs)
-assert stages.count("tune-trial") >= 3 and stages.count("train") == 1 and stages.count("tune") == 1, stages
+assert stages.count("tune-trial") >= 3 and stages.count("train") == 2 and stages.count("tune") >= 2, stages
 train_run = mlflow.get_run(json.load(open("{project}/models/train.json"))["run_id"])
 assert "test_macro_f1" in train_run.data.metrics
 print("mlflow ok")
 """
-    checked = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert "mlflow ok" in checked.stdout, checked.stderr[-3000:]
+    tracked = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert "mlflow ok" in tracked.stdout, tracked.stderr[-3000:]
+    assert Path(project / "data" / "added" / batches[0].stem).is_dir()

@@ -18,7 +18,9 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import REPO, needs_postgres, postgres_schema_uri, textured_slice, write_png
+from helpers.images import textured_slice, write_png
+from helpers.paths import REPO
+from helpers.requirements import needs_postgres, postgres_schema_uri
 from tumorscope.config import load_params, with_overrides
 from tumorscope.stages import data as data_stages
 from tumorscope.stages import prediction, promotion, training
@@ -200,7 +202,6 @@ def test_predict_writes_csv_and_external_validation(tmp_path, monkeypatch):
     assert run.data.metrics["external_macro_f1"] == pytest.approx(report["macro_f1"])
 
 
-@pytest.mark.postgres
 @needs_postgres
 def test_registry_on_postgres(tmp_path, monkeypatch):
     """Register, promote and roll back on a PostgreSQL tracking store (parallel workers' set-up)."""

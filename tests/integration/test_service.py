@@ -16,14 +16,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-import bento_server
-from bento_server import Served, phantom_dicom, phantom_pngs, png_bytes
-from conftest import FIXTURE_SLICES, SAMPLE, needs_sample
-
-
-@pytest.fixture(scope="session")
-def served(request, prepared_project, tmp_path_factory) -> Served:
-    return bento_server.shared_server(request, prepared_project, tmp_path_factory)
+from helpers import bento as bento_server
+from helpers.bento import Served
+from helpers.images import phantom_dicom, phantom_pngs, png_bytes
+from helpers.paths import FIXTURE_SLICES, SAMPLE
+from helpers.requirements import needs_sample
 
 
 @pytest.fixture(scope="session")
@@ -36,8 +33,8 @@ def client(served):
 def models(served):
     """The registered versions, loaded in this process as the service loads them."""
     from tumorscope import registry
+    from tumorscope.api.settings import configure_tracking
     from tumorscope.config import load_params
-    from tumorscope.serving import configure_tracking
 
     configure_tracking(load_params(served.params_path).mlflow)
     return {v: registry.load_model(served.registered_model, str(v)) for v in served.versions}
@@ -320,8 +317,8 @@ def test_wrong_method_path_and_json_bodies(client):
 
 def test_reload_follows_the_champion(served, client, models):
     from tumorscope import registry
+    from tumorscope.api.settings import configure_tracking
     from tumorscope.config import load_params
-    from tumorscope.serving import configure_tracking
 
     configure_tracking(load_params(served.params_path).mlflow)  # the served project's registry
 

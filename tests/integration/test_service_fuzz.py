@@ -20,9 +20,10 @@ import httpx
 import numpy as np
 import pytest
 
-import bento_server
-from bento_server import Served, phantom_dicom, phantom_pngs, png_bytes
-from conftest import FIXTURE_SLICES
+from helpers import bento as bento_server
+from helpers.bento import Served
+from helpers.images import phantom_dicom, phantom_pngs, png_bytes
+from helpers.paths import FIXTURE_SLICES
 
 N_REQUESTS = 1200
 MIN_REQUESTS = 1000
@@ -30,10 +31,6 @@ BUDGET_S = 120
 FILE_ROUTES = {"/classify": "file", "/explain": "file", "/classify_batch": "files"}
 JSON_ROUTES = ("/metadata", "/health", "/reload")
 
-
-@pytest.fixture(scope="session")
-def served(request, prepared_project, tmp_path_factory) -> Served:
-    return bento_server.shared_server(request, prepared_project, tmp_path_factory)
 
 
 @dataclass

@@ -9,10 +9,10 @@ import sys
 
 import pytest
 
-from tumorscope import tuning
 from tumorscope.config import load_params, with_overrides
 from tumorscope.stages import training
 from tumorscope.tracking import absolute_sqlite_uri
+from tumorscope.tuning.study import load_study, open_study, run_worker
 
 pytestmark = pytest.mark.slow
 
@@ -29,9 +29,9 @@ def test_baseline_trains_beside_the_tracked_model_and_logs_what_trials_log(proje
     summary = json.loads((baseline / "train.json").read_text())
     assert "seconds" not in json.dumps(summary)  # times live in MLflow, not in files DVC tracks
 
-    handle = tuning.open_study(params)
-    tuning.run_worker(params, handle)
-    trial = tuning.load_study(params).get_trials(deepcopy=False)[0]
+    handle = open_study(params)
+    run_worker(params, handle)
+    trial = load_study(params).get_trials(deepcopy=False)[0]
     mlflow.set_tracking_uri(absolute_sqlite_uri(params.mlflow.tracking_uri))
     train_run = mlflow.get_run(summary["run_id"])
     trial_run = mlflow.get_run(trial.user_attrs["mlflow_run_id"])

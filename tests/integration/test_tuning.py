@@ -13,10 +13,11 @@ import uuid
 import pytest
 import yaml
 
-from conftest import needs_postgres, postgres_schema_uri
-from tumorscope import tuning
+from helpers.requirements import needs_postgres, postgres_schema_uri
 from tumorscope.config import load_params, with_overrides
 from tumorscope.tracking import absolute_sqlite_uri
+from tumorscope.tuning.leaderboard import finish_study
+from tumorscope.tuning.study import find_parent_run, load_study, open_study, run_worker, stored_study_name
 
 pytestmark = pytest.mark.slow
 CLI = [sys.executable, "-m", "tumorscope.cli"]
@@ -34,10 +35,10 @@ def test_study_records_trials_failures_and_nested_runs(project):
     import mlflow
 
     params = load_params("params.yaml")
-    handle = tuning.open_study(params)
-    study = tuning.load_study(params)
+    handle = open_study(params)
+    study = load_study(params)
     study.enqueue_trial({"architecture": "small_cnn", "filters": 2})  # filters must be >= 4: this trial fails
-    counts = tuning.run_worker(params, handle)
+    counts = run_worker(params, handle)
     assert counts.get("FAIL") == 1
     assert counts.get("COMPLETE", 0) + counts.get("PRUNED", 0) == params.tune.n_trials
 
@@ -56,7 +57,7 @@ def test_study_records_trials_failures_and_nested_runs(project):
         assert len(history) == params.tune.trial_epochs  # reported every epoch
     assert all(r.info.status == "KILLED" for r in by_state.get("PRUNED", []))
 
-    summary = tuning.finish_study(params, handle)
+    summary = finish_study(params, handle)
     rows = summary["leaderboard"]
     assert [r["rank_by"] for r in rows] == sorted((r["rank_by"] for r in rows), reverse=True)
     for row in rows:
@@ -64,7 +65,7 @@ def test_study_records_trials_failures_and_nested_runs(project):
         assert interval["low"] <= interval["high"]
     best = json.loads(open(params.tune.best_params_path).read())
     assert best["trial"] == rows[0]["trial"] and best["study_name"] == handle.study_name
-    assert tuning.find_parent_run(params) == handle.parent_run_id  # the train stage nests its run here
+    assert find_parent_run(params) == handle.parent_run_id  # the train stage nests its run here
     # No run ids or times in the DVC outputs (they differ on every run); MLflow and Optuna keep them.
     leaderboard_text = open(params.tune.leaderboard_path).read()
     assert handle.parent_run_id not in leaderboard_text and "seconds" not in leaderboard_text
@@ -72,25 +73,25 @@ def test_study_records_trials_failures_and_nested_runs(project):
     assert "| 1 |" in (project / "reports" / "leaderboard.md").read_text()
 
     # Resume: the same settings find the same study with nothing left to do; more trials continue it.
-    assert tuning.run_worker(params, tuning.open_study(params)) == counts
+    assert run_worker(params, open_study(params)) == counts
     more = with_overrides(params, {"tune": {"n_trials": params.tune.n_trials + 1}})
-    assert tuning.stored_study_name(more) == tuning.stored_study_name(params)
-    grown = tuning.run_worker(more, tuning.open_study(more))
+    assert stored_study_name(more) == stored_study_name(params)
+    grown = run_worker(more, open_study(more))
     assert grown.get("COMPLETE", 0) + grown.get("PRUNED", 0) == params.tune.n_trials + 1
     # A different search space is a different study.
     other = with_overrides(params, {"tune": {"search_space": {"lr": [0.001]}}})
-    assert tuning.stored_study_name(other) != tuning.stored_study_name(params)
+    assert stored_study_name(other) != stored_study_name(params)
 
 
 def _states(params) -> list:
-    return tuning.load_study(params).get_trials(deepcopy=False)
+    return load_study(params).get_trials(deepcopy=False)
 
 
 def test_killed_worker_resumes_the_same_study(project):
     overrides = {"tune": {"n_trials": 3, "trial_epochs": 25, "pruner": "none"}}
     params = with_overrides(load_params("params.yaml"), overrides)
     (project / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json", by_alias=True)))
-    tuning.open_study(params)
+    open_study(params)
     worker = subprocess.Popen([*CLI, "tune-worker"], cwd=project, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300
@@ -125,7 +126,6 @@ def test_killed_worker_resumes_the_same_study(project):
     assert (killed_run.info.status, killed_run.data.tags["optuna_state"]) == ("FAILED", "FAIL")
 
 
-@pytest.mark.postgres
 @needs_postgres
 def test_two_postgres_workers_share_one_study(project):
     name = f"pgtest-{uuid.uuid4().hex[:8]}"
@@ -134,13 +134,13 @@ def test_two_postgres_workers_share_one_study(project):
         "tune": {"storage": storage, "study_name": name, "workers": 2, "n_trials": 6, "trial_epochs": 3},
         "mlflow": {"tracking_uri": postgres_schema_uri("tumorscope_mlflow"), "experiment": name}})
     (project / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json", by_alias=True)))
-    handle = tuning.open_study(params)
+    handle = open_study(params)
     workers = [subprocess.Popen([*CLI, "tune-worker", "--index", str(i)], cwd=project,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     try:
         outputs = [w.communicate(timeout=600) for w in workers]
         assert [w.returncode for w in workers] == [0, 0], [o[1][-1500:] for o in outputs]
-        trials = tuning.load_study(params).get_trials(deepcopy=False)
+        trials = load_study(params).get_trials(deepcopy=False)
         assert sorted(t.number for t in trials) == list(range(len(trials)))  # none lost, none doubled
         assert all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
         # Both stop at n_trials; a worker that had started its last trial may add one more.
@@ -154,7 +154,7 @@ def test_two_postgres_workers_share_one_study(project):
             w.kill()
         import optuna
 
-        optuna.delete_study(study_name=tuning.stored_study_name(params), storage=storage)
+        optuna.delete_study(study_name=stored_study_name(params), storage=storage)
 
 
 def test_optuna_and_mlflow_in_one_schema_is_refused(project):
@@ -163,7 +163,7 @@ def test_optuna_and_mlflow_in_one_schema_is_refused(project):
     shared = postgres_schema_uri("same")
     params = with_overrides(load_params("params.yaml"), {"tune": {"storage": shared}, "mlflow": {"tracking_uri": shared}})
     with pytest.raises(UserError, match="share one database schema"):
-        tuning.open_study(params)
+        open_study(params)
     assert not (project / "optuna.db").exists()
 
 

@@ -8,14 +8,14 @@ import os
 import subprocess
 import sys
 import textwrap
-from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO
+from helpers.paths import REPO
+from helpers.requirements import needs_jax
 from tumorscope.models.explain import grad_cam, overlay_png, region_of_interest
 
 SIZE = 32
@@ -297,7 +297,7 @@ def test_overlay_is_an_rgb_png_of_the_slice_size():
 # Another backend
 
 
-@pytest.mark.skipif(find_spec("jax") is None, reason="jax is not installed in this environment (optional: the 'gpu' extra)")
+@needs_jax
 def test_grad_cam_on_the_jax_backend(trained_cnn, tmp_path: Path):
     """The model trained here on TensorFlow, saved and explained in a JAX process: the jax.grad
     branch gives a map that points at the finding too."""

@@ -14,8 +14,9 @@ from tumorscope.config import PhantomConfig, PreprocessConfig, TrainConfig, Wind
 from tumorscope.data.images import read_greyscale
 from tumorscope.data.phantom import generate_phantom
 from tumorscope.data.preprocess import prepare_slice
+from tumorscope.inference import predict_proba
 from tumorscope.models.evaluate import degenerate_predictions
-from tumorscope.models.train import predict_proba, save_model, train_model
+from tumorscope.models.train import save_model, train_model
 from tumorscope.models.zoo import build_model
 
 SIZE = 48
@@ -60,7 +61,7 @@ def findings_arrays():
 @pytest.mark.parametrize("norm", ["none", "batch"])
 def test_a_model_that_learned_keeps_its_skill_in_inference_mode(findings_arrays, norm):
     """Training-mode accuracy near 1 and inference-mode (predict) predictions that are not one
-    class and score well: the BatchNormalization lag of DESIGN.md would show as the gap between
+    class and score well: the BatchNormalization lag (docs/decisions/0002) would show as the gap between
     the two. With train.warmup_epochs: 0 TensorFlow's BatchNormalization model restored an early
     epoch whose predict() never chose class 0 (validation accuracy 0.71); the default warm-up is
     what this tests."""

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from tumorscope.config import TrainConfig
-from tumorscope.models.train import batch_norm_layers, predict_proba, recalibrate_batch_norm, train_model
+from tumorscope.inference import predict_proba
+from tumorscope.models.train import batch_norm_layers, recalibrate_batch_norm, train_model
 from tumorscope.models.zoo import APPLICATIONS, backbone_of, build_model, set_trainable_top
 
 pytestmark = pytest.mark.slow

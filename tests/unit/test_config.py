@@ -1,6 +1,6 @@
 import pytest
 
-from conftest import REPO
+from helpers.paths import REPO
 from tumorscope.config import ConfigError, Params, load_params, parse_params
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import textured_slice, write_png
+from helpers.images import textured_slice, write_png
 from tumorscope.config import WindowConfig
 from tumorscope.data import images, manifest
 from tumorscope.data.images import MAX_PIXELS, UnreadableImage, decode_greyscale, error_reason

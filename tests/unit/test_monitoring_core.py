@@ -183,7 +183,7 @@ def test_other_scanner_batch_differs_where_the_scanner_does(tmp_path):
 
 
 def test_retraining_data_comes_from_labelled_new_slices_only(tmp_path):
-    from flows.monitoring import retraining_source
+    from flows.monitoring import retraining_data
     from tumorscope.config import Params
 
     labelled = tmp_path / "new"
@@ -192,9 +192,9 @@ def test_retraining_data_comes_from_labelled_new_slices_only(tmp_path):
     unlabelled = tmp_path / "loose"
     (unlabelled / "scan-0001").mkdir(parents=True)
     params = Params()
-    assert retraining_source(params, str(labelled)) == str(labelled.resolve())
-    assert retraining_source(params, str(unlabelled)) is None  # folders that are not classes
-    assert retraining_source(params, "logs/inference.jsonl") is None  # a log has no labels
+    assert retraining_data(params, str(labelled)) == str(labelled.resolve())
+    assert retraining_data(params, str(unlabelled)) is None  # folders that are not classes
+    assert retraining_data(params, "logs/inference.jsonl") is None  # a log has no labels
     configured = params.model_copy(update={"monitor": params.monitor.model_copy(update={
-        "retrain": params.monitor.retrain.model_copy(update={"data_source": "/data/curated"})})})
-    assert retraining_source(configured, str(unlabelled)) == "/data/curated"
+        "retrain": params.monitor.retrain.model_copy(update={"new_data": "/data/curated"})})})
+    assert retraining_data(configured, str(unlabelled)) == "/data/curated"

@@ -4,55 +4,25 @@ ASGI upload guard (driven by httpx against a minimal ASGI app) and the model sid
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from conftest import FIXTURE_SLICES
-from tumorscope import serving
+from helpers.images import dicom_bytes, png_bytes
+from helpers.paths import FIXTURE_SLICES
+from tumorscope.api import refusals, responses, served_model, upload_guard
+from tumorscope.api.inference_log import InferenceLog
+from tumorscope.api.refusals import BadRequest
+from tumorscope.api.upload_guard import Route, UploadGuard
 from tumorscope.config import PreprocessConfig, WindowConfig
 from tumorscope.inference import PreparedImage, input_spec
 from tumorscope.monitoring import features as monitoring_features
-from tumorscope.serving import BadRequest, InferenceLog, Route, UploadGuard
 
 CLASSES = ["Cyst", "Normal", "Stone", "Tumor"]
 SPEC = input_spec(CLASSES, PreprocessConfig(image_size=32), WindowConfig())
 LIMIT = 64 * 1024
-
-
-def png_bytes(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def dicom_bytes(hu: np.ndarray | None, spacing: tuple[float, float] | None = (0.7, 0.8)) -> bytes:
-    """A CT DICOM (stored = HU + 1024); ``hu`` None: a header-only file without pixel data."""
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.2")  # CT Image Storage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset("ct.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.Modality = "CT"
-    if hu is not None:
-        stored = np.clip(hu + 1024, 0, 4095).astype(np.uint16)
-        ds.Rows, ds.Columns = stored.shape
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
-        ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PixelRepresentation = 1, "MONOCHROME2", 0
-        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
-        ds.PixelData = stored.tobytes()
-    if spacing is not None:
-        ds.PixelSpacing = list(spacing)
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
 
 
 def fixture_jpeg() -> bytes:
@@ -71,33 +41,33 @@ def fixture_jpeg() -> bytes:
 ])
 def test_check_upload_refuses_with_status(data, content_type, status, words):
     with pytest.raises(BadRequest, match=words) as caught:
-        serving.check_upload(data, content_type, LIMIT)
+        refusals.check_upload(data, content_type, LIMIT)
     assert caught.value.status == status and "\n" not in caught.value.message
 
 
 @pytest.mark.parametrize("content_type", ["image/png", "image/jpeg", "IMAGE/PNG; q=1", "application/dicom",
                                           "application/octet-stream", None])
 def test_check_upload_accepts_image_types(content_type):
-    serving.check_upload(b"abc", content_type, LIMIT)
+    refusals.check_upload(b"abc", content_type, LIMIT)
 
 
 def test_suffix_and_status_mapping():
-    assert serving.suffix_for("Slice.PNG", "image/png") == ".png"
-    assert serving.suffix_for("scan", "application/dicom") == ".dcm"
-    assert serving.suffix_for(None, None) == ""
-    assert serving.status_for_reason("empty file") == 400
-    assert serving.status_for_reason("image too large: 9x9 pixels") == 413
-    assert serving.status_for_reason("corrupt image (OSError: truncated)") == 422
+    assert refusals.suffix_for("Slice.PNG", "image/png") == ".png"
+    assert refusals.suffix_for("scan", "application/dicom") == ".dcm"
+    assert refusals.suffix_for(None, None) == ""
+    assert refusals.status_for_reason("empty file") == 400
+    assert refusals.status_for_reason("image too large: 9x9 pixels") == 413
+    assert refusals.status_for_reason("corrupt image (OSError: truncated)") == 422
 
 
 def test_prepare_upload_real_slice_matches_training_preparation():
     from tumorscope.inference import prepare_bytes
 
     data = fixture_jpeg()
-    prepared = serving.prepare_upload(data, "slice.jpg", "image/jpeg", SPEC, LIMIT * 16)
+    prepared = refusals.prepare_upload(data, "slice.jpg", "image/jpeg", SPEC, LIMIT * 16)
     assert prepared.pixels.shape == (32, 32, 1) and prepared.pixels.dtype == np.uint8
     np.testing.assert_array_equal(prepared.pixels, prepare_bytes(data, ".jpg", SPEC).pixels)
-    assert serving.source_warnings(prepared.source_mode) == []
+    assert responses.source_warnings(prepared.source_mode) == []
 
 
 @pytest.mark.parametrize(("make", "status", "words"), [
@@ -110,25 +80,25 @@ def test_prepare_upload_real_slice_matches_training_preparation():
 ])
 def test_prepare_upload_refusals(make, status, words):
     with pytest.raises(BadRequest, match=words) as caught:
-        serving.prepare_upload(make(), "file.bin", "application/octet-stream", SPEC, LIMIT * 16)
+        refusals.prepare_upload(make(), "file.bin", "application/octet-stream", SPEC, LIMIT * 16)
     assert caught.value.status == status
 
 
 def test_rgb_and_16_bit_images_are_prepared_like_training_with_a_warning():
     rng = np.random.default_rng(1)
-    rgb = serving.prepare_upload(png_bytes(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)), "c.png", "image/png",
+    rgb = refusals.prepare_upload(png_bytes(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)), "c.png", "image/png",
                                  SPEC, LIMIT)
-    deep = serving.prepare_upload(png_bytes(rng.integers(0, 65535, (48, 48), dtype=np.uint16)), "d.png", "image/png",
+    deep = refusals.prepare_upload(png_bytes(rng.integers(0, 65535, (48, 48), dtype=np.uint16)), "d.png", "image/png",
                                   SPEC, LIMIT)
-    assert rgb.source_mode == "RGB" and "colour image" in serving.source_warnings("RGB")[0]
-    assert deep.source_mode.startswith("I") and "high bit-depth" in serving.source_warnings(deep.source_mode)[0]
+    assert rgb.source_mode == "RGB" and "colour image" in responses.source_warnings("RGB")[0]
+    assert deep.source_mode.startswith("I") and "high bit-depth" in responses.source_warnings(deep.source_mode)[0]
 
 
 def test_dicom_is_windowed_and_reports_its_spacing():
     hu = np.full((40, 40), -1000.0)
     hu[10:30, 10:30] = 40.0  # soft tissue at the window level: mid grey
-    prepared = serving.prepare_upload(dicom_bytes(hu, (0.5, 0.75)), "ct.dcm", "application/dicom", SPEC, LIMIT)
-    stats = serving.image_statistics(prepared)
+    prepared = refusals.prepare_upload(dicom_bytes(hu, (0.5, 0.75)), "ct.dcm", "application/dicom", SPEC, LIMIT)
+    stats = responses.image_statistics(prepared)
     assert prepared.source_mode == "DICOM" and stats["pixel_spacing_mm"] == [0.5, 0.75]
     assert stats["original_shape"] == [40, 40] and stats["max"] == 128.0 and stats["min"] == 0.0
 
@@ -139,21 +109,21 @@ def test_dicom_is_windowed_and_reports_its_spacing():
 
 def test_image_statistics_of_the_model_input():
     pixels = np.arange(1024, dtype=np.uint16).reshape(32, 32, 1) % 256
-    stats = serving.image_statistics(PreparedImage(pixels.astype(np.uint8), "L", (512, 512)))
+    stats = responses.image_statistics(PreparedImage(pixels.astype(np.uint8), "L", (512, 512)))
     assert stats["mean"] == pytest.approx(127.5) and stats["p50"] == pytest.approx(127.5)
     assert stats["original_shape"] == [512, 512] and stats["model_input_shape"] == [32, 32]
     assert stats["pixel_spacing_mm"] is None and stats["source_mode"] == "L"
 
 
 def test_classify_result_alert_at_the_threshold():
-    result = serving.classify_result([0.1, 0.2, 0.2, 0.5], CLASSES, "Tumor", 0.5)
+    result = responses.classify_result([0.1, 0.2, 0.2, 0.5], CLASSES, "Tumor", 0.5)
     assert result["class"] == "Tumor" and result["alert"] is True and result["critical_probability"] == 0.5
-    assert serving.classify_result([0.1, 0.2, 0.21, 0.49], CLASSES, "Tumor", 0.5)["alert"] is False
+    assert responses.classify_result([0.1, 0.2, 0.21, 0.49], CLASSES, "Tumor", 0.5)["alert"] is False
     # A model without the critical class never raises the alert.
-    other = serving.classify_result([0.3, 0.7], ["Cyst", "Normal"], "Tumor", 0.0)
+    other = responses.classify_result([0.3, 0.7], ["Cyst", "Normal"], "Tumor", 0.0)
     assert other["alert"] is False and other["critical_probability"] is None
     with pytest.raises(ValueError):
-        serving.classify_result([0.5, 0.5], CLASSES, "Tumor", 0.5)
+        responses.classify_result([0.5, 0.5], CLASSES, "Tumor", 0.5)
 
 
 def test_embedding_projection_is_fixed_and_keeps_distances_roughly():
@@ -244,7 +214,7 @@ async def echo_app(scope, receive, send):
         message = await receive()
         body += message.get("body", b"")
         more = message.get("more_body", False)
-    parts = [p.__dict__ for p in scope.get("state", {}).get(serving.STATE_KEY, {}).get("parts", [])]
+    parts = [p.__dict__ for p in scope.get("state", {}).get(upload_guard.STATE_KEY, {}).get("parts", [])]
     payload = json.dumps({"received": len(body), "parts": parts}).encode()
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
     await send({"type": "http.response.body", "body": payload})
@@ -330,7 +300,7 @@ def tiny_loaded():
 
 
 def test_served_model_predicts_like_the_loaded_model_with_an_embedding(tiny_loaded):
-    served = serving.ServedModel("tiny", "champion", 5, loader=lambda name, ref: tiny_loaded,
+    served = served_model.ServedModel("tiny", "champion", 5, loader=lambda name, ref: tiny_loaded,
                                  resolver=lambda name, ref: 1)
     assert served.load() and served.ready
     images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 1), dtype=np.uint8)
@@ -361,7 +331,7 @@ def test_served_model_reload_and_load_failures(tiny_loaded):
             raise UserError("registered model 'tiny' has no alias 'champion'")
         return type(tiny_loaded)(tiny_loaded.model, SPEC, f"tiny/{state['version']}", {"version": state["version"]})
 
-    served = serving.ServedModel("tiny", "champion", 4, loader=loader, resolver=lambda name, ref: state["version"])
+    served = served_model.ServedModel("tiny", "champion", 4, loader=loader, resolver=lambda name, ref: state["version"])
     assert served.load()
     assert served.reload() == {"reloaded": False, "changed": False, "model_version": "tiny/1", "error": None}
     state["version"] = 2
@@ -371,7 +341,7 @@ def test_served_model_reload_and_load_failures(tiny_loaded):
     failed = served.reload()
     assert not failed["reloaded"] and "no alias" in failed["error"] and served.info()["model_version"] == "tiny/2"
 
-    empty = serving.ServedModel("tiny", "champion", 4, loader=loader)
+    empty = served_model.ServedModel("tiny", "champion", 4, loader=loader)
     assert not empty.load() and not empty.ready and "no alias" in empty.info()["load_error"]
-    with pytest.raises(serving.ModelUnavailable, match="no model loaded"):
+    with pytest.raises(served_model.ModelUnavailable, match="no model loaded"):
         empty.predict(np.zeros((1, 32, 32, 1), np.uint8))

@@ -8,7 +8,8 @@ import pytest
 
 from tumorscope.config import ConfigError, Params, TrainConfig, parse_params
 from tumorscope.models.evaluate import group_bootstrap
-from tumorscope.tuning import leaderboard, suggest_train_config
+from tumorscope.tuning.leaderboard import leaderboard
+from tumorscope.tuning.space import suggest_train_config
 
 SPACE = parse_params({"tune": {"search_space": {
     "architecture": ["small_cnn", "mobilenet_v2"], "lr": {"low": 1e-4, "high": 1e-2, "log": True},
@@ -99,7 +100,7 @@ def test_a_model_predicting_only_the_critical_class_is_never_feasible():
     """Seen in make run: a trial predicting "Tumor" for every slice met the tumour-recall
     constraint (recall 1.0), ranked first and trained a degenerate final model."""
     from tumorscope.models.evaluate import score_predictions
-    from tumorscope.tuning import infeasibility
+    from tumorscope.tuning.study import infeasibility
 
     classes = ["Cyst", "Normal", "Stone", "Tumor"]
     labels = np.repeat(np.arange(4), 5)
@@ -113,8 +114,8 @@ def test_a_model_predicting_only_the_critical_class_is_never_feasible():
 
 
 def test_deployment_parameters_override_only_what_they_name():
-    from conftest import REPO
-    from flows.training import deployment_overrides, effective_params
+    from flows.tuning import deployment_overrides, effective_params
+    from helpers.paths import REPO
 
     path = str(REPO / "params.yaml")
     overrides = deployment_overrides(path, ["small_cnn", "resnet50"], 3, "/data/ct", None)
@@ -131,7 +132,7 @@ def test_study_identity_hashes_only_what_trials_depend_on():
     """A new full budget (train.epochs) or a new value of a searched setting continues the study;
     other data preprocessing or a fixed train setting the trials use starts a new one."""
     from tumorscope.config import with_overrides
-    from tumorscope.tuning import stored_study_name
+    from tumorscope.tuning.study import stored_study_name
 
     base = Params()
     same = [{"train": {"epochs": 200}}, {"train": {"model_dir": "elsewhere"}}, {"train": {"lr": 0.01}},

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from conftest import REPO
+from helpers.paths import REPO
 from tumorscope.config import load_params
 from tumorscope.workspace import clean
 
