@@ -126,6 +126,7 @@ def training_hashes(params: Params, loaded) -> tuple[np.ndarray | None, str]:
 def run_predict(params: Params, sources: list[Path], model: str | None = None, out: Path | None = None) -> str:
     """Class and probabilities per image (CSV), and for a labelled folder an external validation
     report (the evaluation's metrics) logged to the model's MLflow run."""
+    check_sources_exist(sources)  # before the heavy imports and the model: a typo answers at once
     import mlflow
     import pandas as pd
 
@@ -134,7 +135,6 @@ def run_predict(params: Params, sources: list[Path], model: str | None = None, o
     from tumorscope.inference import stack
     from tumorscope.models import evaluate as ev
 
-    check_sources_exist(sources)  # before the model loads: a typo answers at once
     loaded = load_for_prediction(params, model)
     classes = loaded.classes
     files, labels, note = collect_sources(sources, classes, params.data.image_extensions)
