@@ -83,7 +83,13 @@ def classify_folder(url: str, folder: Path, batch: int = 32) -> dict[str, int]:
     with httpx.Client(base_url=url, timeout=120) as client:
         for start_at in range(0, len(files), batch):
             chunk = files[start_at:start_at + batch]
-            response = client.post("/classify_batch", files=[("files", (p.name, p.read_bytes(), "image/png")) for p in chunk])
+            upload = [("files", (p.name, p.read_bytes(), "image/png")) for p in chunk]
+            response = client.post("/classify_batch", files=upload)
+            for wait in (2, 5, 10):  # 503: the batching dispatcher shed load (a busy machine); a client retries
+                if response.status_code != 503:
+                    break
+                time.sleep(wait)
+                response = client.post("/classify_batch", files=upload)
             response.raise_for_status()
             for item in response.json()["results"]:
                 counts[item["class"]] = counts.get(item["class"], 0) + 1

@@ -19,22 +19,6 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
 
-# Tests that share a session server or project, or one PostgreSQL schema, run on one xdist worker
-# (`-n 2 --dist loadgroup` in pyproject.toml): each worker has its own session fixtures, so this
-# keeps one Bento server, one tiny dvc repro and one writer per schema. Checked in this order.
-WORKER_GROUPS = (("postgres", lambda item: item.get_closest_marker("postgres") is not None),
-                 ("tiny-dvc", lambda item: "tiny_dvc_run" in getattr(item, "fixturenames", ())),
-                 ("bento", lambda item: "served" in getattr(item, "fixturenames", ())))
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist turns the marks into its scheduling groups
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        group = next((name for name, belongs in WORKER_GROUPS if belongs(item)), None)
-        if group is not None:
-            item.add_marker(pytest.mark.xdist_group(group))
-
-
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """A test whose ``needs`` check is false skips, saying what it needs; under CI it fails."""
     for mark in item.iter_markers("needs"):

@@ -58,7 +58,9 @@ def postgres_schema_uri(schema: str) -> str:
 
 needs_sample = needs(SAMPLE.is_dir, f"needs the real slices in {SAMPLE} (../shared/data: present in CI, absent in a "
                      "user's clone)", pytest.mark.shared)
-needs_postgres = needs(postgres_up, f"needs PostgreSQL at {POSTGRES_URI}", pytest.mark.postgres)
+# One xdist worker runs every PostgreSQL test: MLflow's and Optuna's schema migrations must not race.
+needs_postgres = needs(postgres_up, f"needs PostgreSQL at {POSTGRES_URI}", pytest.mark.postgres,
+                       pytest.mark.xdist_group("postgres"))
 needs_chromium = needs(lambda: CHROMIUM.is_file() and CHROMEDRIVER.is_file(),
                        "needs Debian's chromium and chromium-driver: make test-deps (apt-get install chromium "
                        "chromium-driver)", pytest.mark.browser)

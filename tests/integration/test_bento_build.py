@@ -13,6 +13,7 @@ import time
 
 import httpx
 import numpy as np
+import pytest
 import yaml
 
 from helpers import bento as bento_server
@@ -20,6 +21,9 @@ from helpers.images import phantom_pngs
 from helpers.paths import REPO
 from helpers.processes import free_port, stop
 from helpers.requirements import needs_uv, uv_directory
+
+# One session Bento server, on one xdist worker (tests/integration/conftest.py).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("bento")]
 
 
 @needs_uv

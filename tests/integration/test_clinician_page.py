@@ -5,10 +5,14 @@ overlay, and the class equals what the classify endpoint answers for the same fi
 from __future__ import annotations
 
 import httpx
+import pytest
 
 from helpers.browser import browser
 from helpers.images import phantom_pngs
 from helpers.requirements import needs_chromium
+
+# One session Bento server, on one xdist worker (tests/integration/conftest.py).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("bento")]
 
 
 @needs_chromium

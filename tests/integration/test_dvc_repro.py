@@ -78,6 +78,7 @@ def _stages_run(result: subprocess.CompletedProcess) -> set[str]:
     return {line.split("'")[1] for line in result.stdout.splitlines() if line.startswith("Running stage")}
 
 
+@pytest.mark.xdist_group("tiny-dvc")  # the session's tiny dvc repro is on this group's worker
 def test_dvc_repro_on_tiny_phantom(tiny_dvc_run, tmp_path, prefect_server):
     assert "Running stage 'evaluate'" in tiny_dvc_run.stdout and "Running stage 'monitor'" in tiny_dvc_run.stdout
     project = copy_project(tiny_dvc_run.project, tmp_path / "project")
@@ -120,6 +121,7 @@ def test_dvc_repro_on_tiny_phantom(tiny_dvc_run, tmp_path, prefect_server):
     assert "Running stage" not in run_tool(["dvc", "repro"], clone, **server).stdout
 
 
+@pytest.mark.xdist_group("tiny-dvc")
 def test_a_second_fresh_run_repeats_the_first_byte_for_byte(tiny_dvc_run, tmp_path, prefect_server):
     """Seeded Keras, a seeded sampler and no times or run ids in the outputs: the same code and
     params give the same split, study, model scores and leaderboard in a fresh project."""

@@ -23,7 +23,8 @@ from helpers.paths import BIN
 from helpers.processes import start, stop
 from helpers.projects import copy_project, git, run_tool, tool_env
 
-pytestmark = pytest.mark.slow
+# Uses the session's tiny dvc repro: on its xdist worker (tests/integration/conftest.py).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("tiny-dvc")]
 
 
 class _Hook(http.server.BaseHTTPRequestHandler):

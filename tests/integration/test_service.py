@@ -22,6 +22,9 @@ from helpers.images import phantom_dicom, phantom_pngs, png_bytes
 from helpers.paths import FIXTURE_SLICES, SAMPLE
 from helpers.requirements import needs_sample
 
+# One session Bento server, on one xdist worker (tests/integration/conftest.py).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("bento")]
+
 
 @pytest.fixture(scope="session")
 def client(served):

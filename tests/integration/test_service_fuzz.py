@@ -25,6 +25,9 @@ from helpers.bento import Served
 from helpers.images import phantom_dicom, phantom_pngs, png_bytes
 from helpers.paths import FIXTURE_SLICES
 
+# One session Bento server, on one xdist worker (tests/integration/conftest.py).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("bento")]
+
 N_REQUESTS = 1200
 MIN_REQUESTS = 1000
 BUDGET_S = 120
