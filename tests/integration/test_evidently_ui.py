@@ -23,7 +23,7 @@ import pytest
 
 from helpers.browser import browser
 from helpers.paths import REPO
-from helpers.processes import free_port, stop
+from helpers.processes import answers_200, free_port, stop, wait_until
 from helpers.requirements import needs_chromium
 from tumorscope.monitoring import drift, features
 
@@ -74,21 +74,6 @@ def _post(url: str, body: dict):
         return json.loads(response.read())
 
 
-def _wait_until_served(url: str, server: subprocess.Popen, log: Path, seconds: float = 60) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise AssertionError(f"evidently ui exited {server.returncode}: {log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"evidently ui did not answer {url} in {seconds:g} s: {log.read_text()[-3000:]}")
-
-
 # Per dashboard card: its title and how many points its line chart plots.
 PLOTTED = """return [...document.querySelectorAll('.MuiCard-root')].map(card => [
     card.querySelector('h5') ? card.querySelector('h5').textContent : '',
@@ -113,7 +98,7 @@ def test_the_evidently_ui_plots_the_drift_history_of_the_workspace(tmp_path):
         try:
             server = subprocess.Popen([str(BIN / "evidently"), "ui", "--workspace", str(workspace), "--host", "127.0.0.1",
                                        "--port", str(port)], env=env, stdout=output, stderr=subprocess.STDOUT)
-            _wait_until_served(f"{url}/api/projects", server, log)
+            wait_until(answers_200(f"{url}/api/projects"), 60, "evidently ui", server, log)
 
             projects = _get(f"{url}/api/projects")
             assert [(p["id"], p["name"]) for p in projects] == [(project_id, PROJECT)]
