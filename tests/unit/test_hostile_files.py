@@ -59,7 +59,6 @@ def _multiframe(fmt: str) -> bytes:
 
 
 def _dicom(pixels: np.ndarray, samples: int = 1) -> bytes:
-    pytest.importorskip("pydicom")
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 

@@ -25,7 +25,6 @@ def test_rgb_and_16bit_png_become_uint8_grey(tmp_path):
 
 
 def test_dicom_rescales_hounsfield_units_through_window(tmp_path):
-    pytest.importorskip("pydicom")
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 

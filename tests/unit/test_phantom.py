@@ -155,7 +155,7 @@ def test_tumour_is_enhancing_and_heterogeneous(slices_hu) -> None:
 def test_slices_are_not_perceptual_near_duplicates() -> None:
     """The split groups slices whose 64-bit pHash differ by <= 4 bits: phantom slices must vary
     enough (body size, position, rotation, organs) not to collapse into a few giant groups."""
-    imagehash = pytest.importorskip("imagehash")
+    import imagehash  # a dependency of the project: missing is a failure, not a skip
     hashes = np.array(
         [
             imagehash.phash(Image.fromarray(render_slice(image_rng(0, label, k), label, 128, 12.0, 0.7, WindowConfig())[0])).hash.ravel()
