@@ -207,6 +207,7 @@ def main(argv: list[str] | None = None) -> None:
         started.append(start([sys.executable, "-c", "from flows.experiment import experiment_flow; "
                               "experiment_flow.serve(name='train')"], runner_log, env))
         clean_before = git_status() == ""
+        from flows.experiment import experiment_name
         from flows.monitoring import monitoring_flow
 
         result = monitoring_flow(params_path=str(params_path))
@@ -218,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
         print(decision.get("line", f"no promotion decision ({retraining.get('note', 'see ' + str(runner_log))})"))
         if retraining.get("state") == "COMPLETED":
             # The experiment flow names its DVC experiment after its flow run; its results are in the workspace.
-            experiment = f"prefect-{retraining['flow_run_name']}"
+            experiment = experiment_name(retraining["flow_run_name"])
             batch = batch_folder(shifted, Path(base.data.added_dir))
             metrics = json.loads(Path(base.evaluate.metrics_path).read_text())
             print(f"DVC experiment {experiment}: test macro-F1 {metrics['macro_f1']:.3f} on {metrics['n_test']} test slices "

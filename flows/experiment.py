@@ -31,6 +31,11 @@ def experiment_settings(params_path: str, architectures: list[str] | None, n_tri
     return {key: json.dumps(value) for key, value in named.items() if value is not None}
 
 
+def experiment_name(flow_run_name: str | None) -> str:
+    """The DVC experiment a flow run records when it is not given a name: named after the run."""
+    return f"prefect-{flow_run_name or 'run'}"
+
+
 def dvc_executable() -> str:
     return str(Path(sys.executable).with_name("dvc"))
 
@@ -80,7 +85,7 @@ def experiment_flow(params_path: str = "params.yaml", architectures: list[str] |
     from prefect.runtime import flow_run
 
     settings = experiment_settings(params_path, architectures, n_trials, data_source, workers)
-    name = name or f"prefect-{flow_run.get_name() or 'run'}"
+    name = name or experiment_name(flow_run.get_name())
     added = add_labelled_batch(params_path, add_data) if add_data else None
     result = dvc_experiment(settings, name) | {"added_batch": added}
     metrics = result["metrics"]

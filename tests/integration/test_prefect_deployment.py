@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from flows.experiment import experiment_name
 from helpers.paths import BIN
 from helpers.processes import start, stop
 from helpers.projects import copy_project, git, run_tool, tool_env
@@ -90,7 +91,7 @@ def test_drift_starts_the_experiment_deployment_on_old_and_new_data_and_the_gate
     # DVC recorded the run: an experiment named after the flow run, with its parameter and metrics.
     shown = json.loads(run_tool(["dvc", "exp", "show", "--json"], project).stdout)
     experiments = [exp for entry in shown for exp in (entry.get("experiments") or [])]
-    named = [exp for exp in experiments if exp.get("name") == f"prefect-{retraining['flow_run_name']}"]
+    named = [exp for exp in experiments if exp.get("name") == experiment_name(retraining["flow_run_name"])]
     assert named, json.dumps(shown)[:3000]
     revision = named[0]["revs"][0]["data"]
     assert revision["params"]["params.yaml"]["data"]["tune"]["n_trials"] == 3
