@@ -23,7 +23,8 @@ from pathlib import Path
 import yaml
 
 from helpers.paths import REPO
-from helpers.processes import free_port, stop, wait_until
+from helpers.processes import answers_200, free_port, stop, wait_until
+from helpers.processes import start as start_process
 
 SERVICE = "serving.service:TumorScope"
 READY_TIMEOUT_S = 180  # a cold start measured 31-55 s on 2 busy cores; leave room for a slow CI machine
@@ -97,10 +98,7 @@ def start(project: Path, versions: dict[int, dict], registered_model: str) -> Se
     command = [*bentoml_command(), "serve", SERVICE, "--host", "127.0.0.1", "--port", str(port),
                "--working-dir", str(REPO)]
     started = time.monotonic()
-    with log_path.open("wb") as log:
-        # A session of its own: the server's worker processes are stopped together with it.
-        process = subprocess.Popen(command, cwd=project, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+    process = start_process(command, log_path, env, cwd=project)  # its workers stop with it
     served = Served(f"http://127.0.0.1:{port}", project, params_path, registered_model, versions, 0.0, log_path,
                     project / "logs" / "inference.jsonl", process)
     wait_ready(served, started)
@@ -109,16 +107,9 @@ def start(project: Path, versions: dict[int, dict], registered_model: str) -> Se
 
 
 def wait_ready(served: Served, started: float) -> None:
-    def ready() -> bool:
-        import httpx
-
-        try:
-            return httpx.get(f"{served.url}/readyz", timeout=5).status_code == 200
-        except httpx.HTTPError:
-            return False
-
     try:
-        wait_until(ready, READY_TIMEOUT_S - (time.monotonic() - started), "bentoml serve", served.process, served.log_path)
+        wait_until(answers_200(f"{served.url}/readyz"), READY_TIMEOUT_S - (time.monotonic() - started), "bentoml serve",
+                   served.process, served.log_path)
     except BaseException:
         stop(served.process)
         raise

@@ -19,7 +19,7 @@ import yaml
 from helpers import bento as bento_server
 from helpers.images import phantom_pngs
 from helpers.paths import REPO
-from helpers.processes import free_port, stop
+from helpers.processes import free_port, start, stop
 from helpers.requirements import needs_uv, uv_directory
 
 # One session Bento server, on one xdist worker (tests/integration/conftest.py).
@@ -51,10 +51,8 @@ def test_built_bento_serves_the_champion_without_the_registry(served, tmp_path):
     params["serve"]["inference_log"] = str(tmp_path / "inference.jsonl")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     port = free_port()
-    log = (tmp_path / "bento.log").open("wb")
-    process = subprocess.Popen([*bento_server.bentoml_command(), "serve", tag, "--host", "127.0.0.1", "--port", str(port)],
-                               cwd=tmp_path, env=env | {"TUMORSCOPE_PARAMS": str(tmp_path / "params.yaml")},
-                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    process = start([*bento_server.bentoml_command(), "serve", tag, "--host", "127.0.0.1", "--port", str(port)],
+                    tmp_path / "bento.log", env | {"TUMORSCOPE_PARAMS": str(tmp_path / "params.yaml")}, cwd=tmp_path)
     bento = bento_server.Served(f"http://127.0.0.1:{port}", tmp_path, tmp_path / "params.yaml", "tumorscope-kidney-ct",
                                 {}, 0.0, tmp_path / "bento.log", tmp_path / "inference.jsonl", process)
     try:
@@ -69,4 +67,3 @@ def test_built_bento_serves_the_champion_without_the_registry(served, tmp_path):
         assert not (tmp_path / "absent").exists()  # nothing tried to open the registry
     finally:
         stop(bento.process)
-        log.close()
