@@ -49,9 +49,7 @@ def make_project(root: Path, images: int, trials: int, epochs: int) -> dict:
     here = os.getcwd()
     os.chdir(root)
     try:
-        params = load_params("params.yaml")
-        for stage in stages.DATA_STAGES:
-            getattr(stages, f"run_{stage}")(params)
+        stages.run_data_stages(load_params("params.yaml"))
     finally:
         os.chdir(here)
     return raw

@@ -100,10 +100,7 @@ def prepare_data(root: Path, changes: dict) -> Path:
     here = os.getcwd()
     os.chdir(root)
     try:
-        params = load_params("params.yaml")
-        for stage in stages.DATA_STAGES:
-            if stage != "phantom" or stages.uses_phantom(params):
-                getattr(stages, f"run_{stage}")(params)
+        stages.run_data_stages(load_params("params.yaml"))
     finally:
         os.chdir(here)
     return root

@@ -52,8 +52,7 @@ def champion_project(tmp_path_factory) -> Path:
     os.chdir(root)
     try:
         params = load_params("params.yaml")
-        for stage in data_stages.DATA_STAGES:
-            getattr(data_stages, f"run_{stage}")(params)
+        data_stages.run_data_stages(params)
         training.train_and_save(params, Path(params.train.model_dir), "train", None, "params.yaml train.*")
         training.run_evaluate(params)
         assert "new champion" in promotion.run_promote(params)

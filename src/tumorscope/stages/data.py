@@ -111,6 +111,12 @@ def uses_phantom(params: Params) -> bool:
     return Path(params.data.source).resolve() == Path(params.phantom.out_dir).resolve()
 
 
+def run_data_stages(params: Params) -> list[str]:
+    """Every data stage in order, as `dvc repro` runs them (phantom only when data.source is its
+    folder), in the working directory, without DVC: for tests and benchmarks."""
+    return [globals()[f"run_{stage}"](params) for stage in DATA_STAGES if stage != "phantom" or uses_phantom(params)]
+
+
 def run_incoming(params: Params) -> str:
     """A labelled batch of new phantom patients (monitor.phantom_batch), from the training phantom's
     scanner or another one: the monitor stage's default current window."""
