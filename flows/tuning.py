@@ -24,7 +24,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from tumorscope.config import Params, load_params, with_overrides
-from tumorscope.stages import training as training_stages
+from tumorscope.stages import tuning as tuning_stages
 
 LIMIT_PREFIX = "tumorscope-arch-"
 
@@ -101,7 +101,7 @@ def retry_unless_user_error(task, task_run, state) -> bool:
 
 @task
 def open_study(params_path: str, overrides: dict) -> dict:
-    return training_stages.run_tune_open(effective_params(params_path, overrides)).__dict__
+    return tuning_stages.run_tune_open(effective_params(params_path, overrides)).__dict__
 
 
 @task
@@ -110,7 +110,7 @@ def tune_worker(params_path: str, overrides: dict, worker_index: int, separate_p
     params = effective_params(params_path, overrides)
     limits = params.tune.architecture_concurrency
     if not separate_process:
-        return training_stages.run_tune_worker(params, worker_index, architecture_guard(limits) if limits else None)
+        return tuning_stages.run_tune_worker(params, worker_index, architecture_guard(limits) if limits else None)
     with tempfile.TemporaryDirectory() as folder:
         effective = Path(folder) / "params.yaml"
         effective.write_text(yaml.safe_dump(params.model_dump(mode="json", by_alias=True)))
@@ -129,7 +129,7 @@ def tune_worker(params_path: str, overrides: dict, worker_index: int, separate_p
 def finish_study(params_path: str, overrides: dict, handle: dict) -> dict:
     from tumorscope.tuning.study import StudyHandle
 
-    summary = training_stages.run_tune_finish(effective_params(params_path, overrides), StudyHandle(**handle))
+    summary = tuning_stages.run_tune_finish(effective_params(params_path, overrides), StudyHandle(**handle))
     create_markdown_artifact(summary["markdown"], key="tumorscope-leaderboard",
                              description=f"Optuna study {summary['study_name']}: leaderboard")
     return {k: summary[k] for k in ("study_name", "states", "parent_run_id", "best")}

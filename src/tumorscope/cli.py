@@ -89,7 +89,7 @@ def tune_worker(params: ParamsOption = DEFAULT_PARAMS,
                 index: Annotated[int, typer.Option(help="worker index (seeds its sampler)")] = 0) -> None:
     """One Optuna worker process on the study (the training flow starts these when tune.workers > 1)."""
     def work() -> str:
-        from tumorscope.stages import training
+        from tumorscope.stages import tuning
 
         loaded = _params(params)
         limits = loaded.tune.architecture_concurrency
@@ -98,7 +98,7 @@ def tune_worker(params: ParamsOption = DEFAULT_PARAMS,
             from flows.tuning import architecture_guard
 
             guard = architecture_guard(limits)
-        return training.run_tune_worker(loaded, index, guard)
+        return tuning.run_tune_worker(loaded, index, guard)
 
     _report(work)
 

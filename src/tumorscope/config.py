@@ -202,6 +202,28 @@ class EvaluateConfig(_Section):
         return sorted(bands)
 
 
+class ConformalConfig(_Section):
+    # Split-conformal prediction sets, calibrated on the validation split after temperature scaling
+    # (docs/decisions/0008-trust-calibration-conformal-referral.md): the set holds the true class
+    # with probability >= 1 - alpha for a new slice exchangeable with the validation slices.
+    alpha: float = Field(0.1, gt=0, lt=1)
+    score: Literal["lac", "aps"] = "lac"
+    # true: a threshold per class (Mondrian), so the tumour class keeps its own coverage.
+    class_conditional: bool = True
+
+
+class OodConfig(_Section):
+    # Per-image out-of-distribution referral. quantile: share of validation slices the feature-space
+    # check keeps (so about 1 - quantile of in-distribution slices is referred).
+    quantile: float = Field(0.95, gt=0.5, lt=1)
+    # The penultimate layer is summarised by a fixed random projection to this many dimensions.
+    embedding_dims: int = Field(32, ge=2, le=256)
+    # Input sanity: the training slices' tail..1-tail quantile of each intensity statistic, widened
+    # by margin times its width.
+    envelope_tail: float = Field(0.001, ge=0, lt=0.5)
+    envelope_margin: float = Field(0.1, ge=0)
+
+
 class CrossvalConfig(_Section):
     # Grouped k-fold: every image is tested once, by a model that never saw its duplicate group.
     # In each round fold i is the test fold, fold i+1 the validation fold (early stopping), the
@@ -345,7 +367,9 @@ class PromoteConfig(_Section):
     # estimate from a few duplicate groups can pass by luck.
     min_macro_f1_low: float = Field(0.7, ge=0, le=1)
     min_critical_recall_low: float = Field(0.8, ge=0, le=1)
-    max_ece: float = Field(0.1, ge=0, le=1)
+    max_ece: float = Field(0.1, ge=0, le=1)   # after temperature scaling
+    # Test coverage of the prediction sets must reach 1 - conformal.alpha minus this.
+    coverage_tolerance: float = Field(0.05, ge=0, le=1)
     # Against the champion, on the same test slices: the lower end of the paired group-bootstrap
     # interval of (challenger - champion) macro-F1 must exceed this. 0: better beyond doubt;
     # a small negative value, e.g. -0.02: not worse by more than 2 points (non-inferiority).
@@ -441,6 +465,8 @@ class Params(_Section):
     preprocess: PreprocessConfig = PreprocessConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    conformal: ConformalConfig = ConformalConfig()
+    ood: OodConfig = OodConfig()
     tune: TuneConfig = TuneConfig()
     crossval: CrossvalConfig = CrossvalConfig()
     promote: PromoteConfig = PromoteConfig()

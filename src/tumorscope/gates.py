@@ -29,17 +29,31 @@ def _at_least(name: str, value: float | None, minimum: float, what: str) -> Gate
     return Gate(name, value >= minimum, value, minimum, f"{what} {value:.3f}, need >= {minimum:.3f}")
 
 
+def coverage_gate(trust: dict | None, cfg: PromoteConfig) -> Gate:
+    """The prediction sets must hold the true class about as often as promised on the test split."""
+    if trust is None:
+        return Gate("coverage", False, None, None, "no prediction sets were evaluated (retrain with this version)")
+    conformal = trust["conformal"]
+    need = conformal["target_coverage"] - cfg.coverage_tolerance
+    return _at_least("coverage", conformal["coverage"]["value"], need,
+                     f"prediction-set coverage (target {conformal['target_coverage']:.2f})")
+
+
 def absolute_gates(scores: dict, cfg: PromoteConfig) -> list[Gate]:
-    """Gates on the challenger's own test scores (``models.evaluate.score_predictions``)."""
+    """Gates on the challenger's own test scores (``models.evaluate.score_predictions`` with the
+    ``trust`` section of ``trust.scores.trust_scores``): the calibration gate reads the ECE after
+    temperature scaling, the probabilities every answer carries."""
     critical = scores.get("critical_class") or "critical class"
-    ece = scores.get("ece")
+    trust = scores.get("trust")
+    ece = trust["calibration"]["ece_after"]["value"] if trust else scores.get("ece")
     return [
         _at_least("macro_f1", (scores.get("macro_f1_ci") or {}).get("low"), cfg.min_macro_f1_low,
                   "macro-F1 interval low"),
         _at_least("critical_recall", (scores.get("critical_recall_ci") or {}).get("low"), cfg.min_critical_recall_low,
                   f"{critical} recall interval low"),
         Gate("calibration", ece is not None and ece <= cfg.max_ece, ece, cfg.max_ece,
-             f"ECE {ece:.3f}, need <= {cfg.max_ece:.3f}" if ece is not None else "ECE undefined"),
+             f"calibrated ECE {ece:.3f}, need <= {cfg.max_ece:.3f}" if ece is not None else "ECE undefined"),
+        coverage_gate(trust, cfg),
         Gate("not_degenerate", not scores["degenerate"], None, None,
              scores["degenerate_reason"] or "predictions spread over classes"),
     ]

@@ -23,6 +23,7 @@ from tumorscope.errors import UserError
 # The preprocess settings that change pixels (cache_dir and report_path only say where).
 PIXEL_SETTINGS = ("image_size", "clahe", "clahe_clip_limit", "equalize", "denoise", "denoise_weight")
 SPEC_KEY = "tumorscope_input"  # the key of the input spec in an MLflow model's metadata
+TRUST_KEY = "tumorscope_trust"  # ... and of the trust state (calibration, conformal sets, OOD check)
 
 
 def input_spec(classes: list[str], preprocess: PreprocessConfig, window: WindowConfig) -> dict[str, Any]:
@@ -83,6 +84,7 @@ class LoadedModel:
     spec: dict
     version: str  # e.g. "tumorscope-kidney-ct/3", "run:<id>", "file:models/model.keras"
     source: dict = field(default_factory=dict)  # registry name/version/alias, run id, path
+    trust: dict | None = None  # calibration, conformal thresholds, OOD check (trust.answers.fit_trust)
 
     @property
     def classes(self) -> list[str]:
@@ -95,6 +97,17 @@ class LoadedModel:
     def predict_proba(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """Inference-mode probabilities of (N, size, size, 1) uint8 images (the training cache's dtype)."""
         return predict_proba(self.model, images, batch_size)
+
+    def answers(self, images: np.ndarray):
+        """(raw probabilities, ``trust.answers.Judged`` or None for a model without a trust state):
+        one forward pass for the probabilities and the embedding the OOD check reads."""
+        if self.trust is None or len(images) == 0:
+            return self.predict_proba(images), None
+        from tumorscope.monitoring.features import model_outputs
+        from tumorscope.trust.answers import judge
+
+        probabilities, embeddings = model_outputs(self.model, images, self.trust["ood"]["embedding_dims"])
+        return probabilities, judge(probabilities, embeddings, images, self.classes, self.trust)
 
 
 def load_model_dir(model_dir: str | Path) -> LoadedModel:
@@ -112,8 +125,8 @@ def load_model_dir(model_dir: str | Path) -> LoadedModel:
     if "input_spec" not in report:
         raise UserError(f"{report_path} has no input_spec (written by an older version): retrain with tumorscope train")
     model = keras.saving.load_model(model_path)
-    return LoadedModel(model, report["input_spec"], f"file:{model_path}", {"path": str(model_path),
-                                                                           "run_id": report.get("run_id")})
+    return LoadedModel(model, report["input_spec"], f"file:{model_path}",
+                       {"path": str(model_path), "run_id": report.get("run_id")}, report.get("trust"))
 
 
 def stack(prepared: list[PreparedImage], image_size: int) -> np.ndarray:

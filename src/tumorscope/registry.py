@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from tumorscope.errors import UserError
-from tumorscope.inference import SPEC_KEY, LoadedModel
+from tumorscope.inference import SPEC_KEY, TRUST_KEY, LoadedModel
 from tumorscope.reports import utc_now
 
 MODEL_NAME_IN_RUN = "model"
@@ -60,15 +60,17 @@ def pip_requirements() -> list[str]:
     return pinned
 
 
-def log_model(model, spec: dict, example: np.ndarray) -> str:
+def log_model(model, spec: dict, example: np.ndarray, trust: dict | None = None) -> str:
     """Log a Keras model to the active run as an MLflow model (native ``.keras`` inside) with a
-    signature, an input example (uint8 slices) and the input spec in its metadata; return its URI."""
+    signature, an input example (uint8 slices), and the input spec and the trust state
+    (``trust.answers.fit_trust``) in its metadata; return its URI."""
     from mlflow.models import Model, infer_signature
 
     example = np.asarray(example, dtype=np.uint8)
     signature = infer_signature(example, np.asarray(model.predict_on_batch(example)))
     info = Model.log(artifact_path=None, name=MODEL_NAME_IN_RUN, flavor=_KerasFlavor(), model=model, signature=signature,
-                     input_example=example, metadata={SPEC_KEY: spec}, pip_requirements=pip_requirements())
+                     input_example=example, metadata={SPEC_KEY: spec} | ({TRUST_KEY: trust} if trust else {}),
+                     pip_requirements=pip_requirements())
     return info.model_uri
 
 
@@ -117,7 +119,7 @@ def load_model(name: str, ref: str) -> LoadedModel:
     if spec is None:
         raise UserError(f"model {uri} has no tumorscope input spec in its metadata (not logged by tumorscope train)")
     source.setdefault("run_id", info.run_id)
-    return LoadedModel(model, spec, version_label, source)
+    return LoadedModel(model, spec, version_label, source, (info.metadata or {}).get(TRUST_KEY))
 
 
 # ---------------------------------------------------------------------------------------------

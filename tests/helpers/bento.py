@@ -54,9 +54,10 @@ def serve_params(project: Path) -> dict:
     params["mlflow"] = {"tracking_uri": f"sqlite:///{project / 'mlflow.db'}", "artifact_root": str(project / "mlartifacts"),
                         "experiment": "serving-test"}
     # max_latency_ms is generous: the dispatcher sheds requests (503) it expects to finish later than
-    # this, and a busy 2-core CI machine is slow; batching is proven by batch sizes, not by latency.
+    # this, and its estimate grows on a saturated 2-core machine (two test workers: a burst of 32 was
+    # shed at 2000 ms); batching is proven by batch sizes, not by latency.
     params["serve"] = {"max_upload_bytes": MAX_UPLOAD_BYTES, "max_batch_files": MAX_BATCH_FILES, "max_batch_size": 16,
-                       "max_latency_ms": 2000, "inference_log": str(project / "logs" / "inference.jsonl"),
+                       "max_latency_ms": 10000, "inference_log": str(project / "logs" / "inference.jsonl"),
                        "embedding_dims": 8}
     return params
 

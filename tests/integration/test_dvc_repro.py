@@ -25,7 +25,16 @@ def _check_outputs(project: Path, classes: list[str]) -> dict:
         assert (project / "evaluation" / plot).stat().st_size > 0
     split = json.loads((project / "reports" / "split.json").read_text())
     assert split["cross_split_leaks"] == 0
-    bands = json.loads((project / "evaluation" / "report.json").read_text())["accuracy_by_train_distance"]
+    report = json.loads((project / "evaluation" / "report.json").read_text())
+    # Calibration, conformal sets and referral were fitted on validation slices and scored on test.
+    trust = report["trust"]
+    assert trust["calibration"]["temperature"] > 0 and trust["conformal"]["target_coverage"] == 0.9
+    assert 0.0 <= metrics["coverage"] <= 1.0 and 0.0 <= metrics["referred"] <= 1.0
+    assert 0.0 <= metrics["mean_set_size"] <= len(classes) and set(metrics["coverage_per_class"]) <= set(classes)
+    assert sum(trust["referral"]["referred_because"].values()) == round(metrics["referred"] * metrics["n_test"])
+    assert (project / "evaluation" / "reliability_calibrated.png").stat().st_size > 0
+    assert len((project / "evaluation" / "risk_coverage.csv").read_text().splitlines()) == metrics["n_test"] + 1
+    bands = report["accuracy_by_train_distance"]
     assert sum(band["n"] for band in bands) == metrics["n_test"]  # every test slice in one band
     threshold = yaml.safe_load((project / "params.yaml").read_text())["split"]["phash_threshold"]
     # no test slice is within the grouping threshold of a training slice: those bands are empty
@@ -59,6 +68,7 @@ train = json.load(open("{project}/models/train.json"))
 model = mlflow.keras.load_model(train["model_uri"])
 info = mlflow.models.get_model_info(train["model_uri"])
 assert info.metadata["tumorscope_input"] == train["input_spec"] and info.signature is not None
+assert info.metadata["tumorscope_trust"]["temperature"] == train["trust"]["temperature"]  # travels with the model
 x = np.load("{project}/data/cache/test_x.npy")
 p = model.predict(x, verbose=0)
 assert p.shape == (len(x), {n_classes}) and np.allclose(p.sum(axis=1), 1, atol=1e-4)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from PIL import Image
 
 from helpers.images import textured_slice, write_png
 from helpers.paths import REPO
@@ -166,6 +167,7 @@ def test_predict_writes_csv_and_external_validation(tmp_path, monkeypatch):
     from tumorscope.data.preprocess import load_split
     from tumorscope.data.split import read_split_table
     from tumorscope.inference import load_model_dir
+    from tumorscope.trust.calibration import apply_temperature
 
     monkeypatch.chdir(tmp_path)
     params = make_project(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -193,13 +195,36 @@ def test_predict_writes_csv_and_external_validation(tmp_path, monkeypatch):
     by_name = {Path(p).name: i for i, p in enumerate(test_rows["path"])}
     good = csv[csv["error"] == ""]
     order = [by_name[Path(p).name] for p in good["path"]]
-    np.testing.assert_allclose(good[[f"p_{c}" for c in model.classes]].to_numpy(float), cached[order], atol=1e-6)
+    np.testing.assert_allclose(good[[f"raw_p_{c}" for c in model.classes]].to_numpy(float), cached[order], atol=1e-6)
+    # p_<class> are the calibrated probabilities; every answer says whether to refer it and why.
+    calibrated = apply_temperature(cached[order], model.trust["temperature"])
+    np.testing.assert_allclose(good[[f"p_{c}" for c in model.classes]].to_numpy(float), calibrated, atol=1e-5)
+    assert set(good["refer"].astype(str)) <= {"True", "False"} and (good["ood_distance"].astype(float) >= 0).all()
+    referred = good[good["refer"].astype(str) == "True"]
+    assert (referred["refer_reason"] != "").all() and (good[good["refer"].astype(str) == "False"]["refer_reason"] == "").all()
+    kept = good[good["refer"].astype(str) == "False"]
+    assert (kept["prediction_set"] == kept["predicted"]).all()  # a decided answer is a set of one: its class
+    assert "referred to a radiologist" in line
 
     report = json.loads((tmp_path / "out" / "hospital_validation.json").read_text())
     assert report["n"] == len(test_rows) and report["n_unreadable"] == 1
     assert report["accuracy_by_train_distance"] is not None  # same split table as training
     run = mlflow.get_run(json.loads(Path("models/train.json").read_text())["run_id"])
     assert run.data.metrics["external_macro_f1"] == pytest.approx(report["macro_f1"])
+    assert 0 <= report["trust"]["conformal"]["coverage"]["value"] <= 1 and "prediction sets cover" in line
+
+    # Images no radiologist would send are referred with the reason, never given a confident class.
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    rng = np.random.default_rng(0)
+    for name, pixels in {"white.png": np.full((64, 64), 255), "black.png": np.zeros((64, 64)),
+                         "grey.png": np.full((64, 64), 120), "noise.png": rng.integers(0, 256, (64, 64))}.items():
+        Image.fromarray(pixels.astype(np.uint8)).save(odd / name)
+    prediction.run_predict(params, [odd], model="models", out=tmp_path / "out" / "odd.csv")
+    odd_csv = pd.read_csv(tmp_path / "out" / "odd.csv", keep_default_na=False).set_index("path")
+    assert (odd_csv["refer"].astype(str) == "True").all(), odd_csv[["refer", "refer_reason"]]
+    for name in ("white.png", "black.png", "grey.png"):
+        assert odd_csv.loc[str(odd / name), "refer_reason"].startswith("blank or constant image")
 
 
 @needs_postgres

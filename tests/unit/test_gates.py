@@ -10,15 +10,22 @@ from tumorscope.gates import absolute_gates, comparison_gate, decision_line, rol
 CFG = PromoteConfig(min_macro_f1_low=0.7, min_critical_recall_low=0.8, max_ece=0.1, min_improvement=0.0)
 
 
-def scores(f1_low=0.75, recall_low=0.85, ece=0.05, degenerate=False):
-    return {"macro_f1_ci": {"low": f1_low}, "critical_recall_ci": {"low": recall_low}, "ece": ece,
-            "degenerate": degenerate, "degenerate_reason": "one class" if degenerate else "", "critical_class": "Tumor"}
+def scores(f1_low=0.75, recall_low=0.85, ece=0.05, degenerate=False, coverage=0.9, raw_ece=0.3):
+    trust = {"calibration": {"ece_after": {"value": ece}},
+             "conformal": {"target_coverage": 0.9, "coverage": {"value": coverage}}}
+    return {"macro_f1_ci": {"low": f1_low}, "critical_recall_ci": {"low": recall_low}, "ece": raw_ece,
+            "degenerate": degenerate, "degenerate_reason": "one class" if degenerate else "", "critical_class": "Tumor",
+            "trust": trust}
 
 
 def test_absolute_gates_use_the_interval_lows_and_name_what_failed():
-    assert all(g.passed for g in absolute_gates(scores(), CFG))
-    failed = [g.name for g in absolute_gates(scores(f1_low=0.69, ece=0.2, degenerate=True), CFG) if not g.passed]
-    assert failed == ["macro_f1", "calibration", "not_degenerate"]
+    assert all(g.passed for g in absolute_gates(scores(), CFG))  # the raw ECE (0.3) is not what is judged
+    failed = [g.name for g in absolute_gates(scores(f1_low=0.69, ece=0.2, degenerate=True, coverage=0.84), CFG)
+              if not g.passed]
+    assert failed == ["macro_f1", "calibration", "coverage", "not_degenerate"]
+    assert absolute_gates(scores(coverage=0.86), CFG)[3].passed  # within promote.coverage_tolerance (0.05)
+    untrusted = {k: v for k, v in scores().items() if k != "trust"}
+    assert [g.name for g in absolute_gates(untrusted, CFG) if not g.passed] == ["calibration", "coverage"]
     undefined = absolute_gates(scores(recall_low=None), CFG)[1]
     assert not undefined.passed and "undefined" in undefined.detail  # no Tumor in the test set: not a pass
 

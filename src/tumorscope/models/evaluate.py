@@ -175,7 +175,20 @@ def headline_metrics(scores: dict) -> dict:
             "macro_roc_auc_ovr": scores["macro_roc_auc_ovr"], "ece": scores["ece"], "degenerate": scores["degenerate"],
             "recall": scores["recall"],
             "macro_f1_ci": {"low": interval["low"], "high": interval["high"]},
-            "recall_ci_low": {c: r["low"] for c, r in scores["recall_ci"].items()}}
+            "recall_ci_low": {c: r["low"] for c, r in scores["recall_ci"].items()}} | trust_headline(scores.get("trust"))
+
+
+def trust_headline(trust: dict | None) -> dict:
+    """Calibration, conformal coverage and referral as flat metrics (``trust.scores.trust_scores``)."""
+    if trust is None:
+        return {}
+    conformal, referral = trust["conformal"], trust["referral"]
+    return {"ece_calibrated": trust["calibration"]["ece_after"]["value"],
+            "temperature": trust["calibration"]["temperature"],
+            "coverage": conformal["coverage"]["value"], "coverage_target": conformal["target_coverage"],
+            "coverage_per_class": {c: v["value"] for c, v in conformal["coverage_per_class"].items()},
+            "mean_set_size": conformal["mean_set_size"],
+            "referred": referral["referred"]["value"], "selective_accuracy": referral["selective_accuracy"]["value"]}
 
 
 def macro_f1_from_confusion(matrices: np.ndarray) -> np.ndarray:
@@ -326,7 +339,7 @@ def plot_class_histogram(labels: np.ndarray, predicted: np.ndarray, classes: lis
     plt.close(fig)
 
 
-def plot_reliability(reliability: dict, ece: float, path: Path) -> None:
+def plot_reliability(reliability: dict, ece: float, path: Path, title: str = "Reliability diagram") -> None:
     plt = _figure()
     fig, ax = plt.subplots(figsize=(4.2, 4.2), dpi=120)
     centres = [(lo + hi) / 2 for lo, hi in zip(reliability["lower"], reliability["upper"], strict=True)]
@@ -338,7 +351,7 @@ def plot_reliability(reliability: dict, ece: float, path: Path) -> None:
     ax.set_ylabel("accuracy")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
-    ax.set_title(f"Reliability diagram (ECE {ece:.3f})")
+    ax.set_title(f"{title} (ECE {ece:.3f})", fontsize=9)
     ax.legend(loc="upper left")
     fig.tight_layout()
     fig.savefig(path)

@@ -123,6 +123,41 @@ def training_hashes(params: Params, loaded) -> tuple[np.ndarray | None, str]:
     return table.loc[table["split"] == "train", "phash"].to_numpy(), ""
 
 
+def answer_table(table, labels: list[str] | None, readable: list[int], classes: list[str], probabilities: np.ndarray,
+                 judged):
+    """The CSV's columns: predicted class, calibrated ``p_<class>`` (the model's own as ``raw_p_``),
+    the prediction set, whether to refer and why, and the OOD distance; unreadable rows stay, empty."""
+    if labels is not None:
+        table.insert(1, "label", labels)
+    shown = judged.probabilities if judged is not None else probabilities
+    table["predicted"] = ""
+    table.loc[readable, "predicted"] = [classes[i] for i in probabilities.argmax(axis=1)]
+    for name, values in (("p", shown), ("raw_p", probabilities)):
+        for j, c in enumerate(classes):
+            table[f"{name}_{c}"] = np.nan
+            table.loc[readable, f"{name}_{c}"] = values[:, j]
+    table["prediction_set"] = ""
+    table["refer"] = ""
+    table["refer_reason"] = ""
+    table["ood_distance"] = np.nan
+    if judged is not None:
+        table.loc[readable, "prediction_set"] = ["|".join(c for c, inside in zip(classes, row, strict=True) if inside)
+                                                 for row in judged.sets]
+        table.loc[readable, "refer"] = judged.refer.tolist()
+        table.loc[readable, "refer_reason"] = [reason or "" for reason in judged.reasons]
+        table.loc[readable, "ood_distance"] = judged.ood_distance
+    return table
+
+
+def referral_note(judged, has_trust: bool) -> str:
+    if not has_trust:
+        return "\npredict: this model has no trust state (calibration, prediction sets, referral): retrain it"
+    if judged is None:
+        return ""
+    return (f"\npredict: {int(judged.refer.sum())} of {len(judged.reasons)} referred to a radiologist "
+            f"({judged.refer.mean():.0%}; see refer_reason)")
+
+
 def run_predict(params: Params, sources: list[Path], model: str | None = None, out: Path | None = None) -> str:
     """Class and probabilities per image (CSV), and for a labelled folder an external validation
     report (the evaluation's metrics) logged to the model's MLflow run."""
@@ -140,16 +175,9 @@ def run_predict(params: Params, sources: list[Path], model: str | None = None, o
     files, labels, note = collect_sources(sources, classes, params.data.image_extensions)
     prepared, rows = read_for_prediction(files, loaded.spec)
     readable = [i for i, p in enumerate(prepared) if p is not None]
-    probabilities = loaded.predict_proba(stack([prepared[i] for i in readable], loaded.image_size))
-    table = pd.DataFrame(rows)
-    if labels is not None:
-        table.insert(1, "label", labels)
-    table["predicted"] = ""
-    for c in classes:
-        table[f"p_{c}"] = np.nan
-    table.loc[readable, "predicted"] = [classes[i] for i in probabilities.argmax(axis=1)]
-    for j, c in enumerate(classes):
-        table.loc[readable, f"p_{c}"] = probabilities[:, j]
+    images = stack([prepared[i] for i in readable], loaded.image_size)
+    probabilities, judged = loaded.answers(images)
+    table = answer_table(pd.DataFrame(rows), labels, readable, classes, probabilities, judged)
     table["model_version"] = loaded.version
     out_dir = Path(params.serve.predictions_dir)
     csv_path = out or out_dir / "predictions.csv"
@@ -157,7 +185,8 @@ def run_predict(params: Params, sources: list[Path], model: str | None = None, o
     table.to_csv(csv_path, index=False)
     n_bad = len(files) - len(readable)
     line = (f"predict: {len(readable)} of {len(files)} images with {loaded.version} -> {csv_path}"
-            + (f" ({n_bad} unreadable: see the error column)" if n_bad else "") + note)
+            + (f" ({n_bad} unreadable: see the error column)" if n_bad else "") + note
+            + referral_note(judged, loaded.trust is not None))
     if labels is None or not readable:
         return line
 
@@ -165,6 +194,11 @@ def run_predict(params: Params, sources: list[Path], model: str | None = None, o
     truth = np.array([classes.index(label) for label in known["label"]])
     groups = duplicate_groups(known["sha256"].to_numpy(), known["phash"].to_numpy(), params.split.phash_threshold)
     scores = ev.score_predictions(truth, probabilities, groups, classes, params.evaluate, params.seed)
+    if judged is not None:
+        from tumorscope.trust.scores import trust_scores
+
+        scores["trust"] = trust_scores(truth, probabilities, judged, groups, classes, loaded.trust, params.evaluate,
+                                       params.seed)
     train_hashes, why_no_distance = training_hashes(params, loaded)
     bands = (ev.accuracy_by_distance(probabilities.argmax(axis=1) == truth,
                                      nearest_distances(known["phash"].to_numpy(), train_hashes),
@@ -187,4 +221,13 @@ def run_predict(params: Params, sources: list[Path], model: str | None = None, o
     recalls = ", ".join(f"{c} {v:.2f}" for c, v in scores["recall"].items())
     return (f"{line}\npredict: external validation on {scores['n']} labelled images ({scores['n_groups']} groups): "
             f"macro-F1 {scores['macro_f1']:.3f}{ev.format_interval(scores['macro_f1_ci'])}, ECE {scores['ece']:.3f}; "
-            f"recall {recalls} -> {report_path}{logged}")
+            f"recall {recalls}{external_trust_note(scores.get('trust'))} -> {report_path}{logged}")
+
+
+def external_trust_note(trust: dict | None) -> str:
+    if trust is None:
+        return ""
+    selective = trust["referral"]["selective_accuracy"]["value"]
+    return (f"; prediction sets cover {trust['conformal']['coverage']['value']:.3f} "
+            f"(target {trust['conformal']['target_coverage']:.2f}), referred {trust['referral']['referred']['value']:.3f}"
+            f", accuracy on the rest {'-' if selective is None else f'{selective:.3f}'}")

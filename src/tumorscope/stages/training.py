@@ -1,5 +1,5 @@
-"""The model stages: tune (one Optuna worker at a time; the Prefect flow runs the workers), train,
-evaluate and cross-validate. Params in, the stage's files out, one MLflow run per training.
+"""The model stages after tuning (``stages.tuning``): train, evaluate and cross-validate. Params in,
+the stage's files out, one MLflow run per training.
 
 Every training goes through ``models.train.fit_and_score`` and every score through
 ``models.evaluate.score_predictions``, logged by ``tracking.log_fit``: the train stage, a trial
@@ -17,33 +17,6 @@ from tumorscope.models.evaluate import format_interval
 from tumorscope.reports import read_json, write_json
 
 BASELINE_DIR = "baseline"
-
-
-# ---------------------------------------------------------------------------------------------
-# Tune: the Prefect tuning flow (flows/tuning.py) calls these three in order.
-
-
-def run_tune_open(params: Params):
-    """Create or load the study and its MLflow parent run (a ``tuning.StudyHandle``)."""
-    from tumorscope.tuning.study import open_study
-
-    return open_study(params)
-
-
-def run_tune_worker(params: Params, worker_index: int = 0, trial_guard=None) -> str:
-    """One Optuna worker on the configured study (created if missing); see tumorscope.tuning."""
-    from tumorscope.tuning.study import open_study, run_worker
-
-    handle = open_study(params)
-    counts = run_worker(params, handle, worker_index, trial_guard)
-    return f"tune worker {worker_index}: study {handle.study_name!r} trial states {counts}"
-
-
-def run_tune_finish(params: Params, handle) -> dict:
-    """Leaderboard, best params and plots (reports/), also logged to the study's MLflow run."""
-    from tumorscope.tuning.leaderboard import finish_study
-
-    return finish_study(params, handle)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,20 +51,29 @@ def train_and_save(params: Params, model_dir: Path, run_name: str, parent_run_id
     from tumorscope.data.preprocess import load_classes, load_groups, load_split
     from tumorscope.inference import input_spec
     from tumorscope.models.train import fit_and_score, save_model
+    from tumorscope.trust.answers import fit_trust
 
     cfg, cache = params.train, params.preprocess.cache_dir
     classes = load_classes(cache)
     val_images, val_labels = load_split(cache, "val")
+    val_groups = load_groups(cache, "val")
     experiment_id = tracking.configure(params.mlflow)
     with tracking.start_training_run(params, experiment_id, run_name, "train", parent_run_id) as run:
         outcome = fit_and_score(cfg, params.preprocess.image_size, classes, params.seed, load_split(cache, "train"),
-                                (val_images, val_labels), (val_images, val_labels, load_groups(cache, "val")),
+                                (val_images, val_labels), (val_images, val_labels, val_groups),
                                 params.evaluate, callbacks=[tracking.epoch_logger()])
         tracking.log_fit(params, cfg, outcome, "final_val_")
         mlflow.log_param("classes", ",".join(classes))
         model_path = save_model(outcome.result.model, model_dir)
         spec = input_spec(classes, params.preprocess, params.data.dicom_window)
-        logged_uri = registry.log_model(outcome.result.model, spec, val_images[:2])
+        # Calibration, conformal thresholds and the out-of-distribution check, fitted on validation
+        # (and training) slices only, travel with the model: train.json and the MLflow model.
+        trust = fit_trust(outcome.result.model, load_split(cache, "train"), (val_images, val_labels, val_groups),
+                          len(classes), params.conformal, params.ood)
+        mlflow.log_metrics({"temperature": trust["temperature"],
+                            "val_nll_before_scaling": trust["validation_nll"]["before"],
+                            "val_nll_after_scaling": trust["validation_nll"]["after"]})
+        logged_uri = registry.log_model(outcome.result.model, spec, val_images[:2], trust)
         # The split it trained on: promotion compares a later model only on slices this one never saw.
         mlflow.log_artifact(params.split.path, artifact_path="data")
     result = outcome.result
@@ -100,7 +82,8 @@ def train_and_save(params: Params, model_dir: Path, run_name: str, parent_run_id
         "run_id": run.info.run_id, "experiment_id": experiment_id, "model_uri": logged_uri, "input_spec": spec,
         "trained": trained,
         "architecture": cfg.architecture, "classes": classes, "epochs_run": result.epochs_run,
-        "batch_size": result.batch_size, "val_macro_f1": outcome.scores["macro_f1"], "history": result.history})
+        "batch_size": result.batch_size, "val_macro_f1": outcome.scores["macro_f1"], "history": result.history,
+        "trust": trust})
     return (f"train: {trained}: {cfg.architecture} {result.epochs_run} epochs in {result.fit_seconds:.0f}s "
             f"({result.images_per_second:.0f} img/s), validation macro-F1 {outcome.scores['macro_f1']:.3f}; "
             f"{model_path}, MLflow run {run.info.run_id}")
@@ -129,6 +112,10 @@ def format_bands(bands: list[dict]) -> str:
     return ", ".join(f"{b['distance']}: {b['accuracy']:.2f} (n={b['n']})" for b in bands if b["n"])
 
 
+def _value_or_dash(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def run_evaluate(params: Params) -> str:
     """Score the trained model on the test split: report.json, metrics.json (DVC metrics), plots,
     and the test scores on the model's MLflow run."""
@@ -139,8 +126,10 @@ def run_evaluate(params: Params) -> str:
 
     from tumorscope import tracking
     from tumorscope.data.preprocess import load_groups, load_split
-    from tumorscope.inference import predict_proba
     from tumorscope.models import evaluate as ev
+    from tumorscope.monitoring.features import model_outputs
+    from tumorscope.trust.answers import judge
+    from tumorscope.trust.scores import risk_coverage, trust_scores
 
     cfg = params.evaluate
     report_path = Path(params.train.model_dir) / TRAIN_REPORT
@@ -150,9 +139,14 @@ def run_evaluate(params: Params) -> str:
     classes = train_summary["classes"]
     model = keras.saving.load_model(Path(params.train.model_dir) / MODEL_FILE)
     images, labels = load_split(params.preprocess.cache_dir, "test")
-    probabilities = predict_proba(model, images)
-    scores = ev.score_predictions(labels, probabilities, load_groups(params.preprocess.cache_dir, "test"), classes,
-                                  cfg, params.seed)
+    groups = load_groups(params.preprocess.cache_dir, "test")
+    state = train_summary.get("trust")
+    if state is None:
+        raise UserError(f"{report_path} has no trust state (calibration, conformal sets): run tumorscope train again")
+    probabilities, embeddings = model_outputs(model, images, state["ood"]["embedding_dims"])
+    judged = judge(probabilities, embeddings, images, classes, state)
+    scores = ev.score_predictions(labels, probabilities, groups, classes, cfg, params.seed)
+    scores["trust"] = trust_scores(labels, probabilities, judged, groups, classes, state, cfg, params.seed)
     predicted = probabilities.argmax(axis=1)
     bands = accuracy_by_train_distance(params, classes, labels, predicted)
 
@@ -161,8 +155,13 @@ def run_evaluate(params: Params) -> str:
     ev.plot_confusion(np.array(scores["confusion_matrix"]), classes, out / "confusion_matrix.png")
     ev.plot_class_histogram(labels, predicted, classes, out / "class_histogram.png")
     ev.plot_reliability(scores["reliability"], scores["ece"], out / "reliability.png")
+    calibration = scores["trust"]["calibration"]
+    ev.plot_reliability(calibration["reliability_after"], calibration["ece_after"]["value"],
+                        out / "reliability_calibrated.png",
+                        title=f"Reliability after temperature scaling (T = {calibration['temperature']:.2f})")
     pd.DataFrame({"actual": [classes[i] for i in labels], "predicted": [classes[i] for i in predicted]}).to_csv(
         out / "predictions.csv", index=False)
+    pd.DataFrame(risk_coverage(labels, judged.probabilities)).to_csv(out / "risk_coverage.csv", index=False)
     write_json(out / EVALUATION_REPORT, scores | {"accuracy_by_train_distance": bands})
     write_json(cfg.metrics_path, ev.headline_metrics(scores))
 
@@ -175,10 +174,16 @@ def run_evaluate(params: Params) -> str:
     recalls = ", ".join(f"{c} {v:.2f}" for c, v in scores["recall"].items())
     line = (f"evaluate: accuracy {scores['accuracy']:.3f}, macro-F1 {scores['macro_f1']:.3f}"
             f"{format_interval(scores['macro_f1_ci'])} over {scores['n_groups']} groups, "
-            f"ECE {scores['ece']:.3f}; recall {recalls}")
+            f"ECE {scores['ece']:.3f} ({calibration['ece_after']['value']:.3f} calibrated); recall {recalls}")
+    conformal, referral = scores["trust"]["conformal"], scores["trust"]["referral"]
+    trust_line = (f"evaluate: prediction sets cover {conformal['coverage']['value']:.3f} of test slices "
+                  f"(target {conformal['target_coverage']:.2f}), mean size {conformal['mean_set_size']:.2f}; "
+                  f"referred {referral['referred']['value']:.3f}, accuracy on the rest "
+                  f"{_value_or_dash(referral['selective_accuracy']['value'])}")
     if scores["degenerate"] and cfg.fail_on_degenerate:
         raise UserError(f"{line} -- DEGENERATE MODEL: {scores['degenerate_reason']}")
-    return f"{line}\nevaluate: accuracy by pHash distance to the nearest training slice: {format_bands(bands)}"
+    return (f"{line}\n{trust_line}\n"
+            f"evaluate: accuracy by pHash distance to the nearest training slice: {format_bands(bands)}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,103 @@
+"""Fit the trust state of a trained model on its training and validation slices, and judge new
+answers with it: calibrated probabilities, a prediction set, an out-of-distribution distance and
+whether a radiologist should look (``refer``) with the one-line reason.
+
+The state is a small JSON-able dict stored with the model (train.json and the MLflow model's
+metadata), so evaluation, ``tumorscope predict`` and the service apply the same numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from tumorscope.trust import calibration, conformal, referral
+
+
+def _finite_or_none(value: float) -> float | None:
+    return float(value) if math.isfinite(value) else None
+
+
+def fit_trust(model, train: tuple[np.ndarray, np.ndarray], validation: tuple[np.ndarray, np.ndarray, np.ndarray],
+              n_classes: int, conformal_cfg, ood_cfg) -> dict:
+    """``train`` is (images, labels); ``validation`` (images, labels, duplicate-group ids).
+    Temperature, conformal thresholds and the feature-space threshold come from validation slices
+    only; the intensity envelope and the class means of the embeddings from training slices."""
+    from tumorscope.monitoring.features import model_outputs, pixel_features
+
+    train_images, train_labels = train
+    val_images, val_labels, val_groups = validation
+    _, train_embeddings = model_outputs(model, train_images, ood_cfg.embedding_dims)
+    val_probabilities, val_embeddings = model_outputs(model, val_images, ood_cfg.embedding_dims)
+    temperature = calibration.fit_temperature(val_labels, val_probabilities, val_groups)
+    calibrated = calibration.apply_temperature(val_probabilities, temperature)
+    thresholds = conformal.calibrate(calibrated, val_labels, val_groups, conformal_cfg.alpha, conformal_cfg.score,
+                                     conformal_cfg.class_conditional)
+    density = referral.fit_feature_density(train_embeddings, train_labels, n_classes)
+    distances = referral.mahalanobis_distance(val_embeddings, density)
+    weights = calibration.group_weights(val_groups)
+    return {
+        "temperature": temperature,
+        "validation_nll": {"before": calibration.negative_log_likelihood(val_labels, val_probabilities, weights),
+                           "after": calibration.negative_log_likelihood(val_labels, calibrated, weights)},
+        "conformal": {"alpha": conformal_cfg.alpha, "score": conformal_cfg.score,
+                      "class_conditional": conformal_cfg.class_conditional,
+                      "n_groups": int(len(np.unique(val_groups))),
+                      # null: too few validation groups to justify any threshold (every class is in the set)
+                      "thresholds": [_finite_or_none(t) for t in thresholds]},
+        "ood": {"quantile": ood_cfg.quantile, "embedding_dims": ood_cfg.embedding_dims,
+                "envelope": referral.fit_envelope(pixel_features(train_images), ood_cfg.envelope_tail,
+                                                  ood_cfg.envelope_margin),
+                "distance_threshold": referral.distance_threshold(distances, val_groups, ood_cfg.quantile),
+                "feature_density": density},
+    }
+
+
+@dataclass
+class Judged:
+    probabilities: np.ndarray   # (N, K) calibrated
+    sets: np.ndarray            # (N, K) bool: the conformal prediction sets
+    ood_distance: np.ndarray    # (N,) Mahalanobis distance to the nearest training class
+    reasons: list[str | None]   # why to refer each answer; None: the model may decide
+
+    @property
+    def refer(self) -> np.ndarray:
+        return np.array([reason is not None for reason in self.reasons], dtype=bool)
+
+
+def thresholds_of(state: dict) -> list[float]:
+    return [math.inf if t is None else t for t in state["conformal"]["thresholds"]]
+
+
+def refer_reason(pixel_reason: str | None, distance: float, threshold: float, in_set: list[str]) -> str | None:
+    """The first reason not to let the model decide, in the order a reader should hear them."""
+    if pixel_reason is not None:
+        return pixel_reason
+    if distance > threshold:
+        return f"unlike the training slices in the model's features (distance {distance:.1f} > {threshold:.1f})"
+    if len(in_set) == 0:
+        return "no class is plausible enough (empty prediction set)"
+    if len(in_set) > 1:
+        return f"the model cannot tell {' / '.join(in_set)} apart (prediction set of {len(in_set)})"
+    return None
+
+
+def judge(probabilities: np.ndarray, embeddings: np.ndarray, images: np.ndarray, classes: list[str],
+          state: dict) -> Judged:
+    """Apply a fitted state to the model's raw probabilities, embeddings and the prepared images."""
+    from tumorscope.monitoring.features import pixel_features
+
+    calibrated = calibration.apply_temperature(probabilities, state["temperature"])
+    sets = conformal.prediction_sets(calibrated, thresholds_of(state), state["conformal"]["score"])
+    ood = state["ood"]
+    distances = referral.mahalanobis_distance(embeddings, ood["feature_density"])
+    features = pixel_features(images)
+    reasons = []
+    for i in range(len(calibrated)):
+        pixel_reason = referral.input_reason({name: float(values[i]) for name, values in features.items()},
+                                             ood["envelope"])
+        in_set = [classes[k] for k in np.flatnonzero(sets[i])]
+        reasons.append(refer_reason(pixel_reason, float(distances[i]), ood["distance_threshold"], in_set))
+    return Judged(calibrated, sets, distances, reasons)
