@@ -85,6 +85,7 @@ class LoadedModel:
     version: str  # e.g. "tumorscope-kidney-ct/3", "run:<id>", "file:models/model.keras"
     source: dict = field(default_factory=dict)  # registry name/version/alias, run id, path
     trust: dict | None = None  # calibration, conformal thresholds, OOD check (trust.answers.fit_trust)
+    _with_features: Any = field(default=None, init=False, repr=False, compare=False)  # built on first use
 
     @property
     def classes(self) -> list[str]:
@@ -103,10 +104,13 @@ class LoadedModel:
         one forward pass for the probabilities and the embedding the OOD check reads."""
         if self.trust is None or len(images) == 0:
             return self.predict_proba(images), None
-        from tumorscope.monitoring.features import model_outputs
+        from tumorscope.monitoring.features import feature_model, model_outputs
         from tumorscope.trust.answers import judge
 
-        probabilities, embeddings = model_outputs(self.model, images, self.trust["ood"]["embedding_dims"])
+        if self._with_features is None:
+            self._with_features = feature_model(self.model)
+        probabilities, embeddings = model_outputs(self.model, images, self.trust["ood"]["embedding_dims"],
+                                                  with_features=self._with_features)
         return probabilities, judge(probabilities, embeddings, images, self.classes, self.trust)
 
 

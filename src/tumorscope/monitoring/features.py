@@ -131,10 +131,13 @@ def feature_model(model: Any) -> Any:
     return keras.Model(model.inputs, [model.outputs[0], penultimate], name=f"{model.name}_with_features")
 
 
-def model_outputs(model, images: np.ndarray, embedding_dims: int, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+def model_outputs(model, images: np.ndarray, embedding_dims: int, batch_size: int = 256,
+                  with_features: Any = None) -> tuple[np.ndarray, np.ndarray]:
     """(probabilities, embedding summaries) of (N, S, S, 1) uint8 images: one forward pass per
-    batch through the classifier with its penultimate features (the service's computation)."""
-    with_features = feature_model(model)
+    batch through the classifier with its penultimate features (the service's computation).
+    Pass ``with_features`` (``feature_model(model)``) when calling again with the same model: building
+    it and tracing its first call cost more than a single image's forward pass."""
+    with_features = with_features if with_features is not None else feature_model(model)
     probabilities, embeddings = [], []
     for start in range(0, len(images), batch_size):
         outputs = with_features.predict_on_batch(np.asarray(images[start:start + batch_size], dtype=np.uint8))
