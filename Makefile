@@ -53,8 +53,11 @@ run: install ## install, then run the whole pipeline (dvc repro) on the embedded
 	$(RUN) dvc repro
 	$(RUN) dvc metrics show
 
+# Two pytest-xdist workers keep both of CI's cores busy (one process at a time left one idle about
+# half the time); tests that share a session server or project run on one worker (xdist_group).
+PYTEST_WORKERS ?= 2
 test: install lint ## lint and type-check, then run the test suite (unit, integration, model; slow tests at a small size)
-	$(RUN) pytest
+	$(RUN) pytest -n $(PYTEST_WORKERS) --dist loadgroup
 
 lint: install ## ruff (style, imports, bug patterns) and mypy (types) on the code
 	$(RUN) ruff check src flows serving tests benchmarks
