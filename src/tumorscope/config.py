@@ -218,10 +218,9 @@ class OodConfig(_Section):
     quantile: float = Field(0.95, gt=0.5, lt=1)
     # The penultimate layer is summarised by a fixed random projection to this many dimensions.
     embedding_dims: int = Field(32, ge=2, le=256)
-    # Input sanity: the training slices' tail..1-tail quantile of each intensity statistic, widened
-    # by margin times its width.
-    envelope_tail: float = Field(0.001, ge=0, lt=0.5)
-    envelope_margin: float = Field(0.1, ge=0)
+    # Input check: share of validation slices whose intensity and texture statistics pass (jointly,
+    # by Mahalanobis distance to the training slices'); about 1 - this of ordinary slices is referred.
+    intensity_quantile: float = Field(0.99, gt=0.5, lt=1)
 
 
 class CrossvalConfig(_Section):

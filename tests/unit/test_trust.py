@@ -111,20 +111,38 @@ def test_coverage_over_repeated_calibration_and_test_partitions(score, class_con
 
 def test_a_blank_slice_and_an_intensity_no_training_slice_has_are_referred_with_the_reason():
     from tumorscope.monitoring.features import pixel_features
-    from tumorscope.trust.referral import fit_envelope, input_reason
+    from tumorscope.trust.referral import (
+        distance_threshold,
+        fit_intensity_density,
+        input_reason,
+        intensity_vectors,
+        mahalanobis_distance,
+    )
 
     rng = np.random.default_rng(5)
-    training = np.clip(rng.normal(90, 30, (200, 32, 32)), 0, 255).astype(np.uint8)
-    envelope = fit_envelope(pixel_features(training), tail=0.001, margin=0.1)
+
+    def slices(n, mean=90.0, spread=30.0):
+        return np.clip(rng.normal(mean, rng.uniform(0.8, 1.2, (n, 1, 1)) * spread, (n, 32, 32)), 0, 255).astype(np.uint8)
+
+    density = fit_intensity_density(pixel_features(slices(300)))
+    validation = slices(200)
+    threshold = distance_threshold(mahalanobis_distance(intensity_vectors(pixel_features(validation)), density),
+                                   np.arange(200), 0.99)
 
     def reason(image):
-        return input_reason({k: float(v[0]) for k, v in pixel_features(image[None]).items()}, envelope)
+        features = pixel_features(image[None])
+        distance = float(mahalanobis_distance(intensity_vectors(features), density)[0])
+        return input_reason({k: float(v[0]) for k, v in features.items()}, density, distance, threshold)
 
-    assert reason(training[0]) is None
+    assert sum(reason(image) is not None for image in slices(100)) <= 5  # about 1 % of ordinary slices
     assert reason(np.full((32, 32), 255, np.uint8)).startswith("blank or constant image")
     assert reason(np.zeros((32, 32), np.uint8)).startswith("blank or constant image")
-    bright = np.clip(rng.normal(230, 30, (32, 32)), 0, 255).astype(np.uint8)
-    assert reason(bright).startswith("intensity unlike the training slices (mean")
+    bright = reason(slices(1, mean=200.0)[0])
+    assert bright.startswith("intensity and texture unlike the training slices (distance")
+    assert "most unusual: " in bright
+    smooth = slices(1)[0].astype(float)
+    smooth = ((smooth + np.roll(smooth, 1, 0) + np.roll(smooth, 1, 1) + np.roll(smooth, 1, (0, 1))) / 4).astype(np.uint8)
+    assert reason(smooth) is not None  # same grey levels, another texture (a softer kernel, less noise)
 
 
 def test_the_feature_space_threshold_refers_the_far_and_keeps_about_the_quantile_of_the_near():

@@ -24,7 +24,7 @@ def fit_trust(model, train: tuple[np.ndarray, np.ndarray], validation: tuple[np.
               n_classes: int, conformal_cfg, ood_cfg) -> dict:
     """``train`` is (images, labels); ``validation`` (images, labels, duplicate-group ids).
     Temperature, conformal thresholds and the feature-space threshold come from validation slices
-    only; the intensity envelope and the class means of the embeddings from training slices."""
+    only; the intensity statistics' and the embeddings' distributions from training slices."""
     from tumorscope.monitoring.features import model_outputs, pixel_features
 
     train_images, train_labels = train
@@ -37,6 +37,9 @@ def fit_trust(model, train: tuple[np.ndarray, np.ndarray], validation: tuple[np.
                                      conformal_cfg.class_conditional)
     density = referral.fit_feature_density(train_embeddings, train_labels, n_classes)
     distances = referral.mahalanobis_distance(val_embeddings, density)
+    intensity = referral.fit_intensity_density(pixel_features(train_images))
+    intensity_distances = referral.mahalanobis_distance(referral.intensity_vectors(pixel_features(val_images)),
+                                                        intensity)
     weights = calibration.group_weights(val_groups)
     return {
         "temperature": temperature,
@@ -48,10 +51,12 @@ def fit_trust(model, train: tuple[np.ndarray, np.ndarray], validation: tuple[np.
                       # null: too few validation groups to justify any threshold (every class is in the set)
                       "thresholds": [_finite_or_none(t) for t in thresholds]},
         "ood": {"quantile": ood_cfg.quantile, "embedding_dims": ood_cfg.embedding_dims,
-                "envelope": referral.fit_envelope(pixel_features(train_images), ood_cfg.envelope_tail,
-                                                  ood_cfg.envelope_margin),
                 "distance_threshold": referral.distance_threshold(distances, val_groups, ood_cfg.quantile),
-                "feature_density": density},
+                "feature_density": density,
+                "intensity_quantile": ood_cfg.intensity_quantile,
+                "intensity_threshold": referral.distance_threshold(intensity_distances, val_groups,
+                                                                   ood_cfg.intensity_quantile),
+                "intensity_density": intensity},
     }
 
 
@@ -94,10 +99,11 @@ def judge(probabilities: np.ndarray, embeddings: np.ndarray, images: np.ndarray,
     ood = state["ood"]
     distances = referral.mahalanobis_distance(embeddings, ood["feature_density"])
     features = pixel_features(images)
+    intensity = referral.mahalanobis_distance(referral.intensity_vectors(features), ood["intensity_density"])
     reasons = []
     for i in range(len(calibrated)):
         pixel_reason = referral.input_reason({name: float(values[i]) for name, values in features.items()},
-                                             ood["envelope"])
+                                             ood["intensity_density"], float(intensity[i]), ood["intensity_threshold"])
         in_set = [classes[k] for k in np.flatnonzero(sets[i])]
         reasons.append(refer_reason(pixel_reason, float(distances[i]), ood["distance_threshold"], in_set))
     return Judged(calibrated, sets, distances, reasons)

@@ -1,9 +1,11 @@
 """Per-image out-of-distribution checks: is this slice like the ones the model learnt from?
 
 Two independent looks, each fitted on training data and thresholded on validation data:
-- **Input sanity** on the prepared pixels (``monitoring.features.pixel_features``): a blank or
-  constant slice, or an intensity statistic (mean, spread, percentiles, noise) outside the range
-  the training slices span, widened by a margin. Cheap, and it explains itself in grey levels.
+- **Input** on the prepared pixels (``monitoring.features.pixel_features``): a blank or constant
+  slice, or intensity and texture statistics (mean, spread, median, 99th percentile, contrast,
+  sharpness, noise) whose joint Mahalanobis distance to the training slices' exceeds a validation
+  quantile: a different scanner, window or kind of image shows here first, whatever the network
+  makes of it. The reason names the most unusual statistic.
 - **Feature space**: the Mahalanobis distance of the slice's penultimate-layer embedding (its fixed
   random projection, ``monitoring.features.summarize_embedding``) to the nearest class mean of the
   training embeddings, with one shared covariance (Lee et al. 2018, "A simple unified framework for
@@ -23,28 +25,37 @@ from tumorscope.trust.calibration import group_weights
 
 # A slice whose grey levels spread less than this is blank or constant: no anatomy to classify.
 MIN_INTENSITY_STD = 2.0
-SANITY_FEATURES = ("mean", "std", "p1", "p50", "p99", "noise")
+# The per-slice statistics of the input check (``monitoring.features.pixel_features``), as
+# log(1 + value): sharpness and noise have heavy tails that would dominate a Gaussian otherwise.
+INTENSITY_FEATURES = ("mean", "std", "p50", "p99", "contrast", "sharpness", "noise")
 
 
-def fit_envelope(features: dict[str, np.ndarray], tail: float, margin: float) -> dict[str, list[float]]:
-    """Per feature, [low, high]: the tail and 1 - tail quantiles over training slices, each widened
-    by ``margin`` times the distance between them (a feature no slice varies in gets +-1 grey level)."""
-    envelope = {}
-    for name in SANITY_FEATURES:
-        low, high = np.quantile(np.asarray(features[name], dtype=np.float64), [tail, 1.0 - tail])
-        widen = max(margin * (high - low), 1.0)
-        envelope[name] = [float(low - widen), float(high + widen)]
-    return envelope
+def intensity_vectors(features: dict[str, np.ndarray]) -> np.ndarray:
+    """(N, F) log(1 + statistic) of each slice, in ``INTENSITY_FEATURES`` order."""
+    return np.log1p(np.stack([np.maximum(np.asarray(features[name], dtype=np.float64), 0.0)
+                              for name in INTENSITY_FEATURES], axis=1))
 
 
-def input_reason(features: dict[str, float], envelope: dict[str, list[float]]) -> str | None:
-    """Why a slice's pixels alone make its answer untrustworthy, or None."""
+def fit_intensity_density(features: dict[str, np.ndarray]) -> dict:
+    """One Gaussian over the training slices' intensity vectors (shrunk covariance), and each
+    statistic's spread, to name the most unusual one in a reason."""
+    vectors = intensity_vectors(features)
+    density = fit_feature_density(vectors, np.zeros(len(vectors), dtype=np.int64), n_classes=1)
+    return density | {"names": list(INTENSITY_FEATURES), "scale": np.maximum(vectors.std(axis=0), 1e-6).tolist()}
+
+
+def input_reason(features: dict[str, float], density: dict, distance: float, threshold: float) -> str | None:
+    """Why a slice's pixels alone make its answer untrustworthy, or None: blank or constant, or
+    intensity and texture statistics jointly unlike the training slices' (the distance from
+    ``mahalanobis_distance(intensity_vectors(...), density)`` beyond ``threshold``)."""
     if features["std"] < MIN_INTENSITY_STD:
-        return f"blank or constant image (grey levels spread {features['std']:.1f}, training slices at least {envelope['std'][0]:.1f})"
-    for name in SANITY_FEATURES:
-        low, high = envelope[name]
-        if not low <= features[name] <= high:
-            return f"intensity unlike the training slices ({name} {features[name]:.1f} outside [{low:.1f}, {high:.1f}])"
+        return f"blank or constant image (grey levels spread {features['std']:.1f})"
+    if distance > threshold:
+        vector = intensity_vectors({name: np.array([features[name]]) for name in INTENSITY_FEATURES})[0]
+        z = (vector - np.asarray(density["means"][0])) / np.asarray(density["scale"])
+        worst = INTENSITY_FEATURES[int(np.argmax(np.abs(z)))]
+        return (f"intensity and texture unlike the training slices (distance {distance:.1f} > {threshold:.1f}; "
+                f"most unusual: {worst} {features[worst]:.1f})")
     return None
 
 
