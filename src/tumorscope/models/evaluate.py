@@ -178,6 +178,21 @@ def headline_metrics(scores: dict) -> dict:
             "recall_ci_low": {c: r["low"] for c, r in scores["recall_ci"].items()}} | trust_headline(scores.get("trust"))
 
 
+def flat_trust_scores(trust: dict, prefix: str) -> dict[str, float]:
+    """MLflow metrics of the trust section: calibration, coverage (overall, per class) with the
+    interval lows, set size, referral and selective accuracy; undefined values left out."""
+    values = {"ece_calibrated": trust["calibration"]["ece_after"]["value"],
+              "nll_calibrated": trust["calibration"]["nll_after"]["value"],
+              "temperature": trust["calibration"]["temperature"],
+              "coverage": trust["conformal"]["coverage"]["value"],
+              "coverage_ci_low": trust["conformal"]["coverage"]["low"],
+              "mean_set_size": trust["conformal"]["mean_set_size"],
+              "referred": trust["referral"]["referred"]["value"],
+              "selective_accuracy": trust["referral"]["selective_accuracy"]["value"]}
+    values |= {f"coverage_{c}": v["value"] for c, v in trust["conformal"]["coverage_per_class"].items()}
+    return {f"{prefix}{name}": float(value) for name, value in values.items() if value is not None}
+
+
 def trust_headline(trust: dict | None) -> dict:
     """Calibration, conformal coverage and referral as flat metrics (``trust.scores.trust_scores``)."""
     if trust is None:

@@ -167,7 +167,7 @@ def run_evaluate(params: Params) -> str:
 
     tracking.configure(params.mlflow)
     with mlflow.start_run(run_id=train_summary["run_id"]):
-        mlflow.log_metrics(ev.flat_scores(scores, "test_"))
+        mlflow.log_metrics(ev.flat_scores(scores, "test_") | ev.flat_trust_scores(scores["trust"], "test_"))
         mlflow.set_tag("degenerate", str(scores["degenerate"]).lower())
         mlflow.log_artifact(cfg.metrics_path)
         mlflow.log_artifacts(str(out), artifact_path="evaluation")
