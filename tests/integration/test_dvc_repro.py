@@ -63,7 +63,7 @@ parent = mlflow.get_run(run.data.tags["mlflow.parentRunId"])  # nested under the
 assert parent.data.tags["optuna_study"] == best["study_name"], parent.data.tags
 assert float(run.data.params["train.lr"]) == best["train"]["lr"]  # the tuned value was trained
 assert "test_macro_f1" in run.data.metrics and "dataset_fingerprint" in run.data.tags
-assert {"test_coverage", "test_ece_calibrated", "test_referred", "temperature"} <= set(run.data.metrics), run.data.metrics
+assert {{"test_coverage", "test_ece_calibrated", "test_referred", "temperature"}} <= set(run.data.metrics), run.data.metrics
 import mlflow.keras
 train = json.load(open("{project}/models/train.json"))
 model = mlflow.keras.load_model(train["model_uri"])
