@@ -185,14 +185,15 @@ def test_group_bootstrap_shares_and_ece_agree_with_the_point_scores():
     probabilities, labels, groups = calibrated_model(rng, 80)
     bootstrap = GroupBootstrap(groups, n_samples=300, confidence=0.9, seed=0)
     hits = probabilities.argmax(1) == labels
-    share = bootstrap.share(hits)
+    share = bootstrap.mean(hits)
     assert share["value"] == pytest.approx(hits.mean()) and share["low"] < share["value"] < share["high"]
     among = labels == 0
-    assert bootstrap.share(hits, among)["value"] == pytest.approx(hits[among].mean())
-    ece = bootstrap.ece(labels, probabilities, 10)
-    assert ece["value"] == pytest.approx(expected_calibration_error(labels, probabilities, 10)[0])
+    assert bootstrap.mean(hits, among)["value"] == pytest.approx(hits[among].mean())
+    ece, table = bootstrap.ece(labels, probabilities, 10)
+    assert (ece["value"], table) == (pytest.approx(expected_calibration_error(labels, probabilities, 10)[0]),
+                                     expected_calibration_error(labels, probabilities, 10)[1])
     assert ece["low"] <= ece["high"]
-    assert bootstrap.share(hits, np.zeros(len(hits), bool)) == {"value": None, "low": None, "high": None}
+    assert bootstrap.mean(hits, np.zeros(len(hits), bool)) == {"value": None, "low": None, "high": None}
     curve = risk_coverage(labels, probabilities)
     assert curve[-1] == {"coverage": 1.0, "risk": pytest.approx(1 - hits.mean())}
     assert curve[0]["risk"] in (0.0, 1.0) and len(curve) == len(labels)

@@ -175,35 +175,7 @@ def headline_metrics(scores: dict) -> dict:
             "macro_roc_auc_ovr": scores["macro_roc_auc_ovr"], "ece": scores["ece"], "degenerate": scores["degenerate"],
             "recall": scores["recall"],
             "macro_f1_ci": {"low": interval["low"], "high": interval["high"]},
-            "recall_ci_low": {c: r["low"] for c, r in scores["recall_ci"].items()}} | trust_headline(scores.get("trust"))
-
-
-def flat_trust_scores(trust: dict, prefix: str) -> dict[str, float]:
-    """MLflow metrics of the trust section: calibration, coverage (overall, per class) with the
-    interval lows, set size, referral and selective accuracy; undefined values left out."""
-    values = {"ece_calibrated": trust["calibration"]["ece_after"]["value"],
-              "nll_calibrated": trust["calibration"]["nll_after"]["value"],
-              "temperature": trust["calibration"]["temperature"],
-              "coverage": trust["conformal"]["coverage"]["value"],
-              "coverage_ci_low": trust["conformal"]["coverage"]["low"],
-              "mean_set_size": trust["conformal"]["mean_set_size"],
-              "referred": trust["referral"]["referred"]["value"],
-              "selective_accuracy": trust["referral"]["selective_accuracy"]["value"]}
-    values |= {f"coverage_{c}": v["value"] for c, v in trust["conformal"]["coverage_per_class"].items()}
-    return {f"{prefix}{name}": float(value) for name, value in values.items() if value is not None}
-
-
-def trust_headline(trust: dict | None) -> dict:
-    """Calibration, conformal coverage and referral as flat metrics (``trust.scores.trust_scores``)."""
-    if trust is None:
-        return {}
-    conformal, referral = trust["conformal"], trust["referral"]
-    return {"ece_calibrated": trust["calibration"]["ece_after"]["value"],
-            "temperature": trust["calibration"]["temperature"],
-            "coverage": conformal["coverage"]["value"], "coverage_target": conformal["target_coverage"],
-            "coverage_per_class": {c: v["value"] for c, v in conformal["coverage_per_class"].items()},
-            "mean_set_size": conformal["mean_set_size"],
-            "referred": referral["referred"]["value"], "selective_accuracy": referral["selective_accuracy"]["value"]}
+            "recall_ci_low": {c: r["low"] for c, r in scores["recall_ci"].items()}}
 
 
 def macro_f1_from_confusion(matrices: np.ndarray) -> np.ndarray:

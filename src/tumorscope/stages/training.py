@@ -129,7 +129,7 @@ def run_evaluate(params: Params) -> str:
     from tumorscope.models import evaluate as ev
     from tumorscope.monitoring.features import model_outputs
     from tumorscope.trust.answers import judge
-    from tumorscope.trust.scores import risk_coverage, trust_scores
+    from tumorscope.trust.scores import flat_trust_scores, risk_coverage, trust_headline, trust_scores
 
     cfg = params.evaluate
     report_path = Path(params.train.model_dir) / TRAIN_REPORT
@@ -163,11 +163,11 @@ def run_evaluate(params: Params) -> str:
         out / "predictions.csv", index=False)
     pd.DataFrame(risk_coverage(labels, judged.probabilities)).to_csv(out / "risk_coverage.csv", index=False)
     write_json(out / EVALUATION_REPORT, scores | {"accuracy_by_train_distance": bands})
-    write_json(cfg.metrics_path, ev.headline_metrics(scores))
+    write_json(cfg.metrics_path, ev.headline_metrics(scores) | trust_headline(scores.get("trust")))
 
     tracking.configure(params.mlflow)
     with mlflow.start_run(run_id=train_summary["run_id"]):
-        mlflow.log_metrics(ev.flat_scores(scores, "test_") | ev.flat_trust_scores(scores["trust"], "test_"))
+        mlflow.log_metrics(ev.flat_scores(scores, "test_") | flat_trust_scores(scores["trust"], "test_"))
         mlflow.set_tag("degenerate", str(scores["degenerate"]).lower())
         mlflow.log_artifact(cfg.metrics_path)
         mlflow.log_artifacts(str(out), artifact_path="evaluation")

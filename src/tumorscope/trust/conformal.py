@@ -24,6 +24,8 @@ import math
 
 import numpy as np
 
+from tumorscope.trust.calibration import group_weights
+
 SCORES = ("lac", "aps")
 
 
@@ -45,22 +47,26 @@ def class_scores(probabilities: np.ndarray, score: str) -> np.ndarray:
     raise ValueError(f"unknown conformal score {score!r}: expected one of {', '.join(SCORES)}")
 
 
+def weighted_quantile(values: np.ndarray, weights: np.ndarray, quantile: float) -> float:
+    """The smallest value whose weighted cumulative share reaches ``quantile`` (+inf for no values)."""
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) == 0:
+        return math.inf
+    order = np.argsort(values, kind="stable")
+    share = np.cumsum(np.asarray(weights, dtype=np.float64)[order])
+    share /= share[-1]
+    # The float sum of weights can land a hair below an exact level such as 1.0.
+    return float(values[order][min(int(np.searchsorted(share, quantile - 1e-12, side="left")), len(values) - 1)])
+
+
 def weighted_conformal_quantile(scores: np.ndarray, groups: np.ndarray, alpha: float) -> float:
     """The smallest calibration score at which the group-weighted share of scores at or below it
     reaches ceil((G + 1)(1 - alpha)) / G; +inf when that level exceeds 1 (too few groups)."""
-    scores = np.asarray(scores, dtype=np.float64)
     if len(scores) == 0:
         return math.inf
-    _, inverse, counts = np.unique(np.asarray(groups), return_inverse=True, return_counts=True)
-    n_groups = len(counts)
+    n_groups = len(np.unique(np.asarray(groups)))
     level = math.ceil((n_groups + 1) * (1.0 - alpha)) / n_groups
-    if level > 1.0:
-        return math.inf
-    order = np.argsort(scores, kind="stable")
-    share = np.cumsum((1.0 / counts[inverse])[order]) / n_groups
-    # The float sum of 1/count terms can land a hair below an exact level such as 1.0.
-    position = int(np.searchsorted(share, level - 1e-12, side="left"))
-    return float(scores[order][min(position, len(scores) - 1)])
+    return math.inf if level > 1.0 else weighted_quantile(scores, group_weights(groups), level)
 
 
 def calibrate(probabilities: np.ndarray, labels: np.ndarray, groups: np.ndarray, alpha: float, score: str,

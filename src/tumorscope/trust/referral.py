@@ -17,11 +17,10 @@ Two independent looks, each fitted on training data and thresholded on validatio
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from tumorscope.trust.calibration import group_weights
+from tumorscope.trust.conformal import weighted_quantile
 
 # A slice whose grey levels spread less than this is blank or constant: no anatomy to classify.
 MIN_INTENSITY_STD = 2.0
@@ -94,17 +93,6 @@ def mahalanobis_distance(embeddings: np.ndarray, density: dict) -> np.ndarray:
         offset = embeddings - np.asarray(mean, dtype=np.float64)
         nearest = np.minimum(nearest, np.einsum("ij,jk,ik->i", offset, precision, offset))
     return np.sqrt(np.clip(nearest, 0.0, None))
-
-
-def weighted_quantile(values: np.ndarray, weights: np.ndarray, quantile: float) -> float:
-    """The smallest value whose weighted cumulative share reaches ``quantile``."""
-    values = np.asarray(values, dtype=np.float64)
-    if len(values) == 0:
-        return math.inf
-    order = np.argsort(values, kind="stable")
-    share = np.cumsum(np.asarray(weights, dtype=np.float64)[order])
-    share /= share[-1]
-    return float(values[order][min(int(np.searchsorted(share, quantile - 1e-12)), len(values) - 1)])
 
 
 def distance_threshold(validation_distances: np.ndarray, validation_groups: np.ndarray, quantile: float) -> float:

@@ -30,21 +30,20 @@ class GroupBootstrap:
         self.weights = group_draw_weights(n_groups, n_samples, seed)[:, index].astype(np.float64)  # (B, N)
         self.confidence = confidence
 
-    def share(self, hits: np.ndarray, among: np.ndarray | None = None) -> dict:
-        """Point share of ``hits`` among the slices in ``among`` (all by default), with its interval."""
-        hits = np.asarray(hits, dtype=np.float64)
-        among = np.ones(len(hits), bool) if among is None else np.asarray(among, bool)
-        point = float(hits[among].mean()) if among.any() else None
-        numerator = self.weights @ (hits * among)
+    def mean(self, values: np.ndarray, among: np.ndarray | None = None) -> dict:
+        """Point mean of ``values`` over the slices in ``among`` (all by default), with its
+        interval; of 0/1 hits it is a share."""
+        values = np.asarray(values, dtype=np.float64)
+        among = np.ones(len(values), bool) if among is None else np.asarray(among, bool)
+        point = float(values[among].mean()) if among.any() else None
+        numerator = self.weights @ (values * among)
         denominator = self.weights @ among.astype(np.float64)
         ratio = np.divide(numerator, denominator, out=np.full(len(numerator), np.nan), where=denominator > 0)
         return {"value": point} | _interval(ratio, self.confidence)
 
-    def mean(self, values: np.ndarray) -> dict:
-        return self.share(values)
-
-    def ece(self, labels: np.ndarray, probabilities: np.ndarray, n_bins: int) -> dict:
-        point, _ = expected_calibration_error(labels, probabilities, n_bins)
+    def ece(self, labels: np.ndarray, probabilities: np.ndarray, n_bins: int) -> tuple[dict, dict]:
+        """(ECE with its interval, the reliability table of the point estimate)."""
+        point, table = expected_calibration_error(labels, probabilities, n_bins)
         confidence = probabilities.max(axis=1)
         gap = (probabilities.argmax(axis=1) == labels).astype(np.float64) - confidence
         edges = np.linspace(0.0, 1.0, n_bins + 1)
@@ -53,7 +52,7 @@ class GroupBootstrap:
         per_bin = self.weights @ (members * gap[:, None])   # (B, bins) weighted sums of accuracy - confidence
         total = self.weights.sum(axis=1)
         resampled = np.divide(np.abs(per_bin).sum(axis=1), total, out=np.full(len(total), np.nan), where=total > 0)
-        return {"value": float(point)} | _interval(resampled, self.confidence)
+        return {"value": float(point)} | _interval(resampled, self.confidence), table
 
 
 def risk_coverage(labels: np.ndarray, probabilities: np.ndarray) -> list[dict]:
@@ -77,35 +76,63 @@ def trust_scores(labels: np.ndarray, raw: np.ndarray, judged, groups: np.ndarray
     correct = judged.probabilities.argmax(axis=1) == labels
     set_size = judged.sets.sum(axis=1)
     reasons = [r for r in judged.reasons if r is not None]
+    ece_after, reliability_after = bootstrap.ece(labels, judged.probabilities, evaluate_cfg.calibration_bins)
     return {
         "calibration": {
             "temperature": state["temperature"],
-            "ece_before": bootstrap.ece(labels, raw, evaluate_cfg.calibration_bins),
-            "ece_after": bootstrap.ece(labels, judged.probabilities, evaluate_cfg.calibration_bins),
+            "ece_before": bootstrap.ece(labels, raw, evaluate_cfg.calibration_bins)[0],
+            "ece_after": ece_after,
             "nll_before": bootstrap.mean(-log_probabilities(raw)[rows, labels]),
             "nll_after": bootstrap.mean(-log_probabilities(judged.probabilities)[rows, labels]),
-            "reliability_after": expected_calibration_error(labels, judged.probabilities,
-                                                            evaluate_cfg.calibration_bins)[1],
+            "reliability_after": reliability_after,
         },
         "conformal": {
             "alpha": state["conformal"]["alpha"], "score": state["conformal"]["score"],
             "class_conditional": state["conformal"]["class_conditional"],
             "target_coverage": 1 - state["conformal"]["alpha"],
-            "coverage": bootstrap.share(covered),
-            "coverage_per_class": {c: bootstrap.share(covered, labels == k) for k, c in enumerate(classes)
+            "coverage": bootstrap.mean(covered),
+            "coverage_per_class": {c: bootstrap.mean(covered, labels == k) for k, c in enumerate(classes)
                                    if (labels == k).any()},
             "mean_set_size": float(set_size.mean()) if len(labels) else None,
             "set_size_share": {str(size): float(np.mean(set_size == size)) for size in range(len(classes) + 1)},
         },
         "referral": {
-            "referred": bootstrap.share(refer),
+            "referred": bootstrap.mean(refer),
             "referred_because": {
                 "input": sum(r.startswith(("blank", "intensity")) for r in reasons),
                 "features": sum(r.startswith("unlike the training") for r in reasons),
                 "prediction_set": sum(r.startswith(("no class", "the model cannot tell")) for r in reasons),
             },
-            "selective_accuracy": bootstrap.share(correct, ~refer),
-            "accuracy_all": bootstrap.share(correct),
+            "selective_accuracy": bootstrap.mean(correct, ~refer),
+            "accuracy_all": bootstrap.mean(correct),
             "ood_distance_threshold": state["ood"]["distance_threshold"],
         },
     }
+
+
+def flat_trust_scores(trust: dict, prefix: str) -> dict[str, float]:
+    """MLflow metrics of the trust section: calibration, coverage (overall, per class) with the
+    interval lows, set size, referral and selective accuracy; undefined values left out."""
+    values = {"ece_calibrated": trust["calibration"]["ece_after"]["value"],
+              "nll_calibrated": trust["calibration"]["nll_after"]["value"],
+              "temperature": trust["calibration"]["temperature"],
+              "coverage": trust["conformal"]["coverage"]["value"],
+              "coverage_ci_low": trust["conformal"]["coverage"]["low"],
+              "mean_set_size": trust["conformal"]["mean_set_size"],
+              "referred": trust["referral"]["referred"]["value"],
+              "selective_accuracy": trust["referral"]["selective_accuracy"]["value"]}
+    values |= {f"coverage_{c}": v["value"] for c, v in trust["conformal"]["coverage_per_class"].items()}
+    return {f"{prefix}{name}": float(value) for name, value in values.items() if value is not None}
+
+
+def trust_headline(trust: dict | None) -> dict:
+    """Calibration, conformal coverage and referral as flat metrics (``trust.scores.trust_scores``)."""
+    if trust is None:
+        return {}
+    conformal, referral = trust["conformal"], trust["referral"]
+    return {"ece_calibrated": trust["calibration"]["ece_after"]["value"],
+            "temperature": trust["calibration"]["temperature"],
+            "coverage": conformal["coverage"]["value"], "coverage_target": conformal["target_coverage"],
+            "coverage_per_class": {c: v["value"] for c, v in conformal["coverage_per_class"].items()},
+            "mean_set_size": conformal["mean_set_size"],
+            "referred": referral["referred"]["value"], "selective_accuracy": referral["selective_accuracy"]["value"]}
