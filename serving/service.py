@@ -193,7 +193,10 @@ class TumorScope:
 
     @bentoml.api
     async def classify(self, file: Path, ctx: bentoml.Context) -> dict[str, Any]:
-        """One slice (PNG, JPEG or DICOM) in multipart field ``file`` -> class, probabilities, alert."""
+        """One slice (PNG, JPEG or DICOM) in multipart field ``file`` -> class, calibrated
+        probabilities (the network's own in raw_probabilities), alert, the conformal prediction_set,
+        refer (true: a radiologist should decide) with refer_reason, and the out-of-distribution
+        distance."""
         parts = upload_guard.uploads_of(ctx.request.state)
         try:
             return await self._classify_one(file, parts[0] if parts else None, "classify")
@@ -253,24 +256,18 @@ class TumorScope:
         shown = await asyncio.to_thread(responses.overlay_slice, prepared.decoded)
         png = await asyncio.to_thread(overlay_png, shown, heat)
         region = region_of_interest(heat, pixel_spacing_mm=prepared.pixel_spacing_mm, original_shape=prepared.original_shape)
-        result = responses.classify_result(answer["probabilities"], classes, PARAMS.evaluate.critical_class,
-                                         SERVE.alert_threshold)
         request_id = uuid.uuid4().hex
-        # The clinician page explains without classifying first: log the slice like a classification
-        # (its embedding from the same model version), so monitoring sees the page's traffic; a slice
-        # classified and then explained is one slice to monitoring (it dedupes by SHA-256).
-        try:
-            logged = (await self._call(self.model.to_async.predict, prepared.pixels[np.newaxis]))[0]
-            if logged["model_version"] == answer["model_version"]:
-                self.log.submit(inference_log.inference_record("explain", responses.classify_response(
-                    logged, prepared, classes, PARAMS.evaluate.critical_class, SERVE.alert_threshold, request_id), data))
-        except ModelUnavailable:  # unloaded meanwhile: the explanation is still answered
-            pass
-        return {"request_id": request_id, "model_version": answer["model_version"], **result,
-                "explained_class": classes[answer["class_index"]], "region": region,
-                "heatmap_shape": list(heat.shape), "overlay_shape": list(shown.shape),
-                "overlay_png_base64": base64.b64encode(png).decode("ascii"),
-                "image": responses.image_statistics(prepared), "warnings": responses.source_warnings(prepared.source_mode)}
+        # The clinician page explains without classifying first: the slice is logged like a
+        # classification (the model service answered it in the same forward pass), so monitoring
+        # sees the page's traffic; a slice classified and then explained is one slice to monitoring
+        # (it dedupes by SHA-256).
+        response = responses.classify_response(answer | {"batch_size": 1}, prepared, classes, PARAMS.evaluate.critical_class,
+                                               SERVE.alert_threshold, request_id)
+        self.log.submit(inference_log.inference_record("explain", response, data))
+        del response["embedding"], response["batch_size"]
+        return response | {"explained_class": classes[answer["class_index"]], "region": region,
+                           "heatmap_shape": list(heat.shape), "overlay_shape": list(shown.shape),
+                           "overlay_png_base64": base64.b64encode(png).decode("ascii")}
 
     # -- the service
 
@@ -288,6 +285,7 @@ class TumorScope:
                 "max_upload_bytes": SERVE.max_upload_bytes, "max_batch_files": SERVE.max_batch_files,
                 "accepted_content_types": list(refusals.ACCEPTED_CONTENT_TYPES), "min_side": refusals.MIN_SIDE,
                 "max_aspect_ratio": refusals.MAX_ASPECT_RATIO, "embedding_dims": SERVE.embedding_dims,
+                "trust": info.get("trust"),
                 "adaptive_batching": {"max_batch_size": SERVE.max_batch_size, "max_latency_ms": SERVE.max_latency_ms,
                                       **info["batching"]}}
 

@@ -73,3 +73,21 @@ def phantom_dicom(label: str = "Tumor", size: int = 96, spacing: tuple[float, fl
 
     hu = render_slice_hu(image_rng(5, label, 1), label, size, 12.0, 0.7).hu if pixels else None
     return dicom_bytes(hu, spacing)
+
+
+def not_ct_images(size: int = 96) -> dict[str, np.ndarray]:
+    """Images no radiologist would send: blank white/black, constant grey, pure noise, a smooth
+    colour gradient (a photograph's sky) and a page of text. Each must be referred, with a reason."""
+    from PIL import ImageDraw
+
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0, 255, size)
+    gradient = np.stack([np.add.outer(ramp, ramp) / 2, np.tile(ramp, (size, 1)), np.tile(ramp[:, None], (1, size))[::-1]],
+                        axis=-1)
+    page = Image.new("L", (size, size), 255)
+    draw = ImageDraw.Draw(page)
+    for row in range(0, size, 12):
+        draw.text((4, row), "Patient report: no findings.", fill=0)
+    return {"white.png": np.full((size, size), 255), "black.png": np.zeros((size, size)),
+            "grey.png": np.full((size, size), 120), "noise.png": rng.integers(0, 256, (size, size)),
+            "gradient.png": gradient, "text.png": np.asarray(page)}

@@ -1,14 +1,16 @@
 """The clinician's page (serving/static/index.html at /ui/) in headless Chromium against the real
 service: a slice chosen in the page shows the class, one probability bar per class and the Grad-CAM
-overlay, and the class equals what the classify endpoint answers for the same file."""
+overlay, and the class equals what the classify endpoint answers for the same file; a blank slice
+shows the referral banner with its reason."""
 
 from __future__ import annotations
 
 import httpx
+import numpy as np
 import pytest
 
 from helpers.browser import browser
-from helpers.images import phantom_pngs
+from helpers.images import phantom_pngs, png_bytes
 from helpers.requirements import needs_chromium
 
 # One session Bento server, on one xdist worker (tests/integration/conftest.py).
@@ -42,6 +44,21 @@ def test_a_dropped_slice_shows_class_probabilities_and_overlay(served, tmp_path)
         assert driver.execute_script("return arguments[0].naturalWidth", overlay) > 0  # the PNG decoded
         assert driver.find_element(By.ID, "alert").is_displayed() == expected["alert"]
         driver.save_screenshot(str(tmp_path / "page.png"))
+        refer = driver.find_element(By.ID, "refer")
+        assert refer.is_displayed() == expected["refer"]
+        if expected["prediction_set"]:
+            assert driver.find_element(By.ID, "set").text == "Prediction set: " + " / ".join(expected["prediction_set"])
+
+        # A blank slice: the referral banner, with the service's reason, above the class.
+        blank = tmp_path / "blank.png"
+        blank.write_bytes(png_bytes(np.full((96, 96), 255, np.uint8)))
+        driver.find_element(By.ID, "file").send_keys(str(blank))
+        wait.until(lambda d: "blank" in d.find_element(By.ID, "refer").text)  # the previous answer may be referred too
+        banner = driver.find_element(By.ID, "refer")
+        assert banner.is_displayed() and banner.text.startswith("Refer to a radiologist: do not rely on this answer.")
+        assert banner.text.splitlines()[-1] == httpx.post(f"{served.url}/classify", files={"file": (
+            "blank.png", blank.read_bytes(), "image/png")}, timeout=60).json()["refer_reason"]
+        driver.save_screenshot(str(tmp_path / "page-referred.png"))
 
         # A file that is not an image: the page shows the service's one-line reason, no result.
         bad = tmp_path / "notes.png"

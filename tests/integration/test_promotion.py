@@ -19,7 +19,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from helpers.images import textured_slice, write_png
+from helpers.images import not_ct_images, textured_slice, write_png
 from helpers.paths import REPO
 from helpers.requirements import needs_postgres, postgres_schema_uri
 from tumorscope.config import load_params, with_overrides
@@ -216,15 +216,14 @@ def test_predict_writes_csv_and_external_validation(tmp_path, monkeypatch):
     # Images no radiologist would send are referred with the reason, never given a confident class.
     odd = tmp_path / "odd"
     odd.mkdir()
-    rng = np.random.default_rng(0)
-    for name, pixels in {"white.png": np.full((64, 64), 255), "black.png": np.zeros((64, 64)),
-                         "grey.png": np.full((64, 64), 120), "noise.png": rng.integers(0, 256, (64, 64))}.items():
+    for name, pixels in not_ct_images(64).items():
         Image.fromarray(pixels.astype(np.uint8)).save(odd / name)
     prediction.run_predict(params, [odd], model="models", out=tmp_path / "out" / "odd.csv")
     odd_csv = pd.read_csv(tmp_path / "out" / "odd.csv", keep_default_na=False).set_index("path")
     assert (odd_csv["refer"].astype(str) == "True").all(), odd_csv[["refer", "refer_reason"]]
     for name in ("white.png", "black.png", "grey.png"):
         assert odd_csv.loc[str(odd / name), "refer_reason"].startswith("blank or constant image")
+        assert str(odd_csv.loc[str(odd / name), "ood"]) == "True"
 
 
 @needs_postgres

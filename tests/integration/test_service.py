@@ -18,7 +18,7 @@ from PIL import Image
 
 from helpers import bento as bento_server
 from helpers.bento import Served
-from helpers.images import phantom_dicom, phantom_pngs, png_bytes
+from helpers.images import not_ct_images, phantom_dicom, phantom_pngs, png_bytes
 from helpers.paths import FIXTURE_SLICES, SAMPLE
 from helpers.requirements import needs_sample
 
@@ -51,17 +51,21 @@ def classify(client: httpx.Client, name: str, data: bytes, content_type: str = "
     return client.post("/classify", files={"file": (name, data, content_type)})
 
 
-def expected_probabilities(loaded, files: dict[str, bytes]) -> np.ndarray:
+def prepared_batch(loaded, files: dict[str, bytes]) -> np.ndarray:
     from pathlib import Path
 
     from tumorscope.inference import prepare_bytes, stack
 
-    prepared = [prepare_bytes(data, Path(name).suffix, loaded.spec) for name, data in files.items()]
-    return loaded.predict_proba(stack(prepared, loaded.image_size))
+    return stack([prepare_bytes(data, Path(name).suffix, loaded.spec) for name, data in files.items()], loaded.image_size)
+
+
+def expected_probabilities(loaded, files: dict[str, bytes]) -> np.ndarray:
+    """The network's own probabilities (the answers' raw_probabilities)."""
+    return loaded.predict_proba(prepared_batch(loaded, files))
 
 
 def probabilities(answer: dict, classes: list[str]) -> list[float]:
-    return [answer["probabilities"][c] for c in classes]
+    return [answer["raw_probabilities"][c] for c in classes]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,8 +82,16 @@ def test_classify_equals_the_registered_model_on_real_and_phantom_slices(client,
         answers.append(response.json())
     np.testing.assert_allclose([probabilities(a, loaded.classes) for a in answers], expected_probabilities(loaded, files),
                                rtol=1e-5, atol=1e-6)
+    # The shown probabilities, the sets and the referrals are LoadedModel.answers' (as tumorscope predict's).
+    _, judged = loaded.answers(prepared_batch(loaded, files))
+    np.testing.assert_allclose([[a["probabilities"][c] for c in loaded.classes] for a in answers], judged.probabilities,
+                               rtol=1e-5, atol=1e-6)
+    assert [a["refer"] for a in answers] == judged.refer.tolist()
+    assert [a["refer_reason"] for a in answers] == judged.reasons
+    assert [a["prediction_set"] for a in answers] == [[c for c, inside in zip(loaded.classes, row, strict=True) if inside]
+                                                      for row in judged.sets]
     first = answers[0]
-    assert first["model_version"] == f"{loaded.version}" and first["class"] in loaded.classes
+    assert first["calibrated"] and first["model_version"] == f"{loaded.version}" and first["class"] in loaded.classes
     assert sum(first["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
     assert first["alert"] == (first["probabilities"]["Tumor"] >= first["alert_threshold"])
     assert len(first["embedding"]) == 8 and first["image"]["model_input_shape"] == [32, 32]
@@ -136,6 +148,11 @@ def test_explain_returns_an_overlay_png_and_the_region(client, models):
     assert region["area_mm2"] is None  # a JPEG has no pixel spacing: no guessed millimetres
     expected = expected_probabilities(models[1], {name: data})[0]
     np.testing.assert_allclose(probabilities(body, models[1].classes), expected, rtol=1e-5, atol=1e-6)
+    # The same answer as classify: calibrated probabilities, the set, the referral.
+    single = classify(client, name, data).json()
+    assert (body["prediction_set"], body["refer"], body["refer_reason"]) == \
+        (single["prediction_set"], single["refer"], single["refer_reason"])
+    assert body["probabilities"] == pytest.approx(single["probabilities"], abs=1e-6)
     other = client.post("/explain", files={"file": (name, data, "image/jpeg")}, data={"target_class": "Stone"})
     assert other.status_code == 200 and other.json()["explained_class"] == "Stone"
 
@@ -175,12 +192,33 @@ def test_real_sample_slices_equal_the_registered_model(client, models):
 # Metadata, health, inference log, batching
 
 
+def test_images_no_radiologist_would_send_are_referred_with_a_reason(client):
+    """Blank, constant, noise, a colour gradient and text: each answered (200) but referred, with the
+    reason, through classify, classify_batch and explain."""
+    files = {name: png_bytes(pixels.astype(np.uint8)) for name, pixels in not_ct_images().items()}
+    answers = {}
+    for name, data in files.items():
+        response = classify(client, name, data, "image/png")
+        assert response.status_code == 200, response.text
+        answers[name] = response.json()
+    reasons = {name: answer["refer_reason"] for name, answer in answers.items()}
+    assert all(answer["refer"] for answer in answers.values()), reasons
+    for name in ("white.png", "black.png", "grey.png"):
+        assert reasons[name].startswith("blank or constant image") and answers[name]["ood"], reasons
+    assert answers["noise.png"]["ood"], reasons  # unlike training slices, not merely uncertain
+    batch = client.post("/classify_batch", files=[("files", (n, d, "image/png")) for n, d in files.items()]).json()
+    assert [r["refer_reason"] for r in batch["results"]] == list(reasons.values())
+    explained = client.post("/explain", files={"file": ("white.png", files["white.png"], "image/png")}).json()
+    assert explained["refer"] and explained["refer_reason"] == reasons["white.png"]
+
+
 def test_metadata_and_health(client, models):
     meta = client.post("/metadata").json()
     assert meta["model_version"] == models[1].version and meta["classes"] == models[1].classes
     assert meta["input_size"] == 32 and meta["alert_threshold"] == 0.5 and meta["critical_class"] == "Tumor"
     assert meta["max_upload_bytes"] == bento_server.MAX_UPLOAD_BYTES and meta["max_batch_files"] == 8
     assert meta["adaptive_batching"]["max_batch_size"] == 16
+    assert meta["trust"]["coverage_target"] == pytest.approx(0.9) and meta["trust"]["temperature"] > 0
     health = client.post("/health").json()
     assert health["status"] == "ok" and health["model_version"] == models[1].version
     assert health["inference_log"]["ok"] and health["inference_log"]["failed"] == 0
@@ -200,7 +238,8 @@ def test_every_classification_is_in_the_inference_log(served, client):
         time.sleep(0.1)
     record = logged[request_ids[-1]]
     assert {"timestamp", "model_version", "request_id", "image", "embedding", "probabilities", "predicted_class",
-            "sha256"} <= set(record)
+            "sha256", "prediction_set", "refer", "refer_reason", "ood", "ood_distance"} <= set(record)
+    assert isinstance(record["refer"], bool) and record["ood_distance"] >= 0
     assert name not in json.dumps(record)  # file names are never logged
     assert client.post("/health").json()["inference_log"]["written"] >= 3
     # The clinician page only explains: its slices are logged too, with the same fields.

@@ -345,3 +345,61 @@ def test_served_model_reload_and_load_failures(tiny_loaded):
     assert not empty.load() and not empty.ready and "no alias" in empty.info()["load_error"]
     with pytest.raises(served_model.ModelUnavailable, match="no model loaded"):
         empty.predict(np.zeros((1, 32, 32, 1), np.uint8))
+
+
+@pytest.fixture(scope="module")
+def trusted_loaded(tiny_loaded):
+    """The tiny model with a trust state fitted on phantom slices (its answers are poor: the point
+    is that the service applies the state as ``LoadedModel.answers`` does)."""
+    from tumorscope.config import ConformalConfig, OodConfig
+    from tumorscope.data.phantom import image_rng, render_slice
+    from tumorscope.trust.answers import fit_trust
+
+    labels = np.arange(160) % len(CLASSES)
+    images = np.stack([render_slice(image_rng(5, CLASSES[k], i), CLASSES[k], 32, 12.0, 0.7, WindowConfig())[0]
+                       for i, k in enumerate(labels)])[..., np.newaxis].astype(np.uint8)
+    trust = fit_trust(tiny_loaded.model, (images[:80], labels[:80]), (images[80:], labels[80:], np.arange(80) // 2),
+                      len(CLASSES), ConformalConfig(), OodConfig())
+    return type(tiny_loaded)(tiny_loaded.model, SPEC, "tiny/1", {"version": 1}, trust), images[80:84]
+
+
+def test_served_answers_carry_the_trust_fields_of_loaded_model_answers(trusted_loaded):
+    loaded, images = trusted_loaded
+    blank = np.full((1, 32, 32, 1), 255, np.uint8)
+    batch = np.concatenate([images, blank])
+    served = served_model.ServedModel("tiny", "champion", 5, loader=lambda name, ref: loaded)
+    assert served.load()
+    answers = served.predict(batch)
+    raw, judged = loaded.answers(batch)
+    np.testing.assert_allclose([a["probabilities"] for a in answers], raw, rtol=1e-5, atol=1e-6)
+    for i, answer in enumerate(answers):
+        trust = answer["trust"]
+        np.testing.assert_allclose(list(trust["calibrated_probabilities"].values()), judged.probabilities[i], rtol=1e-5)
+        assert trust["refer"] == bool(judged.refer[i]) and trust["refer_reason"] == judged.reasons[i]
+        assert trust["prediction_set"] == [c for c, inside in zip(CLASSES, judged.sets[i], strict=True) if inside]
+    assert answers[-1]["trust"]["refer"] and answers[-1]["trust"]["ood"]
+    assert "blank or constant" in answers[-1]["trust"]["refer_reason"]
+
+    # The JSON answer shows the calibrated probabilities, the network's own beside them, and the alert on the former.
+    result = responses.trusted_result(answers[-1], CLASSES, "Tumor", 0.5)
+    assert result["calibrated"] and result["refer"] and result["prediction_set"] == answers[-1]["trust"]["prediction_set"]
+    assert result["probabilities"] == answers[-1]["trust"]["calibrated_probabilities"]
+    assert result["alert"] == (result["probabilities"]["Tumor"] >= 0.5)
+    assert list(result["raw_probabilities"].values()) == pytest.approx(answers[-1]["probabilities"])
+    # The explanation answers the same, from the same forward pass.
+    explained = served.explain(blank[0])
+    assert explained["heat"].shape == (32, 32)
+    assert explained["trust"]["refer_reason"] == answers[-1]["trust"]["refer_reason"]
+    assert explained["trust"]["ood_distance"] == pytest.approx(answers[-1]["trust"]["ood_distance"], rel=1e-5)
+    assert served.info()["trust"]["coverage_target"] == pytest.approx(0.9)
+
+
+def test_an_answer_without_a_trust_state_says_so(tiny_loaded):
+    served = served_model.ServedModel("tiny", "champion", 5, loader=lambda name, ref: tiny_loaded)
+    assert served.load()
+    answer = served.predict(np.zeros((1, 32, 32, 1), np.uint8))[0]
+    assert answer["trust"] is None and served.info()["trust"] is None
+    result = responses.trusted_result(answer, CLASSES, "Tumor", 0.5)
+    assert result["refer"] is None and not result["calibrated"] and result["probabilities"] == result["raw_probabilities"]
+    prepared = PreparedImage(np.zeros((32, 32, 1), np.uint8), "L", (32, 32))
+    assert responses.answer_warnings(prepared, answer) == [responses.NO_TRUST_WARNING]

@@ -21,9 +21,11 @@ def inference_record(endpoint: str, response: dict[str, Any], data: bytes) -> di
 
     return {"timestamp": utc_now(), "endpoint": endpoint, "request_id": response["request_id"],
             "model_version": response["model_version"], "predicted_class": response["class"],
-            "probabilities": response["probabilities"], "alert": response["alert"],
-            "image": response["image"], "embedding": response["embedding"],
-            "sha256": hashlib.sha256(data).hexdigest()}
+            "probabilities": response["probabilities"], "alert": response["alert"], "image": response["image"],
+            "embedding": response["embedding"], "sha256": hashlib.sha256(data).hexdigest()} | {
+        # What the answer said about trusting it (null for a model without a trust state).
+        key: response.get(key) for key in ("raw_probabilities", "prediction_set", "refer", "refer_reason", "ood",
+                                           "ood_distance")}
 
 
 class InferenceLog:

@@ -55,17 +55,40 @@ def classify_result(probabilities: Any, classes: list[str], critical_class: str,
             "alert": critical is not None and critical >= alert_threshold}
 
 
+NO_TRUST_WARNING = ("this model has no trust state (calibration, prediction set, referral): its probabilities are the "
+                    "network's own and nothing says when not to trust them; retrain it with this version")
 
 
+def trusted_result(model_answer: dict[str, Any], classes: list[str], critical_class: str,
+                   alert_threshold: float) -> dict[str, Any]:
+    """``classify_result`` on the calibrated probabilities, with the network's own
+    (``raw_probabilities``), the conformal prediction set, ``refer`` with its one-line reason and the
+    out-of-distribution distance. The alert keeps its meaning (the tumour probability reached the
+    threshold); ``refer`` says whether the answer can be relied on."""
+    trust = model_answer.get("trust")
+    raw = dict(zip(classes, (float(p) for p in model_answer["probabilities"]), strict=True))
+    if trust is None:
+        return classify_result(model_answer["probabilities"], classes, critical_class, alert_threshold) | {
+            "raw_probabilities": raw, "calibrated": False, "prediction_set": None, "refer": None, "refer_reason": None,
+            "ood": None, "ood_distance": None}
+    calibrated = [trust["calibrated_probabilities"][c] for c in classes]
+    return classify_result(calibrated, classes, critical_class, alert_threshold) | {
+        "raw_probabilities": raw, "calibrated": True, "prediction_set": list(trust["prediction_set"]),
+        "refer": bool(trust["refer"]), "refer_reason": trust["refer_reason"], "ood": bool(trust["ood"]),
+        "ood_distance": float(trust["ood_distance"])}
+
+
+def answer_warnings(prepared: PreparedImage, model_answer: dict[str, Any]) -> list[str]:
+    return source_warnings(prepared.source_mode) + ([NO_TRUST_WARNING] if model_answer.get("trust") is None else [])
 
 
 def classify_response(model_answer: dict[str, Any], prepared: PreparedImage, classes: list[str], critical_class: str,
                       alert_threshold: float, request_id: str) -> dict[str, Any]:
     """The JSON answer for one classified image."""
     return {"request_id": request_id, "model_version": model_answer["model_version"],
-            **classify_result(model_answer["probabilities"], classes, critical_class, alert_threshold),
+            **trusted_result(model_answer, classes, critical_class, alert_threshold),
             "image": image_statistics(prepared), "embedding": [float(v) for v in model_answer["embedding"]],
-            "warnings": source_warnings(prepared.source_mode), "batch_size": int(model_answer["batch_size"])}
+            "warnings": answer_warnings(prepared, model_answer), "batch_size": int(model_answer["batch_size"])}
 
 
 def overlay_slice(decoded: np.ndarray) -> np.ndarray:

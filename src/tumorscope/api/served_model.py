@@ -20,6 +20,7 @@ class _Current:
     loaded: Any  # inference.LoadedModel
     features: Any  # feature_model(loaded.model)
     loaded_at: str
+    embedding_dims: int  # of the embedding summary each answer carries (serve.embedding_dims)
 
 
 class ServedModel:
@@ -46,7 +47,7 @@ class ServedModel:
 
     def _load(self) -> _Current:
         loaded = self._loader(self.name, self.ref)
-        current = _Current(loaded, feature_model(loaded.model), utc_now())
+        current = _Current(loaded, feature_model(loaded.model), utc_now(), self.embedding_dims)
         # One warm-up pass: the first predict traces the function (seconds on TensorFlow), which
         # would otherwise land on the first request and on the batching dispatcher's timing.
         warm = np.zeros((1, loaded.image_size, loaded.image_size, 1), dtype=np.uint8)
@@ -77,31 +78,47 @@ class ServedModel:
         return current
 
     def predict(self, images: np.ndarray) -> list[dict[str, Any]]:
-        """Probabilities and embedding summary of each (size, size, 1) uint8 image of a batch."""
+        """Per (size, size, 1) uint8 image of a batch: the model's probabilities, the embedding
+        summary, and the trust fields (``trust.answers.Judged.answer``; None for a model without a
+        trust state), all from one forward pass."""
         current = self.current()
+        answers = self._answers(current, images)
+        with self._lock:
+            self.batch_sizes[len(answers)] += 1
+        return answers
+
+    @staticmethod
+    def _answers(current: _Current, images: np.ndarray) -> list[dict[str, Any]]:
+        loaded = current.loaded
         images = np.asarray(images, dtype=np.uint8)
-        expected = (current.loaded.image_size, current.loaded.image_size, 1)
+        expected = (loaded.image_size, loaded.image_size, 1)
         if images.ndim != 4 or images.shape[1:] != expected:
             raise ValueError(f"images of shape {images.shape[1:]} for a model that takes {expected}")
         outputs = current.features.predict_on_batch(images)
         probabilities = np.asarray(outputs[0], dtype=np.float64)
-        embeddings = summarize_embedding(np.asarray(outputs[1]), self.embedding_dims)
-        with self._lock:
-            self.batch_sizes[len(images)] += 1
+        features = np.asarray(outputs[1])
+        embeddings = summarize_embedding(features, current.embedding_dims)
+        judged = None
+        if loaded.trust is not None:
+            from tumorscope.trust.answers import judge
+
+            judged = judge(probabilities, summarize_embedding(features, loaded.trust["ood"]["embedding_dims"]), images,
+                           loaded.classes, loaded.trust)
         return [{"probabilities": probabilities[i].tolist(), "embedding": embeddings[i].astype(float).tolist(),
-                 "model_version": current.loaded.version, "batch_size": len(images)} for i in range(len(images))]
+                 "trust": None if judged is None else judged.answer(i, loaded.classes),
+                 "model_version": loaded.version, "batch_size": len(images)} for i in range(len(images))]
 
     def explain(self, image: np.ndarray, class_index: int | None = None) -> dict[str, Any]:
-        """Grad-CAM heat map (size, size) in [0, 1] of one prepared slice, with its probabilities."""
+        """Grad-CAM heat map (size, size) in [0, 1] of one prepared slice, with the slice's answer
+        as ``predict`` gives it (so the explanation is logged without a second forward pass)."""
         from tumorscope.models.explain import grad_cam
 
         current = self.current()
         image = np.asarray(image, dtype=np.uint8)
-        probabilities = current.loaded.predict_proba(image[np.newaxis])[0]
+        answer = self._answers(current, image[np.newaxis])[0]
         heat = grad_cam(current.loaded.model, image, class_index)
-        return {"heat": np.asarray(heat, dtype=np.float32), "probabilities": np.asarray(probabilities).tolist(),
-                "class_index": int(np.argmax(probabilities)) if class_index is None else int(class_index),
-                "model_version": current.loaded.version}
+        return answer | {"heat": np.asarray(heat, dtype=np.float32),
+                         "class_index": int(np.argmax(answer["probabilities"])) if class_index is None else int(class_index)}
 
     def info(self) -> dict[str, Any]:
         current = self._current
@@ -119,7 +136,7 @@ class ServedModel:
         return {"ready": True, "load_error": None, "registered_model": self.name, "ref": self.ref,
                 "model_version": loaded.version, "source": jsonable(loaded.source), "classes": loaded.classes,
                 "image_size": loaded.image_size, "spec": loaded.spec, "loaded_at": current.loaded_at,
-                "batching": batching}
+                "trust": trust_summary(loaded.trust), "batching": batching}
 
     def reload(self, force: bool = False) -> dict[str, Any]:
         """Load what ``ref`` names now (the alias may have moved); keep the served model when that is
@@ -139,6 +156,17 @@ class ServedModel:
         version_now = self.current().loaded.version
         return {"reloaded": True, "changed": version_now != previous, "previous_version": previous,
                 "model_version": version_now, "error": None}
+
+
+def trust_summary(trust: dict | None) -> dict[str, Any] | None:
+    """What a reader of the metadata needs of a trust state (not its fitted densities)."""
+    if trust is None:
+        return None
+    conformal, ood = trust["conformal"], trust["ood"]
+    return {"temperature": trust["temperature"], "alpha": conformal["alpha"], "coverage_target": 1 - conformal["alpha"],
+            "score": conformal["score"], "class_conditional": conformal["class_conditional"],
+            "calibration_groups": conformal["n_groups"], "ood_quantile": ood["quantile"],
+            "ood_distance_threshold": ood["distance_threshold"], "intensity_quantile": ood["intensity_quantile"]}
 
 
 class ModelUnavailable(RuntimeError):

@@ -126,7 +126,8 @@ def training_hashes(params: Params, loaded) -> tuple[np.ndarray | None, str]:
 def answer_table(table, labels: list[str] | None, readable: list[int], classes: list[str], probabilities: np.ndarray,
                  judged):
     """The CSV's columns: predicted class, calibrated ``p_<class>`` (the model's own as ``raw_p_``),
-    the prediction set, whether to refer and why, and the OOD distance; unreadable rows stay, empty."""
+    the prediction set, whether to refer and why, whether as unlike the training slices (``ood``) and
+    the OOD distance; unreadable rows stay, empty."""
     if labels is not None:
         table.insert(1, "label", labels)
     shown = judged.probabilities if judged is not None else probabilities
@@ -139,12 +140,14 @@ def answer_table(table, labels: list[str] | None, readable: list[int], classes: 
     table["prediction_set"] = ""
     table["refer"] = ""
     table["refer_reason"] = ""
+    table["ood"] = ""
     table["ood_distance"] = np.nan
     if judged is not None:
         table.loc[readable, "prediction_set"] = ["|".join(c for c, inside in zip(classes, row, strict=True) if inside)
                                                  for row in judged.sets]
         table.loc[readable, "refer"] = judged.refer.tolist()
         table.loc[readable, "refer_reason"] = [reason or "" for reason in judged.reasons]
+        table.loc[readable, "ood"] = judged.ood.tolist()
         table.loc[readable, "ood_distance"] = judged.ood_distance
     return table
 

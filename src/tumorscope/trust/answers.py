@@ -66,10 +66,18 @@ class Judged:
     sets: np.ndarray            # (N, K) bool: the conformal prediction sets
     ood_distance: np.ndarray    # (N,) Mahalanobis distance to the nearest training class
     reasons: list[str | None]   # why to refer each answer; None: the model may decide
+    ood: np.ndarray             # (N,) bool: referred as unlike the training slices (input or features), not for doubt
 
     @property
     def refer(self) -> np.ndarray:
         return np.array([reason is not None for reason in self.reasons], dtype=bool)
+
+    def answer(self, i: int, classes: list[str]) -> dict:
+        """The trust fields of answer ``i`` as the service, its log and the page show them."""
+        return {"calibrated_probabilities": dict(zip(classes, (float(p) for p in self.probabilities[i]), strict=True)),
+                "prediction_set": [classes[k] for k in np.flatnonzero(self.sets[i])],
+                "refer": self.reasons[i] is not None, "refer_reason": self.reasons[i],
+                "ood": bool(self.ood[i]), "ood_distance": float(self.ood_distance[i])}
 
 
 def thresholds_of(state: dict) -> list[float]:
@@ -100,10 +108,11 @@ def judge(probabilities: np.ndarray, embeddings: np.ndarray, images: np.ndarray,
     distances = referral.mahalanobis_distance(embeddings, ood["feature_density"])
     features = pixel_features(images)
     intensity = referral.mahalanobis_distance(referral.intensity_vectors(features), ood["intensity_density"])
-    reasons = []
+    reasons, unlike = [], np.zeros(len(calibrated), dtype=bool)
     for i in range(len(calibrated)):
         pixel_reason = referral.input_reason({name: float(values[i]) for name, values in features.items()},
                                              ood["intensity_density"], float(intensity[i]), ood["intensity_threshold"])
+        unlike[i] = pixel_reason is not None or distances[i] > ood["distance_threshold"]
         in_set = [classes[k] for k in np.flatnonzero(sets[i])]
         reasons.append(refer_reason(pixel_reason, float(distances[i]), ood["distance_threshold"], in_set))
-    return Judged(calibrated, sets, distances, reasons)
+    return Judged(calibrated, sets, distances, reasons, unlike)
