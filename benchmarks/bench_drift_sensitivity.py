@@ -71,7 +71,7 @@ def main() -> None:
                                                                  "other": scanner})
                 generate_batch(batch_cfg, params.phantom)
                 files = sorted(out.rglob("*.png"))
-                window = folder_window(files, champion.model, champion.spec, params.serve.embedding_dims, str(out))
+                window = folder_window(files, champion, params.serve.embedding_dims, str(out))
                 summary = compare(reference, window.frame, settings).summary
                 verdicts += bool(summary["drift"])
                 shares.append(summary["drifted_share"])

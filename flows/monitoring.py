@@ -48,7 +48,8 @@ def send_alert(params_path: str, line: str, summary: dict, retraining: dict | No
             sent["webhook"] = {"error": str(err)}
     if cfg.notification_block:
         try:
-            notify_block(cfg.notification_block, "tumorscope: drift detected", line)
+            subject = "tumorscope: drift detected" if summary.get("drift") else "tumorscope: referral rate rising"
+            notify_block(cfg.notification_block, subject, line)
             sent["block"] = {"sent": cfg.notification_block}
         except UserError as err:
             sent["block"] = {"error": str(err)}
@@ -131,16 +132,18 @@ def trigger_retraining(params_path: str, current: str) -> dict:
 def monitoring_flow(params_path: str = "params.yaml", current: str | None = None, retrain: bool = True) -> dict:
     """Drift of ``current`` (default: the service's inference log, serve.inference_log) vs the
     champion's reference; on drift: alert and, when ``retrain`` and monitor.retrain.deployment are
-    set, start retraining (gated promotion)."""
+    set, start retraining (gated promotion); on a rising referral rate: alert."""
     params = load_params(params_path)
     current = current or params.serve.inference_log
     checked = check_drift(params_path, current)
     summary = checked["summary"]
+    referral_rising = (summary.get("referral") or {}).get("status") == "rising"
     result: dict = {"line": checked["line"], "status": summary["status"], "drift": summary.get("drift"),
-                    "summary_path": summary.get("written_to")}
-    if summary.get("drift"):
-        if retrain and params.monitor.retrain.deployment:
-            result["retraining"] = trigger_retraining(params_path, current)
+                    "referral_rising": referral_rising, "summary_path": summary.get("written_to")}
+    if summary.get("drift") and retrain and params.monitor.retrain.deployment:
+        result["retraining"] = trigger_retraining(params_path, current)
+    # A rising referral rate alerts without retraining: the referred slices have no labels yet.
+    if summary.get("drift") or referral_rising:
         result["alert"] = send_alert(params_path, checked["line"], summary, result.get("retraining"))
     create_markdown_artifact(f"{checked['line']}\n\nSummary: `{summary.get('written_to')}`"
                              + (f"\n\nRetraining: `{result['retraining']}`" if "retraining" in result else ""),

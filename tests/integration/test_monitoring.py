@@ -81,7 +81,7 @@ def champion_run_metrics(params, name: str) -> list[float]:
     return [m.value for m in sorted(client.get_metric_history(run_id, name), key=lambda m: m.step)]
 
 
-def test_same_scanner_passes_other_scanner_drifts_with_report_history_and_mlflow(in_project):
+def test_same_scanner_passes_other_scanner_drifts_and_is_referred_with_report_history_and_mlflow(in_project):
     params = load_params("params.yaml")
     line, same = monitoring.run_monitor(params, "data/same")
     assert same["status"] == "no_drift", line
@@ -101,6 +101,17 @@ def test_same_scanner_passes_other_scanner_drifts_with_report_history_and_mlflow
     html = Path(params.monitor.report_dir) / "drift.html"
     assert b"Value Drift for column noise" in html.read_bytes()  # the page a person opens
     assert champion_run_metrics(params, "monitor_drift")[-2:] == [0.0, 1.0]
+    # Per answer: the other scanner's slices are referred at a clearly higher rate than the same
+    # scanner's, which stays at the test split's rate; both rates are in the run's history.
+    print(f"\nreferral same scanner {same['referral']}\nother scanner {other['referral']}")
+    # This small champion is unsure of most slices (it refers nearly all of either batch for doubt):
+    # the share referred as unlike the training slices is what separates the scanners.
+    assert same["referral"]["status"] == "steady" and other["referral"]["status"] == "rising", line
+    assert other["referral"]["current_rate"] >= same["referral"]["current_rate"]
+    assert other["referral"]["current_ood_share"] >= same["referral"]["current_ood_share"] + 0.5
+    assert "REFERRAL RISING: referred" in line
+    assert champion_run_metrics(params, "monitor_referral_rate")[-2:] == pytest.approx(
+        [same["referral"]["current_rate"], other["referral"]["current_rate"]])
     from evidently.ui.workspace import Workspace
 
     workspace = Workspace(params.monitor.workspace)
@@ -161,3 +172,7 @@ def test_real_slices_are_flagged_against_the_phantom_reference(in_project):
     line, summary = monitoring.run_monitor(load_params("params.yaml"), str(SAMPLE))
     assert summary["status"] == "drift", line
     assert summary["n_current"] == 240
+    # Answer by answer, the phantom champion refers real slices, and most as unlike its training data.
+    referral = summary["referral"]
+    assert referral["status"] == "rising" and referral["current_rate"] >= 0.9, referral
+    assert referral["current_ood_share"] >= 0.5, referral

@@ -69,7 +69,7 @@ def test_log_window_counts_every_line_it_leaves_out_and_keeps_reading(tmp_path):
     corrupt = {k: v for k, v in window.left_out.items() if k.startswith("corrupt")}
     assert sum(corrupt.values()) == 3 and "corrupt line (no predicted_class)" in corrupt
     assert any(":3: corrupt line (not JSON)" in e for e in window.examples)
-    assert list(window.frame.columns[-4:]) == ["emb_0", "emb_1", "emb_2", "emb_3"]
+    assert list(window.frame.columns[-6:]) == ["emb_0", "emb_1", "emb_2", "emb_3", "refer", "ood"]
     assert window.frame["confidence"].eq(0.7).all()
 
 
@@ -198,3 +198,47 @@ def test_retraining_data_comes_from_labelled_new_slices_only(tmp_path):
     configured = params.model_copy(update={"monitor": params.monitor.model_copy(update={
         "retrain": params.monitor.retrain.model_copy(update={"new_data": "/data/curated"})})})
     assert retraining_data(configured, str(unlabelled)) == "/data/curated"
+
+
+def test_log_rows_carry_the_referral_and_the_networks_own_confidence(tmp_path):
+    rng = np.random.default_rng(8)
+    records = [_log_record("m/1", rng) for _ in range(3)]
+    records[0] |= {"refer": True, "ood": True, "raw_probabilities": {"Cyst": 0.9, "Tumor": 0.1}}
+    records[1] |= {"refer": False, "ood": False}
+    records[2] |= {"refer": None, "ood": None}  # a model without a trust state
+    log = tmp_path / "inference.jsonl"
+    log.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    frame = windows.read_log_window(log, "m/1", size=10, embedding_dims=4).frame
+    assert frame["refer"].tolist()[:2] == [1.0, 0.0] and np.isnan(frame["refer"].iloc[2])
+    assert frame["ood"].tolist()[:2] == [1.0, 0.0]
+    # The reference's confidence is the network's own: so is the window's, where the log has it.
+    assert frame["confidence"].tolist() == [0.9, 0.7, 0.7]
+
+
+def _referrals(n: int, rate: float, rng) -> pd.DataFrame:
+    refer = (rng.random(n) < rate).astype(float)
+    return pd.DataFrame({"refer": refer, "ood": refer * (rng.random(n) < 0.5)})
+
+
+def test_a_referral_rate_well_above_the_reference_is_rising_and_a_like_one_is_not():
+    from tumorscope.monitoring.referral import RISING, STEADY, UNKNOWN, referral_line, referral_metrics, referral_summary
+
+    rng = np.random.default_rng(9)
+    reference = pd.concat([_referrals(300, 0.10, rng), pd.DataFrame({"refer": [np.nan] * 50})], ignore_index=True)
+    same = referral_summary(reference, _referrals(200, 0.10, rng), min_window=50)
+    assert same["status"] == STEADY and same["n_reference"] == 300  # training rows (NaN) do not count
+    assert abs(same["current_rate"] - 0.10) < 0.06
+    risen = referral_summary(reference, _referrals(200, 0.30, rng), min_window=50)
+    assert risen["status"] == RISING and risen["p_value"] < 0.01
+    assert "REFERRAL RISING: referred 3" in referral_line(risen)
+    assert referral_metrics(risen)["referral_rising"] == 1.0 and 0 < referral_metrics(risen)["ood_share"] < 0.3
+    small = referral_summary(reference, _referrals(20, 0.9, rng), min_window=50)
+    assert small["status"] == UNKNOWN and "min_window" in small["reason"]
+    # Every slice referred in both windows (a model unsure of all): a rising OOD share still shows.
+    unsure = pd.DataFrame({"refer": np.ones(300), "ood": (rng.random(300) < 0.05).astype(float)})
+    strange = pd.DataFrame({"refer": np.ones(120), "ood": (rng.random(120) < 0.6).astype(float)})
+    assert referral_summary(unsure, strange, min_window=50)["status"] == RISING
+    assert referral_summary(unsure, unsure.iloc[:120], min_window=50)["status"] == STEADY
+    unknown = referral_summary(reference.drop(columns=["refer"]), _referrals(200, 0.3, rng), min_window=50)
+    assert unknown["status"] == UNKNOWN and "reference" in unknown["reason"]
+    assert "referral_rising" not in referral_metrics(unknown)

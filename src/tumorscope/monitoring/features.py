@@ -19,6 +19,8 @@ import pandas as pd
 # Columns Evidently compares, by kind. Embedding columns are emb_0 .. emb_<dims-1>.
 IMAGE_FEATURES = ("mean", "std", "p1", "p50", "p99", "contrast", "sharpness", "noise", "height", "width", "bit_depth")
 PREDICTION_FEATURES = ("predicted_class", "confidence")
+# Per slice, 1.0/0.0 (NaN where unknown): referred to a radiologist; referred as unlike the training slices.
+TRUST_COLUMNS = ("refer", "ood")
 EMBEDDING_PREFIX = "emb_"
 
 # The random projection that summarises the penultimate layer (the service logs it per request).
@@ -92,13 +94,17 @@ def prediction_frame(probabilities: np.ndarray, classes: list[str], embeddings: 
 
 
 def feature_frame(images: np.ndarray, original_shapes: np.ndarray, source_modes: list[str], probabilities: np.ndarray,
-                  classes: list[str], embeddings: np.ndarray) -> pd.DataFrame:
-    """The monitoring table of a batch of prepared slices and the model's answers on them."""
+                  classes: list[str], embeddings: np.ndarray, judged: Any = None) -> pd.DataFrame:
+    """The monitoring table of a batch of prepared slices and the model's answers on them
+    (``probabilities`` the network's own); with ``judged`` (``trust.answers.Judged``) the
+    ``TRUST_COLUMNS`` too, NaN without."""
     pixels = pixel_features(images)
     shapes = np.asarray(original_shapes, dtype=np.float64).reshape(len(images), 2)
     frame = pd.DataFrame(pixels | {"height": shapes[:, 0], "width": shapes[:, 1],
                                    "bit_depth": [float(bit_depth(m)) for m in source_modes]})
-    return pd.concat([frame[list(IMAGE_FEATURES)], prediction_frame(probabilities, classes, embeddings)], axis=1)
+    trust = pd.DataFrame({"refer": judged.refer.astype(np.float64), "ood": judged.ood.astype(np.float64)}
+                         if judged is not None else {name: np.full(len(images), np.nan) for name in TRUST_COLUMNS})
+    return pd.concat([frame[list(IMAGE_FEATURES)], prediction_frame(probabilities, classes, embeddings), trust], axis=1)
 
 
 def embedding_projection(width: int, dims: int, seed: int = EMBEDDING_SEED) -> np.ndarray:

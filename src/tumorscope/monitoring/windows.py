@@ -15,7 +15,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tumorscope.monitoring.features import EMBEDDING_PREFIX, IMAGE_FEATURES, embedding_columns, feature_frame, model_outputs
+from tumorscope.monitoring.features import (
+    EMBEDDING_PREFIX,
+    IMAGE_FEATURES,
+    TRUST_COLUMNS,
+    embedding_columns,
+    feature_frame,
+    model_outputs,
+)
 
 
 @dataclass
@@ -58,8 +65,13 @@ def _log_row(record: dict) -> dict[str, Any]:
         value = image.get(name)
         row[name] = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else np.nan
     row["predicted_class"] = record["predicted_class"]
-    row["confidence"] = max(float(v) for v in record["probabilities"].values())
+    # The network's own confidence, as the reference's (a log written before calibration has only "probabilities").
+    raw = record.get("raw_probabilities")
+    own: dict = raw if isinstance(raw, dict) else record["probabilities"]
+    row["confidence"] = max(float(v) for v in own.values())
     row.update({f"{EMBEDDING_PREFIX}{i}": float(v) for i, v in enumerate(record["embedding"])})
+    for name in TRUST_COLUMNS:  # absent or null: a model without a trust state, or an older log
+        row[name] = float(record[name]) if isinstance(record.get(name), bool) else np.nan
     return row
 
 
@@ -113,14 +125,15 @@ def read_log_window(path: str | Path, model_version: str, size: int, embedding_d
     if kept > len(newest):
         window.left_out[f"older than the window of {size} rows"] = kept - len(newest)
     newest = _without_repeats(newest, window)
-    columns = [*IMAGE_FEATURES, "predicted_class", "confidence", *embedding_columns(embedding_dims)]
+    columns = [*IMAGE_FEATURES, "predicted_class", "confidence", *embedding_columns(embedding_dims), *TRUST_COLUMNS]
     window.frame = pd.DataFrame([_log_row(r) for r in newest], columns=columns)
     return window
 
 
-def folder_window(files: list[Path], model, spec: dict, embedding_dims: int, source: str) -> Window:
+def folder_window(files: list[Path], champion, embedding_dims: int, source: str) -> Window:
     """Rows of a folder's slices, decoded and prepared as the model's training cache was
-    (``inference.prepare_file``); an unreadable file is counted with its reason."""
+    (``inference.prepare_file``), with ``champion``'s (an ``inference.LoadedModel``) answers and
+    referrals; an unreadable file is counted with its reason."""
     from tumorscope.data.images import UnreadableImage
     from tumorscope.inference import prepare_file, stack
 
@@ -128,15 +141,15 @@ def folder_window(files: list[Path], model, spec: dict, embedding_dims: int, sou
     prepared = []
     for path in files:
         try:
-            one = prepare_file(path, spec)
+            one = prepare_file(path, champion.spec)
         except (OSError, UnreadableImage) as err:
             window.leave_out(f"unreadable file ({str(err).splitlines()[0][:120]})", str(path))
             continue
         one.decoded = None  # a full-size slice is not needed any more
         prepared.append(one)
-    size = int(spec["preprocess"]["image_size"])
-    images = stack(prepared, size)
-    probabilities, embeddings = model_outputs(model, images, embedding_dims)
+    images = stack(prepared, champion.image_size)
+    probabilities, embeddings = model_outputs(champion.model, images, embedding_dims)
+    _, judged = champion.answers(images)
     window.frame = feature_frame(images, np.array([p.original_shape for p in prepared]).reshape(-1, 2),
-                                 [p.source_mode for p in prepared], probabilities, list(spec["classes"]), embeddings)
+                                 [p.source_mode for p in prepared], probabilities, champion.classes, embeddings, judged)
     return window

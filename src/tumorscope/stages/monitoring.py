@@ -33,7 +33,8 @@ def reference_path(params: Params, champion) -> Path:
 
 
 def _reference_from_cache(params: Params, champion) -> pd.DataFrame:
-    """The champion's train and test slices from this workspace's cache, with its answers on them."""
+    """The champion's train and test slices from this workspace's cache, with its answers on them
+    (and its referrals on the test slices)."""
     from tumorscope.data.preprocess import load_split
     from tumorscope.data.split import read_split_table, rows_in_cache_order
     from tumorscope.monitoring.features import feature_frame, model_outputs
@@ -47,8 +48,11 @@ def _reference_from_cache(params: Params, champion) -> pd.DataFrame:
                                    f"{params.split.path} vs {params.preprocess.cache_dir}")
         meta = rows[["path"]].merge(manifest, on="path", how="left")
         probabilities, embeddings = model_outputs(champion.model, images, params.serve.embedding_dims)
+        # The reference referral rate is the test split's: training slices are referred less (the
+        # feature-space check was fitted on them), new slices like the held-out ones.
+        judged = champion.answers(images)[1] if split == "test" else None
         frames.append(feature_frame(images, meta[["height", "width"]].to_numpy(dtype=float), meta["mode"].astype(str).tolist(),
-                                    probabilities, champion.classes, embeddings))
+                                    probabilities, champion.classes, embeddings, judged))
     return pd.concat(frames, ignore_index=True)
 
 
@@ -109,11 +113,14 @@ def current_window(params: Params, champion, current: str):
         window.leave_out("empty folder", str(path))
         return window
     files, _, _ = collect_sources([path], champion.classes, params.data.image_extensions)
-    return folder_window(files, champion.model, champion.spec, params.serve.embedding_dims, f"folder {path}")
+    return folder_window(files, champion, params.serve.embedding_dims, f"folder {path}")
 
 
 def monitoring_metrics(summary: dict) -> dict[str, float]:
-    """The summary as MLflow metrics (drift 1/0, drifted share, embedding score, per-feature scores)."""
+    """The summary as MLflow metrics (drift 1/0, drifted share, embedding score, per-feature scores,
+    referral rate, out-of-distribution share and whether the referral rate rose)."""
+    from tumorscope.monitoring.referral import referral_metrics
+
     metrics = {"drift": float(bool(summary.get("drift"))), "n_current": float(summary["n_current"])}
     if summary.get("drifted_share") is not None:
         metrics["drifted_share"] = float(summary["drifted_share"])
@@ -121,6 +128,7 @@ def monitoring_metrics(summary: dict) -> dict[str, float]:
         metrics["embedding_score"] = float(summary["embedding"]["score"])
     for name, score in (summary.get("features") or {}).items():
         metrics[f"score_{name}"] = float(score["score"])
+    metrics |= referral_metrics(summary.get("referral"))
     return {METRIC_PREFIX + k: v for k, v in metrics.items()}
 
 
@@ -139,6 +147,8 @@ def _log_to_champion(client, run_id: str, summary: dict, paths: list[Path]) -> N
 
 
 def summary_line(summary: dict) -> str:
+    from tumorscope.monitoring.referral import referral_line
+
     where = f"{summary.get('current')} vs {summary.get('model_version')}'s reference"
     if summary["status"] == NO_REFERENCE:
         return f"monitor: no verdict ({summary['reason']})"
@@ -146,7 +156,7 @@ def summary_line(summary: dict) -> str:
     left = summary.get("left_out") or {}
     left_text = f"; left out: {', '.join(f'{n} {why}' for why, n in left.items())}" if left else ""
     verdict = {"drift": "DRIFT", "no_drift": "no drift", "insufficient_data": "no verdict"}[summary["status"]]
-    return f"monitor: {verdict} in {where} {counts}: {summary['reason']}{left_text}"
+    return f"monitor: {verdict} in {where} {counts}: {summary['reason']}{referral_line(summary.get('referral'))}{left_text}"
 
 
 def output_paths(params: Params, current: str) -> tuple[Path, Path]:
@@ -174,6 +184,7 @@ def run_monitor(params: Params, current: str | None = None) -> tuple[str, dict[s
 
     from tumorscope import registry, tracking
     from tumorscope.monitoring.drift import DriftSettings, add_to_workspace, compare, save_report
+    from tumorscope.monitoring.referral import referral_summary
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     cfg = params.monitor
@@ -197,7 +208,8 @@ def run_monitor(params: Params, current: str | None = None) -> tuple[str, dict[s
                              embedding_threshold=cfg.embedding_threshold)
     result = compare(reference, window.frame, settings)
     # No times or run ids: the summary is a DVC output and repeats for the same inputs.
-    summary = result.summary | {"model_version": champion.version, "current": window.source,
+    summary = result.summary | {"referral": referral_summary(reference, window.frame, cfg.min_window),
+                                "model_version": champion.version, "current": window.source,
                                 "reference": reference_source, "left_out": dict(window.left_out),
                                 "left_out_examples": window.examples}
     written = [write_json(summary_path, summary)]
