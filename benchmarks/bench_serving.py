@@ -110,6 +110,18 @@ def in_process(params, files: list[tuple[str, bytes]], batch: int, repeats: int)
     return {"model_version": model.version, "predict_images_per_s": predict_only, "decode_predict_images_per_s": with_decoding}
 
 
+def test_split_files(params) -> list[tuple[str, bytes]]:
+    """(name, bytes) of the test split's raw files: what the service is sent."""
+    from tumorscope.data.split import read_split_table
+
+    table = read_split_table(str(REPO / params.split.path))
+    return [(p.name, p.read_bytes()) for p in (REPO / q for q in table.loc[table["split"] == "test", "path"])]
+
+
+def bento_command(port: int) -> list[str]:
+    return [sys.executable, "-m", "bentoml", "serve", "serving.service:TumorScope", "--host", "127.0.0.1", "--port", str(port)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=8)
@@ -118,12 +130,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from tumorscope.config import load_params
-    from tumorscope.data.split import read_split_table
 
     params = load_params(REPO / args.params)
-    table = read_split_table(str(REPO / params.split.path))
-    paths = [REPO / p for p in table.loc[table["split"] == "test", "path"]]
-    files = [(p.name, p.read_bytes()) for p in paths]
+    files = test_split_files(params)
     print(f"{len(files)} test-split slices, {args.clients} clients, {args.requests} requests per server, "
           f"{os.cpu_count()} CPU cores shared by clients and servers")
 
@@ -135,9 +144,7 @@ def main() -> None:
     logs = REPO / "benchmarks" / ".logs"
     logs.mkdir(exist_ok=True)
     port = free_port()
-    bento_cmd = [sys.executable, "-m", "bentoml", "serve", "serving.service:TumorScope", "--host", "127.0.0.1",
-                 "--port", str(port)]
-    with server(bento_cmd, port, env, logs / "bento.log") as url:
+    with server(bento_command(port), port, env, logs / "bento.log") as url:
         bento = load(url, files, args.clients, args.requests)
     port = free_port()
     naive_cmd = [sys.executable, "-m", "uvicorn", "--app-dir", "benchmarks", "naive_server:app", "--host", "127.0.0.1",
