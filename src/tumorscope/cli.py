@@ -188,6 +188,17 @@ def crossval(params: ParamsOption = DEFAULT_PARAMS) -> None:
 
 
 @app.command()
+def ablate(params: ParamsOption = DEFAULT_PARAMS,
+           variant: Annotated[list[str] | None, typer.Option(
+               "--variant", help="run only this variant (repeat the option; the baseline always runs)")] = None) -> None:
+    """Paired ablation: every ablation.variants entry on the same grouped folds, differences to the
+    baseline with group-bootstrap intervals; resumable (reports/ablation.json, .md, .png; MLflow)."""
+    from tumorscope.stages import ablation
+
+    _report(lambda: ablation.run_ablate(_params(params), variant))
+
+
+@app.command()
 def clean(params: ParamsOption = DEFAULT_PARAMS,
           stores: Annotated[bool, typer.Option(
               "--stores", help="also the local MLflow, Optuna and Prefect stores (together)")] = False) -> None:

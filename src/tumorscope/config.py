@@ -122,6 +122,10 @@ class PreprocessConfig(_Section):
     equalize: bool = False
     denoise: bool = False
     denoise_weight: float = Field(0.05, gt=0)
+    # Crop each slice to the square around the body before resizing (air, table and border out).
+    body_crop: bool = False
+    # Per-image intensity normalisation after resizing: "percentile" stretches p1-p99 to 0-255.
+    normalize: Literal["none", "percentile"] = "none"
 
 
 class TrainConfig(_Section):
@@ -148,6 +152,11 @@ class TrainConfig(_Section):
     # it. Same transforms; the loader is the default because on the JAX backend the Keras layers
     # were the bottleneck (docs/benchmarks.md) and it gives the same pixels on every backend.
     augment_in: Literal["loader", "model"] = "loader"
+    # Intensity augmentation in the loader (window/level, gamma, noise: another scanner's kind of
+    # change), its strength from 0 (off) to 0.5; it runs in the loader whatever augment_in says.
+    intensity_augment: float = Field(0.0, ge=0, le=0.5)
+    # Class-balanced batches (every class drawn equally often) instead of class weights.
+    balanced_batches: bool = False
     # "none" by default: measured on the phantom it generalised best, and it has no inference-time
     # statistics that can lag training (the BatchNormalization pitfall: docs/decisions/0002).
     # (GroupNormalization was tried too: still one constant class after 20 epochs on 240 slices.)
@@ -231,6 +240,55 @@ class CrossvalConfig(_Section):
     # true: cross-validate the tuned configuration (tune.best_params_path over train.*)
     use_best_params: bool = False
     report_path: str = "reports/crossval.json"
+
+
+# One lever per variant, each measured against the defaults (docs/evaluation.md, "Ablation").
+DEFAULT_ABLATION_VARIANTS: dict[str, dict[str, Any]] = {
+    "baseline": {},
+    "body_crop": {"preprocess": {"body_crop": True}},
+    "normalize": {"preprocess": {"normalize": "percentile"}},
+    "intensity_augment": {"train": {"intensity_augment": 0.2}},
+    "balanced_batches": {"train": {"balanced_batches": True}},
+    "stronger_geometry": {"train": {"augment_strength": 0.2}},
+    "regularised": {"train": {"dropout": 0.5, "filters": 32, "dense_units": 128}},
+    "size_96": {"preprocess": {"image_size": 96}},
+    "size_128": {"preprocess": {"image_size": 128}},
+}
+
+
+class AblationConfig(_Section):
+    # tumorscope ablate: every variant (a name and param overrides, e.g. {preprocess: {body_crop:
+    # true}}) trains and tests on the same grouped folds (crossval's roles), so differences to the
+    # baseline are paired. Overrides may change preprocess.* (a cache per setting is built from the
+    # split table), train.* and evaluate.*, not the data or the split.
+    folds: int = Field(5, ge=3, le=20)
+    baseline: str = "baseline"
+    variants: dict[str, dict[str, Any]] = Field(default_factory=lambda: dict(DEFAULT_ABLATION_VARIANTS))
+    # Applied to every variant first (e.g. fewer epochs where time demands it: the same for all).
+    common: dict[str, Any] = Field(default_factory=dict)
+    # Share of each fold's training series used (drawn per fold, the same for every variant).
+    train_share: float = Field(1.0, gt=0, le=1)
+    # The learning curve: the baseline again at these shares of each fold's training series.
+    learning_curve: list[float] = Field(default_factory=lambda: [0.25, 0.5])
+    out_dir: str = "reports/ablation"          # per-fold results (a killed run resumes from them), caches
+    report_path: str = "reports/ablation.json"
+
+    @model_validator(mode="after")
+    def _baseline_is_a_variant(self) -> AblationConfig:
+        if self.baseline not in self.variants:
+            raise ValueError(f"baseline {self.baseline!r} is not one of the variants ({', '.join(self.variants)})")
+        bad = [v for v in self.learning_curve if not 0 < v < 1]
+        if bad:
+            raise ValueError(f"learning_curve shares must be between 0 and 1 (got {bad})")
+        for name, overrides in self.variants.items():
+            touched = sorted(set(overrides) - ABLATION_SECTIONS)
+            if touched:
+                raise ValueError(f"variant {name!r} overrides {', '.join(touched)}: only {', '.join(sorted(ABLATION_SECTIONS))}")
+        return self
+
+
+# What a variant may change: the folds are fixed by the data and the split.
+ABLATION_SECTIONS = {"preprocess", "train", "evaluate", "seed"}
 
 
 # The CPU default: the small CNN's knobs, plus the fine-tuning knobs that apply once a Keras
@@ -468,6 +526,7 @@ class Params(_Section):
     ood: OodConfig = OodConfig()
     tune: TuneConfig = TuneConfig()
     crossval: CrossvalConfig = CrossvalConfig()
+    ablation: AblationConfig = AblationConfig()
     promote: PromoteConfig = PromoteConfig()
     serve: ServeConfig = ServeConfig()
     monitor: MonitorConfig = MonitorConfig()

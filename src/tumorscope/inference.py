@@ -21,7 +21,8 @@ from tumorscope.config import PreprocessConfig, WindowConfig
 from tumorscope.errors import UserError
 
 # The preprocess settings that change pixels (cache_dir and report_path only say where).
-PIXEL_SETTINGS = ("image_size", "clahe", "clahe_clip_limit", "equalize", "denoise", "denoise_weight")
+PIXEL_SETTINGS = ("image_size", "clahe", "clahe_clip_limit", "equalize", "denoise", "denoise_weight", "body_crop",
+                  "normalize")
 SPEC_KEY = "tumorscope_input"  # the key of the input spec in an MLflow model's metadata
 TRUST_KEY = "tumorscope_trust"  # ... and of the trust state (calibration, conformal sets, OOD check)
 
@@ -54,17 +55,25 @@ class PreparedImage:
     original_shape: tuple[int, int]  # decoded slice, before resizing
     pixel_spacing_mm: tuple[float, float] | None = None  # DICOM PixelSpacing (row, column), when present
     decoded: np.ndarray | None = None  # the decoded slice before resizing (hashes, image statistics)
+    view: np.ndarray | None = None  # the part of it the model saw, when not all of it (preprocess.body_crop)
+
+    @property
+    def shown(self) -> np.ndarray | None:
+        """What an explanation is drawn on: the field of view the model saw."""
+        return self.view if self.view is not None else self.decoded
 
 
 def prepare_bytes(data: bytes, suffix: str, spec: dict) -> PreparedImage:
     """Decode file bytes and apply the training preprocessing. Raises ``UnreadableImage``."""
     from tumorscope.data.images import decode_greyscale, dicom_pixel_spacing
-    from tumorscope.data.preprocess import prepare_slice
+    from tumorscope.data.preprocess import field_of_view, model_input
 
     pixels, mode = decode_greyscale(data, suffix, spec_window(spec))
-    prepared = prepare_slice(pixels, spec_preprocess(spec))
+    cfg = spec_preprocess(spec)
+    view = field_of_view(pixels, cfg)
     spacing = dicom_pixel_spacing(data) if mode == "DICOM" else None
-    return PreparedImage(prepared[:, :, np.newaxis], mode, (int(pixels.shape[0]), int(pixels.shape[1])), spacing, pixels)
+    return PreparedImage(model_input(view, cfg)[:, :, np.newaxis], mode, (int(pixels.shape[0]), int(pixels.shape[1])),
+                         spacing, pixels, None if view is pixels else view)
 
 
 def prepare_file(path: str | Path, spec: dict) -> PreparedImage:

@@ -1,4 +1,4 @@
-"""Random geometric augmentation of uint8 slice batches on the host, for the training loader.
+"""Random geometric and intensity augmentation of uint8 slice batches on the host, for the training loader.
 
 The transforms are those of the in-model Keras layers (`tumorscope.models.zoo.augmentation`):
 a left/right flip, a rotation of up to ``strength`` * 180 degrees, a translation of up to
@@ -47,3 +47,20 @@ def augment_batch(images: np.ndarray, strength: float, rng: np.random.Generator)
                                           order=1, mode="grid-constant", cval=0.0)
         out[index, :, :, 0] = np.clip(np.rint(warped), 0, 255)
     return out
+
+
+def augment_intensity(images: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
+    """Per image, the kind of change another scanner or export makes (what ``tumorscope incoming``
+    simulates): a window change (contrast x [1 - s, 1 + s] about mid-grey, brightness +- s * 64), a
+    gamma in [1 - s, 1 + s] and Gaussian noise of standard deviation up to s * 20 grey levels, for
+    strength s; uint8 in and out. ``strength`` 0 returns the batch unchanged."""
+    if strength <= 0 or len(images) == 0:
+        return images
+    n = len(images)
+    contrast = rng.uniform(1.0 - strength, 1.0 + strength, (n, 1, 1, 1))
+    brightness = rng.uniform(-strength, strength, (n, 1, 1, 1)) * 64.0
+    gamma = rng.uniform(1.0 - strength, 1.0 + strength, (n, 1, 1, 1))
+    noise = rng.uniform(0.0, strength * 20.0, (n, 1, 1, 1)) * rng.standard_normal(images.shape)
+    x = (images.astype(np.float32) - 127.5) * contrast + 127.5 + brightness
+    x = 255.0 * (np.clip(x, 0.0, 255.0) / 255.0) ** gamma + noise
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)

@@ -29,25 +29,73 @@ def resize(pixels: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(image.resize((size, size), Image.Resampling.BOX if min(pixels.shape) > size else Image.Resampling.BILINEAR))
 
 
-def enhance(pixels: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
-    """Optional denoise, CLAHE and histogram equalisation, in that order; uint8 in, uint8 out."""
-    if not (cfg.denoise or cfg.clahe or cfg.equalize):
-        return pixels
-    from skimage import exposure, restoration
+# Grey level (of 255) above which a pixel is body rather than air, and the opening that cuts the
+# thin CT table and cables off the body before its bounding box is taken.
+BODY_THRESHOLD = 20
+BODY_OPENING_PX = 5
 
-    image = pixels.astype(np.float64) / 255.0
-    if cfg.denoise:
-        image = restoration.denoise_tv_chambolle(image, weight=cfg.denoise_weight)
-    if cfg.clahe:
-        image = exposure.equalize_adapthist(image, clip_limit=cfg.clahe_clip_limit)
-    if cfg.equalize:
-        image = exposure.equalize_hist(image)
-    return np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
+
+def crop_to_body(pixels: np.ndarray) -> np.ndarray:
+    """The square around the largest bright connected region (the patient's body), padded with 0,
+    so the kidneys get more of the model's pixels than air, table and border. A slice with no such
+    region is returned as it is."""
+    from scipy import ndimage
+
+    body = ndimage.binary_opening(pixels > BODY_THRESHOLD, iterations=BODY_OPENING_PX)
+    labelled, n = ndimage.label(body)
+    if n == 0:
+        return pixels
+    sizes = np.bincount(labelled.ravel())[1:]
+    rows, cols = np.nonzero(labelled == int(np.argmax(sizes)) + 1)
+    top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+    side = max(bottom - top, right - left)
+    square = np.zeros((side, side), dtype=pixels.dtype)
+    r0, c0 = (side - (bottom - top)) // 2, (side - (right - left)) // 2
+    square[r0:r0 + bottom - top, c0:c0 + right - left] = pixels[top:bottom, left:right]
+    return square
+
+
+def field_of_view(pixels: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
+    """The part of a decoded slice the model sees: the body's square (``body_crop``) or all of it."""
+    return crop_to_body(pixels) if cfg.body_crop else pixels
+
+
+def stretch_percentiles(pixels: np.ndarray, low: float = 1.0, high: float = 99.0) -> np.ndarray:
+    """Per-image intensity normalisation: the ``low`` to ``high`` percentile range stretched to
+    0-255 (clipped), against differences in window, contrast and export between series. A slice
+    without spread is returned as it is."""
+    lo, hi = np.percentile(pixels, [low, high])
+    if hi - lo < 1.0:
+        return pixels
+    stretched = (pixels.astype(np.float64) - lo) * (255.0 / (hi - lo))
+    return np.clip(np.rint(stretched), 0, 255).astype(np.uint8)
+
+
+def enhance(pixels: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
+    """Optional denoise, CLAHE, histogram equalisation and percentile normalisation, in that
+    order; uint8 in, uint8 out."""
+    if cfg.denoise or cfg.clahe or cfg.equalize:
+        from skimage import exposure, restoration
+
+        image = pixels.astype(np.float64) / 255.0
+        if cfg.denoise:
+            image = restoration.denoise_tv_chambolle(image, weight=cfg.denoise_weight)
+        if cfg.clahe:
+            image = exposure.equalize_adapthist(image, clip_limit=cfg.clahe_clip_limit)
+        if cfg.equalize:
+            image = exposure.equalize_hist(image)
+        pixels = np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
+    return stretch_percentiles(pixels) if cfg.normalize == "percentile" else pixels
+
+
+def model_input(view: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
+    """A field of view (``field_of_view``) resized and enhanced: the model's input."""
+    return enhance(resize(view, cfg.image_size), cfg)
 
 
 def prepare_slice(pixels: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
     """The one transform from a decoded slice to model input; serving calls it too."""
-    return enhance(resize(pixels, cfg.image_size), cfg)
+    return model_input(field_of_view(pixels, cfg), cfg)
 
 
 def quality(original: np.ndarray, processed: np.ndarray) -> tuple[float, float]:
@@ -81,7 +129,7 @@ def build_cache(split_table: pd.DataFrame, classes: list[str], cfg: PreprocessCo
                                            shape=(len(rows), cfg.image_size, cfg.image_size, 1))
         for i, path in enumerate(progress(rows["path"], len(rows), f"cache {split}")):
             pixels, _ = read_greyscale(path, window)
-            plain = resize(pixels, cfg.image_size)
+            plain = resize(field_of_view(pixels, cfg), cfg.image_size)
             processed = enhance(plain, cfg)
             images[i, :, :, 0] = processed
             if len(ssims) < quality_sample:
@@ -98,7 +146,8 @@ def build_cache(split_table: pd.DataFrame, classes: list[str], cfg: PreprocessCo
     finite_psnr = [p for p in psnrs if np.isfinite(p)]
     return {
         "image_size": cfg.image_size,
-        "enhancements": {"clahe": cfg.clahe, "equalize": cfg.equalize, "denoise": cfg.denoise},
+        "enhancements": {"clahe": cfg.clahe, "equalize": cfg.equalize, "denoise": cfg.denoise,
+                         "body_crop": cfg.body_crop, "normalize": cfg.normalize},
         "counts": counts,
         "quality_vs_plain_resize": {
             "n_sampled": len(ssims),

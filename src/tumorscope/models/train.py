@@ -22,13 +22,23 @@ def balanced_class_weights(labels: np.ndarray, n_classes: int) -> np.ndarray:
     return weights
 
 
+def balanced_order(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One epoch of ``len(labels)`` indices in which every class present is drawn equally often (with
+    replacement within a class): class-balanced batches instead of class weights."""
+    classes = np.unique(labels)
+    per_class = -(-len(labels) // len(classes))  # ceil
+    drawn = np.concatenate([rng.choice(np.flatnonzero(labels == c), per_class) for c in classes])
+    return rng.permutation(drawn)[:len(labels)]
+
+
 def make_batches(images, labels, batch_size: int, *, shuffle: bool, seed: int, class_weights=None,
-                 augment_strength: float = 0.0):
+                 augment_strength: float = 0.0, intensity_strength: float = 0.0, balanced: bool = False):
     """A keras PyDataset over (possibly memory-mapped) arrays; yields (x, y[, sample_weight]).
 
     A batch is a pure function of (epoch, index): the epoch's sample order is drawn from
-    (seed, epoch), and with ``augment_strength`` > 0 the batch is warped on the host
-    (`tumorscope.data.augment`) with a generator seeded by (seed, epoch, index). Reading a batch
+    (seed, epoch) (class-balanced with ``balanced``), and with ``augment_strength`` > 0 the batch is
+    warped on the host (`tumorscope.data.augment`; ``intensity_strength`` > 0 also changes its
+    intensities) with a generator seeded by (seed, epoch, index). Reading a batch
     changes nothing. The epoch is set by the callback ``epoch_callback()`` from Keras's
     ``on_epoch_begin`` (pass it to ``fit``), not advanced in ``on_epoch_end``: Keras opens an
     iterator for the next epoch, and TensorFlow's prefetch thread starts reading it, *before* it
@@ -38,7 +48,7 @@ def make_batches(images, labels, batch_size: int, *, shuffle: bool, seed: int, c
     itself, seeded; Keras would shuffle batch indices with Python's global ``random``."""
     import keras
 
-    from tumorscope.data.augment import augment_batch
+    from tumorscope.data.augment import augment_batch, augment_intensity
 
     class ArrayBatches(keras.utils.PyDataset):
         def __init__(self):
@@ -51,8 +61,9 @@ def make_batches(images, labels, batch_size: int, *, shuffle: bool, seed: int, c
 
         def order_of(self, epoch: int) -> np.ndarray:
             if epoch not in self.orders:
-                order: np.ndarray = (np.random.default_rng([seed, epoch]).permutation(len(labels)) if shuffle
-                                     else np.arange(len(labels)))
+                rng = np.random.default_rng([seed, epoch])
+                order: np.ndarray = (balanced_order(np.asarray(labels), rng) if balanced
+                                     else rng.permutation(len(labels)) if shuffle else np.arange(len(labels)))
                 self.orders = {e: o for e, o in self.orders.items() if e >= epoch - 1} | {epoch: order}
             return self.orders[epoch]
 
@@ -61,8 +72,9 @@ def make_batches(images, labels, batch_size: int, *, shuffle: bool, seed: int, c
             # Sorted indices turn the memory-map gather into forward reads of the page cache.
             picked = np.sort(self.order_of(epoch)[index * batch_size:(index + 1) * batch_size])
             x = np.asarray(images[picked], dtype=np.uint8)
-            if augment_strength > 0:
-                x = augment_batch(x, augment_strength, np.random.default_rng([seed, epoch, index]))
+            if augment_strength > 0 or intensity_strength > 0:
+                rng = np.random.default_rng([seed, epoch, index])
+                x = augment_intensity(augment_batch(x, augment_strength, rng), intensity_strength, rng)
             y = labels[picked]
             if class_weights is None:
                 return x, y
@@ -141,11 +153,13 @@ def train_model(model, train_data, val_data, cfg: TrainConfig, seed: int, callba
 
     x_train, y_train = train_data
     n_classes = model.output_shape[-1]
-    weights = balanced_class_weights(y_train, n_classes) if cfg.class_weights else None
+    # Balanced batches already give every class the same weight: class weights on top would count twice.
+    weights = balanced_class_weights(y_train, n_classes) if cfg.class_weights and not cfg.balanced_batches else None
     batch_size = device_batch_size(cfg.batch_size, cfg.gpu_batch_multiplier, accelerator())
     loader_augment = cfg.augment_strength_in("loader")
     train_batches = make_batches(x_train, y_train, batch_size, shuffle=True, seed=seed, class_weights=weights,
-                                 augment_strength=loader_augment)
+                                 augment_strength=loader_augment, intensity_strength=cfg.intensity_augment,
+                                 balanced=cfg.balanced_batches)
     x_val, y_val = val_data
     val_batches = make_batches(x_val, y_val, batch_size, shuffle=False, seed=seed)
     phases: list[tuple[float, int, int | None]] = []  # (lr, epochs, trainable top layers or None: leave as is)

@@ -145,7 +145,7 @@ def folder_window(files: list[Path], champion, embedding_dims: int, source: str)
         except (OSError, UnreadableImage) as err:
             window.leave_out(f"unreadable file ({str(err).splitlines()[0][:120]})", str(path))
             continue
-        one.decoded = None  # a full-size slice is not needed any more
+        one.decoded = one.view = None  # a full-size slice is not needed any more
         prepared.append(one)
     images = stack(prepared, champion.image_size)
     probabilities, embeddings = model_outputs(champion.model, images, embedding_dims)

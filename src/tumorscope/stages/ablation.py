@@ -1,0 +1,245 @@
+"""Ablate: train every variant of ``ablation.variants`` on the same grouped folds and compare each
+with the baseline, paired (``models.ablation``).
+
+Not a DVC stage (folds x variants trainings). Each finished fold is stored under
+``ablation.out_dir/<variant>/fold-<i>.npz`` with the fingerprint of what produced it, so a killed
+run continues at the next unfinished fold and a changed variant is computed again. Each variant is
+a parent run in MLflow with its folds nested (a resumed variant reopens its parent run).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tumorscope.config import Params
+from tumorscope.errors import UserError
+from tumorscope.reports import write_json
+
+FOLD_FILE = "fold-{fold}.npz"
+
+
+def variant_plan(params: Params) -> dict[str, tuple[dict, float]]:
+    """name -> (overrides, share of training series): the variants, then the learning curve (the
+    baseline at smaller shares). Every override is validated here, before anything trains."""
+    from tumorscope.config import merge, with_overrides
+
+    cfg = params.ablation
+    plan = {name: (merge(cfg.common, overrides), cfg.train_share) for name, overrides in cfg.variants.items()}
+    for share in cfg.learning_curve:
+        plan[f"{cfg.baseline} at {share:.0%} of series"] = (plan[cfg.baseline][0], share * cfg.train_share)
+    for name, (overrides, _) in plan.items():
+        try:
+            with_overrides(params, overrides)
+        except UserError as err:
+            raise UserError(f"ablation variant {name!r}: {err}") from None
+    return plan
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "variant"
+
+
+def variant_images(params: Params, variant: Params, base_images: np.ndarray, labels: np.ndarray,
+                   groups: np.ndarray) -> np.ndarray:
+    """The cached slices a variant trains on: the project's cache, or one built from the split table
+    with the variant's preprocess settings (kept under ablation.out_dir/cache-<hash>, reused)."""
+    from tumorscope.data.preprocess import build_cache, load_cached_dataset, load_classes
+    from tumorscope.data.split import read_split_table
+    from tumorscope.inference import PIXEL_SETTINGS
+    from tumorscope.models.ablation import variant_fingerprint
+
+    settings = {k: getattr(variant.preprocess, k) for k in PIXEL_SETTINGS}
+    if settings == {k: getattr(params.preprocess, k) for k in PIXEL_SETTINGS}:
+        return base_images
+    cache = Path(params.ablation.out_dir) / f"cache-{variant_fingerprint(settings, 1.0, {})}"
+    if not (cache / "classes.json").is_file():
+        cfg = variant.preprocess.model_copy(update={"cache_dir": str(cache)})
+        build_cache(read_split_table(params.split.path), load_classes(params.preprocess.cache_dir), cfg,
+                    params.data.dicom_window)
+    images, variant_labels, variant_groups = load_cached_dataset(cache)
+    if not (np.array_equal(variant_labels, labels) and np.array_equal(variant_groups, groups)):
+        raise UserError(f"{cache} holds other slices than {params.preprocess.cache_dir}: remove it and run again")
+    return images
+
+
+def _stored_fold(path: Path, fingerprint: str) -> dict | None:
+    if not path.is_file():
+        return None
+    with np.load(path) as stored:
+        if str(stored["fingerprint"]) != fingerprint:
+            return None
+        return {"probabilities": stored["probabilities"], "seconds": float(stored["seconds"]),
+                "epochs": int(stored["epochs"]), "n_train": int(stored["n_train"]),
+                "n_train_series": int(stored["n_train_series"])}
+
+
+def _store_fold(path: Path, fingerprint: str, fold: dict) -> None:
+    """Written to a temporary file and renamed: a kill mid-write leaves no half fold behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.stem + ".partial.npz")
+    arrays: dict[str, np.ndarray] = {k: np.asarray(v) for k, v in fold.items()} | {"fingerprint": np.array(fingerprint)}
+    np.savez(partial, allow_pickle=False, **arrays)
+    partial.replace(path)
+
+
+def _parent_run(params: Params, experiment_id: str, name: str, fingerprint: str):
+    """The variant's MLflow parent run: the one an interrupted run of the same variant started, or a new one."""
+    import mlflow
+
+    from tumorscope import tracking
+
+    found = mlflow.search_runs([experiment_id], filter_string=f"tags.ablation_fingerprint = '{fingerprint}'",
+                               max_results=1, output_format="list")
+    if found:
+        return mlflow.start_run(run_id=found[0].info.run_id)
+    return tracking.start_training_run(params, experiment_id, f"ablation-{name}", "ablation",
+                                       tags={"variant": name, "ablation_fingerprint": fingerprint})
+
+
+def run_variant(params: Params, name: str, overrides: dict, share: float, data: dict, experiment_id: str) -> dict:
+    """Every fold of one variant (stored folds are read back, not retrained): its out-of-fold
+    probabilities and timings."""
+    import mlflow
+
+    from tumorscope import tracking
+    from tumorscope.config import with_overrides
+    from tumorscope.models.ablation import training_subsample, variant_fingerprint
+    from tumorscope.models.crossval import fold_roles
+    from tumorscope.models.train import fit_and_score
+    from tumorscope.progress import progress
+
+    cfg = params.ablation
+    variant = with_overrides(params, overrides)
+    labels, groups, folds, classes = data["labels"], data["groups"], data["folds"], data["classes"]
+    fingerprint = variant_fingerprint(overrides, share, data["base"])
+    images = variant_images(params, variant, data["images"], labels, groups)
+    out_of_fold = np.full((len(labels), len(classes)), np.nan, dtype=np.float32)
+    folds_done = []
+    with _parent_run(variant, experiment_id, name, fingerprint) as parent:
+        for fold in progress(range(cfg.folds), cfg.folds, f"ablation {name}"):
+            path = Path(cfg.out_dir) / _slug(name) / FOLD_FILE.format(fold=fold)
+            roles = fold_roles(folds, fold, cfg.folds)
+            done = _stored_fold(path, fingerprint)
+            if done is None:
+                train = training_subsample(roles["train"], groups, share, params.seed, fold)
+                started = time.perf_counter()
+                with tracking.start_training_run(variant, experiment_id, f"ablation-{name}-fold-{fold}", "ablation-fold",
+                                                 parent.info.run_id, {"fold": str(fold), "variant": name}):
+                    outcome = fit_and_score(variant.train, variant.preprocess.image_size, classes, variant.seed,
+                                            (images[train], labels[train]),
+                                            (images[roles["val"]], labels[roles["val"]]),
+                                            (images[roles["test"]], labels[roles["test"]], groups[roles["test"]]),
+                                            variant.evaluate, callbacks=[tracking.epoch_logger()])
+                    tracking.log_fit(variant, variant.train, outcome, "test_")
+                done = {"probabilities": outcome.probabilities, "seconds": time.perf_counter() - started,
+                        "epochs": outcome.result.epochs_run, "n_train": int(train.sum()),
+                        "n_train_series": int(len(np.unique(groups[train])))}
+                _store_fold(path, fingerprint, done)
+            out_of_fold[roles["test"]] = done["probabilities"]
+            folds_done.append({"fold": fold, "seconds": done["seconds"], "epochs": done["epochs"],
+                               "n_train": done["n_train"], "n_train_series": done["n_train_series"]})
+        mlflow.log_params(tracking.flatten({"ablation": {"overrides": overrides, "train_share": share}}))
+    return {"overrides": overrides, "train_share": share, "fingerprint": fingerprint, "run_id": parent.info.run_id,
+            "probabilities": out_of_fold, "folds": folds_done, "seconds": sum(f["seconds"] for f in folds_done)}
+
+
+def summarise(params: Params, results: dict[str, dict], data: dict) -> dict:
+    """Per variant: pooled out-of-fold macro-F1, critical recall (group-bootstrap intervals) and
+    ECE, and the paired differences to the baseline."""
+    from tumorscope.models.ablation import paired_differences, verdict
+    from tumorscope.models.evaluate import class_index, score_predictions
+
+    cfg, evaluate = params.ablation, params.evaluate
+    labels, groups, classes = data["labels"], data["groups"], data["classes"]
+    critical = class_index(classes, evaluate.critical_class)
+    baseline = results[cfg.baseline]["probabilities"].argmax(axis=1)
+    variants = {}
+    for name, result in results.items():
+        scores = score_predictions(labels, result["probabilities"], groups, classes, evaluate, params.seed)
+        critical_ci = scores["recall_ci"].get(evaluate.critical_class) if critical is not None else None
+        summary = {"macro_f1": {"value": scores["macro_f1"], **scores["macro_f1_ci"]},
+                   "critical_recall": None if critical_ci is None else
+                   {"value": scores["recall"][evaluate.critical_class], "low": critical_ci["low"],
+                    "high": critical_ci["high"]},
+                   "ece": scores["ece"], "recall": scores["recall"], "degenerate": scores["degenerate"]}
+        entry = {k: v for k, v in result.items() if k != "probabilities"} | {"scores": summary}
+        if name != cfg.baseline:
+            difference = paired_differences(labels, result["probabilities"].argmax(axis=1), baseline, groups,
+                                            len(classes), critical, evaluate.bootstrap_samples, evaluate.confidence,
+                                            params.seed)
+            entry |= {"difference": difference, "verdict": verdict(difference["macro_f1"])}
+        variants[name] = entry
+    return {"baseline": cfg.baseline, "folds": cfg.folds, "n_images": int(len(labels)),
+            "n_groups": int(len(np.unique(groups))), "phash_threshold": params.split.phash_threshold,
+            "classes": classes, "critical_class": evaluate.critical_class, "train_share": cfg.train_share,
+            "common": cfg.common, "data_fingerprint": data["base"]["data"], "variants": variants}
+
+
+def plot_differences(report: dict, path: Path) -> None:
+    """Each variant's paired macro-F1 difference to the baseline with its interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(name, v["difference"]["macro_f1"]) for name, v in report["variants"].items() if v.get("difference")]
+    rows = [(name, d) for name, d in rows if d["value"] is not None]
+    figure, axes = plt.subplots(figsize=(7, 0.5 * len(rows) + 1.5))
+    for y, (_, d) in enumerate(rows):
+        axes.errorbar(d["value"], y, xerr=[[d["value"] - d["low"]], [d["high"] - d["value"]]], fmt="o", capsize=4)
+    axes.axvline(0.0, color="grey", linewidth=1)
+    axes.set_yticks(range(len(rows)), [name for name, _ in rows])
+    axes.set_xlabel(f"macro-F1 - {report['baseline']} (paired, 95 % group bootstrap)")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def run_ablate(params: Params, only: list[str] | None = None) -> str:
+    """Run (or resume) every variant, then write ablation.report_path, a Markdown table and a plot
+    beside it, and return the table. ``only`` runs some variants (the baseline always runs)."""
+    from tumorscope.data.preprocess import load_cached_dataset, load_classes
+    from tumorscope.data.split import grouped_folds
+    from tumorscope.models.ablation import markdown_table
+    from tumorscope.tracking import file_fingerprint
+
+    cfg = params.ablation
+    plan = variant_plan(params)
+    if only:
+        unknown = sorted(set(only) - set(plan))
+        if unknown:
+            raise UserError(f"ablate: no variant {', '.join(map(repr, unknown))}; the variants: {', '.join(plan)}")
+        plan = {name: spec for name, spec in plan.items() if name in set(only) | {cfg.baseline}}
+    cache = Path(params.preprocess.cache_dir)
+    if not (cache / "classes.json").is_file():
+        raise UserError(f"{cache} has no cache: run the data stages first (dvc repro preprocess)")
+    classes = load_classes(cache)
+    images, labels, groups = load_cached_dataset(cache)
+    folds = grouped_folds(labels, groups, cfg.folds, params.seed)
+    empty = [fold for fold in range(cfg.folds) if not np.any(folds == fold)]
+    if empty:
+        raise UserError(f"ablation.folds: {cfg.folds} folds but only {len(np.unique(groups))} duplicate groups: use fewer")
+    base = {"data": file_fingerprint(params.split.path), "folds": cfg.folds, "seed": params.seed,
+            "params": params.model_dump(include={"preprocess", "train", "evaluate"}, mode="json")}
+    data = {"images": images, "labels": labels, "groups": groups, "folds": folds, "classes": classes, "base": base}
+
+    from tumorscope import tracking
+
+    experiment_id = tracking.configure(params.mlflow)
+    results = {}
+    for name, (overrides, share) in plan.items():
+        results[name] = run_variant(params, name, overrides, share, data, experiment_id)
+        print(f"ablate: {name} done ({results[name]['seconds'] / 60:.1f} min of training)", flush=True)
+    report = summarise(params, results, data)
+    out = Path(cfg.report_path)
+    write_json(out, report)
+    table = markdown_table(report)
+    out.with_suffix(".md").write_text(table)
+    plot_differences(report, out.with_suffix(".png"))
+    return f"{table}\nablate: {len(results)} variants on {cfg.folds} grouped folds -> {out}, {out.with_suffix('.md')}, " \
+           f"{out.with_suffix('.png')}"

@@ -1,0 +1,88 @@
+"""`tumorscope ablate` on the fixture slices: every variant on the same grouped folds, paired
+differences to the baseline, a variant with its own preprocess cache, the learning curve, MLflow
+parent runs with nested folds, and a killed run that resumes at the next unfinished fold."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tumorscope.config import load_params, parse_params
+from tumorscope.errors import UserError
+from tumorscope.stages import ablation
+
+pytestmark = pytest.mark.slow
+
+VARIANTS = {"baseline": {}, "crop": {"preprocess": {"body_crop": True}},
+            "balanced": {"train": {"balanced_batches": True, "intensity_augment": 0.2}}}
+
+
+def with_ablation(params, **ablation) -> object:
+    """params with ablation.* replaced (not merged: the default variants would stay)."""
+    raw = params.model_dump(by_alias=True)
+    raw["ablation"] |= ablation
+    return parse_params(raw)
+
+
+def fold_runs(params, variant: str) -> list:
+    import mlflow
+
+    from tumorscope import tracking
+
+    experiment_id = tracking.configure(params.mlflow)
+    return mlflow.search_runs([experiment_id], filter_string=f"tags.variant = '{variant}' and tags.stage = 'ablation-fold'",
+                              output_format="list")
+
+
+def test_variants_share_the_folds_differences_are_paired_and_a_killed_run_resumes(project):
+    params = with_ablation(load_params("params.yaml"), folds=3, variants=VARIANTS, common={"train": {"epochs": 1}},
+                           learning_curve=[0.5])
+    line = ablation.run_ablate(params)
+    assert "ablate: 4 variants on 3 grouped folds" in line
+
+    report = json.loads(Path(params.ablation.report_path).read_text())
+    names = ["baseline", "crop", "balanced", "baseline at 50% of series"]
+    assert list(report["variants"]) == names and report["n_images"] == 32
+    for name in names:
+        variant = report["variants"][name]
+        assert [f["fold"] for f in variant["folds"]] == [0, 1, 2]
+        assert variant["overrides"]["train"]["epochs"] == 1  # common overrides reach every variant
+        assert 0.0 <= variant["scores"]["macro_f1"]["value"] <= 1.0
+    assert "difference" not in report["variants"]["baseline"]
+    for name in names[1:]:
+        difference = report["variants"][name]["difference"]["macro_f1"]
+        assert difference["low"] <= difference["value"] <= difference["high"]
+    # The learning curve trains on about half of each fold's training series.
+    full = [f["n_train_series"] for f in report["variants"]["baseline"]["folds"]]
+    half = [f["n_train_series"] for f in report["variants"]["baseline at 50% of series"]["folds"]]
+    assert all(h == round(f / 2) or h == max(1, round(f / 2)) for f, h in zip(full, half, strict=True))
+    # The crop variant trained on its own cache, built from the split table in the same slice order.
+    caches = sorted(Path(params.ablation.out_dir).glob("cache-*"))
+    assert len(caches) == 1 and np.load(caches[0] / "train_y.npy").shape == np.load("data/cache/train_y.npy").shape
+    table = Path(params.ablation.report_path).with_suffix(".md").read_text()
+    assert table.count("\n") == 2 + len(names) and "| crop | `" in table
+    assert Path(params.ablation.report_path).with_suffix(".png").stat().st_size > 0
+    assert len(fold_runs(params, "crop")) == 3
+
+    # A kill after two of crop's folds: the rerun trains only the missing fold, in the same parent run.
+    (Path(params.ablation.out_dir) / "crop" / "fold-2.npz").unlink()
+    before = {n: v["run_id"] for n, v in report["variants"].items()}
+    ablation.run_ablate(params, ["crop"])
+    again = json.loads(Path(params.ablation.report_path).read_text())
+    assert list(again["variants"]) == ["baseline", "crop"] and again["variants"]["crop"]["run_id"] == before["crop"]
+    assert len(fold_runs(params, "crop")) == 4 and len(fold_runs(params, "baseline")) == 3
+    assert again["variants"]["baseline"]["scores"] == report["variants"]["baseline"]["scores"]  # read back, not retrained
+
+    # A changed variant is a new computation, not a stale read.
+    changed = with_ablation(params, variants={**VARIANTS, "crop": {"preprocess": {"body_crop": True},
+                                                                   "train": {"dropout": 0.1}}})
+    ablation.run_ablate(changed, ["crop"])
+    assert len(fold_runs(params, "crop")) == 7
+
+    with pytest.raises(UserError, match="no variant 'nope'"):
+        ablation.run_ablate(params, ["nope"])
+    with pytest.raises(UserError, match="ablation variant 'bad'"):
+        ablation.run_ablate(with_ablation(params, variants={"baseline": {}, "bad": {"train": {"lr": 5}}}))
