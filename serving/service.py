@@ -253,9 +253,11 @@ class TumorScope:
         except (BadRequest, ModelUnavailable) as err:
             return self._refuse(ctx, err)
         heat = np.asarray(answer["heat"], dtype=np.float32)
-        shown = await asyncio.to_thread(responses.overlay_slice, prepared.decoded)
+        shown = await asyncio.to_thread(responses.overlay_slice, prepared.shown)
         png = await asyncio.to_thread(overlay_png, shown, heat)
-        region = region_of_interest(heat, pixel_spacing_mm=prepared.pixel_spacing_mm, original_shape=prepared.original_shape)
+        # The region in the field of view's pixels: the whole slice, or the body's square with body_crop.
+        region = region_of_interest(heat, pixel_spacing_mm=prepared.pixel_spacing_mm,
+                                    original_shape=(int(prepared.shown.shape[0]), int(prepared.shown.shape[1])))
         request_id = uuid.uuid4().hex
         # The clinician page explains without classifying first: the slice is logged like a
         # classification (the model service answered it in the same forward pass), so monitoring
