@@ -4,3 +4,4 @@ MODEL_FILE = "model.keras"          # train.model_dir/: the native Keras model
 TRAIN_REPORT = "train.json"         # train.model_dir/: run id, model URI, input spec, scores
 EVALUATION_REPORT = "report.json"   # evaluate.out_dir/: test scores and accuracy by distance
 SPEC_FILE = "input_spec.json"       # beside a Bento's model: classes, preprocessing, DICOM window
+TRUST_FILE = "trust.json"  # the trust state (calibration, conformal thresholds, OOD check) beside it

@@ -3,8 +3,8 @@ service built around it (``serving/bentofile.yaml``), tagged with the model and 
 
 In the project, ``bentoml serve`` loads the model from the MLflow registry (and follows the
 champion alias on reload). A built Bento runs where the registry is not reachable (a container, a
-hospital's server), so the model travels inside it: the native ``.keras`` file and the input spec,
-read back by ``load_from_store`` with the same ``inference.LoadedModel`` the rest uses.
+hospital's server), so the model travels inside it: the native ``.keras`` file, the input spec
+and the trust state (calibration, prediction sets, referral), read back by ``load_from_store`` with the same ``inference.LoadedModel`` the rest uses.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import json
 import re
 from pathlib import Path
 
-from tumorscope.artifacts import MODEL_FILE, SPEC_FILE
+from tumorscope.artifacts import MODEL_FILE, SPEC_FILE, TRUST_FILE
 from tumorscope.errors import UserError
 from tumorscope.inference import LoadedModel
 
@@ -40,7 +40,8 @@ def store_version(model_version: int | str, run_id: str) -> str:
 
 
 def save_to_store(loaded: LoadedModel, name: str, version: str, labels: dict[str, str]) -> str:
-    """Copy a loaded model (its ``.keras`` file and input spec) into the BentoML model store; return the tag."""
+    """Copy a loaded model (its ``.keras`` file, input spec and trust state) into the BentoML model
+    store; return the tag."""
     import bentoml
 
     try:
@@ -53,6 +54,8 @@ def save_to_store(loaded: LoadedModel, name: str, version: str, labels: dict[str
         target = Path(model.path)
         loaded.model.save(target / MODEL_FILE)
         (target / SPEC_FILE).write_text(json.dumps(loaded.spec, indent=2))
+        if loaded.trust is not None:
+            (target / TRUST_FILE).write_text(json.dumps(loaded.trust))
     return str(model.tag)
 
 
@@ -67,8 +70,9 @@ def load_from_store(tag: str) -> LoadedModel:
         raise UserError(f"BentoML model {tag} not in the model store (build the Bento with tumorscope bento)") from None
     path = Path(model.path)
     spec = json.loads((path / SPEC_FILE).read_text())
+    trust = json.loads((path / TRUST_FILE).read_text()) if (path / TRUST_FILE).is_file() else None
     version = str(model.info.metadata.get("model_version", tag))
-    return LoadedModel(keras.saving.load_model(path / MODEL_FILE), spec, version, {"bento_model": str(model.tag)})
+    return LoadedModel(keras.saving.load_model(path / MODEL_FILE), spec, version, {"bento_model": str(model.tag)}, trust)
 
 
 def build(bentofile: Path, model_tag: str, version: str, labels: dict[str, str]) -> str:

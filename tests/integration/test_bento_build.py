@@ -64,6 +64,9 @@ def test_built_bento_serves_the_champion_without_the_registry(served, tmp_path):
         assert carried["model_version"] == registered["model_version"] == "tumorscope-kidney-ct/1"
         np.testing.assert_allclose(list(carried["probabilities"].values()), list(registered["probabilities"].values()),
                                    rtol=1e-5, atol=1e-6)
+        # The trust state travels too: the same calibrated answer, set and referral.
+        assert carried["calibrated"] and (carried["prediction_set"], carried["refer"], carried["refer_reason"]) == \
+            (registered["prediction_set"], registered["refer"], registered["refer_reason"])
         assert not (tmp_path / "absent").exists()  # nothing tried to open the registry
     finally:
         stop(bento.process)
