@@ -4,7 +4,8 @@ service built around it (``serving/bentofile.yaml``), tagged with the model and 
 In the project, ``bentoml serve`` loads the model from the MLflow registry (and follows the
 champion alias on reload). A built Bento runs where the registry is not reachable (a container, a
 hospital's server), so the model travels inside it: the native ``.keras`` file, the input spec
-and the trust state (calibration, prediction sets, referral), read back by ``load_from_store`` with the same ``inference.LoadedModel`` the rest uses.
+and the trust state (calibration, prediction sets, referral), read back by ``load_from_store``
+with the same ``inference.LoadedModel`` the rest uses.
 """
 
 from __future__ import annotations
