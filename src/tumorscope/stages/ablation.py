@@ -23,12 +23,14 @@ FOLD_FILE = "fold-{fold}.npz"
 
 
 def variant_plan(params: Params) -> dict[str, tuple[dict, float]]:
-    """name -> (overrides, share of training series): the variants, then the learning curve (the
-    baseline at smaller shares). Every override is validated here, before anything trains."""
+    """name -> (overrides, share of training series): the baseline, the other variants, then the
+    learning curve (the baseline at smaller shares). Every override is validated here, before anything trains."""
     from tumorscope.config import merge, with_overrides
 
     cfg = params.ablation
-    plan = {name: (merge(cfg.common, overrides), cfg.train_share) for name, overrides in cfg.variants.items()}
+    # The baseline first: every variant is compared with it, from the first report on.
+    ordered = [cfg.baseline, *(name for name in cfg.variants if name != cfg.baseline)]
+    plan = {name: (merge(cfg.common, cfg.variants[name]), cfg.train_share) for name in ordered}
     for share in cfg.learning_curve:
         plan[f"{cfg.baseline} at {share:.0%} of series"] = (plan[cfg.baseline][0], share * cfg.train_share)
     for name, (overrides, _) in plan.items():
@@ -205,7 +207,6 @@ def run_ablate(params: Params, only: list[str] | None = None) -> str:
     beside it, and return the table. ``only`` runs some variants (the baseline always runs)."""
     from tumorscope.data.preprocess import load_cached_dataset, load_classes
     from tumorscope.data.split import grouped_folds
-    from tumorscope.models.ablation import markdown_table
     from tumorscope.tracking import file_fingerprint
 
     cfg = params.ablation
@@ -231,15 +232,25 @@ def run_ablate(params: Params, only: list[str] | None = None) -> str:
     from tumorscope import tracking
 
     experiment_id = tracking.configure(params.mlflow)
-    results = {}
+    results: dict[str, dict] = {}
+    out = Path(cfg.report_path)
     for name, (overrides, share) in plan.items():
         results[name] = run_variant(params, name, overrides, share, data, experiment_id)
-        print(f"ablate: {name} done ({results[name]['seconds'] / 60:.1f} min of training)", flush=True)
+        # The report after every variant: a run of hours shows its results as they come.
+        table = write_report(params, results, data, out)
+        print(f"ablate: {name} done ({results[name]['seconds'] / 60:.1f} min of training); "
+              f"{len(results)} of {len(plan)} variants in {out}", flush=True)
+    return f"{table}\nablate: {len(results)} variants on {cfg.folds} grouped folds -> {out}, {out.with_suffix('.md')}, " \
+           f"{out.with_suffix('.png')}"
+
+
+def write_report(params: Params, results: dict[str, dict], data: dict, out: Path) -> str:
+    """ablation.json, its Markdown table and plot for the variants done so far; returns the table."""
+    from tumorscope.models.ablation import markdown_table
+
     report = summarise(params, results, data)
-    out = Path(cfg.report_path)
     write_json(out, report)
     table = markdown_table(report)
     out.with_suffix(".md").write_text(table)
     plot_differences(report, out.with_suffix(".png"))
-    return f"{table}\nablate: {len(results)} variants on {cfg.folds} grouped folds -> {out}, {out.with_suffix('.md')}, " \
-           f"{out.with_suffix('.png')}"
+    return table
