@@ -61,6 +61,7 @@ def test_variants_share_the_folds_differences_are_paired_and_a_killed_run_resume
     half = [f["n_train_series"] for f in report["variants"]["baseline at 50% of series"]["folds"]]
     assert all(h == round(f / 2) or h == max(1, round(f / 2)) for f, h in zip(full, half, strict=True))
     # The crop variant trained on its own cache, built from the split table in the same slice order.
+    assert report["variants"]["crop"]["cache_mb"] == report["variants"]["baseline"]["cache_mb"] > 0  # 32 px both
     caches = sorted(Path(params.ablation.out_dir).glob("cache-*"))
     assert len(caches) == 1 and np.load(caches[0] / "train_y.npy").shape == np.load("data/cache/train_y.npy").shape
     table = Path(params.ablation.report_path).with_suffix(".md").read_text()

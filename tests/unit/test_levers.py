@@ -105,7 +105,7 @@ def test_the_markdown_table_has_a_row_per_variant():
                  "difference": {"macro_f1": {"value": 0.02, "low": -0.01, "high": 0.05}}, "verdict": "no clear difference"}}}
     table = markdown_table(report).splitlines()
     assert len(table) == 4 and table[2].startswith("| baseline | `(defaults)` | 100% | 0.500 [0.400, 0.600] | - |")
-    assert "+0.020 [-0.010, +0.050]" in table[3] and "no clear difference" in table[3] and "1.5 |" in table[3]
+    assert "+0.020 [-0.010, +0.050]" in table[3] and "no clear difference" in table[3] and "| 1.5 | - |" in table[3]
 
 
 @pytest.mark.parametrize("bad", [{"variants": {"a": {}}}, {"variants": {"baseline": {"split": {"phash_threshold": 2}}}},

@@ -98,8 +98,8 @@ def markdown_table(report: dict[str, Any]) -> str:
     """The ablation as a Markdown table: one row per variant, the baseline first."""
     critical = report["critical_class"]
     rows = [f"| variant | overrides | training series | macro-F1 [95 %] | {critical} recall [95 %] | ECE | "
-            f"macro-F1 - baseline [95 %] | {critical} recall - baseline [95 %] | verdict | minutes |",
-            "|---|---|---:|---|---|---:|---|---|---|---:|"]
+            f"macro-F1 - baseline [95 %] | {critical} recall - baseline [95 %] | verdict | minutes | cache MB |",
+            "|---|---|---:|---|---|---:|---|---|---|---:|---:|"]
     for name, variant in report["variants"].items():
         overrides = json.dumps(variant["overrides"], sort_keys=True) if variant["overrides"] else "(defaults)"
         difference = variant.get("difference") or {}
@@ -107,5 +107,6 @@ def markdown_table(report: dict[str, Any]) -> str:
         rows.append(f"| {name} | `{overrides}` | {variant['train_share']:.0%} | {_cell(variant['scores']['macro_f1'])} | "
                     f"{_cell(variant['scores'].get('critical_recall'))} | {'-' if ece is None else f'{ece:.3f}'} | "
                     f"{_signed(difference.get('macro_f1'))} | {_signed(difference.get('critical_recall'))} | "
-                    f"{variant.get('verdict', 'baseline')} | {variant['seconds'] / 60:.1f} |")
+                    f"{variant.get('verdict', 'baseline')} | {variant['seconds'] / 60:.1f} | "
+                    f"{variant.get('cache_mb', '-')} |")
     return "\n".join(rows) + "\n"

@@ -45,19 +45,33 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "variant"
 
 
-def variant_images(params: Params, variant: Params, base_images: np.ndarray, labels: np.ndarray,
-                   groups: np.ndarray) -> np.ndarray:
-    """The cached slices a variant trains on: the project's cache, or one built from the split table
-    with the variant's preprocess settings (kept under ablation.out_dir/cache-<hash>, reused)."""
-    from tumorscope.data.preprocess import build_cache, load_cached_dataset, load_classes
-    from tumorscope.data.split import read_split_table
+def cache_megabytes(cache: Path) -> float:
+    """Size of a cache's image arrays (what a resolution costs on disk)."""
+    return sum(path.stat().st_size for path in cache.glob("*_x.npy")) / 2**20
+
+
+def variant_cache(params: Params, variant: Params) -> Path:
+    """Where a variant's cached slices are: the project's cache, or ablation.out_dir/cache-<hash of
+    its pixel settings> when its preprocess settings differ."""
     from tumorscope.inference import PIXEL_SETTINGS
     from tumorscope.models.ablation import variant_fingerprint
 
     settings = {k: getattr(variant.preprocess, k) for k in PIXEL_SETTINGS}
     if settings == {k: getattr(params.preprocess, k) for k in PIXEL_SETTINGS}:
+        return Path(params.preprocess.cache_dir)
+    return Path(params.ablation.out_dir) / f"cache-{variant_fingerprint(settings, 1.0, {})}"
+
+
+def variant_images(params: Params, variant: Params, base_images: np.ndarray, labels: np.ndarray,
+                   groups: np.ndarray) -> np.ndarray:
+    """The cached slices a variant trains on: the project's cache, or one built from the split table
+    with the variant's preprocess settings (``variant_cache``, built once and reused)."""
+    from tumorscope.data.preprocess import build_cache, load_cached_dataset, load_classes
+    from tumorscope.data.split import read_split_table
+
+    cache = variant_cache(params, variant)
+    if cache == Path(params.preprocess.cache_dir):
         return base_images
-    cache = Path(params.ablation.out_dir) / f"cache-{variant_fingerprint(settings, 1.0, {})}"
     if not (cache / "classes.json").is_file():
         cfg = variant.preprocess.model_copy(update={"cache_dir": str(cache)})
         build_cache(read_split_table(params.split.path), load_classes(params.preprocess.cache_dir), cfg,
@@ -146,6 +160,8 @@ def run_variant(params: Params, name: str, overrides: dict, share: float, data: 
                                "n_train": done["n_train"], "n_train_series": done["n_train_series"]})
         mlflow.log_params(tracking.flatten({"ablation": {"overrides": overrides, "train_share": share}}))
     return {"overrides": overrides, "train_share": share, "fingerprint": fingerprint, "run_id": parent.info.run_id,
+            "image_size": variant.preprocess.image_size,
+            "cache_mb": round(cache_megabytes(variant_cache(params, variant)), 3),
             "probabilities": out_of_fold, "folds": folds_done, "seconds": sum(f["seconds"] for f in folds_done)}
 
 
