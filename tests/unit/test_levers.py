@@ -137,3 +137,15 @@ def test_the_cache_and_the_service_prepare_a_cropped_normalised_slice_alike(tmp_
     assert np.array_equal(prepared.pixels, cached)
     assert prepared.view is not None and prepared.view.shape[0] < prepared.decoded.shape[0]  # the overlay's field of view
     assert prepared.original_shape == (200, 300)  # monitoring still sees the file's size
+
+
+def test_a_stored_fold_survives_a_param_added_at_its_default_not_a_changed_setting():
+    from tumorscope.models.ablation import same_settings
+
+    stored = {"train.lr": 0.001, "preprocess.image_size": 64}
+    defaults = {"train.lr": 0.001, "preprocess.image_size": 64, "train.tta": False}
+    assert same_settings(stored, dict(stored), defaults)
+    assert same_settings(stored, stored | {"train.tta": False}, defaults)  # a new lever, off
+    assert not same_settings(stored, stored | {"train.tta": True}, defaults)  # a new lever, on
+    assert not same_settings(stored, stored | {"preprocess.image_size": 96}, defaults | {"preprocess.image_size": 96})
+    assert not same_settings(stored, {"train.lr": 0.001}, defaults)  # a setting that no longer exists

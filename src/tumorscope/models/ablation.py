@@ -20,11 +20,19 @@ from tumorscope.models.evaluate import group_confusions, group_draw_weights, mac
 
 
 def variant_fingerprint(overrides: dict, train_share: float, base: dict) -> str:
-    """A short hash of what determines a variant's folds: its overrides, its share of training
-    series and the base settings (params and data) every variant shares. A stored fold whose
-    fingerprint differs was computed for something else and is computed again."""
+    """A short hash of what a variant is: its overrides, its share of training series and what every
+    variant shares (the data, the folds, the seed). A stored fold whose fingerprint differs was
+    computed for something else and is computed again."""
     text = json.dumps({"overrides": overrides, "train_share": train_share, "base": base}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def same_settings(stored: dict[str, Any], current: dict[str, Any], defaults: dict[str, Any]) -> bool:
+    """Whether a fold trained with the flat params ``stored`` is what ``current`` would train: every
+    stored setting unchanged, and every setting added since at its default (a new lever is off by
+    default, so the stored fold is what it would give). A changed default is a changed setting."""
+    return (all(key in current and current[key] == value for key, value in stored.items())
+            and all(key in defaults and value == defaults[key] for key, value in current.items() if key not in stored))
 
 
 def training_subsample(train_mask: np.ndarray, groups: np.ndarray, share: float, seed: int, fold: int) -> np.ndarray:

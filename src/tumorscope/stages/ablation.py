@@ -2,8 +2,9 @@
 with the baseline, paired (``models.ablation``).
 
 Not a DVC stage (folds x variants trainings). Each finished fold is stored under
-``ablation.out_dir/<variant>/fold-<i>.npz`` with the fingerprint of what produced it, so a killed
-run continues at the next unfinished fold and a changed variant is computed again. Each variant is
+``ablation.out_dir/<variant>/fold-<i>.npz`` with the fingerprint of what produced it and the
+settings it trained with, so a killed run continues at the next unfinished fold, a changed
+variant or setting is computed again, and a param added later at its default keeps the folds. Each variant is
 a parent run in MLflow with its folds nested (a resumed variant reopens its parent run).
 """
 
@@ -82,22 +83,43 @@ def variant_images(params: Params, variant: Params, base_images: np.ndarray, lab
     return images
 
 
-def _stored_fold(path: Path, fingerprint: str) -> dict | None:
+# The params a fold's result depends on (locations excluded: a resumed run may keep them elsewhere).
+SETTING_SECTIONS = {"seed", "preprocess", "train", "evaluate"}
+
+
+def settings_of(params: Params) -> dict[str, object]:
+    """The flat settings a variant trains and scores with ('train.lr': 0.001, ...)."""
+    from tumorscope.tracking import flatten
+
+    flat = flatten(params.model_dump(include=SETTING_SECTIONS, mode="json"))
+    return {key: value for key, value in flat.items() if not key.endswith(("_dir", "_path"))}
+
+
+def _stored_fold(path: Path, fingerprint: str, settings: dict, defaults: dict) -> dict | None:
+    """A finished fold of this variant (same fingerprint, same settings by ``same_settings``), or None."""
+    import json
+
+    from tumorscope.models.ablation import same_settings
+
     if not path.is_file():
         return None
     with np.load(path) as stored:
-        if str(stored["fingerprint"]) != fingerprint:
+        if (str(stored["fingerprint"]) != fingerprint or "settings" not in stored.files
+                or not same_settings(json.loads(str(stored["settings"])), settings, defaults)):
             return None
         return {"probabilities": stored["probabilities"], "seconds": float(stored["seconds"]),
                 "epochs": int(stored["epochs"]), "n_train": int(stored["n_train"]),
                 "n_train_series": int(stored["n_train_series"])}
 
 
-def _store_fold(path: Path, fingerprint: str, fold: dict) -> None:
+def _store_fold(path: Path, fingerprint: str, settings: dict, fold: dict) -> None:
     """Written to a temporary file and renamed: a kill mid-write leaves no half fold behind."""
+    import json
+
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.stem + ".partial.npz")
-    arrays: dict[str, np.ndarray] = {k: np.asarray(v) for k, v in fold.items()} | {"fingerprint": np.array(fingerprint)}
+    arrays: dict[str, np.ndarray] = {k: np.asarray(v) for k, v in fold.items()} | {
+        "fingerprint": np.array(fingerprint), "settings": np.array(json.dumps(settings, sort_keys=True))}
     np.savez(partial, allow_pickle=False, **arrays)
     partial.replace(path)
 
@@ -132,15 +154,19 @@ def run_variant(params: Params, name: str, overrides: dict, share: float, data: 
     variant = with_overrides(params, overrides)
     labels, groups, folds, classes = data["labels"], data["groups"], data["folds"], data["classes"]
     fingerprint = variant_fingerprint(overrides, share, data["base"])
-    images = variant_images(params, variant, data["images"], labels, groups)
+    settings, defaults = settings_of(variant), settings_of(Params())
+    images = None  # built or loaded when a fold has to train: a finished variant reads its folds only
     out_of_fold = np.full((len(labels), len(classes)), np.nan, dtype=np.float32)
     folds_done = []
-    with _parent_run(variant, experiment_id, name, fingerprint) as parent:
+    # One parent run per variant and settings: a resumed run with other settings starts a new one.
+    with _parent_run(variant, experiment_id, name, variant_fingerprint(settings, share, data["base"])) as parent:
         for fold in progress(range(cfg.folds), cfg.folds, f"ablation {name}"):
             path = Path(cfg.out_dir) / _slug(name) / FOLD_FILE.format(fold=fold)
             roles = fold_roles(folds, fold, cfg.folds)
-            done = _stored_fold(path, fingerprint)
+            done = _stored_fold(path, fingerprint, settings, defaults)
             if done is None:
+                if images is None:
+                    images = variant_images(params, variant, data["images"], labels, groups)
                 train = training_subsample(roles["train"], groups, share, params.seed, fold)
                 started = time.perf_counter()
                 with tracking.start_training_run(variant, experiment_id, f"ablation-{name}-fold-{fold}", "ablation-fold",
@@ -154,7 +180,7 @@ def run_variant(params: Params, name: str, overrides: dict, share: float, data: 
                 done = {"probabilities": outcome.probabilities, "seconds": time.perf_counter() - started,
                         "epochs": outcome.result.epochs_run, "n_train": int(train.sum()),
                         "n_train_series": int(len(np.unique(groups[train])))}
-                _store_fold(path, fingerprint, done)
+                _store_fold(path, fingerprint, settings, done)
             out_of_fold[roles["test"]] = done["probabilities"]
             folds_done.append({"fold": fold, "seconds": done["seconds"], "epochs": done["epochs"],
                                "n_train": done["n_train"], "n_train_series": done["n_train_series"]})
@@ -241,8 +267,8 @@ def run_ablate(params: Params, only: list[str] | None = None) -> str:
     empty = [fold for fold in range(cfg.folds) if not np.any(folds == fold)]
     if empty:
         raise UserError(f"ablation.folds: {cfg.folds} folds but only {len(np.unique(groups))} duplicate groups: use fewer")
-    base = {"data": file_fingerprint(params.split.path), "folds": cfg.folds, "seed": params.seed,
-            "params": params.model_dump(include={"preprocess", "train", "evaluate"}, mode="json")}
+    # The params are not in it: each stored fold keeps its settings, compared by ``same_settings``.
+    base = {"data": file_fingerprint(params.split.path), "folds": cfg.folds, "seed": params.seed}
     data = {"images": images, "labels": labels, "groups": groups, "folds": folds, "classes": classes, "base": base}
 
     from tumorscope import tracking
