@@ -116,5 +116,5 @@ def markdown_table(report: dict[str, Any]) -> str:
                     f"{_cell(variant['scores'].get('critical_recall'))} | {'-' if ece is None else f'{ece:.3f}'} | "
                     f"{_signed(difference.get('macro_f1'))} | {_signed(difference.get('critical_recall'))} | "
                     f"{variant.get('verdict', 'baseline')} | {variant['seconds'] / 60:.1f} | "
-                    f"{variant.get('cache_mb', '-')} |")
+                    f"{'-' if variant.get('cache_mb') is None else variant['cache_mb']} |")
     return "\n".join(rows) + "\n"

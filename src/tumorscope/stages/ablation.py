@@ -187,7 +187,8 @@ def run_variant(params: Params, name: str, overrides: dict, share: float, data: 
         mlflow.log_params(tracking.flatten({"ablation": {"overrides": overrides, "train_share": share}}))
     return {"overrides": overrides, "train_share": share, "fingerprint": fingerprint, "run_id": parent.info.run_id,
             "image_size": variant.preprocess.image_size,
-            "cache_mb": round(cache_megabytes(variant_cache(params, variant)), 3),
+            # None when every fold was read back and the cache was not needed (nor built) in this run.
+            "cache_mb": round(cache_megabytes(cache), 3) if (cache := variant_cache(params, variant)).is_dir() else None,
             "probabilities": out_of_fold, "folds": folds_done, "seconds": sum(f["seconds"] for f in folds_done)}
 
 
