@@ -35,7 +35,7 @@ for path, entry in json.load(sys.stdin)[""]["data"].items():
 endef
 export METRICS_TABLE
 
-.PHONY: help install run test lint test-fast test-deps bench metrics-table crossval gpu-wheels mlflow-ui clean clean-stores prefect-server deploy worker serve bento demo monitor evidently-ui
+.PHONY: help install run test lint test-fast test-deps bench metrics-table crossval gpu-wheels mlflow-ui mlflow-server clean clean-stores prefect-server deploy worker serve bento demo monitor evidently-ui
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
 
@@ -122,6 +122,9 @@ demo: install ## dvc repro, then serve -> requests -> a batch from another scann
 
 mlflow-ui: install ## open the MLflow UI on the local tracking store (http://127.0.0.1:5000)
 	$(RUN) mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+mlflow-server: install ## a shared MLflow tracking server (mlflow.server.* in params.yaml; clients: mlflow.tracking_uri: http://<host>:<port>)
+	$(RUN) tumorscope mlflow-server
 
 clean: install ## remove the pipeline's outputs (never data.source, the DVC cache or remote)
 	$(RUN) tumorscope clean

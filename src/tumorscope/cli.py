@@ -198,6 +198,30 @@ def ablate(params: ParamsOption = DEFAULT_PARAMS,
     _report(lambda: ablation.run_ablate(_params(params), variant))
 
 
+@app.command("mlflow-server")
+def mlflow_server(params: ParamsOption = DEFAULT_PARAMS) -> None:
+    """A shared MLflow tracking server (mlflow.server.*): database backend, artefacts proxied; clients
+    then set mlflow.tracking_uri: http://<host>:<port>."""
+    import shutil
+    import sys
+
+    from tumorscope.errors import UserError
+    from tumorscope.tracking import check_database_reachable, redact, server_command
+
+    cfg = _params(params).mlflow
+    beside = Path(sys.executable).with_name("mlflow")
+    command = server_command(cfg, str(beside) if beside.exists() else (shutil.which("mlflow") or "mlflow"))
+    backend = command[command.index("--backend-store-uri") + 1]
+    try:
+        check_database_reachable(backend, "mlflow.server.backend_store_uri")
+    except UserError as err:
+        typer.secho(f"error: {err}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(1) from None
+    shown = [redact(part) if part == backend else part for part in command[1:]]
+    typer.echo(f"mlflow-server: {' '.join(shown)}", err=True)
+    os.execv(command[0], command)  # the server itself: signals reach it, its exit status is ours
+
+
 @app.command()
 def clean(params: ParamsOption = DEFAULT_PARAMS,
           stores: Annotated[bool, typer.Option(

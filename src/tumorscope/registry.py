@@ -134,7 +134,9 @@ def register(name: str, uri: str, run_id: str, tags: dict[str, str]):
     client = mlflow.MlflowClient()
     if not client.search_registered_models(filter_string=f"name = '{name}'"):
         client.create_registered_model(name, description="tumorscope kidney CT slice classifier")
-    version = client.create_model_version(name, uri, run_id=run_id, tags=tags)
+    # A logged model's URI (models:/m-<id>) names its id; a tracking server requires it alongside.
+    model_id = uri.removeprefix("models:/") if uri.startswith("models:/m-") else None
+    version = client.create_model_version(name, uri, run_id=run_id, tags=tags, model_id=model_id)
     client.set_registered_model_alias(name, CHALLENGER, version.version)
     return version
 

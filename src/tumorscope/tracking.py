@@ -1,7 +1,8 @@
 """MLflow tracking: experiment set-up, run tags (data version, git commit), and the logging of a
 training run, in one place for the train stage, tuning trials and cross-validation folds.
 
-The tracking URI comes from params (an SQLite file by default, PostgreSQL works the same).
+The tracking URI comes from params: an SQLite file by default, PostgreSQL works the same, and a
+shared tracking server (``tumorscope mlflow-server``) through which artefacts are proxied.
 """
 
 from __future__ import annotations
@@ -96,10 +97,52 @@ def _versions(cwd: str, split_path: str, split_modified: int | None, lock_modifi
             ("dvc_raw_md5", dvc_out_hash("ingest", Path(cwd) / "dvc.lock")))
 
 
+TRACKING_SERVER_SCHEMES = ("http://", "https://")
+# The experiment's kind opens it in the MLflow UI's model-training view (without it, MLflow 3
+# shows the GenAI view); the note is the description the UI shows above the runs.
+EXPERIMENT_TAGS = {
+    "mlflow.experimentKind": "custom_model_development",
+    "mlflow.note.content": "tumorscope: CT slice classifiers. Runs: train (the train stage), tune-study and "
+                           "its tune-trial children (Optuna), crossval and ablation folds. Registered model "
+                           "aliases: champion (served), challenger (last evaluated). See docs/pipeline.md.",
+}
+SPLIT_CONTEXTS = {"train": "training", "val": "validation", "test": "testing"}
+
+
+def is_tracking_server(uri: str) -> bool:
+    return uri.startswith(TRACKING_SERVER_SCHEMES)
+
+
+def _check_server_reachable(uri: str, key: str) -> None:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10) as answer:
+            answer.read()
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise UserError(f"{key}: cannot reach the MLflow server {uri!r}: {reason} "
+                        "(start it with tumorscope mlflow-server)") from None
+
+
+def redact(url: str) -> str:
+    """A database URL without its password, for tags and logs."""
+    import sqlalchemy
+
+    try:
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<unparseable>"
+
+
 def check_database_reachable(uri: str, key: str) -> None:
-    """Fail fast with one line on an unreachable database server (MLflow itself retries for
-    about 100 s before giving up); create the PostgreSQL schema a search_path option names.
-    SQLite files and HTTP tracking servers are not probed."""
+    """Fail fast with one line on an unreachable database or tracking server (MLflow itself retries
+    for about 100 s before giving up); create the PostgreSQL schema a search_path option names.
+    SQLite files are not probed."""
+    if is_tracking_server(uri):
+        _check_server_reachable(uri, key)
+        return
     if not uri.startswith(("postgresql", "mysql", "mssql")):
         return
     import sqlalchemy
@@ -141,9 +184,61 @@ def configure(cfg: MlflowConfig) -> str:
         raise UserError(f"mlflow.tracking_uri: cannot open tracking store {cfg.tracking_uri!r}: "
                         f"{str(err).splitlines()[0]}") from None
     if experiment is not None:
+        _check_artifact_location(cfg, experiment.artifact_location)
+        missing = {key: value for key, value in EXPERIMENT_TAGS.items() if key not in experiment.tags}
+        for key, value in missing.items():  # an experiment created before these tags existed
+            mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, key, value)
         return experiment.experiment_id
+    if is_tracking_server(cfg.tracking_uri):
+        # No artifact location: the server's own (mlflow-artifacts:/, proxied), readable from any host.
+        return mlflow.create_experiment(cfg.experiment, tags=EXPERIMENT_TAGS)
     artifact_location = Path(cfg.artifact_root).resolve().as_uri()
-    return mlflow.create_experiment(cfg.experiment, artifact_location=artifact_location)
+    return mlflow.create_experiment(cfg.experiment, artifact_location=artifact_location, tags=EXPERIMENT_TAGS)
+
+
+def _check_artifact_location(cfg: MlflowConfig, location: str) -> None:
+    """Through a tracking server, an experiment whose artefacts live in a local folder (created by
+    the embedded store) would have each client write into its own disk, unreadable elsewhere."""
+    if is_tracking_server(cfg.tracking_uri) and location.startswith("file:"):
+        raise UserError(f"mlflow.experiment {cfg.experiment!r} keeps its artefacts in {location}, a folder only one "
+                        "host can read: through a tracking server use a new experiment name (its artefacts then go "
+                        "through the server)")
+
+
+def server_command(cfg: MlflowConfig, mlflow_executable: str = "mlflow") -> list[str]:
+    """The ``mlflow server`` command line for ``tumorscope mlflow-server``: the database named by
+    mlflow.server.backend_store_uri (else mlflow.tracking_uri when it is a database, else the
+    embedded SQLite file) and artefacts proxied from mlflow.server.artifacts_destination."""
+    server = cfg.server
+    backend = server.backend_store_uri or (
+        "sqlite:///mlflow.db" if is_tracking_server(cfg.tracking_uri) else cfg.tracking_uri)
+    destination = server.artifacts_destination or cfg.artifact_root
+    if "://" not in destination:
+        destination = Path(destination).resolve().as_uri()
+    command = [mlflow_executable, "server", "--backend-store-uri", absolute_sqlite_uri(backend),
+               "--serve-artifacts", "--artifacts-destination", destination,
+               "--host", server.host, "--port", str(server.port), "--workers", str(server.workers)]
+    if server.allowed_hosts:
+        command += ["--allowed-hosts", server.allowed_hosts]
+    return command
+
+
+def log_split_datasets(params) -> None:
+    """Log the split table's train, validation and test rows as the active run's MLflow datasets
+    (the runs table's Datasets column): named after data.source, digest = the split table's
+    fingerprint, so runs on the same data show the same datasets."""
+    import mlflow
+    from mlflow.data.pandas_dataset import from_pandas
+
+    from tumorscope.data.split import read_split_table
+
+    table = read_split_table(params.split.path)
+    digest = file_fingerprint(params.split.path)
+    source_name = Path(params.data.source).name or "data"
+    for split, context in SPLIT_CONTEXTS.items():
+        rows = table[table["split"] == split].reset_index(drop=True)
+        dataset = from_pandas(rows, source=str(params.data.source), name=f"{source_name}-{split}", digest=digest)
+        mlflow.log_input(dataset, context=context)
 
 
 def epoch_logger():

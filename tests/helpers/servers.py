@@ -1,4 +1,5 @@
-"""One Prefect server for a whole test session (a temporary database in the session's folder)."""
+"""Servers tests share: one Prefect server for a whole test session (a temporary database in the
+session's folder), and the project's MLflow tracking server."""
 
 from __future__ import annotations
 
@@ -39,3 +40,33 @@ def start_prefect_server(home: Path) -> PrefectServer:
         stop(process)
         raise
     return PrefectServer(api, home, process)
+
+
+@dataclass
+class MlflowServer:
+    url: str
+    artifacts: Path      # the server's artefact folder: no client reads or writes it directly
+    log: Path
+    process: subprocess.Popen
+
+
+def start_mlflow_server(root: Path, backend_store_uri: str) -> MlflowServer:
+    """`tumorscope mlflow-server` (the project's command) on a free loopback port: ``backend_store_uri``
+    for runs and the registry, artefacts proxied from ``root``/artifacts."""
+    import yaml
+
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    params = root / "params.yaml"
+    params.write_text(yaml.safe_dump({"mlflow": {"server": {
+        "host": "127.0.0.1", "port": port, "workers": 1, "backend_store_uri": backend_store_uri,
+        "artifacts_destination": str(root / "artifacts")}}}))
+    log = root / "server.log"
+    process = start([str(BIN / "tumorscope"), "mlflow-server", "--params", str(params)], log, cwd=root)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(answers_200(f"{url}/health"), READY_TIMEOUT_S, "the MLflow server", process, log)
+    except BaseException:
+        stop(process)
+        raise
+    return MlflowServer(url, root / "artifacts", log, process)

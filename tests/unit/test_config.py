@@ -46,6 +46,48 @@ def test_relative_sqlite_uris_become_absolute(tmp_path, monkeypatch):
         assert absolute_sqlite_uri(unchanged) == unchanged
 
 
+def test_mlflow_server_command_takes_its_stores_from_params(tmp_path, monkeypatch):
+    from tumorscope.config import MlflowConfig, MlflowServerConfig
+    from tumorscope.tracking import server_command
+
+    monkeypatch.chdir(tmp_path)
+
+    def option(command: list[str], name: str) -> str:
+        return command[command.index(name) + 1]
+
+    # The embedded default: the server serves the project's own SQLite file, artefacts from mlartifacts.
+    embedded = server_command(MlflowConfig())
+    assert option(embedded, "--backend-store-uri") == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert option(embedded, "--artifacts-destination") == (tmp_path / "mlartifacts").as_uri()
+    assert "--serve-artifacts" in embedded and option(embedded, "--host") == "127.0.0.1"
+    assert "--allowed-hosts" not in embedded
+    # A team's database named by tracking_uri is the server's backend.
+    team = server_command(MlflowConfig(tracking_uri="postgresql://u@db/mlflow"))
+    assert option(team, "--backend-store-uri") == "postgresql://u@db/mlflow"
+    # Clients pointed at the server: the backend and artefacts come from mlflow.server.
+    client_side = MlflowConfig(tracking_uri="http://mlflow.lan:5000", server=MlflowServerConfig(
+        host="0.0.0.0", port=5001, backend_store_uri="postgresql://u@db/m", artifacts_destination="s3://bucket/ml",
+        allowed_hosts="mlflow.lan"))
+    command = server_command(client_side, "/opt/mlflow")
+    assert command[:2] == ["/opt/mlflow", "server"]
+    assert option(command, "--backend-store-uri") == "postgresql://u@db/m"
+    assert option(command, "--artifacts-destination") == "s3://bucket/ml"
+    assert (option(command, "--host"), option(command, "--port"), option(command, "--allowed-hosts")) == (
+        "0.0.0.0", "5001", "mlflow.lan")
+    assert option(server_command(MlflowConfig(tracking_uri="http://x:1")), "--backend-store-uri").endswith("/mlflow.db")
+
+
+def test_local_artefacts_through_a_server_are_refused():
+    from tumorscope.config import MlflowConfig
+    from tumorscope.errors import UserError
+    from tumorscope.tracking import _check_artifact_location
+
+    _check_artifact_location(MlflowConfig(), "file:///project/mlartifacts/1")  # embedded: fine
+    _check_artifact_location(MlflowConfig(tracking_uri="http://h:5000"), "mlflow-artifacts:/1")
+    with pytest.raises(UserError, match="only one host can read"):
+        _check_artifact_location(MlflowConfig(tracking_uri="http://h:5000"), "file:///project/mlartifacts/1")
+
+
 @pytest.mark.parametrize(("device", "multiplier", "expected"), [("cpu", 4, 32), ("gpu", 4, 128), ("gpu", 1, 32)])
 def test_batch_size_scales_only_on_a_gpu(device, multiplier, expected):
     from tumorscope.models.train import device_batch_size

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tumorscope.config import Params
 from tumorscope.errors import UserError
+from tumorscope.tracking import redact
 from tumorscope.tuning.space import suggest_train_config
 
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
@@ -185,16 +186,6 @@ def check_separate_stores(params: Params) -> None:
         raise UserError(f"tune.storage and mlflow.tracking_uri are the same file ({storage}); give each its own")
 
 
-def redact(url: str) -> str:
-    """A storage URL without its password, for tags and logs."""
-    import sqlalchemy
-
-    try:
-        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return "<unparseable>"
-
-
 # ---------------------------------------------------------------------------------------------
 # Scoring
 
@@ -267,6 +258,7 @@ def make_objective(params: Params, handle: StudyHandle, trial_guard=None):
                                          handle.parent_run_id, tags) as run:
             trial.set_user_attr("mlflow_run_id", run.info.run_id)
             trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+            tracking.log_split_datasets(params)
             try:  # a bad suggested value fails here, inside the run, so the failure is on record
                 cfg = suggest_train_config(trial, params.train, params.tune.search_space, params.tune.trial_epochs)
                 reporter = epoch_reporter(trial, params.tune.metric)
