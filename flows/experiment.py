@@ -17,6 +17,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
+from flows.streaming import run_streamed
 from flows.tuning import deployment_overrides, effective_params
 from tumorscope.config import load_params
 
@@ -63,10 +64,9 @@ def dvc_experiment(settings: dict[str, str], name: str) -> dict:
                *[arg for key, value in settings.items() for arg in ("-S", f"{key}={value}")]]
     logger = get_run_logger()
     logger.info("$ %s", " ".join(command))
-    done = subprocess.run(command, capture_output=True, text=True)
-    logger.info(done.stdout[-4000:])
+    done = run_streamed(command, logger)  # every stage's output in the flow run's log as it comes
     if done.returncode != 0:
-        raise RuntimeError(f"dvc exp run exited {done.returncode}: {done.stderr.strip()[-2000:]}")
+        raise RuntimeError(f"dvc exp run exited {done.returncode}: {' | '.join(done.stderr_tail[-5:])[-2000:]}")
     params = load_params("params.yaml")
     metrics = json.loads(Path(params.evaluate.metrics_path).read_text())
     promotion = Path(params.promote.report_path)

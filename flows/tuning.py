@@ -14,15 +14,23 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import cast
+from uuid import UUID
 
 import yaml
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 
+from flows.streaming import run_streamed
 from tumorscope.config import Params, load_params, with_overrides
 from tumorscope.stages import tuning as tuning_stages
 
@@ -118,20 +126,31 @@ def tune_worker(params_path: str, overrides: dict, worker_index: int, separate_p
         api_url = current_api_url() if limits else None
         if api_url:
             env["PREFECT_API_URL"] = api_url  # the children share this flow's API (concurrency slots)
-        done = subprocess.run([sys.executable, "-m", "tumorscope.cli", "tune-worker", "--params", str(effective),
-                               "--index", str(worker_index)], env=env, capture_output=True, text=True)
+        # Each trial's epochs in the flow run's log as they come, marked with the worker.
+        done = run_streamed([sys.executable, "-m", "tumorscope.cli", "tune-worker", "--params", str(effective),
+                             "--index", str(worker_index)], get_run_logger(), prefix=f"[worker {worker_index}] ",
+                            env=env)
     if done.returncode != 0:
-        raise RuntimeError(f"tune worker {worker_index} exited {done.returncode}: {done.stderr.strip()[-2000:]}")
-    return done.stdout.strip().splitlines()[-1]
+        raise RuntimeError(f"tune worker {worker_index} exited {done.returncode}: "
+                           f"{' | '.join(done.stderr_tail[-5:])[-2000:]}")
+    return [line for line in done.stdout_tail if line.strip()][-1]
 
 
 @task
 def finish_study(params_path: str, overrides: dict, handle: dict) -> dict:
+    from tumorscope.tracking import flatten, is_tracking_server
     from tumorscope.tuning.study import StudyHandle
 
-    summary = tuning_stages.run_tune_finish(effective_params(params_path, overrides), StudyHandle(**handle))
+    params = effective_params(params_path, overrides)
+    summary = tuning_stages.run_tune_finish(params, StudyHandle(**handle))
     create_markdown_artifact(summary["markdown"], key="tumorscope-leaderboard",
                              description=f"Optuna study {summary['study_name']}: leaderboard")
+    create_table_artifact([flatten(row) for row in summary["leaderboard"]], key="tumorscope-leaderboard-table",
+                          description=f"Optuna study {summary['study_name']}: every trial, best first")
+    if is_tracking_server(params.mlflow.tracking_uri):  # a link only a shared server makes useful
+        create_link_artifact(f"{params.mlflow.tracking_uri.rstrip('/')}/#/experiments/{handle['experiment_id']}/runs/"
+                             f"{handle['parent_run_id']}", link_text="the study's MLflow run",
+                             key="tumorscope-study-mlflow-run")
     return {k: summary[k] for k in ("study_name", "states", "parent_run_id", "best")}
 
 
@@ -148,11 +167,34 @@ def tuning_flow(params_path: str = "params.yaml", architectures: list[str] | Non
         ensure_concurrency_limits(params.tune.architecture_concurrency)
     separate = params.tune.workers > 1
     futures = [tune_worker.submit(params_path, overrides, i, separate) for i in range(params.tune.workers)]
+    watch_progress(futures, params, handle)
     result: dict = {"workers": [future.result() for future in futures]}
     result["tune"] = finish_study(params_path, overrides, handle)
     best = result["tune"]["best"]
     get_run_logger().info(f"tune: best trial {best['trial']} ({best['architecture']}), states {result['tune']['states']}")
     return result
+
+
+PROGRESS_SECONDS = 5.0
+
+
+def watch_progress(futures: list, params: Params, handle: dict) -> None:
+    """A progress artefact on the flow run (the share of tune.n_trials finished), updated every few
+    seconds from the study's storage until every worker has ended."""
+    from tumorscope.tuning.study import count_states, load_study
+
+    def finished_share() -> float:
+        states = count_states(load_study(params))
+        return 100.0 * min(1.0, sum(states.get(s, 0) for s in ("COMPLETE", "PRUNED", "FAIL")) / params.tune.n_trials)
+
+    description = f"Optuna study {handle['study_name']}: trials finished of {params.tune.n_trials}"
+    artifact = cast(UUID, create_progress_artifact(finished_share(), key="tumorscope-tuning-progress",
+                                                   description=description))
+    pending = [future for future in futures if not future.state.is_final()]
+    while pending:
+        pending[0].wait(timeout=PROGRESS_SECONDS)
+        update_progress_artifact(artifact, finished_share())
+        pending = [future for future in pending if not future.state.is_final()]
 
 
 def preflight(params: Params) -> None:

@@ -84,10 +84,12 @@ def tune(params: ParamsOption = DEFAULT_PARAMS) -> None:
     _report(work)
 
 
-@app.command("tune-worker", hidden=True)
+@app.command("tune-worker")
 def tune_worker(params: ParamsOption = DEFAULT_PARAMS,
                 index: Annotated[int, typer.Option(help="worker index (seeds its sampler)")] = 0) -> None:
-    """One Optuna worker process on the study (the training flow starts these when tune.workers > 1)."""
+    """Join the study tune.study_name on tune.storage and run trials until it has tune.n_trials, from
+    any host that reaches that database and mlflow.tracking_uri (the tuning flow starts these when
+    tune.workers > 1)."""
     def work() -> str:
         from tumorscope.stages import tuning
 

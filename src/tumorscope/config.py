@@ -178,6 +178,9 @@ class TrainConfig(_Section):
     # learning rate is not rescaled: tune on the device you train on. Image size is a data
     # setting (the cache), not scaled behind DVC's back: see docs/architectures.md, "On a GPU".
     gpu_batch_multiplier: int = Field(4, ge=1, le=64)
+    # auto: data-parallel over every local accelerator when there are several (Keras DataParallel,
+    # JAX backend; each batch split across the devices, weights replicated); none: one device.
+    distribution: Literal["auto", "none"] = "auto"
 
     def augment_strength_in(self, place: Literal["loader", "model"]) -> float:
         """augment_strength where augmentation runs (``augment_in``), 0 in the other place."""
@@ -422,6 +425,7 @@ class PromoteConfig(_Section):
 
     registered_model: str = Field("tumorscope-kidney-ct", min_length=1)
     report_path: str = "reports/promotion.json"
+    metrics_path: str = "reports/promotion_metrics.json"   # the decision as DVC metrics (dvc exp show)
     # Absolute gates on the test split use the lower ends of the group-bootstrap intervals: a point
     # estimate from a few duplicate groups can pass by luck.
     min_macro_f1_low: float = Field(0.7, ge=0, le=1)
@@ -497,6 +501,7 @@ class MonitorConfig(_Section):
     embedding_method: Literal["ratio", "distance", "mmd", "model"] = "ratio"
     embedding_threshold: float | None = None
     summary_path: str = "reports/monitoring.json"
+    metrics_path: str = "reports/monitoring_metrics.json"  # the verdict as DVC metrics (dvc exp show)
     report_dir: str = "reports/monitoring"
     checks_dir: str = "monitoring/checks"        # summaries and reports of other windows (the flow, --current)
     reference_dir: str = "monitoring/reference"   # reference features per champion version
@@ -508,10 +513,23 @@ class MonitorConfig(_Section):
     phantom_batch: PhantomBatchConfig = PhantomBatchConfig()
 
 
+class MlflowServerConfig(_Section):
+    # tumorscope mlflow-server: one MLflow tracking server for a team (clients set mlflow.tracking_uri
+    # to http://<host>:<port>). Artefacts are proxied by the server (mlflow-artifacts:/), so no client
+    # needs the server's disk.
+    host: str = "127.0.0.1"           # 0.0.0.0 to accept other hosts (MLflow then allows private-network Host headers)
+    port: int = Field(5000, ge=1, le=65535)
+    workers: int = Field(2, ge=1)
+    backend_store_uri: str | None = None      # null: mlflow.tracking_uri when it names a database, else sqlite:///mlflow.db
+    artifacts_destination: str | None = None  # null: mlflow.artifact_root (a folder, or s3://... / gs://...)
+    allowed_hosts: str | None = None          # MLflow's --allowed-hosts, e.g. "mlflow.hospital.lan,10.0.0.5:5000"
+
+
 class MlflowConfig(_Section):
-    tracking_uri: str = "sqlite:///mlflow.db"
+    tracking_uri: str = "sqlite:///mlflow.db"   # a database (embedded) or http://host:port (tumorscope mlflow-server)
     artifact_root: str = "mlartifacts"
     experiment: str = "tumorscope"
+    server: MlflowServerConfig = MlflowServerConfig()
 
 
 class Params(_Section):

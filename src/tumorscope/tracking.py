@@ -262,6 +262,14 @@ def fit_params(params, cfg) -> dict[str, object]:
                     "split": {"phash_threshold": params.split.phash_threshold}})
 
 
+def training_fingerprint(params, cfg, classes: list[str]) -> str:
+    """What a training depends on: its settings, the data it reads (the split table), the classes
+    and the seed. A backup of another fingerprint is never resumed."""
+    identity = {"fit": fit_params(params, cfg), "split": file_fingerprint(params.split.path), "classes": classes,
+                "cache": params.preprocess.model_dump()}
+    return hashlib.sha256(yaml.safe_dump(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def start_training_run(params, experiment_id: str, name: str, stage: str, parent_run_id: str | None = None,
                        tags: dict[str, str] | None = None):
     """An MLflow run for one training (a context manager, like ``mlflow.start_run``), tagged with

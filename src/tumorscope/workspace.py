@@ -13,6 +13,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from tumorscope.artifacts import TRAIN_BACKUP_DIR
 from tumorscope.config import Params
 from tumorscope.data.ingest import folder_relation
 
@@ -41,7 +42,7 @@ def local_stores(params: Params, root: Path) -> list[Path]:
 def removable(params: Params, root: Path, stores: bool) -> list[Path]:
     """What clean removes: paths inside ``root``, none of which is or holds data.source (unless it
     is the phantom's folder, which the pipeline generates)."""
-    extra = [root / params.train.model_dir / "baseline", root / params.crossval.report_path]
+    extra = [root / params.train.model_dir / "baseline", root / params.crossval.report_path, root / TRAIN_BACKUP_DIR]
     paths = dvc_outputs(root) + extra + (local_stores(params, root) if stores else [])
     source = (root / params.data.source).resolve()
     generated_source = source == (root / params.phantom.out_dir).resolve()

@@ -98,6 +98,17 @@ def test_dvc_repro_on_tiny_phantom(tiny_dvc_run, tmp_path, prefect_server):
     # The monitor stage judged the incoming batch against the champion the promote stage made.
     monitored = json.loads((project / "reports" / "monitoring.json").read_text())
     assert monitored["status"] in ("drift", "no_drift"), monitored
+    # dvc metrics (and dvc exp show) list the promotion decision and the drift verdict.
+    shown = json.loads(run_tool(["dvc", "metrics", "show", "--json"], project).stdout)
+    workspace = shown[""]["data"]  # "": the workspace
+    promoted = json.loads((project / "reports" / "promotion.json").read_text())["promoted"]
+    assert workspace["reports/promotion_metrics.json"]["data"]["promoted"] is promoted
+    assert workspace["reports/monitoring_metrics.json"]["data"]["drift"] is monitored["drift"]
+    # The learning curves are a DVC plot: one row per epoch the train stage ran.
+    history = (project / "models" / "history.tsv").read_text().splitlines()
+    epochs = json.loads((project / "models" / "train.json").read_text())["epochs_run"]
+    assert history[0].startswith("epoch\t") and len(history) == epochs + 1
+    assert "history.tsv" in run_tool(["dvc", "plots", "show", "--json"], project).stdout
     _check_mlflow_run_and_model(project, 4)
     # The phantom's masks and index travel with the raw data.
     assert (project / "data" / "raw" / "_meta" / "kidneyData.csv").is_file()

@@ -96,6 +96,26 @@ def test_drift_starts_the_experiment_deployment_on_old_and_new_data_and_the_gate
     revision = named[0]["revs"][0]["data"]
     assert revision["params"]["params.yaml"]["data"]["tune"]["n_trials"] == 3
     assert "macro_f1" in revision["metrics"]["metrics.json"]["data"]
+    # ...and, per experiment, whether the gates promoted it.
+    gate = revision["metrics"]["reports/promotion_metrics.json"]["data"]
+    assert gate["promoted"] is (decision["decision"] == "promoted") and gate["challenger_version"] == 2
+
+    # The flow runs were live and left artefacts: the dvc exp run output streamed into the experiment
+    # flow run's log line by line, the tuning progress and the leaderboard table.
+    def api(path: str, body: dict) -> list:
+        request = urllib.request.Request(f"{prefect_server.api_url}{path}", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        return json.loads(urllib.request.urlopen(request, timeout=10).read())
+
+    logs = api("/logs/filter", {"logs": {"flow_run_id": {"any_": [retraining["flow_run_id"]]}}, "limit": 200})
+    messages = [entry["message"] for entry in logs]
+    assert any("Running stage 'train'" in m for m in messages), messages[:40]
+    artifacts: dict = {}
+    for artifact in api("/artifacts/filter", {"sort": "CREATED_DESC", "artifacts": {"key": {"any_": [
+            "tumorscope-tuning-progress", "tumorscope-leaderboard-table"]}}}):
+        artifacts.setdefault(artifact["key"], artifact)  # the newest: this retraining's study
+    assert float(artifacts["tumorscope-tuning-progress"]["data"]) == 100.0
+    assert artifacts["tumorscope-leaderboard-table"]["type"] == "table"
     leaderboard = json.loads((project / "reports" / "leaderboard.json").read_text())
     assert sum(leaderboard["states"].get(s, 0) for s in ("COMPLETE", "PRUNED")) == 3
     # Old + new: the batch is versioned with DVC in data/added and ingested beside the old data.

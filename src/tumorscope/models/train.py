@@ -32,7 +32,8 @@ def balanced_order(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def make_batches(images, labels, batch_size: int, *, shuffle: bool, seed: int, class_weights=None,
-                 augment_strength: float = 0.0, intensity_strength: float = 0.0, balanced: bool = False):
+                 augment_strength: float = 0.0, intensity_strength: float = 0.0, balanced: bool = False,
+                 multiple: int = 1):
     """A keras PyDataset over (possibly memory-mapped) arrays; yields (x, y[, sample_weight]).
 
     A batch is a pure function of (epoch, index): the epoch's sample order is drawn from
@@ -45,7 +46,11 @@ def make_batches(images, labels, batch_size: int, *, shuffle: bool, seed: int, c
     calls ``on_epoch_end`` (and then discards it), and it probes batches 0 and 1 for the output
     signature, so a counter advanced by reads or by ``on_epoch_end`` would let thread timing decide
     which order and warps a batch got. Pass ``shuffle=False`` to ``fit``: this dataset shuffles
-    itself, seeded; Keras would shuffle batch indices with Python's global ``random``."""
+    itself, seeded; Keras would shuffle batch indices with Python's global ``random``.
+
+    ``multiple`` > 1 (data-parallel training over that many devices, ``batch_size`` a multiple of
+    it): every batch's size is a multiple of it, so each epoch leaves out the last
+    ``len(labels) % multiple`` slices of its order (drawn anew each epoch when shuffled)."""
     import keras
 
     from tumorscope.data.augment import augment_batch, augment_intensity
@@ -56,8 +61,10 @@ def make_batches(images, labels, batch_size: int, *, shuffle: bool, seed: int, c
             self.epoch = 0
             self.orders: dict[int, np.ndarray] = {}
 
+        usable = len(labels) - len(labels) % multiple
+
         def __len__(self):
-            return math.ceil(len(labels) / batch_size)
+            return math.ceil(self.usable / batch_size)
 
         def order_of(self, epoch: int) -> np.ndarray:
             if epoch not in self.orders:
@@ -70,7 +77,7 @@ def make_batches(images, labels, batch_size: int, *, shuffle: bool, seed: int, c
         def __getitem__(self, index):
             epoch = self.epoch
             # Sorted indices turn the memory-map gather into forward reads of the page cache.
-            picked = np.sort(self.order_of(epoch)[index * batch_size:(index + 1) * batch_size])
+            picked = np.sort(self.order_of(epoch)[:self.usable][index * batch_size:(index + 1) * batch_size])
             x = np.asarray(images[picked], dtype=np.uint8)
             if augment_strength > 0 or intensity_strength > 0:
                 rng = np.random.default_rng([seed, epoch, index])
@@ -129,25 +136,30 @@ def plateau_callbacks(cfg: TrainConfig) -> list:
 
 
 def _fit_phase(model, train_batches, val_batches, lr: float, epochs: int, cfg: TrainConfig, scores, callbacks,
-               initial_epoch: int):
+               initial_epoch: int, backed_up=None):
     """Compile at ``lr`` and fit up to ``epochs`` more epochs with early stopping on
     ``cfg.monitor`` (best weights restored) and a learning-rate halving on plateau; returns the
-    Keras history dict."""
+    Keras history dict of the epochs run. ``backed_up(plateau)`` gives a backup callback
+    (``resume.TrainingBackup.callback``) that sees the plateau callbacks."""
     import keras
 
     model.compile(optimizer=keras.optimizers.Adam(lr), loss="sparse_categorical_crossentropy",
                   metrics=["accuracy", *scores])
+    plateau = plateau_callbacks(cfg)
+    extra = [backed_up(plateau)] if backed_up is not None else []
     history = model.fit(train_batches, validation_data=val_batches, initial_epoch=initial_epoch, shuffle=False,
                         epochs=initial_epoch + epochs, verbose=2,
-                        callbacks=[train_batches.epoch_callback(), *plateau_callbacks(cfg), *callbacks])
-    return history.history
+                        callbacks=[train_batches.epoch_callback(), *plateau, *callbacks, *extra])
+    return extra[0].history if extra else history.history
 
 
 def train_model(model, train_data, val_data, cfg: TrainConfig, seed: int, callbacks=(),
-                critical_index: int | None = None) -> TrainResult:
+                critical_index: int | None = None, backup=None) -> TrainResult:
     """Fit with class weights; Keras Applications models in two phases (head, then top layers).
     Every epoch logs ``val_macro_f1`` (and ``val_critical_recall`` given ``critical_index``),
-    scored in fit's own validation pass."""
+    scored in fit's own validation pass. With ``backup`` (a ``resume.TrainingBackup``) every
+    epoch is backed up and a killed run called again continues after its last finished epoch,
+    ending as an uninterrupted one would; the backup is removed when training ends."""
     from tumorscope.models.metrics import split_scores
     from tumorscope.models.zoo import backbone_of, set_trainable_top
 
@@ -155,13 +167,15 @@ def train_model(model, train_data, val_data, cfg: TrainConfig, seed: int, callba
     n_classes = model.output_shape[-1]
     # Balanced batches already give every class the same weight: class weights on top would count twice.
     weights = balanced_class_weights(y_train, n_classes) if cfg.class_weights and not cfg.balanced_batches else None
-    batch_size = device_batch_size(cfg.batch_size, cfg.gpu_batch_multiplier, accelerator())
+    devices = data_parallel_devices()
+    # The global batch is split evenly across the devices of a data-parallel fit.
+    batch_size = math.ceil(device_batch_size(cfg.batch_size, cfg.gpu_batch_multiplier, accelerator()) / devices) * devices
     loader_augment = cfg.augment_strength_in("loader")
     train_batches = make_batches(x_train, y_train, batch_size, shuffle=True, seed=seed, class_weights=weights,
                                  augment_strength=loader_augment, intensity_strength=cfg.intensity_augment,
-                                 balanced=cfg.balanced_batches)
+                                 balanced=cfg.balanced_batches, multiple=devices)
     x_val, y_val = val_data
-    val_batches = make_batches(x_val, y_val, batch_size, shuffle=False, seed=seed)
+    val_batches = make_batches(x_val, y_val, batch_size, shuffle=False, seed=seed, multiple=devices)
     phases: list[tuple[float, int, int | None]] = []  # (lr, epochs, trainable top layers or None: leave as is)
     if backbone_of(model) is not None:
         if cfg.head_epochs > 0:
@@ -171,15 +185,32 @@ def train_model(model, train_data, val_data, cfg: TrainConfig, seed: int, callba
         phases.append((cfg.lr, cfg.epochs, None))
 
     history: dict[str, list[float]] = {}
+    state = backup.state() if backup is not None else None
     started = time.perf_counter()
-    for lr, epochs, top in phases:
+    for phase, (lr, epochs, top) in enumerate(phases):
         if top is not None:
             set_trainable_top(model, top)
+        if state is not None and (state["phase"] > phase or state["phase_finished"] and state["phase"] == phase):
+            continue  # finished before the kill: its weights are restored below or by the next phase's backup
+        if state is not None and state["phase"] == phase - 1 and state["phase_finished"]:
+            backup.restore_variables(model, with_optimizer=False)  # a phase starting afresh, after the last one's end
+            history, state = state["history"], None
         done = len(history.get("loss", []))
         scores = split_scores(n_classes, critical_index)
-        for key, values in _fit_phase(model, train_batches, val_batches, lr, epochs, cfg, scores,
-                                      callbacks, done).items():
-            history.setdefault(key, []).extend(float(v) for v in values)
+        resume, state = (state, None) if state is not None and state["phase"] == phase else (None, state)
+        backed_up = (lambda plateau, phase=phase, before=history, resume=resume:
+                     backup.callback(phase, before, plateau, resume)) if backup is not None else None
+        fitted = _fit_phase(model, train_batches, val_batches, lr, epochs, cfg, scores, callbacks, done, backed_up)
+        if backup is not None:
+            history = fitted  # the whole history so far (the epochs before a kill included)
+        else:
+            for key, values in fitted.items():
+                history.setdefault(key, []).extend(float(v) for v in values)
+    if state is not None:  # every phase had finished before the kill
+        backup.restore_variables(model, with_optimizer=False)
+        history = state["history"]
+    if backup is not None:
+        backup.clear()
     # Early stopping restored the best epoch's weights; give BatchNormalization statistics that
     # match them (a no-op for models without trainable BatchNormalization, e.g. the default CNN).
     recalibrate_batch_norm(model, x_train, batch_size, seed=seed, augment_strength=loader_augment)
@@ -224,6 +255,26 @@ def fresh_session() -> None:
 def precision_policy(mode: str) -> str:
     """The Keras dtype policy train.precision means on this device ("auto": mixed_float16 on a GPU)."""
     return ("mixed_float16" if accelerator() == "gpu" else "float32") if mode == "auto" else mode
+
+
+def data_parallel(setting: str):
+    """train.distribution as a Keras distribution: DataParallel over every local device when
+    ``setting`` is "auto", the backend is JAX and it sees more than one device (GPUs, or CPU devices
+    XLA was told to pretend: --xla_force_host_platform_device_count); else None (one device)."""
+    import keras
+
+    if setting == "none" or keras.backend.backend() != "jax":
+        return None
+    devices = keras.distribution.list_devices()
+    return keras.distribution.DataParallel(devices=devices) if len(devices) > 1 else None
+
+
+def data_parallel_devices() -> int:
+    """How many devices the active Keras distribution splits each batch across (1 without one)."""
+    import keras
+
+    distribution = keras.distribution.distribution()
+    return int(np.prod(distribution.device_mesh.shape)) if distribution is not None else 1
 
 
 def set_precision(mode: str) -> str:
@@ -339,15 +390,16 @@ class FitOutcome:
 
 
 def fit_and_score(cfg: TrainConfig, image_size: int, classes: list[str], seed: int, train_data, val_data,
-                  scored, evaluate_cfg, callbacks=(), guard=None) -> FitOutcome:
+                  scored, evaluate_cfg, callbacks=(), guard=None, backup=None) -> FitOutcome:
     """Build -> train -> score: the one routine behind the train stage, every Optuna trial and every
     cross-validation fold, so that they cannot drift apart.
 
     ``train_data``/``val_data`` are (images, labels); ``scored`` is (images, labels, duplicate-group
     ids) of the slices to score (validation for the train stage and trials, the held-out fold for
     cross-validation). ``guard`` is a context manager held while the model trains (a Prefect
-    concurrency slot). The Keras session is reset and seeded first, so a routine called in a loop
-    gives each model the same start as a fresh process would.
+    concurrency slot); ``backup`` makes a killed fit resumable (``train_model``). The Keras session
+    is reset and seeded first, so a routine called in a loop gives each model the same start as a
+    fresh process would.
     """
     import contextlib
 
@@ -360,10 +412,14 @@ def fit_and_score(cfg: TrainConfig, image_size: int, classes: list[str], seed: i
     fresh_session()
     keras.utils.set_random_seed(seed)
     precision = set_precision(cfg.precision)
-    model = build_configured(cfg, image_size, len(classes), seed)
-    with guard if guard is not None else contextlib.nullcontext():
-        result = train_model(model, train_data, val_data, cfg, seed, callbacks=callbacks,
-                             critical_index=class_index(classes, evaluate_cfg.critical_class))
+    # After fresh_session, which forgets any distribution set before it.
+    distribution = data_parallel(cfg.distribution)
+    with distribution.scope() if distribution is not None else contextlib.nullcontext():
+        model = build_configured(cfg, image_size, len(classes), seed)
+        with guard if guard is not None else contextlib.nullcontext():
+            result = train_model(model, train_data, val_data, cfg, seed, callbacks=callbacks,
+                                 critical_index=class_index(classes, evaluate_cfg.critical_class), backup=backup)
+    # Scored outside the distribution: every slice, in batches of any size (the weights are replicated).
     images, labels, groups = scored
     probabilities = predict_proba(result.model, images)
     scores = score_predictions(labels, probabilities, groups, classes, evaluate_cfg, seed)

@@ -159,6 +159,24 @@ def summary_line(summary: dict) -> str:
     return f"monitor: {verdict} in {where} {counts}: {summary['reason']}{referral_line(summary.get('referral'))}{left_text}"
 
 
+def verdict_metrics(summary: dict) -> dict:
+    """The verdict as DVC metrics (``dvc exp show`` lists them per experiment): drift true/false
+    (null without a verdict), the drifted share of features, the window's size, and whether the
+    referral rate rose."""
+    from tumorscope.monitoring.referral import RISING
+
+    referral = summary.get("referral") or {}
+    return {"drift": summary["drift"], "drifted_share": summary.get("drifted_share"),
+            "n_current": summary.get("n_current"), "referral_rising": referral.get("status") == RISING}
+
+
+def write_summary(params: Params, summary_path: Path, summary: dict) -> Path:
+    """The summary; for the DVC stage's own window also monitor.metrics_path."""
+    if summary_path == Path(params.monitor.summary_path):
+        write_json(params.monitor.metrics_path, verdict_metrics(summary))
+    return write_json(summary_path, summary)
+
+
 def output_paths(params: Params, current: str) -> tuple[Path, Path]:
     """(summary file, report folder). The DVC stage's window (monitor.current) writes the stage's
     declared outputs; any other window (the flow on the inference log, an ad hoc --current) writes
@@ -200,7 +218,7 @@ def run_monitor(params: Params, current: str | None = None) -> tuple[str, dict[s
         reference, reference_source = reference_window(params, champion, client)
     except UserError as err:
         summary = {"status": NO_REFERENCE, "drift": None, "reason": str(err), "current": current}
-        write_json(summary_path, summary)
+        write_summary(params, summary_path, summary)
         return summary_line(summary), summary | {"written_to": str(summary_path)}
     window = current_window(params, champion, current)
     settings = DriftSettings(drift_share=cfg.drift_share, min_window=cfg.min_window, method=cfg.method,
@@ -212,7 +230,7 @@ def run_monitor(params: Params, current: str | None = None) -> tuple[str, dict[s
                                 "model_version": champion.version, "current": window.source,
                                 "reference": reference_source, "left_out": dict(window.left_out),
                                 "left_out_examples": window.examples}
-    written = [write_json(summary_path, summary)]
+    written = [write_summary(params, summary_path, summary)]
     if result.snapshot is not None:
         save_report(result.snapshot, out / "drift.html", out / "drift.json")
         written += [out / "drift.html"]

@@ -106,6 +106,14 @@ def unseen_by_champion(params: Params, client, champion_run_id: str, challenger_
     return unseen, f"other data version: {int((~unseen).sum())} test slices near the champion's training slices left out"
 
 
+def promotion_metrics(report: dict) -> dict:
+    """The decision as DVC metrics: whether the challenger was promoted, the champion afterwards and
+    how many gates failed (``dvc exp show`` lists them per experiment)."""
+    champion = report["challenger_version"] if report["promoted"] else report["champion_version_before"]
+    return {"promoted": report["promoted"], "challenger_version": report["challenger_version"],
+            "champion_version": champion, "gates_failed": sum(not g["passed"] for g in report["gates"])}
+
+
 def run_promote(params: Params) -> str:
     """Register the evaluated model as ``challenger``; make it ``champion`` if it passes the gates
     (promote.*): absolute ones on its test scores, and the paired comparison with the current
@@ -175,6 +183,7 @@ def run_promote(params: Params) -> str:
               "challenger_scores": ev.summary_scores(scores), "comparison": comparison,
               "thresholds": cfg.model_dump()}
     write_json(cfg.report_path, report)
+    write_json(cfg.metrics_path, promotion_metrics(report))
     with mlflow.start_run(run_id=summary["run_id"]):
         mlflow.log_metrics({"promote_promoted": float(promoted), **{
             f"promote_gate_{g.name}": float(g.passed) for g in checks}}

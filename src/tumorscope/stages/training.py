@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tumorscope.artifacts import EVALUATION_REPORT, MODEL_FILE, TRAIN_REPORT
+from tumorscope.artifacts import EVALUATION_REPORT, MODEL_FILE, TRAIN_BACKUP_DIR, TRAIN_HISTORY, TRAIN_REPORT
 from tumorscope.config import Params
 from tumorscope.errors import UserError
 from tumorscope.models.evaluate import format_interval
@@ -42,6 +42,18 @@ def run_train(params: Params, baseline: bool = False) -> str:
                           parent_run_id=parent_run_id, trained=f"best trial {best['trial']} of {best['study_name']}")
 
 
+def write_history(history: dict[str, list[float]], path: Path) -> Path:
+    """Per-epoch metrics as a TSV (epoch, then one column per metric, sorted): the learning curves
+    ``dvc plots show`` draws (a metric recorded in fewer epochs is left empty after its last)."""
+    import pandas as pd
+
+    frame = pd.DataFrame({key: pd.Series(history[key], dtype=float) for key in sorted(history)})
+    frame.insert(0, "epoch", range(1, len(frame) + 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(path, sep="\t", index=False, float_format="%.6g")
+    return path
+
+
 def train_and_save(params: Params, model_dir: Path, run_name: str, parent_run_id: str | None, trained: str) -> str:
     """Fit train.* on the train split (validation for early stopping, then scored), save the
     ``.keras`` file and train.json, log the run (params, epochs, scores, model) to MLflow."""
@@ -50,6 +62,7 @@ def train_and_save(params: Params, model_dir: Path, run_name: str, parent_run_id
     from tumorscope import registry, tracking
     from tumorscope.data.preprocess import load_classes, load_groups, load_split
     from tumorscope.inference import input_spec
+    from tumorscope.models.resume import TrainingBackup
     from tumorscope.models.train import fit_and_score, save_model
     from tumorscope.trust.answers import fit_trust
 
@@ -58,10 +71,16 @@ def train_and_save(params: Params, model_dir: Path, run_name: str, parent_run_id
     val_images, val_labels = load_split(cache, "val")
     val_groups = load_groups(cache, "val")
     experiment_id = tracking.configure(params.mlflow)
+    # A killed train stage run again resumes after its last finished epoch, if nothing it trains on changed.
+    backup = TrainingBackup(TRAIN_BACKUP_DIR, tracking.training_fingerprint(params, cfg, classes))
     with tracking.start_training_run(params, experiment_id, run_name, "train", parent_run_id) as run:
+        tracking.log_split_datasets(params)
+        resumed = backup.state()
+        if resumed is not None:
+            mlflow.set_tag("resumed_from_epoch", str(resumed["epochs_done"]))
         outcome = fit_and_score(cfg, params.preprocess.image_size, classes, params.seed, load_split(cache, "train"),
                                 (val_images, val_labels), (val_images, val_labels, val_groups),
-                                params.evaluate, callbacks=[tracking.epoch_logger()])
+                                params.evaluate, callbacks=[tracking.epoch_logger()], backup=backup)
         tracking.log_fit(params, cfg, outcome, "final_val_")
         mlflow.log_param("classes", ",".join(classes))
         model_path = save_model(outcome.result.model, model_dir)
@@ -84,6 +103,7 @@ def train_and_save(params: Params, model_dir: Path, run_name: str, parent_run_id
         "architecture": cfg.architecture, "classes": classes, "epochs_run": result.epochs_run,
         "batch_size": result.batch_size, "val_macro_f1": outcome.scores["macro_f1"], "history": result.history,
         "trust": trust})
+    write_history(result.history, model_dir / TRAIN_HISTORY)
     return (f"train: {trained}: {cfg.architecture} {result.epochs_run} epochs in {result.fit_seconds:.0f}s "
             f"({result.images_per_second:.0f} img/s), validation macro-F1 {outcome.scores['macro_f1']:.3f}; "
             f"{model_path}, MLflow run {run.info.run_id}")
