@@ -22,7 +22,7 @@ import bentoml
 import numpy as np
 from bentoml.exceptions import BentoMLException, ServiceUnavailable
 
-from tumorscope.api import inference_log, refusals, responses, served_model, settings, upload_guard
+from tumorscope.api import inference_log, probes, refusals, responses, served_model, settings, upload_guard
 from tumorscope.api.refusals import BadRequest
 from tumorscope.api.served_model import ModelUnavailable
 from tumorscope.api.upload_guard import Route
@@ -323,6 +323,8 @@ class TumorScope:
 # @bentoml.service turns the class into a bentoml Service (typed as the class, hence the cast).
 cast(Any, TumorScope).add_asgi_middleware(upload_guard.UploadGuard, routes=ROUTES, max_upload_bytes=SERVE.max_upload_bytes,
                                           max_files=SERVE.max_batch_files)
+# GET /health and GET /metadata answered as their POST (probes and load balancers send GET).
+cast(Any, TumorScope).add_asgi_middleware(probes.GetAsPost, paths=("/health", "/metadata"))
 
 
 def clinician_page():

@@ -223,6 +223,12 @@ def test_metadata_and_health(client, models):
     assert health["status"] == "ok" and health["model_version"] == models[1].version
     assert health["inference_log"]["ok"] and health["inference_log"]["failed"] == 0
     assert client.get("/readyz").status_code == 200 and client.get("/healthz").status_code == 200
+    # GET too, as load balancers and Kubernetes probes send it: the same answers as POST.
+    got = client.get("/health")
+    assert got.status_code == 200 and got.json()["status"] == "ok"
+    got_meta = client.get("/metadata", headers={"content-type": "text/plain"})  # a stray header changes nothing
+    assert got_meta.status_code == 200 and got_meta.json()["classes"] == meta["classes"]
+    assert client.get("/classify").status_code == 405  # only the read-only routes take GET
 
 
 def test_every_classification_is_in_the_inference_log(served, client):
