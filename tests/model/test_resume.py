@@ -27,11 +27,11 @@ CHILD = textwrap.dedent("""
 
     architecture, backup_dir, out, kill_at = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     rng = np.random.default_rng(0)
-    x = rng.integers(0, 255, (96, 32, 32, 1), dtype=np.uint8); y = np.arange(96) % 4
+    x = rng.integers(0, 255, (64, 32, 32, 1), dtype=np.uint8); y = np.arange(64) % 4
     x[y == 1] //= 2; x[y == 2] //= 4  # something to learn, so early stopping and the LR halving act
     xv = rng.integers(0, 255, (40, 32, 32, 1), dtype=np.uint8); yv = np.arange(40) % 4
     xv[yv == 1] //= 2; xv[yv == 2] //= 4
-    cfg = TrainConfig(architecture=architecture, epochs=5, head_epochs=2, batch_size=16, filters=8, warmup_epochs=1,
+    cfg = TrainConfig(architecture=architecture, epochs=4, head_epochs=1, batch_size=16, filters=8, warmup_epochs=1,
                       patience=2, augment_strength=0.1, dropout=0.3)
 
     class Kill(keras.callbacks.Callback):
@@ -73,9 +73,9 @@ def uninterrupted(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("architecture", "kill_at", "phase_at_kill"), [
-    ("small_cnn", 3, 0),         # one phase, killed after its third epoch
-    ("mobilenet_v2", 3, 1),      # two phases: killed inside the second
-    ("mobilenet_v2", 2, 0),      # killed as the second phase began: the first had ended
+    ("small_cnn", 2, 0),         # one phase, killed after its second epoch
+    ("mobilenet_v2", 2, 1),      # two phases (1 + 4 epochs): killed inside the second
+    ("mobilenet_v2", 1, 0),      # killed as the second phase began: the first had ended
 ])
 def test_a_killed_training_resumes_and_ends_as_an_uninterrupted_one(tmp_path, uninterrupted, architecture, kill_at,
                                                                    phase_at_kill):

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from tumorscope.api.upload_guard import replaying
+
 EMPTY_JSON = b"{}"
 
 
@@ -19,14 +21,4 @@ class GetAsPost:
             return
         headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() not in (b"content-type", b"content-length")]
         headers += [(b"content-type", b"application/json"), (b"content-length", str(len(EMPTY_JSON)).encode())]
-        sent = False
-
-        async def empty_body() -> dict:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": EMPTY_JSON, "more_body": False}
-            return await receive()  # after the body: only a disconnect can come
-
-        await self.app(dict(scope, method="POST", headers=headers, query_string=scope.get("query_string", b"")),
-                       empty_body, send)
+        await self.app(dict(scope, method="POST", headers=headers), replaying(EMPTY_JSON, receive), send)

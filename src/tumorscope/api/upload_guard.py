@@ -20,6 +20,21 @@ MAX_JSON_BODY = 64 * 1024
 STATE_KEY = "tumorscope_uploads"  # where UploadGuard leaves what it learnt of the file parts
 
 
+def replaying(body: bytes, receive: Any):
+    """An ASGI ``receive`` that gives ``body`` whole, once, then passes on what comes after it
+    (only a disconnect can)."""
+    sent = False
+
+    async def replay() -> dict:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
 @dataclass(frozen=True)
 class Route:
     """What an API route accepts: the multipart file field (None: a JSON or empty body), whether it
@@ -94,16 +109,7 @@ class UploadGuard:
             return
         if parts is not None:
             scope.setdefault("state", {})[STATE_KEY] = parts
-        sent = False
-
-        async def replay() -> dict:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()  # after the body: only a disconnect can come
-
-        await self.app(scope, replay, send)
+        await self.app(scope, replaying(body, receive), send)
 
     async def _read_body(self, headers: Any, receive: Any, limit: int) -> bytes | None:
         declared = headers.get("content-length")
