@@ -7,7 +7,8 @@ through ``TumorModel.predict``, a batchable API, so concurrent requests are run 
 ``tumorscope.api``; this file only wires it to BentoML.
 
 Configuration: the params file named by $TUMORSCOPE_PARAMS (default ./params.yaml): serve.*,
-promote.registered_model, evaluate.critical_class and mlflow.*. Run: ``bentoml serve serving.service:TumorScope``.
+promote.registered_model, evaluate.critical_class and mlflow.*; API keys as serve.auth says.
+Run: ``bentoml serve serving.service:TumorScope``.
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ import bentoml
 import numpy as np
 from bentoml.exceptions import BentoMLException, ServiceUnavailable
 
-from tumorscope.api import inference_log, probes, refusals, responses, served_model, settings, upload_guard
+from tumorscope.api import auth, inference_log, probes, refusals, responses, served_model, settings, upload_guard
 from tumorscope.api.refusals import BadRequest
 from tumorscope.api.served_model import ModelUnavailable
 from tumorscope.api.upload_guard import Route
 
-PARAMS = settings.load_service_params()
+PARAMS, KEYS = settings.load_service_settings()
 SERVE = PARAMS.serve
 TIMEOUT_S = 120
 READY_PROBE_TIMEOUT_S = 3
@@ -321,6 +322,8 @@ class TumorScope:
 
 
 # @bentoml.service turns the class into a bentoml Service (typed as the class, hence the cast).
+# API keys first (outermost): a request without one is refused before its body is read.
+cast(Any, TumorScope).add_asgi_middleware(auth.ApiKeyAuth, keys=KEYS)
 cast(Any, TumorScope).add_asgi_middleware(upload_guard.UploadGuard, routes=ROUTES, max_upload_bytes=SERVE.max_upload_bytes,
                                           max_files=SERVE.max_batch_files)
 # GET /health and GET /metadata answered as their POST (probes and load balancers send GET).

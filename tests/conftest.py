@@ -17,6 +17,9 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+# A developer's own API keys would lock the test servers: the tests that want keys set their own.
+for _name in ("TUMORSCOPE_API_KEYS", "TUMORSCOPE_ADMIN_KEYS"):
+    os.environ.pop(_name, None)
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

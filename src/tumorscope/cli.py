@@ -224,6 +224,14 @@ def mlflow_server(params: ParamsOption = DEFAULT_PARAMS) -> None:
     os.execv(command[0], command)  # the server itself: signals reach it, its exit status is ours
 
 
+@app.command("api-key")
+def api_key(admin: Annotated[bool, typer.Option("--admin", help="a key that may also reload the model")] = False) -> None:
+    """Print a new random API key as a line of serve.auth.keys_file ('user <key>' or 'admin <key>')."""
+    from tumorscope.api.auth import ADMIN, USER, new_key
+
+    typer.echo(f"{ADMIN if admin else USER} {new_key()}")
+
+
 @app.command()
 def clean(params: ParamsOption = DEFAULT_PARAMS,
           stores: Annotated[bool, typer.Option(

@@ -439,6 +439,15 @@ class PromoteConfig(_Section):
     min_improvement: float = Field(0.0, ge=-1, le=1)
 
 
+class AuthConfig(_Section):
+    """API keys of the service (tumorscope.api.auth): none set, no authentication. The keys
+    themselves never go in params.yaml (it is in git): environment variables or a file."""
+
+    keys_env: str = "TUMORSCOPE_API_KEYS"            # user keys, comma-separated
+    admin_keys_env: str = "TUMORSCOPE_ADMIN_KEYS"    # admin keys: also reload the model
+    keys_file: str | None = None                     # lines "user <key>" / "admin <key>"
+
+
 class ServeConfig(_Section):
     """The Bento service (serving/service.py) and tumorscope predict."""
 
@@ -451,6 +460,7 @@ class ServeConfig(_Section):
     inference_log: str = "logs/inference.jsonl"
     embedding_dims: int = Field(8, ge=1, le=64)  # summary of the penultimate layer kept per prediction
     predictions_dir: str = "predictions"         # tumorscope predict's CSV and external validation report
+    auth: AuthConfig = AuthConfig()
 
 
 class ScannerConfig(_Section):

@@ -90,18 +90,23 @@ def bentoml_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "bentoml"]
 
 
-def start(project: Path, versions: dict[int, dict], registered_model: str) -> Served:
+def start(project: Path, versions: dict[int, dict], registered_model: str, params_path: Path | None = None,
+          extra_env: dict[str, str] | None = None, name: str = "server") -> Served:
+    """Serve ``project``'s champion with ``params_path`` (default: its params.yaml); the log is
+    ``<project>/<name>.log``."""
     port = free_port()
-    params_path = project / "params.yaml"
-    log_path = project / "server.log"
+    params_path = params_path or project / "params.yaml"
+    log_path = project / f"{name}.log"
     env = os.environ | {"TUMORSCOPE_PARAMS": str(params_path), "BENTOML_HOME": str(project / "bentoml-home"),
-                        "BENTOML_DO_NOT_TRACK": "True", "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
+                        "BENTOML_DO_NOT_TRACK": "True", "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1",
+                        **(extra_env or {})}
     command = [*bentoml_command(), "serve", SERVICE, "--host", "127.0.0.1", "--port", str(port),
                "--working-dir", str(REPO)]
     started = time.monotonic()
     process = start_process(command, log_path, env, cwd=project)  # its workers stop with it
+    inference_log = Path(yaml.safe_load(params_path.read_text())["serve"]["inference_log"])
     served = Served(f"http://127.0.0.1:{port}", project, params_path, registered_model, versions, 0.0, log_path,
-                    project / "logs" / "inference.jsonl", process)
+                    inference_log, process)
     wait_ready(served, started)
     served.start_seconds = time.monotonic() - started
     return served
@@ -129,3 +134,20 @@ def serve_tiny_models(prepared_project: Path, root: Path) -> Served:
     served = start(project, versions, parse_params(params).promote.registered_model)
     print(f"\nbentoml serve ready after {served.start_seconds:.1f} s")
     return served
+
+
+def logged_records(inference_log: Path, request_ids: list[str], seconds: float = 10) -> dict[str, dict]:
+    """The inference log's records by request id, once every one of ``request_ids`` is in it (the
+    service writes from a background thread)."""
+    def read() -> dict[str, dict]:
+        lines = inference_log.read_text().splitlines() if inference_log.exists() else []
+        return {record["request_id"]: record for record in map(json.loads, lines)}
+
+    deadline = time.monotonic() + seconds
+    logged = read()
+    while time.monotonic() < deadline and not all(r in logged for r in request_ids):
+        time.sleep(0.1)
+        logged = read()
+    missing = [r for r in request_ids if r not in logged]
+    assert not missing, f"not in {inference_log} after {seconds:g} s: {missing}"
+    return logged

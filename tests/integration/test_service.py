@@ -8,7 +8,6 @@ import asyncio
 import base64
 import io
 import json
-import time
 
 import httpx
 import numpy as np
@@ -17,7 +16,7 @@ import pytest
 from PIL import Image
 
 from helpers import bento as bento_server
-from helpers.bento import Served
+from helpers.bento import Served, logged_records
 from helpers.images import not_ct_images, phantom_dicom, phantom_pngs, png_bytes
 from helpers.paths import FIXTURE_SLICES, SAMPLE
 from helpers.requirements import needs_sample
@@ -234,15 +233,7 @@ def test_metadata_and_health(client, models):
 def test_every_classification_is_in_the_inference_log(served, client):
     name, data = next(iter(fixture_files().items()))
     request_ids = [classify(client, name, data).json()["request_id"] for _ in range(3)]
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        lines = [json.loads(line) for line in served.inference_log.read_text().splitlines()] \
-            if served.inference_log.exists() else []
-        logged = {line["request_id"]: line for line in lines}
-        if all(r in logged for r in request_ids):
-            break
-        time.sleep(0.1)
-    record = logged[request_ids[-1]]
+    record = logged_records(served.inference_log, request_ids)[request_ids[-1]]
     assert {"timestamp", "model_version", "request_id", "image", "embedding", "probabilities", "predicted_class",
             "sha256", "prediction_set", "refer", "refer_reason", "ood", "ood_distance"} <= set(record)
     assert isinstance(record["refer"], bool) and record["ood_distance"] >= 0
@@ -250,10 +241,7 @@ def test_every_classification_is_in_the_inference_log(served, client):
     assert client.post("/health").json()["inference_log"]["written"] >= 3
     # The clinician page only explains: its slices are logged too, with the same fields.
     explained = client.post("/explain", files={"file": (name, data, "image/jpeg")}).json()["request_id"]
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and explained not in logged:
-        logged = {line["request_id"]: line for line in map(json.loads, served.inference_log.read_text().splitlines())}
-        time.sleep(0.1)
+    logged = logged_records(served.inference_log, [explained])
     assert logged[explained]["endpoint"] == "explain" and set(record) == set(logged[explained])
     assert logged[explained]["sha256"] == record["sha256"]  # one file: monitoring counts it once
 

@@ -19,6 +19,22 @@ def load_service_params():
     return load_params(params_path())
 
 
+def load_service_settings():
+    """(params, API keys) for the service; a mistake in either is one line on stderr and exit
+    status 2 at start-up, not a traceback from inside the server."""
+    import sys
+
+    from tumorscope.api.auth import load_keys
+    from tumorscope.errors import UserError
+
+    try:
+        params = load_service_params()
+        return params, load_keys(params.serve.auth)
+    except UserError as err:
+        print(f"tumorscope service: error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
 def configure_tracking(cfg) -> None:
     """Point MLflow at the configured store without creating anything (serving only reads)."""
     import mlflow

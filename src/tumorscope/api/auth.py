@@ -1,0 +1,165 @@
+"""API keys for the service (ASGI middleware): off until keys are set, then every API route needs
+one and ``reload`` needs an admin key.
+
+Keys come from environment variables (``serve.auth.keys_env``, ``serve.auth.admin_keys_env``:
+comma- or space-separated) and from a file named by ``serve.auth.keys_file`` (lines ``user <key>``
+or ``admin <key>``, ``#`` comments), never from params.yaml, so they stay out of git. A client
+sends one as ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``.
+
+Keys are kept as SHA-256 digests and a presented key is compared with every one of them with
+``hmac.compare_digest`` (constant time, no early exit), so neither the answer time nor a memory dump
+gives a key away; no message or log line ever contains a presented key.
+
+Open without a key: liveness and readiness (``/livez``, ``/readyz``, ``/healthz``: probes carry no
+credentials), the static pages that hold no data (the clinician page ``/ui/``, which asks for a key
+itself; the Swagger UI and its OpenAPI document), and CORS preflights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tumorscope.errors import UserError
+
+USER, ADMIN = "user", "admin"
+MIN_KEY_LENGTH = 16  # shorter keys can be guessed; `tumorscope api-key` makes 43-character ones
+OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/", "/docs.json"})
+OPEN_PREFIXES = ("/ui/", "/static_content/")
+ADMIN_PATHS = frozenset({"/reload"})
+
+
+class KeyConfigError(UserError, ValueError):
+    """A key source a user can fix (a missing or malformed file, a too-short key): one line that
+    names the source, never the key."""
+
+
+def new_key() -> str:
+    """A fresh random key (256 bits, URL-safe)."""
+    return secrets.token_urlsafe(32)
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8")).digest()
+
+
+@dataclass(frozen=True)
+class ApiKeys:
+    """Digests of the accepted keys. No keys at all: authentication is off."""
+
+    user: tuple[bytes, ...] = ()
+    admin: tuple[bytes, ...] = ()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.user or self.admin)
+
+    def role_of(self, presented: str | None) -> str | None:
+        """ADMIN, USER or None. Compares against every key whatever matches first."""
+        if not presented:
+            return None
+        digest = _digest(presented)
+        is_admin = is_user = False
+        for known in self.admin:
+            is_admin |= hmac.compare_digest(known, digest)
+        for known in self.user:
+            is_user |= hmac.compare_digest(known, digest)
+        return ADMIN if is_admin else USER if is_user else None
+
+
+def _checked(keys: Iterable[str], where: str) -> list[str]:
+    found = [k for k in keys if k]
+    for key in found:
+        if len(key) < MIN_KEY_LENGTH:
+            raise KeyConfigError(f"{where}: a key of {len(key)} characters (at least {MIN_KEY_LENGTH}; "
+                                 "`tumorscope api-key` makes one)")
+    return found
+
+
+def keys_from_env(value: str | None, name: str) -> list[str]:
+    """Keys separated by commas or white space in one environment variable."""
+    return _checked((value or "").replace(",", " ").split(), f"environment variable {name}")
+
+
+def keys_from_file(path: Path) -> tuple[list[str], list[str]]:
+    """(user keys, admin keys) from lines ``user <key>`` / ``admin <key>``."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise KeyConfigError(f"serve.auth.keys_file: {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise KeyConfigError(f"serve.auth.keys_file: cannot read {path}: {type(err).__name__}") from None
+    found: dict[str, list[str]] = {USER: [], ADMIN: []}
+    for number, line in enumerate(text.splitlines(), start=1):
+        words = line.split("#", 1)[0].split()
+        if not words:
+            continue
+        if len(words) != 2 or words[0] not in found:
+            raise KeyConfigError(f"{path}, line {number}: expected 'user <key>' or 'admin <key>'")
+        found[words[0]] += _checked([words[1]], f"{path}, line {number}")
+    return found[USER], found[ADMIN]
+
+
+def load_keys(cfg: Any, base: Path | None = None, environ: Mapping[str, str] | None = None) -> ApiKeys:
+    """The keys ``serve.auth`` names (its environment variables and its file, relative to ``base``)."""
+    environ = os.environ if environ is None else environ
+    user = keys_from_env(environ.get(cfg.keys_env), cfg.keys_env)
+    admin = keys_from_env(environ.get(cfg.admin_keys_env), cfg.admin_keys_env)
+    if cfg.keys_file:
+        path = Path(cfg.keys_file)
+        file_user, file_admin = keys_from_file(path if path.is_absolute() or base is None else base / path)
+        user, admin = user + file_user, admin + file_admin
+    return ApiKeys(tuple(map(_digest, user)), tuple(map(_digest, admin)))
+
+
+def presented_key(headers: Mapping[str, str]) -> str | None:
+    """The key of ``Authorization: Bearer <key>`` or ``X-API-Key: <key>`` (lower-case header names)."""
+    authorization = headers.get("authorization", "")
+    scheme, _, credentials = authorization.strip().partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        return credentials.strip()
+    return headers.get("x-api-key", "").strip() or None
+
+
+def is_open(path: str, method: str) -> bool:
+    return method == "OPTIONS" or path in OPEN_PATHS or path.startswith(OPEN_PREFIXES) or path == "/ui"
+
+
+class ApiKeyAuth:
+    """ASGI middleware: 401 without a valid key, 403 for a user key on an admin route; a JSON body
+    ``{"error", "status"}`` like every other refusal of the service."""
+
+    def __init__(self, app: Any, keys: ApiKeys):
+        self.app, self.keys = app, keys
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if (not self.keys.enabled or scope.get("type") != "http"
+                or is_open(scope.get("path", ""), scope.get("method", ""))):
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        role = self.keys.role_of(presented_key(headers))
+        if role is None:
+            given = presented_key(headers) is not None
+            await _refuse(scope, receive, send, 401, "invalid API key" if given else
+                          "missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
+        elif role != ADMIN and scope.get("path") in ADMIN_PATHS:
+            await _refuse(scope, receive, send, 403, f"{scope.get('path')} needs an admin key")
+        else:
+            await self.app(scope, receive, send)
+
+
+async def _refuse(scope: dict, receive: Any, send: Any, status: int, message: str) -> None:
+    from starlette.responses import JSONResponse
+
+    # The body is not read: the connection closes, so a large upload is not read to no purpose.
+    headers = {"connection": "close"}
+    if status == 401:
+        headers["www-authenticate"] = 'Bearer realm="tumorscope"'
+    await JSONResponse({"error": message, "status": status}, status_code=status, headers=headers)(scope, receive, send)

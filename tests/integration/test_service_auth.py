@@ -1,0 +1,120 @@
+"""API keys on the real server: a second `bentoml serve` of the session's tiny models (helpers/bento.py)
+with a user key from the environment and an admin key from a keys file. Every route is called with
+no key, a wrong key, a user key and an admin key; probes and pages stay open; no key reaches a log;
+the clinician page asks for a key once and keeps it for the tab."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from helpers import bento
+from helpers.browser import browser
+from helpers.images import phantom_pngs
+from helpers.processes import stop
+from helpers.requirements import needs_chromium
+
+# Shares the session Bento server's project, on its xdist worker (tests/integration/conftest.py).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("bento")]
+
+USER_KEY = "user-key-" + "u" * 24
+ADMIN_KEY = "admin-key-" + "a" * 24
+WRONG_KEY = "wrong-key-" + "w" * 24
+
+
+@pytest.fixture(scope="module")
+def keyed(served, tmp_path_factory):
+    root = tmp_path_factory.mktemp("keyed")
+    keys_file = root / "service.keys"
+    keys_file.write_text(f"# outside git\nadmin {ADMIN_KEY}\n")
+    params = yaml.safe_load(served.params_path.read_text())
+    params["serve"] |= {"inference_log": str(root / "inference.jsonl"), "auth": {"keys_file": str(keys_file)}}
+    params_path = root / "params.yaml"
+    params_path.write_text(yaml.safe_dump(params))
+    server = bento.start(served.project, served.versions, served.registered_model, params_path,
+                         {"TUMORSCOPE_API_KEYS": USER_KEY}, name="keyed-server")
+    yield server
+    stop(server.process)
+
+
+def slice_upload(field: str = "file") -> list:
+    name, data = next(iter(phantom_pngs(1).items()))
+    return [(field, (name, data, "image/png"))]
+
+
+def call(server, method: str, path: str, key: str | None) -> httpx.Response:
+    headers = {} if key is None else {"Authorization": f"Bearer {key}"}
+    files = slice_upload("files" if path == "/classify_batch" else "file") if path in (
+        "/classify", "/classify_batch", "/explain") else None
+    json_body = {} if method == "POST" and files is None else None
+    return httpx.request(method, f"{server.url}{path}", headers=headers, files=files, json=json_body, timeout=60)
+
+
+ROUTES = [("POST", "/classify"), ("POST", "/classify_batch"), ("POST", "/explain"), ("POST", "/metadata"),
+          ("GET", "/metadata"), ("POST", "/health"), ("GET", "/health"), ("POST", "/reload"), ("GET", "/metrics")]
+
+
+@pytest.mark.parametrize(("method", "path"), ROUTES)
+def test_every_route_needs_a_key_and_reload_an_admin_key(keyed, method: str, path: str):
+    for key in (None, WRONG_KEY):
+        refused = call(keyed, method, path, key)
+        assert refused.status_code == 401, refused.text
+        assert refused.json()["status"] == 401 and refused.headers["www-authenticate"].startswith("Bearer")
+    user = call(keyed, method, path, USER_KEY)
+    if path == "/reload":
+        assert user.status_code == 403 and user.json() == {"error": "/reload needs an admin key", "status": 403}
+    else:
+        assert user.status_code == 200, user.text
+    admin = call(keyed, method, path, ADMIN_KEY)
+    assert admin.status_code == 200, admin.text
+    if path == "/classify":
+        assert admin.json()["class"] == user.json()["class"]
+
+
+def test_probes_and_pages_are_open_and_keys_stay_out_of_the_logs(keyed):
+    for path in ("/livez", "/readyz", "/ui/", "/docs.json"):
+        assert httpx.get(f"{keyed.url}{path}", timeout=30).status_code == 200, path
+    answer = httpx.post(f"{keyed.url}/classify", headers={"X-API-Key": USER_KEY}, files=slice_upload(), timeout=60)
+    assert answer.status_code == 200
+    bento.logged_records(keyed.inference_log, [answer.json()["request_id"]])
+    for log in (keyed.log_path, keyed.inference_log):
+        text = log.read_text(errors="replace")
+        for key in (USER_KEY, ADMIN_KEY, WRONG_KEY):
+            assert key not in text, f"{key[:10]}... in {log.name}"
+
+
+@needs_chromium
+def test_the_clinician_page_asks_for_a_key_once_per_tab(keyed, tmp_path: Path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    name, data = next(iter(phantom_pngs(1).items()))
+    slice_path = tmp_path / name
+    slice_path.write_bytes(data)
+    driver = browser()
+    try:
+        driver.get(f"{keyed.url}/ui/")
+        wait = WebDriverWait(driver, 60)
+        wait.until(lambda d: d.find_element(By.ID, "keyform").is_displayed())
+        assert driver.find_element(By.ID, "keymessage").text == "This service needs an API key."
+        driver.find_element(By.ID, "apikey").send_keys(WRONG_KEY)
+        driver.find_element(By.CSS_SELECTOR, "#keyform button").click()
+        wait.until(lambda d: "refused" in d.find_element(By.ID, "keymessage").text and
+                   d.find_element(By.ID, "keyform").is_displayed())
+        driver.find_element(By.ID, "apikey").send_keys(USER_KEY)
+        driver.find_element(By.CSS_SELECTOR, "#keyform button").click()
+        wait.until(lambda d: d.find_element(By.ID, "version").text not in ("", "-"))
+        assert not driver.find_element(By.ID, "keyform").is_displayed()
+        driver.find_element(By.ID, "file").send_keys(str(slice_path))
+        wait.until(lambda d: d.find_element(By.ID, "result").is_displayed())
+        assert driver.find_element(By.ID, "verdict").text.split(" (")[0] in ("Cyst", "Normal", "Stone", "Tumor")
+
+        driver.refresh()  # the same tab: the key is kept, not asked again
+        wait.until(lambda d: d.find_element(By.ID, "version").text not in ("", "-"))
+        assert not driver.find_element(By.ID, "keyform").is_displayed()
+        assert USER_KEY not in driver.page_source
+    finally:
+        driver.quit()

@@ -1,0 +1,144 @@
+"""API keys without a server: where keys come from, what each role may call, and the ASGI middleware
+driven by httpx against a minimal ASGI app (the real server: tests/integration/test_service_auth.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from tumorscope.api import auth
+from tumorscope.api.auth import ADMIN, USER, ApiKeyAuth, ApiKeys, KeyConfigError, load_keys
+from tumorscope.config import AuthConfig
+
+USER_KEY = "u" * 20
+ADMIN_KEY = "a" * 20
+
+
+def keys(user=(USER_KEY,), admin=(ADMIN_KEY,)) -> ApiKeys:
+    return load_keys(AuthConfig(), environ={"TUMORSCOPE_API_KEYS": ",".join(user),
+                                            "TUMORSCOPE_ADMIN_KEYS": " ".join(admin)})
+
+
+def test_no_keys_means_authentication_is_off():
+    assert not load_keys(AuthConfig(), environ={}).enabled
+    assert not load_keys(AuthConfig(), environ={"TUMORSCOPE_API_KEYS": " , "}).enabled
+
+
+def test_roles_of_presented_keys():
+    found = keys(user=(USER_KEY, "v" * 30))
+    assert found.enabled
+    assert found.role_of(USER_KEY) == USER and found.role_of("v" * 30) == USER
+    assert found.role_of(ADMIN_KEY) == ADMIN
+    for wrong in (None, "", USER_KEY[:-1], USER_KEY + "x", USER_KEY.upper(), ADMIN_KEY + " "):
+        assert found.role_of(wrong) is None
+    assert USER_KEY.encode() not in repr(found).encode()  # only digests are kept
+
+
+def test_a_key_in_both_roles_is_admin():
+    assert keys(user=(ADMIN_KEY,)).role_of(ADMIN_KEY) == ADMIN
+
+
+def test_keys_file_lines_and_environment_add_up(tmp_path: Path):
+    path = tmp_path / "keys.txt"
+    path.write_text(f"# the service's keys\nuser {'f' * 16}   # the PACS bridge\n\nadmin {'g' * 40}\n")
+    found = load_keys(AuthConfig(keys_file=str(path)), environ={"TUMORSCOPE_API_KEYS": USER_KEY})
+    assert found.role_of("f" * 16) == USER and found.role_of(USER_KEY) == USER
+    assert found.role_of("g" * 40) == ADMIN
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    ("user\n", "line 1: expected 'user <key>' or 'admin <key>'"),
+    (f"root {'k' * 20}\n", "line 1: expected"),
+    (f"user {'k' * 20} extra\n", "line 1: expected"),
+    ("\nadmin short-key\n", "line 2: a key of 9 characters (at least 16"),
+])
+def test_a_malformed_keys_file_is_one_line_without_the_key(tmp_path: Path, text: str, words: str):
+    path = tmp_path / "keys.txt"
+    path.write_text(text)
+    with pytest.raises(KeyConfigError) as caught:
+        load_keys(AuthConfig(keys_file=str(path)), environ={})
+    message = str(caught.value)
+    assert words in message and str(path) in message and "\n" not in message
+    assert "short-key" not in message and "k" * 20 not in message
+
+
+def test_a_missing_keys_file_and_a_short_environment_key_are_named(tmp_path: Path):
+    with pytest.raises(KeyConfigError, match="serve.auth.keys_file: .*nowhere.txt does not exist"):
+        load_keys(AuthConfig(keys_file=str(tmp_path / "nowhere.txt")), environ={})
+    with pytest.raises(KeyConfigError, match="environment variable TUMORSCOPE_ADMIN_KEYS: a key of 6 characters"):
+        load_keys(AuthConfig(), environ={"TUMORSCOPE_ADMIN_KEYS": "secret"})
+
+
+def test_new_keys_are_long_and_different():
+    made = {auth.new_key() for _ in range(20)}
+    assert len(made) == 20 and all(len(k) >= 40 for k in made)
+
+
+@pytest.mark.parametrize(("headers", "expected"), [
+    ({"authorization": f"Bearer {USER_KEY}"}, USER_KEY),
+    ({"authorization": f"bearer   {USER_KEY} "}, USER_KEY),
+    ({"x-api-key": USER_KEY}, USER_KEY),
+    ({"authorization": f"Basic {USER_KEY}"}, None),
+    ({"authorization": "Bearer "}, None),
+    ({}, None),
+])
+def test_presented_key(headers, expected):
+    assert auth.presented_key(headers) == expected
+
+
+async def echo_app(scope, receive, send):
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": json.dumps({"path": scope["path"]}).encode()})
+
+
+def request(found: ApiKeys, method: str, path: str, key: str | None = None, header: str = "authorization"):
+    import httpx
+
+    headers = {} if key is None else {header: f"Bearer {key}" if header == "authorization" else key}
+
+    async def go():
+        app = ApiKeyAuth(echo_app, found)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            return await client.request(method, path, headers=headers)
+
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("path", ["/classify", "/classify_batch", "/explain", "/metadata", "/health", "/reload",
+                                  "/metrics", "/anything"])
+def test_every_route_but_probes_and_pages_needs_a_key(path: str):
+    found = keys()
+    missing = request(found, "POST", path)
+    assert missing.status_code == 401 and missing.json() == {
+        "error": "missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'", "status": 401}
+    assert missing.headers["www-authenticate"].startswith("Bearer")
+    wrong = request(found, "POST", path, "w" * 20)
+    assert wrong.status_code == 401 and wrong.json()["error"] == "invalid API key" and "w" * 20 not in wrong.text
+    assert request(found, "POST", path, ADMIN_KEY).status_code == 200
+    user = request(found, "POST", path, USER_KEY, header="x-api-key")
+    if path == "/reload":
+        assert user.status_code == 403 and user.json() == {"error": "/reload needs an admin key", "status": 403}
+    else:
+        assert user.status_code == 200 and user.json() == {"path": path}
+
+
+@pytest.mark.parametrize(("method", "path"), [("GET", "/livez"), ("GET", "/readyz"), ("GET", "/healthz"),
+                                              ("GET", "/ui/"), ("GET", "/ui/index.html"), ("GET", "/"),
+                                              ("GET", "/docs.json"), ("GET", "/static_content/swagger-ui.css"),
+                                              ("OPTIONS", "/classify")])
+def test_probes_pages_and_preflights_are_open(method: str, path: str):
+    assert request(keys(), method, path).status_code == 200
+
+
+def test_without_keys_everything_passes():
+    for path in ("/classify", "/reload", "/metrics"):
+        assert request(ApiKeys(), "POST", path).status_code == 200
+
+
+def test_user_keys_only_means_nobody_reloads_over_http():
+    found = keys(admin=())
+    assert request(found, "POST", "/classify", USER_KEY).status_code == 200
+    assert request(found, "POST", "/reload", USER_KEY).status_code == 403
