@@ -23,12 +23,12 @@ import bentoml
 import numpy as np
 from bentoml.exceptions import BentoMLException, ServiceUnavailable
 
-from tumorscope.api import auth, inference_log, probes, refusals, responses, served_model, settings, upload_guard
+from tumorscope.api import auth, contract, inference_log, openapi, probes, refusals, responses, served_model, settings, upload_guard
 from tumorscope.api.refusals import BadRequest
 from tumorscope.api.served_model import ModelUnavailable
 from tumorscope.api.upload_guard import Route
 
-PARAMS, KEYS = settings.load_service_settings()
+PARAMS, KEYS, REPLICA = settings.load_service_settings()
 SERVE = PARAMS.serve
 TIMEOUT_S = 120
 READY_PROBE_TIMEOUT_S = 3
@@ -98,6 +98,11 @@ class TumorModel:
         return self.served.reload(force)
 
 
+READ_ONLY = ("/health", "/metadata")
+# What each route can refuse with (documented in the OpenAPI document as ErrorBody answers).
+UPLOAD_ERRORS = (400, 413, 415, 422, 503)
+ERRORS = {"/classify": UPLOAD_ERRORS, "/explain": UPLOAD_ERRORS, "/classify_batch": UPLOAD_ERRORS,
+          "/metadata": (400, 415, 503), "/health": (400, 415), "/reload": (400, 403, 415, 503)}
 ROUTES = {"/classify": Route(upload_guard.FILE_FIELD), "/explain": Route(upload_guard.FILE_FIELD, text_fields=(upload_guard.CLASS_FIELD,)),
           "/classify_batch": Route(upload_guard.BATCH_FIELD, many=True), "/metadata": Route(), "/health": Route(),
           "/reload": Route()}
@@ -115,7 +120,10 @@ class TumorScope:
     model = bentoml.depends(TumorModel)
 
     def __init__(self) -> None:
-        self.log = inference_log.InferenceLog(SERVE.inference_log)
+        from tumorscope.monitoring.log_files import live_path
+
+        self.log = inference_log.InferenceLog(live_path(Path(SERVE.inference_log), REPLICA), max_bytes=SERVE.log_max_bytes,
+                                              backups=SERVE.log_backups, replica=REPLICA)
         self._info: dict[str, Any] | None = None
 
     @bentoml.on_shutdown
@@ -157,12 +165,11 @@ class TumorScope:
         raise AssertionError("unreachable")
 
     @staticmethod
-    def _refuse(ctx: bentoml.Context, err: Exception) -> dict[str, Any]:
-        if isinstance(err, BadRequest):
-            ctx.response.status_code = err.status
-            return err.body()
-        ctx.response.status_code = 503
-        return {"error": refusals.one_line(str(err)), "status": 503}
+    def _refuse(ctx: bentoml.Context, err: Exception) -> Any:
+        """The ErrorBody answer (BentoML sends the context's status, so both are set)."""
+        status = err.status if isinstance(err, BadRequest) else 503
+        ctx.response.status_code = status
+        return contract.refusal(status, {"error": refusals.one_line(str(err)), "status": status})
 
     # -- one image
 
@@ -193,19 +200,20 @@ class TumorScope:
         return response
 
     @bentoml.api
-    async def classify(self, file: Path, ctx: bentoml.Context) -> dict[str, Any]:
+    async def classify(self, file: Path, ctx: bentoml.Context) -> contract.Classification:
         """One slice (PNG, JPEG or DICOM) in multipart field ``file`` -> class, calibrated
         probabilities (the network's own in raw_probabilities), alert, the conformal prediction_set,
         refer (true: a radiologist should decide) with refer_reason, and the out-of-distribution
         distance."""
         parts = upload_guard.uploads_of(ctx.request.state)
         try:
-            return await self._classify_one(file, parts[0] if parts else None, "classify")
+            return contract.answer(contract.Classification,
+                                   await self._classify_one(file, parts[0] if parts else None, "classify"))
         except (BadRequest, ModelUnavailable) as err:
             return self._refuse(ctx, err)
 
     @bentoml.api
-    async def classify_batch(self, files: list[Path], ctx: bentoml.Context) -> dict[str, Any]:
+    async def classify_batch(self, files: list[Path], ctx: bentoml.Context) -> contract.BatchClassification:
         """Several slices in multipart field ``files`` (at most serve.max_batch_files); a file that
         cannot be classified gets its error in its item, the others are answered."""
         parts = upload_guard.uploads_of(ctx.request.state)
@@ -231,11 +239,12 @@ class TumorScope:
         except ModelUnavailable as err:
             return self._refuse(ctx, err)
         versions = sorted({r["model_version"] for r in results if r["ok"]})
-        return {"n_files": len(results), "n_ok": sum(r["ok"] for r in results),
-                "n_failed": sum(not r["ok"] for r in results), "model_versions": versions, "results": results}
+        return contract.answer(contract.BatchClassification, {
+            "n_files": len(results), "n_ok": sum(r["ok"] for r in results), "n_failed": sum(not r["ok"] for r in results),
+            "model_versions": versions, "results": results})
 
     @bentoml.api
-    async def explain(self, file: Path, ctx: bentoml.Context, target_class: str | None = None) -> dict[str, Any]:
+    async def explain(self, file: Path, ctx: bentoml.Context, target_class: str | None = None) -> contract.Explanation:
         """One slice -> class, probabilities, Grad-CAM overlay (PNG, base64) and the hot region
         (with mm^2 when the DICOM gives its pixel spacing). ``target_class`` explains another class
         than the predicted one."""
@@ -268,20 +277,20 @@ class TumorScope:
                                                SERVE.alert_threshold, request_id)
         self.log.submit(inference_log.inference_record("explain", response, data))
         del response["embedding"], response["batch_size"]
-        return response | {"explained_class": classes[answer["class_index"]], "region": region,
-                           "heatmap_shape": list(heat.shape), "overlay_shape": list(shown.shape),
-                           "overlay_png_base64": base64.b64encode(png).decode("ascii")}
+        return contract.answer(contract.Explanation, response | {
+            "explained_class": classes[answer["class_index"]], "region": region, "heatmap_shape": list(heat.shape),
+            "overlay_shape": list(shown.shape), "overlay_png_base64": base64.b64encode(png).decode("ascii")})
 
     # -- the service
 
     @bentoml.api
-    async def metadata(self, ctx: bentoml.Context) -> dict[str, Any]:
+    async def metadata(self, ctx: bentoml.Context) -> contract.Metadata:
         """Model version, classes, input size, thresholds and upload limits."""
         try:
             info = await self._model_info(refresh=True)
         except ModelUnavailable as err:
             return self._refuse(ctx, err)
-        return {"model_version": info["model_version"], "registered_model": info["registered_model"],
+        return contract.answer(contract.Metadata, {"model_version": info["model_version"], "registered_model": info["registered_model"],
                 "model_ref": info["ref"], "model_source": info["source"], "loaded_at": info["loaded_at"],
                 "classes": info["classes"], "input_size": info["image_size"], "preprocess": info["spec"]["preprocess"],
                 "critical_class": PARAMS.evaluate.critical_class, "alert_threshold": SERVE.alert_threshold,
@@ -290,10 +299,10 @@ class TumorScope:
                 "max_aspect_ratio": refusals.MAX_ASPECT_RATIO, "embedding_dims": SERVE.embedding_dims,
                 "trust": info.get("trust"),
                 "adaptive_batching": {"max_batch_size": SERVE.max_batch_size, "max_latency_ms": SERVE.max_latency_ms,
-                                      **info["batching"]}}
+                                      **info["batching"]}})
 
     @bentoml.api
-    async def health(self) -> dict[str, Any]:
+    async def health(self) -> contract.Health:
         """Model version (or why there is none), inference-log problems, batching counts. Always
         200: the status field says ok, degraded (the log is losing records) or unavailable."""
         try:
@@ -302,11 +311,12 @@ class TumorScope:
             info = {"ready": False, "load_error": str(err)}
         log = self.log.status()
         status = "unavailable" if not info.get("ready") else ("ok" if log["ok"] else "degraded")
-        return {"status": status, "model_version": info.get("model_version"), "model_error": info.get("load_error"),
-                "inference_log": log, "batching": info.get("batching")}
+        return contract.answer(contract.Health, {
+            "status": status, "model_version": info.get("model_version"), "model_error": info.get("load_error"),
+            "inference_log": log, "batching": info.get("batching")})
 
     @bentoml.api
-    async def reload(self, ctx: bentoml.Context, force: bool = False) -> dict[str, Any]:
+    async def reload(self, ctx: bentoml.Context, force: bool = False) -> contract.ReloadOutcome:
         """Resolve serve.model again (the champion alias may have moved) and serve what it names.
         503 when loading fails; the previous model keeps serving."""
         try:
@@ -316,9 +326,9 @@ class TumorScope:
             return self._refuse(ctx, err)
         if outcome.get("error"):
             ctx.response.status_code = 503
-            return {**outcome, "status": 503,
-                    "error": f"reload failed, still serving {outcome.get('model_version')}: {outcome['error']}"}
-        return outcome
+            return contract.refusal(503, {**outcome, "status": 503, "error": (
+                f"reload failed, still serving {outcome.get('model_version')}: {outcome['error']}")})
+        return contract.answer(contract.ReloadOutcome, outcome)
 
 
 # @bentoml.service turns the class into a bentoml Service (typed as the class, hence the cast).
@@ -327,7 +337,10 @@ cast(Any, TumorScope).add_asgi_middleware(auth.ApiKeyAuth, keys=KEYS)
 cast(Any, TumorScope).add_asgi_middleware(upload_guard.UploadGuard, routes=ROUTES, max_upload_bytes=SERVE.max_upload_bytes,
                                           max_files=SERVE.max_batch_files)
 # GET /health and GET /metadata answered as their POST (probes and load balancers send GET).
-cast(Any, TumorScope).add_asgi_middleware(probes.GetAsPost, paths=("/health", "/metadata"))
+cast(Any, TumorScope).add_asgi_middleware(probes.GetAsPost, paths=READ_ONLY)
+# The OpenAPI document with the error answers, the GETs and the API keys (tumorscope.api.openapi).
+cast(Any, TumorScope).add_asgi_middleware(openapi.OpenApiDocument, errors=ERRORS, get_paths=READ_ONLY,
+                                          keys_enabled=KEYS.enabled)
 
 
 def clinician_page():

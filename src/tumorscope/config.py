@@ -458,6 +458,10 @@ class ServeConfig(_Section):
     max_batch_size: int = Field(32, ge=2)        # BentoML adaptive batching (it refuses 1)
     max_latency_ms: int = Field(200, ge=1)
     inference_log: str = "logs/inference.jsonl"
+    log_max_bytes: int = Field(100 * 1024 * 1024, ge=4096)   # the inference log rotates at this size
+    log_backups: int = Field(10, ge=1)                       # rotated files kept (<log>.1 newest ... <log>.N)
+    # Several replicas sharing the log folder: each writes <log stem>.<id>.jsonl ($TUMORSCOPE_REPLICA_ID wins).
+    replica_id: str | None = None
     embedding_dims: int = Field(8, ge=1, le=64)  # summary of the penultimate layer kept per prediction
     predictions_dir: str = "predictions"         # tumorscope predict's CSV and external validation report
     auth: AuthConfig = AuthConfig()

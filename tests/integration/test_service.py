@@ -42,6 +42,24 @@ def models(served):
     return {v: registry.load_model(served.registered_model, str(v)) for v in served.versions}
 
 
+@pytest.fixture(scope="session")
+def openapi_doc(client) -> dict:
+    """The OpenAPI document the service serves."""
+    response = client.get("/docs.json")
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def assert_documented(doc: dict, method: str, path: str, response: httpx.Response) -> None:
+    """The answer is valid against the schema the served OpenAPI document gives for its status."""
+    import jsonschema
+
+    responses = doc["paths"][path][method]["responses"]
+    assert str(response.status_code) in responses, f"{method} {path}: {response.status_code} is not documented"
+    schema = responses[str(response.status_code)]["content"]["application/json"]["schema"]
+    jsonschema.Draft202012Validator({**schema, "components": doc["components"]}).validate(response.json())
+
+
 def fixture_files() -> dict[str, bytes]:
     return {path.name: path.read_bytes() for path in sorted(FIXTURE_SLICES.glob("*/*.jpg"))}
 
@@ -305,10 +323,11 @@ def bad_requests() -> list[tuple[str, dict, int, str]]:
 
 
 @pytest.mark.parametrize("case", bad_requests(), ids=lambda case: case[0])
-def test_bad_input_gets_a_4xx_with_one_line(client, case):
+def test_bad_input_gets_a_4xx_with_one_line(client, openapi_doc, case):
     _, request, status, words = case
     response = client.post("/classify", **request)
     assert response.status_code == status, response.text
+    assert_documented(openapi_doc, "post", "/classify", response)
     error = response.json()["error"]
     assert words in error and "\n" not in error and len(error) <= 300
 
@@ -360,7 +379,7 @@ def test_reload_follows_the_champion(served, client, models):
 
     name, data = next(iter(fixture_files().items()))
     assert client.post("/reload").json() == {"reloaded": False, "changed": False, "model_version": models[1].version,
-                                             "error": None}
+                                             "previous_version": None, "error": None}
     registry.make_champion(served.registered_model, "2", "serving test: promotion")
     try:
         assert client.post("/metadata").json()["model_version"] == models[1].version  # until told to reload
@@ -375,3 +394,39 @@ def test_reload_follows_the_champion(served, client, models):
         registry.make_champion(served.registered_model, "1", "serving test: roll back")
         back = client.post("/reload").json()
     assert back["model_version"] == models[1].version and back["changed"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The contract: the OpenAPI document describes every answer
+
+
+def test_every_answer_is_valid_against_the_served_openapi_document(client, openapi_doc):
+    from tumorscope.api import contract
+
+    doc = openapi_doc
+    name, data = next(iter(fixture_files().items()))
+    upload = {"file": (name, data, "image/jpeg")}
+    batch = [("files", (name, data, "image/jpeg")), ("files", ("bad.png", b"not an image", "image/png"))]
+    calls = [("post", "/classify", {"files": upload}), ("post", "/classify_batch", {"files": batch}),
+             ("post", "/explain", {"files": upload}), ("post", "/explain", {"files": upload, "data": {"target_class": "x"}}),
+             ("post", "/metadata", {"json": {}}), ("get", "/metadata", {}), ("post", "/health", {}), ("get", "/health", {}),
+             ("post", "/reload", {"json": {}}), ("post", "/metadata", {"content": b"[]", "headers": {
+                 "content-type": "application/json"}})]
+    statuses = set()
+    for method, path, request in calls:
+        response = client.request(method.upper(), path, **request)
+        assert_documented(doc, method, path, response)
+        statuses.add(response.status_code)
+    assert statuses == {200, 400, 422}  # both answers and refusals were checked
+
+    # Each field of an answer is in the document, described where it needs words.
+    schemas = doc["components"]["schemas"]
+    classification = schemas[doc["paths"]["/classify"]["post"]["responses"]["200"]["content"]["application/json"]
+                             ["schema"]["$ref"].rsplit("/", 1)[-1]]
+    fields = {f.alias or n for n, f in contract.Classification.model_fields.items()}
+    assert set(classification["properties"]) == fields and set(classification["required"]) == fields
+    undescribed = [k for k, v in classification["properties"].items() if "description" not in v and k != "image"]
+    assert not undescribed
+    nullable = classification["properties"]["critical_probability"]
+    assert {"type": "null"} in nullable["anyOf"]  # not flattened to its first branch
+    assert "ErrorBody" in schemas and "securitySchemes" not in doc["components"]  # no keys on this server

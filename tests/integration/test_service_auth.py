@@ -74,6 +74,15 @@ def test_every_route_needs_a_key_and_reload_an_admin_key(keyed, method: str, pat
         assert admin.json()["class"] == user.json()["class"]
 
 
+def test_the_openapi_document_says_how_to_send_a_key(keyed):
+    doc = httpx.get(f"{keyed.url}/docs.json", timeout=30).json()
+    assert set(doc["components"]["securitySchemes"]) == {"bearer", "apiKey"}
+    for path in ("/classify", "/classify_batch", "/explain", "/metadata", "/health", "/reload"):
+        assert doc["paths"][path]["post"]["security"] == [{"bearer": []}, {"apiKey": []}]
+        assert "401" in doc["paths"][path]["post"]["responses"]
+    assert "403" in doc["paths"]["/reload"]["post"]["responses"]
+
+
 def test_probes_and_pages_are_open_and_keys_stay_out_of_the_logs(keyed):
     for path in ("/livez", "/readyz", "/ui/", "/docs.json"):
         assert httpx.get(f"{keyed.url}{path}", timeout=30).status_code == 200, path

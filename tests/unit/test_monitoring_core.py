@@ -62,13 +62,15 @@ def test_log_window_counts_every_line_it_leaves_out_and_keeps_reading(tmp_path):
     lines.insert(5, "\xff\xfe not text")
     lines += [json.dumps(_log_record("m/1", rng)) for _ in range(3)]
     log.write_text("\n".join(lines) + "\n\n")
-    window = windows.read_log_window(log, "m/1", size=6, embedding_dims=4)
-    assert len(window.frame) == 6
+    window = windows.read_log_window(log, "m/1", size=7, embedding_dims=4)
+    assert len(window.frame) == 7
     assert window.left_out["another model version (m/2)"] == 1
-    assert window.left_out["older than the window of 6 rows"] == 2
     corrupt = {k: v for k, v in window.left_out.items() if k.startswith("corrupt")}
     assert sum(corrupt.values()) == 3 and "corrupt line (no predicted_class)" in corrupt
-    assert any(":3: corrupt line (not JSON)" in e for e in window.examples)
+    crashed_at = log.read_bytes().index(b'{"timestamp": "t", "model_version": "m/1", "predic')
+    assert f"{log} (byte {crashed_at}): corrupt line (not JSON)" in window.examples
+    # The oldest row, before the window filled, was never read: counted as bytes, not parsed.
+    assert window.not_read == {"bytes": len(lines[0]) + 1, "files": 0}
     assert list(window.frame.columns[-6:]) == ["emb_0", "emb_1", "emb_2", "emb_3", "refer", "ood"]
     assert window.frame["confidence"].eq(0.7).all()
 
@@ -242,3 +244,91 @@ def test_a_referral_rate_well_above_the_reference_is_rising_and_a_like_one_is_no
     unknown = referral_summary(reference.drop(columns=["refer"]), _referrals(200, 0.3, rng), min_window=50)
     assert unknown["status"] == UNKNOWN and "reference" in unknown["reason"]
     assert "referral_rising" not in referral_metrics(unknown)
+
+
+# ---------------------------------------------------------------------------------------------
+# A bounded inference log: rotation, replicas, reading only the newest rows
+
+
+def test_lines_newest_first_across_block_boundaries(tmp_path):
+    from tumorscope.monitoring.log_files import lines_newest_first
+
+    text = b"first\n\nsecond line\n" + b"x" * 37 + b"\nlast without newline"
+    path = tmp_path / "log.jsonl"
+    path.write_bytes(text)
+    for block in (1, 3, 7, 64, 1 << 20):
+        found = list(lines_newest_first(path, block))
+        assert [line for _, line in found] == [b"last without newline", b"x" * 37, b"second line", b"first"]
+        assert all(text[offset:offset + len(line)] == line for offset, line in found)
+
+
+def test_the_writer_rotates_by_size_and_keeps_its_backups(tmp_path):
+    from tumorscope.api.inference_log import InferenceLog
+
+    rng = np.random.default_rng(8)
+    log = InferenceLog(tmp_path / "inference.jsonl", max_bytes=4096, backups=3, replica="api-0")
+    records = [_log_record("m/1", rng) | {"request_id": f"r{i}"} for i in range(60)]
+    for record in records:
+        log.submit(record)
+        log.flush()
+    log.close()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["inference.jsonl", "inference.jsonl.1", "inference.jsonl.2", "inference.jsonl.3"]
+    assert all(p.stat().st_size <= 4096 for p in tmp_path.iterdir())
+    kept = [json.loads(line) for name in reversed(names) for line in (tmp_path / name).read_text().splitlines()]
+    assert [r["request_id"] for r in kept] == [r["request_id"] for r in records[-len(kept):]]  # newest, in order
+    assert {r["replica"] for r in kept} == {"api-0"} and log.status()["ok"] and log.status()["written"] == 60
+
+
+def test_replica_ids_name_their_files_and_bad_ones_are_refused(tmp_path):
+    from tumorscope.errors import UserError
+    from tumorscope.monitoring import log_files
+
+    base = tmp_path / "logs" / "inference.jsonl"
+    assert log_files.replica_id(None, {}) is None
+    assert log_files.replica_id("a", {log_files.REPLICA_ENV: "pod-7"}) == "pod-7"
+    assert log_files.live_path(base, "pod-7") == tmp_path / "logs" / "inference.pod-7.jsonl"
+    for bad in ("../x", "a b", "", "-x", "x" * 64):
+        with pytest.raises(UserError, match="not a replica id"):
+            log_files.replica_id(bad, {}) if bad else log_files.replica_id(None, {log_files.REPLICA_ENV: "a/b"})
+    base.parent.mkdir()
+    for name in ("inference.jsonl", "inference.jsonl.2", "inference.jsonl.1", "inference.pod-7.jsonl.1",
+                 "inference.pod-7.jsonl", "other.jsonl", "inference.jsonl.bak", "inference.jsonl.0"):
+        (base.parent / name).write_text("")
+    assert {k: [p.name for p in v] for k, v in log_files.log_streams(base).items()} == {
+        None: ["inference.jsonl", "inference.jsonl.1", "inference.jsonl.2"],
+        "pod-7": ["inference.pod-7.jsonl", "inference.pod-7.jsonl.1"]}
+
+
+def test_monitoring_reads_the_newest_rows_across_rotated_files_and_replicas(tmp_path):
+    """Three rotated files and a corrupt line: the window is the newest rows by time, whatever file
+    they are in; the corrupt line among them is counted; older files are left unread, and said so."""
+    rng = np.random.default_rng(9)
+
+    def record(i: int, replica: str | None) -> dict:
+        return _log_record("m/1", rng) | {"timestamp": f"2026-12-02T10:{i // 60:02d}:{i % 60:02d}Z",
+                                          "request_id": f"{replica}-{i}", "replica": replica}
+
+    def write(name: str, rows: list[dict], corrupt_after: int | None = None) -> None:
+        lines = [json.dumps(r) for r in rows]
+        if corrupt_after is not None:
+            lines.insert(corrupt_after, '{"timestamp": "2026-12-02T10:59:59Z", "model_ver')
+        (tmp_path / name).write_text("\n".join(lines) + "\n")
+
+    # One unnamed replica with three rotated files (.3 the oldest) and the live file; another replica.
+    write("inference.jsonl.3", [record(i, None) for i in range(0, 20)])
+    write("inference.jsonl.2", [record(i, None) for i in range(20, 40)])
+    write("inference.jsonl.1", [record(i, None) for i in range(40, 60)])
+    write("inference.jsonl", [record(i, None) for i in range(60, 66)], corrupt_after=3)
+    write("inference.b.jsonl", [record(i, "b") for i in range(50, 70, 2)])
+    window = windows.read_log_window(tmp_path / "inference.jsonl", "m/1", size=30, embedding_dims=4)
+
+    assert len(window.frame) == 30 and window.source.endswith("(2 replicas)")
+    assert window.left_out["corrupt line (not JSON)"] == 1
+    # Each replica's newest 30 rows are read: the unnamed one's 65..36 (live file, .1, part of .2),
+    # b's 10. Merged by time, the newest 30 are those at or after 10:00:46: 10 rows are older.
+    assert window.left_out["older than the window of 30 rows"] == 10
+    # Unread: .3 whole and the 16 oldest lines of .2.
+    lines_2 = (tmp_path / "inference.jsonl.2").read_text().splitlines()
+    assert window.not_read == {"files": 1, "bytes": (tmp_path / "inference.jsonl.3").stat().st_size
+                               + sum(len(line) + 1 for line in lines_2[:16])}

@@ -383,6 +383,11 @@ def test_served_answers_carry_the_trust_fields_of_loaded_model_answers(trusted_l
     # The JSON answer shows the calibrated probabilities, the network's own beside them, and the alert on the former.
     result = responses.trusted_result(answers[-1], CLASSES, "Tumor", 0.5)
     assert result["calibrated"] and result["refer"] and result["prediction_set"] == answers[-1]["trust"]["prediction_set"]
+    from tumorscope.api import contract
+
+    prepared = PreparedImage(blank[0], "L", (32, 32))
+    built = responses.classify_response(answers[-1], prepared, CLASSES, "Tumor", 0.5, "r2")
+    assert contract.Classification.model_validate(built).model_dump() == built
     assert result["probabilities"] == answers[-1]["trust"]["calibrated_probabilities"]
     assert result["alert"] == (result["probabilities"]["Tumor"] >= 0.5)
     assert list(result["raw_probabilities"].values()) == pytest.approx(answers[-1]["probabilities"])
@@ -403,3 +408,8 @@ def test_an_answer_without_a_trust_state_says_so(tiny_loaded):
     assert result["refer"] is None and not result["calibrated"] and result["probabilities"] == result["raw_probabilities"]
     prepared = PreparedImage(np.zeros((32, 32, 1), np.uint8), "L", (32, 32))
     assert responses.answer_warnings(prepared, answer) == [responses.NO_TRUST_WARNING]
+    # The whole answer, as the service sends it, fits its contract (the OpenAPI document).
+    from tumorscope.api import contract
+
+    built = responses.classify_response(answer, prepared, CLASSES, "Tumor", 0.5, "r1")
+    assert contract.Classification.model_validate(built).model_dump() == built

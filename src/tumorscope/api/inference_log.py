@@ -34,10 +34,14 @@ class InferenceLog:
     ``submit`` never blocks and never raises: a full queue drops the record and counts it, a write
     that fails (unwritable folder, full disk: any OSError) counts its records and keeps the last
     error. ``status()`` is what the health endpoint reports. The file is opened per write batch, so a
-    rotated or deleted log is recreated."""
+    deleted log is recreated. With ``max_bytes``, a write that would take the file past it rotates
+    it first (``log_files.rotate``: ``path.1`` the newest of ``backups`` rotated files), so the log
+    never holds much more than ``(backups + 1) * max_bytes``. Every line carries ``replica``."""
 
-    def __init__(self, path: str | Path, max_queue: int = 10_000, autostart: bool = True):
+    def __init__(self, path: str | Path, max_queue: int = 10_000, autostart: bool = True, max_bytes: int | None = None,
+                 backups: int = 10, replica: str | None = None):
         self.path = Path(path)
+        self.max_bytes, self.backups, self.replica = max_bytes, backups, replica
         self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue(maxsize=max_queue)
         self._lock = threading.Lock()
         self.written = 0
@@ -93,21 +97,42 @@ class InferenceLog:
         lines, bad = [], 0
         for record in records:
             try:
-                lines.append(json.dumps(record, allow_nan=False, default=str) + "\n")
+                lines.append(json.dumps(record | {"replica": self.replica}, allow_nan=False, default=str) + "\n")
             except (TypeError, ValueError) as err:  # NaN, a circular value: lose the record, keep the rest
                 bad += 1
                 self._failed(1, err)
         if not lines:
             return
+        payload = "".join(lines).encode("utf-8")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("a", encoding="utf-8") as file:
-                file.write("".join(lines))
+            self._rotate_before(len(payload))
+            with self.path.open("ab") as file:
+                file.write(payload)
         except Exception as err:  # OSError above all (ENOSPC, EACCES, ENOTDIR); the thread must never die
             self._failed(len(lines), err)
             return
         with self._lock:
             self.written += len(lines)
+
+    def _rotate_before(self, incoming: int) -> None:
+        """Rotate when ``incoming`` bytes would take a non-empty file past ``max_bytes``. A failed
+        rotation is reported and the records are still appended (a longer file, nothing lost)."""
+        if self.max_bytes is None:
+            return
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            return
+        if size and size + incoming > self.max_bytes:
+            from tumorscope.monitoring.log_files import rotate
+
+            try:
+                rotate(self.path, self.backups)
+            except OSError as err:
+                with self._lock:
+                    self.last_error = one_line(f"rotation failed: {type(err).__name__}: {err}")
+                    self.last_error_at = utc_now()
 
     def _failed(self, n: int, err: BaseException) -> None:
         with self._lock:
@@ -136,7 +161,7 @@ class InferenceLog:
 
     def status(self) -> dict[str, Any]:
         with self._lock:
-            return {"path": str(self.path), "ok": self.failed == 0 and self.dropped == 0, "written": self.written,
+            return {"path": str(self.path), "replica": self.replica, "ok": self.failed == 0 and self.dropped == 0, "written": self.written,
                     "dropped_queue_full": self.dropped, "failed": self.failed, "queued": self._queue.qsize(),
                     "last_error": self.last_error, "last_error_at": self.last_error_at}
 

@@ -20,16 +20,17 @@ def load_service_params():
 
 
 def load_service_settings():
-    """(params, API keys) for the service; a mistake in either is one line on stderr and exit
-    status 2 at start-up, not a traceback from inside the server."""
+    """(params, API keys, replica id) for the service; a mistake in any is one line on stderr and
+    exit status 2 at start-up, not a traceback from inside the server."""
     import sys
 
     from tumorscope.api.auth import load_keys
     from tumorscope.errors import UserError
+    from tumorscope.monitoring.log_files import replica_id
 
     try:
         params = load_service_params()
-        return params, load_keys(params.serve.auth)
+        return params, load_keys(params.serve.auth), replica_id(params.serve.replica_id)
     except UserError as err:
         print(f"tumorscope service: error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None

@@ -23,6 +23,7 @@ from tumorscope.monitoring.features import (
     feature_frame,
     model_outputs,
 )
+from tumorscope.monitoring.log_files import lines_newest_first, log_streams
 
 
 @dataclass
@@ -33,6 +34,8 @@ class Window:
     source: str
     left_out: Counter = field(default_factory=Counter)
     examples: list[str] = field(default_factory=list)  # a few left-out lines or files with their reason
+    # Older inference-log bytes and whole files a check did not need to read (older than the window).
+    not_read: Counter = field(default_factory=Counter)
 
     def leave_out(self, reason: str, where: str, limit: int = 5) -> None:
         self.left_out[reason] += 1
@@ -91,23 +94,14 @@ def _without_repeats(records, window: Window) -> deque[dict]:
     return kept
 
 
-def read_log_window(path: str | Path, model_version: str, size: int, embedding_dims: int) -> Window:
-    """The newest ``size`` rows of the inference log written by ``model_version`` (e.g.
-    ``tumorscope-kidney-ct/3``). A corrupt line (a crash mid-write, an edit by hand), a row of another
-    model version, one older than the window or a repeat of a file already in it is counted, not read
-    into the window; the rest of the log is still read. A log not written yet is an empty window."""
-    path = Path(path)
-    window = Window(pd.DataFrame(), f"inference log {path}")
-    if not path.exists():
-        window.leave_out("no inference log yet", str(path))
-        return window
-    newest: deque[dict] = deque(maxlen=size)
-    kept = 0
-    with path.open("rb") as lines:
-        for number, raw in enumerate(lines, start=1):
-            if not raw.strip():
-                continue
-            where = f"{path}:{number}"
+def _newest_rows(files: list[Path], model_version: str, size: int, embedding_dims: int,
+                 window: Window) -> list[dict]:
+    """Up to ``size`` rows of ``model_version`` from one replica's files (newest first), reading
+    backwards and stopping once found; what is not read is counted in ``window.not_read``."""
+    rows: list[dict] = []
+    for index, path in enumerate(files):
+        for offset, raw in lines_newest_first(path):
+            where = f"{path} (byte {offset})"
             try:
                 record = json.loads(raw)
             except (ValueError, UnicodeDecodeError):
@@ -120,11 +114,39 @@ def read_log_window(path: str | Path, model_version: str, size: int, embedding_d
             if record["model_version"] != model_version:
                 window.leave_out(f"another model version ({record['model_version']})", where)
                 continue
-            kept += 1
-            newest.append(record)
-    if kept > len(newest):
-        window.left_out[f"older than the window of {size} rows"] = kept - len(newest)
-    newest = _without_repeats(newest, window)
+            rows.append(record)
+            if len(rows) == size:  # everything before this line, and the older files, stays unread
+                window.not_read["bytes"] += offset + sum(older.stat().st_size for older in files[index + 1:])
+                window.not_read["files"] += len(files) - index - 1
+                return rows
+    return rows
+
+
+def read_log_window(path: str | Path, model_version: str, size: int, embedding_dims: int) -> Window:
+    """The newest ``size`` rows written by ``model_version`` (e.g. ``tumorscope-kidney-ct/3``) in the
+    inference log ``path``: the file, its rotated files and the other replicas' (``log_files``).
+
+    Each replica's files are read from their end and only until the window is full, so a check
+    costs about the same on a 10 MB and a 1 GB log; the bytes and files left unread (older than
+    the window) are counted in ``not_read``. Among what was read, a corrupt line (a crash
+    mid-write, an edit by hand), a row of another model version, a row older than the window or a
+    repeat of a file already in it is counted, not read into the window. Replicas' rows are merged
+    by timestamp. A log not written yet is an empty window."""
+    path = Path(path)
+    window = Window(pd.DataFrame(), f"inference log {path}")
+    streams = log_streams(path)
+    if not streams:
+        window.leave_out("no inference log yet", str(path))
+        return window
+    found = [_newest_rows(files, model_version, size, embedding_dims, window) for files in streams.values()]
+    if len(found) == 1:
+        newest_first = found[0]
+    else:  # several replicas: their rows interleave in time
+        newest_first = sorted((r for rows in found for r in rows), key=lambda r: str(r.get("timestamp", "")), reverse=True)
+        window.source += f" ({len(found)} replicas)"
+    if len(newest_first) > size:
+        window.left_out[f"older than the window of {size} rows"] += len(newest_first) - size
+    newest = _without_repeats(list(reversed(newest_first[:size])), window)
     columns = [*IMAGE_FEATURES, "predicted_class", "confidence", *embedding_columns(embedding_dims), *TRUST_COLUMNS]
     window.frame = pd.DataFrame([_log_row(r) for r in newest], columns=columns)
     return window

@@ -155,6 +155,10 @@ def summary_line(summary: dict) -> str:
     counts = f"({summary['n_reference']} reference, {summary['n_current']} current slices)"
     left = summary.get("left_out") or {}
     left_text = f"; left out: {', '.join(f'{n} {why}' for why, n in left.items())}" if left else ""
+    unread = summary.get("not_read") or {}
+    if unread.get("bytes"):
+        left_text += (f"; older log not read: {unread['bytes'] / 1e6:.1f} MB"
+                      + (f" ({unread['files']} rotated files)" if unread.get("files") else ""))
     verdict = {"drift": "DRIFT", "no_drift": "no drift", "insufficient_data": "no verdict"}[summary["status"]]
     return f"monitor: {verdict} in {where} {counts}: {summary['reason']}{referral_line(summary.get('referral'))}{left_text}"
 
@@ -229,7 +233,7 @@ def run_monitor(params: Params, current: str | None = None) -> tuple[str, dict[s
     summary = result.summary | {"referral": referral_summary(reference, window.frame, cfg.min_window),
                                 "model_version": champion.version, "current": window.source,
                                 "reference": reference_source, "left_out": dict(window.left_out),
-                                "left_out_examples": window.examples}
+                                "left_out_examples": window.examples, "not_read": dict(window.not_read)}
     written = [write_summary(params, summary_path, summary)]
     if result.snapshot is not None:
         save_report(result.snapshot, out / "drift.html", out / "drift.json")
