@@ -35,7 +35,7 @@ for path, entry in json.load(sys.stdin)[""]["data"].items():
 endef
 export METRICS_TABLE
 
-.PHONY: help install run test lint test-fast test-deps bench metrics-table crossval gpu-wheels mlflow-ui mlflow-server clean clean-stores prefect-server deploy worker serve bento demo monitor evidently-ui
+.PHONY: help install run test lint test-fast test-deps bench metrics-table crossval gpu-wheels mlflow-ui mlflow-server clean clean-stores prefect-server deploy worker serve bento serving-lock demo monitor evidently-ui
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
 
@@ -105,6 +105,9 @@ worker: install ## a Prefect worker that runs the deployment's flow runs in this
 
 serve: install ## serve the champion with BentoML on http://127.0.0.1:3000 (the clinician page: /ui/)
 	$(RUN) bentoml serve serving.service:TumorScope --host 127.0.0.1 --port 3000
+
+serving-lock: $(UV) ## export the Bento's requirements (pyproject's serving group) from uv.lock to serving/requirements.txt
+	$(UV) export --frozen --only-group serving --no-hashes --no-emit-project -o serving/requirements.txt
 
 # bentoml build runs uv: the one make uses, on PATH or bootstrapped into .tools/bin.
 bento: install ## build a Bento with the champion inside, tagged model<N>-data<fingerprint>-code<commit>

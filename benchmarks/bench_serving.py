@@ -8,9 +8,13 @@ champion after `make run`) and the same slice files (the test split's raw files)
     concurrent clients posting one slice per `classify` request: requests/s, p50/p99 latency;
   * the naive server (benchmarks/naive_server.py: one request, one Keras `model.predict`) under the
     same load;
+  * `classify_batch` with --batch-sizes slices per request (images/s against in-process);
+  * the upload guard's multipart parse per request, in process, as a share of a served request's
+    time (BentoML parses the body again: the cost of parsing twice);
 and the ratios Bento / in-process and Bento / naive. Clients and servers share this machine's cores.
 
-Usage: uv run python benchmarks/bench_serving.py [--clients 8] [--requests 400] [--params params.yaml]
+Usage: uv run python benchmarks/bench_serving.py [--clients 8] [--requests 400] [--batch-sizes 16,64]
+       [--params params.yaml]
 """
 
 from __future__ import annotations
@@ -65,30 +69,64 @@ def server(command: list[str], port: int, env: dict, log: Path):
                 process.kill()
 
 
-def load(url: str, files: list[tuple[str, bytes]], clients: int, requests: int) -> dict:
-    """`requests` classify calls from `clients` threads, each with its own connection."""
+def upload(files: list[tuple[str, bytes]], i: int, batch: int | None) -> list[tuple[str, tuple[str, bytes, str]]]:
+    """The multipart files of request ``i``: one slice in ``file``, or ``batch`` slices in ``files``."""
+    if batch is None:
+        name, data = files[i % len(files)]
+        return [("file", (name, data, "image/png"))]
+    return [("files", (name, data, "image/png")) for name, data in (files[(i * batch + k) % len(files)] for k in range(batch))]
+
+
+def load(url: str, files: list[tuple[str, bytes]], clients: int, requests: int, batch: int | None = None) -> dict:
+    """`requests` calls from `clients` threads, each with its own connection: `classify`, or
+    `classify_batch` with `batch` slices per request."""
     import httpx
+
+    route = "/classify" if batch is None else "/classify_batch"
 
     def worker(index: int) -> list[float]:
         latencies = []
-        with httpx.Client(timeout=120) as client:
+        with httpx.Client(timeout=300) as client:
             for i in range(index, requests, clients):
-                name, data = files[i % len(files)]
                 started = time.perf_counter()
-                response = client.post(f"{url}/classify", files={"file": (name, data, "image/png")})
+                response = client.post(f"{url}{route}", files=upload(files, i, batch))
                 latencies.append(time.perf_counter() - started)
                 if response.status_code != 200:
                     raise SystemExit(f"{url}: HTTP {response.status_code}: {response.text[:200]}")
         return latencies
 
-    for name, data in files[:clients]:  # warm-up: graph tracing, connections
-        httpx.post(f"{url}/classify", files={"file": (name, data, "image/png")}, timeout=120)
+    for i in range(clients):  # warm-up: graph tracing, connections
+        httpx.post(f"{url}{route}", files=upload(files, i, batch), timeout=300)
     started = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         latencies = [t for part in pool.map(worker, range(clients)) for t in part]
     seconds = time.perf_counter() - started
-    return {"requests_per_s": requests / seconds, "p50_ms": 1000 * statistics.median(latencies),
-            "p99_ms": 1000 * float(np.percentile(latencies, 99))}
+    return {"requests_per_s": requests / seconds, "images_per_s": requests * (batch or 1) / seconds,
+            "p50_ms": 1000 * statistics.median(latencies), "p99_ms": 1000 * float(np.percentile(latencies, 99))}
+
+
+def guard_parse_ms(files: list[tuple[str, bytes]], batch: int | None, repeats: int = 200) -> float:
+    """Milliseconds the upload guard spends parsing one request's multipart body (the parse that
+    BentoML then repeats), in this process: its share of a served request is the cost of parsing twice."""
+    import asyncio
+
+    import httpx
+    from starlette.datastructures import Headers
+
+    from tumorscope.api.upload_guard import _parse_multipart
+
+    request = httpx.Request("POST", "http://x/classify", files=upload(files, 0, batch))
+    body = request.read()
+    headers = Headers(headers={"content-type": request.headers["content-type"]})
+
+    async def parse_many() -> float:
+        started = time.perf_counter()
+        for _ in range(repeats):
+            form = await _parse_multipart(headers, body)
+            await form.close()
+        return (time.perf_counter() - started) / repeats
+
+    return 1000 * asyncio.run(parse_many())
 
 
 def in_process(params, files: list[tuple[str, bytes]], batch: int, repeats: int) -> dict:
@@ -127,6 +165,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--batch-sizes", default="16,64", help="classify_batch sizes to measure (comma-separated)")
     args = parser.parse_args()
 
     from tumorscope.config import load_params
@@ -144,8 +183,10 @@ def main() -> None:
     logs = REPO / "benchmarks" / ".logs"
     logs.mkdir(exist_ok=True)
     port = free_port()
+    batches = [int(b) for b in args.batch_sizes.split(",") if b]
     with server(bento_command(port), port, env, logs / "bento.log") as url:
         bento = load(url, files, args.clients, args.requests)
+        batched = {b: load(url, files, min(args.clients, 4), max(8, args.requests // b), b) for b in batches}
     port = free_port()
     naive_cmd = [sys.executable, "-m", "uvicorn", "--app-dir", "benchmarks", "naive_server:app", "--host", "127.0.0.1",
                  "--port", str(port), "--log-level", "warning"]
@@ -156,6 +197,15 @@ def main() -> None:
     print(f"ratio bento / in-process decode+predict: {bento['requests_per_s'] / base['decode_predict_images_per_s']:.2f}; "
           f"bento / in-process predict alone: {bento['requests_per_s'] / base['predict_images_per_s']:.2f}; "
           f"bento / naive: {bento['requests_per_s'] / naive['requests_per_s']:.1f}x")
+    for b, row in batched.items():
+        print(f"bento classify_batch of {b}: {row['images_per_s']:.0f} img/s ({row['requests_per_s']:.1f} req/s, "
+              f"p50 {row['p50_ms']:.0f} ms); ratio to in-process decode+predict: "
+              f"{row['images_per_s'] / base['decode_predict_images_per_s']:.2f}")
+    for b in (None, *batches):
+        parse = guard_parse_ms(files, b)
+        served_ms = 1000 / (bento["requests_per_s"] if b is None else batched[b]["requests_per_s"])
+        print(f"upload guard's multipart parse, {'classify' if b is None else f'classify_batch of {b}'}: {parse:.2f} ms "
+              f"per request, {100 * parse / served_ms:.1f} % of a served request's time at this load")
 
 
 if __name__ == "__main__":

@@ -151,3 +151,11 @@ def logged_records(inference_log: Path, request_ids: list[str], seconds: float =
     missing = [r for r in request_ids if r not in logged]
     assert not missing, f"not in {inference_log} after {seconds:g} s: {missing}"
     return logged
+
+
+def requirement_pins(text: str) -> set[str]:
+    """The requirement lines of a requirements file, markers normalised (BentoML rewrites their quotes)."""
+    from packaging.requirements import Requirement
+
+    return {str(Requirement(line.split("#")[0])) for line in text.splitlines()
+            if line.strip() and not line.lstrip().startswith("#")}

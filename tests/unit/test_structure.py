@@ -1,5 +1,6 @@
-"""The shape of the code: calls go one way (entry points -> stages -> library), no import cycle, and
-every DVC stage declares each project module its command can import.
+"""The shape of the code: calls go one way (entry points -> stages -> library), no import cycle,
+every DVC stage declares each project module its command can import, and the Bento's requirements
+are the ones uv.lock pins.
 
 Imports are read from the source (AST), including the ones inside functions, where this project
 keeps its heavy imports: nothing is imported to find them.
@@ -8,12 +9,15 @@ keeps its heavy imports: nothing is imported to find them.
 from __future__ import annotations
 
 import ast
+import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
+from helpers import bento
 from helpers.paths import REPO
+from helpers.requirements import needs_uv, uv_directory
 
 PACKAGES = {"tumorscope": REPO / "src" / "tumorscope", "flows": REPO / "flows"}
 LIBRARY_EXCLUDES = ("tumorscope.cli", "tumorscope.stages")
@@ -230,3 +234,19 @@ def test_closure_follows_imports_inside_functions():
     assert "tumorscope.tuning.study" in stage_closure("tune")
     assert "tumorscope.data.phantom" in stage_closure("phantom")
     assert "tumorscope.models.zoo" not in stage_closure("ingest")
+
+
+@needs_uv
+def test_the_bento_requirements_are_uv_lock_exported(tmp_path):
+    """serving/requirements.txt (the Bento's packages) is what `make serving-lock` exports from
+    uv.lock now: a dependency changed in uv.lock without re-exporting it fails here."""
+    exported = tmp_path / "requirements.txt"
+    uv = str(Path(uv_directory()) / "uv")
+    subprocess.run([uv, "export", "--frozen", "--only-group", "serving", "--no-hashes", "--no-emit-project", "-o",
+                    str(exported)], cwd=REPO, check=True, capture_output=True, timeout=120)
+    committed = (REPO / "serving" / "requirements.txt").read_text()
+    assert bento.requirement_pins(committed) == bento.requirement_pins(exported.read_text()), "run `make serving-lock`"
+    assert all("==" in pin for pin in bento.requirement_pins(committed))
+    bentofile = yaml.safe_load((REPO / "serving" / "bentofile.yaml").read_text())
+    assert bentofile["python"]["requirements_txt"] == "./serving/requirements.txt"
+    assert not bentofile["python"]["lock_packages"] and "packages" not in bentofile["python"]
