@@ -43,12 +43,15 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def server(command: list[str], port: int, env: dict, log: Path):
-    """Start a server, wait for /readyz (up to 180 s), stop it afterwards."""
+def server(command: list[str], port: int, env: dict, log: Path, started: list | None = None):
+    """Start a server, wait for /readyz (up to 180 s), stop it afterwards; its process is appended
+    to ``started``."""
     import httpx
 
     with log.open("w") as out:
         process = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        if started is not None:
+            started.append(process)
         try:
             deadline = time.monotonic() + 180
             while time.monotonic() < deadline:
