@@ -52,8 +52,9 @@ class ImageStatistics(_Answer):
     pixel_spacing_mm: list[float] | None = Field(description="DICOM [row, column] pixel spacing; null without one")
 
 
-class Classification(_Answer):
-    """One classified slice: the class, calibrated probabilities, the alert, and whether to trust it."""
+class _Judged(_Answer):
+    """What every answer on one slice says: the class, calibrated probabilities, the alert, and
+    whether to trust it."""
 
     request_id: str = Field(description="this answer's id, also in the inference log")
     model_version: str = Field(description="the model that answered, e.g. tumorscope-kidney-ct/3")
@@ -72,8 +73,13 @@ class Classification(_Answer):
     ood: bool | None = Field(description="referred as unlike the training slices")
     ood_distance: float | None = Field(description="feature-space distance to the training slices")
     image: ImageStatistics
-    embedding: list[float] = Field(description="a fixed random projection of the penultimate layer (serve.embedding_dims)")
     warnings: list[str] = Field(description="what was converted (colour, 16-bit) or is missing (trust state)")
+
+
+class Classification(_Judged):
+    """One classified slice."""
+
+    embedding: list[float] = Field(description="a fixed random projection of the penultimate layer (serve.embedding_dims)")
     batch_size: int = Field(description="images in the model batch this slice ran in (adaptive batching)")
 
 
@@ -131,31 +137,13 @@ class Region(_Answer):
     area_px_original: int | None = None
 
 
-class Explanation(_Answer):
-    """The classification fields (without embedding and batch size), the Grad-CAM overlay and its region."""
+class Explanation(_Judged):
+    """The slice's classification, the Grad-CAM overlay and its region."""
 
-    request_id: str
-    model_version: str
-    predicted_class: str = Field(alias="class")
-    confidence: float
-    probabilities: dict[str, float]
-    critical_class: str
-    critical_probability: float | None
-    alert_threshold: float
-    alert: bool
-    raw_probabilities: dict[str, float]
-    calibrated: bool
-    prediction_set: list[str] | None
-    refer: bool | None
-    refer_reason: str | None
-    ood: bool | None
-    ood_distance: float | None
-    image: ImageStatistics
-    warnings: list[str]
     explained_class: str = Field(description="the class the heat map is for (target_class, else the predicted one)")
     region: Region
-    heatmap_shape: list[int]
-    overlay_shape: list[int]
+    heatmap_shape: list[int] = Field(description="[rows, columns] of the heat map (the model input's)")
+    overlay_shape: list[int] = Field(description="[rows, columns] of the overlay PNG (the slice, at most 512 a side)")
     overlay_png_base64: str = Field(description="the slice with the heat map over it, PNG, base64")
 
 
