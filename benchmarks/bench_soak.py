@@ -47,8 +47,11 @@ def main() -> None:
         report = run_soak(url, files, args.seconds, args.clients, server_pid=started[0].pid)
     print(report.summary())
     growth = report.rss_end_mb - report.rss_start_mb if report.rss_start_mb and report.rss_end_mb else float("nan")
-    print(f"goals: >= 500 answers 0 ({len(report.server_errors)}), wrong answers 0 ({len(report.wrong_answers)}), "
-          f"memory growth < 50 MB ({growth:+.0f} MB)")
+    late = report.second_half_growth_mb()
+    print("memory (s, MB): " + ", ".join(f"{t:.0f}: {mb:.0f}" for t, mb in report.rss_samples))
+    print(f"goals: >= 500 answers 0 ({len(report.server_errors)}; {report.shed} more shed under load and retried), "
+          f"wrong answers 0 ({len(report.wrong_answers)}), memory growth < 50 MB ({growth:+.0f} MB over the run, "
+          f"{late if late is not None else float('nan'):+.0f} MB over its second half)")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import numpy as np
 # What each client sends, by weight.
 MIX = (("classify", 55), ("malformed", 15), ("explain", 12), ("batch", 10), ("metadata", 5), ("reload", 3))
 BATCH_FILES = 4
+SAMPLE_EVERY_S = 10.0
 
 
 def malformed_uploads(good: bytes) -> list[tuple[str, dict]]:
@@ -65,9 +66,16 @@ class SoakReport:
     latencies_ms: list[float] = field(default_factory=list)   # valid classify requests
     wrong_answers: list[str] = field(default_factory=list)    # a valid request answered differently, or refused
     unrefused: list[str] = field(default_factory=list)        # a malformed upload that did not get a 4xx
-    server_errors: list[str] = field(default_factory=list)    # any answer >= 500
+    server_errors: list[str] = field(default_factory=list)    # any answer >= 500 but load shedding
+    shed: int = 0   # 503 with Retry-After: the batching dispatcher refused work it could not finish in time
     rss_start_mb: float | None = None
     rss_end_mb: float | None = None
+    rss_samples: list[tuple[float, float]] = field(default_factory=list)   # (seconds, MB) every SAMPLE_EVERY_S
+
+    def second_half_growth_mb(self) -> float | None:
+        """Memory growth over the second half of the soak: a leak keeps growing, warm-up does not."""
+        half = [mb for t, mb in self.rss_samples if t >= self.seconds / 2]
+        return half[-1] - half[0] if len(half) >= 2 else None
 
     @property
     def requests(self) -> int:
@@ -76,14 +84,17 @@ class SoakReport:
     def summary(self) -> str:
         p50 = statistics.median(self.latencies_ms) if self.latencies_ms else float("nan")
         p99 = float(np.percentile(self.latencies_ms, 99)) if self.latencies_ms else float("nan")
+        late = self.second_half_growth_mb()
         memory = (f"; service memory {self.rss_start_mb:.0f} -> {self.rss_end_mb:.0f} MB "
-                  f"({self.rss_end_mb - self.rss_start_mb:+.0f} MB)" if self.rss_start_mb is not None
+                  f"({self.rss_end_mb - self.rss_start_mb:+.0f} MB; second half "
+                  f"{'n/a' if late is None else f'{late:+.0f} MB'})" if self.rss_start_mb is not None
                   and self.rss_end_mb is not None else "")
         statuses = ", ".join(f"{status}: {n}" for status, n in sorted(self.by_status.items()))
         return (f"soak: {self.requests} requests in {self.seconds:.0f} s from {self.clients} clients "
                 f"({self.requests / self.seconds:.1f} req/s; {dict(sorted(self.by_action.items()))}); "
                 f"classify p50 {p50:.0f} ms, p99 {p99:.0f} ms; statuses {{{statuses}}}; "
-                f">= 500: {len(self.server_errors)}; wrong answers: {len(self.wrong_answers)}; "
+                f">= 500: {len(self.server_errors)} (besides {self.shed} shed under load: 503 + Retry-After, retried); "
+                f"wrong answers: {len(self.wrong_answers)}; "
                 f"malformed not refused: {len(self.unrefused)}{memory}")
 
 
@@ -140,6 +151,18 @@ def run_soak(url: str, files: dict[str, bytes], seconds: float, clients: int, se
             if problem is not None and where is not None:
                 where.append(problem)
 
+    def post(session, path: str, **request):
+        """A client that retries what the service shed under load (503 with Retry-After), as a real
+        client would; shed answers are counted apart, and the retried request must then be answered."""
+        for attempt in range(1, 6):
+            response = session.post(path, **request)
+            if response.status_code != 503 or "retry-after" not in response.headers or attempt == 5:
+                return response
+            with lock:
+                report.shed += 1
+            time.sleep(min(float(response.headers["retry-after"]), 2.0) * attempt / 2)
+        return response
+
     def client(index: int) -> None:
         rng = random.Random(seed * 1000 + index)
         actions, weights = zip(*MIX, strict=True)
@@ -150,7 +173,7 @@ def run_soak(url: str, files: dict[str, bytes], seconds: float, clients: int, se
                 upload = {"file": (name, files[name], "image/png")}
                 if action == "classify":
                     started = time.perf_counter()
-                    response = session.post("/classify", files=upload)
+                    response = post(session, "/classify", files=upload)
                     elapsed = 1000 * (time.perf_counter() - started)
                     ok = response.status_code == 200 and _same(response.json(), expected[name])
                     with lock:
@@ -159,18 +182,18 @@ def run_soak(url: str, files: dict[str, bytes], seconds: float, clients: int, se
                          report.wrong_answers)
                 elif action == "malformed":
                     what, request = rng.choice(bad)
-                    response = session.post("/classify", **request)
+                    response = post(session, "/classify", **request)
                     refused = 400 <= response.status_code < 500 and "error" in response.json()
                     note(action, response.status_code, None if refused else f"{what}: {response.status_code}",
                          report.unrefused)
                 elif action == "explain":
-                    response = session.post("/explain", files=upload)
+                    response = post(session, "/explain", files=upload)
                     ok = response.status_code == 200 and response.json()["class"] == expected[name]["class"]
                     note(action, response.status_code, None if ok else f"explain {name}: {response.status_code}",
                          report.wrong_answers)
                 elif action == "batch":
                     chosen = [rng.choice(names) for _ in range(BATCH_FILES)]
-                    response = session.post("/classify_batch", files=[("files", (n, files[n], "image/png")) for n in chosen])
+                    response = post(session, "/classify_batch", files=[("files", (n, files[n], "image/png")) for n in chosen])
                     ok = response.status_code == 200 and all(
                         item["ok"] and _same(item, expected[n]) for item, n in zip(response.json()["results"], chosen,
                                                                                     strict=True))
@@ -186,7 +209,14 @@ def run_soak(url: str, files: dict[str, bytes], seconds: float, clients: int, se
                          f"reload: {response.status_code}", report.wrong_answers)
 
     started = time.monotonic()
+
+    def sample_memory() -> None:
+        while server_pid and time.monotonic() < deadline:
+            report.rss_samples.append((time.monotonic() - started, process_tree_rss_mb(server_pid)))
+            time.sleep(min(SAMPLE_EVERY_S, max(0.0, deadline - time.monotonic())))
+
     threads = [threading.Thread(target=client, args=(i,), name=f"soak-{i}") for i in range(clients)]
+    threads.append(threading.Thread(target=sample_memory, name="soak-memory"))
     for thread in threads:
         thread.start()
     for thread in threads:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import uuid
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any, cast
 
@@ -25,7 +26,7 @@ from bentoml.exceptions import BentoMLException, ServiceUnavailable
 
 from tumorscope.api import auth, contract, inference_log, openapi, probes, refusals, responses, served_model, settings, upload_guard
 from tumorscope.api.refusals import BadRequest
-from tumorscope.api.served_model import ModelUnavailable
+from tumorscope.api.served_model import ModelOverloaded, ModelUnavailable
 from tumorscope.api.upload_guard import Route
 
 PARAMS, KEYS, REPLICA = settings.load_service_settings()
@@ -150,14 +151,20 @@ class TumorScope:
 
     @staticmethod
     async def _call(method, *args: Any, **kwargs: Any) -> Any:
-        """Call the model service; its failures become ModelUnavailable (503). A dropped connection
-        is retried once: every model API is idempotent."""
+        """Call the model service; its failures become ModelUnavailable (503), its load shedding
+        ModelOverloaded (503, retry soon). A dropped connection is retried once: every model API is
+        idempotent."""
         import aiohttp
 
         for attempt in (1, 2):
             try:
                 return await method(*args, **kwargs)
             except BentoMLException as err:
+                # BentoML answers a dependency's 503 with a generic body; under load it is the batching
+                # dispatcher shedding what it cannot finish within serve.max_latency_ms.
+                if err.error_code == HTTPStatus.SERVICE_UNAVAILABLE:
+                    raise ModelOverloaded("model service busy (adaptive batching shed the request under load): "
+                                          "retry after Retry-After seconds") from None
                 raise ModelUnavailable(f"model service: {refusals.one_line(str(err))}") from None
             except aiohttp.ClientConnectionError as err:
                 if attempt == 2:
@@ -169,6 +176,8 @@ class TumorScope:
         """The ErrorBody answer (BentoML sends the context's status, so both are set)."""
         status = err.status if isinstance(err, BadRequest) else 503
         ctx.response.status_code = status
+        if isinstance(err, ModelUnavailable):
+            ctx.response.headers["retry-after"] = str(err.retry_after_s)
         return contract.refusal(status, {"error": refusals.one_line(str(err)), "status": status})
 
     # -- one image

@@ -172,6 +172,15 @@ def trust_summary(trust: dict | None) -> dict[str, Any] | None:
 class ModelUnavailable(RuntimeError):
     """No model is loaded (the registry had none, or loading failed): the service answers 503."""
 
+    retry_after_s = 10
+
+
+class ModelOverloaded(ModelUnavailable):
+    """The model service's batching dispatcher refused work it could not finish within
+    serve.max_latency_ms (load shedding): 503 with a short Retry-After; a client retries."""
+
+    retry_after_s = 1
+
 
 def _registry_loader(name: str, ref: str):
     from tumorscope import registry
