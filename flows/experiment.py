@@ -17,6 +17,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
+from flows.links import create_report_links
 from flows.streaming import run_streamed
 from flows.tuning import deployment_overrides, effective_params
 from tumorscope.config import load_params
@@ -94,4 +95,5 @@ def experiment_flow(params_path: str = "params.yaml", architectures: list[str] |
         f"{f'; added batch {added}' if added else ''}): test macro-F1 {metrics['macro_f1']:.3f}, "
         f"recall {metrics['recall']}; {result['promotion'] or 'no promotion report'}; `dvc exp show` lists it.",
         key="tumorscope-experiment", description="DVC experiment of this run")
+    create_report_links(load_params("params.yaml"))  # the experiment's Data Docs and drift report
     return result

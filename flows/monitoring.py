@@ -18,6 +18,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
+from flows.links import create_report_links
 from tumorscope.config import Params, load_params
 
 FLOW_NAME = "tumorscope-monitor"
@@ -148,6 +149,8 @@ def monitoring_flow(params_path: str = "params.yaml", current: str | None = None
     create_markdown_artifact(f"{checked['line']}\n\nSummary: `{summary.get('written_to')}`"
                              + (f"\n\nRetraining: `{result['retraining']}`" if "retraining" in result else ""),
                              key="tumorscope-drift", description="drift check of the champion")
+    if summary.get("report_html"):
+        create_report_links(params, summary["report_html"])
     return result
 
 

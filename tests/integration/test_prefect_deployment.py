@@ -112,10 +112,15 @@ def test_drift_starts_the_experiment_deployment_on_old_and_new_data_and_the_gate
     assert any("Running stage 'train'" in m for m in messages), messages[:40]
     artifacts: dict = {}
     for artifact in api("/artifacts/filter", {"sort": "CREATED_DESC", "artifacts": {"key": {"any_": [
-            "tumorscope-tuning-progress", "tumorscope-leaderboard-table"]}}}):
+            "tumorscope-tuning-progress", "tumorscope-leaderboard-table", "tumorscope-data-docs",
+            "tumorscope-drift-report"]}}}):
         artifacts.setdefault(artifact["key"], artifact)  # the newest: this retraining's study
     assert float(artifacts["tumorscope-tuning-progress"]["data"]) == 100.0
     assert artifacts["tumorscope-leaderboard-table"]["type"] == "table"
+    # Links to the reports: the retraining's Data Docs, the drift check's Evidently report.
+    for key, name in (("tumorscope-data-docs", "index.html"), ("tumorscope-drift-report", "drift.html")):
+        link = artifacts[key]["data"]  # Prefect 3.8 keeps a link artefact as Markdown: [text](uri)
+        assert "](file:///" in link and link.endswith(f"/{name})"), artifacts[key]
     leaderboard = json.loads((project / "reports" / "leaderboard.json").read_text())
     assert sum(leaderboard["states"].get(s, 0) for s in ("COMPLETE", "PRUNED")) == 3
     # Old + new: the batch is versioned with DVC in data/added and ingested beside the old data.
