@@ -144,10 +144,10 @@ class ApiKeyAuth:
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        role = self.keys.role_of(presented_key(headers))
+        presented = presented_key(headers)
+        role = self.keys.role_of(presented)
         if role is None:
-            given = presented_key(headers) is not None
-            await _refuse(scope, receive, send, 401, "invalid API key" if given else
+            await _refuse(scope, receive, send, 401, "invalid API key" if presented is not None else
                           "missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
         elif role != ADMIN and scope.get("path") in ADMIN_PATHS:
             await _refuse(scope, receive, send, 403, f"{scope.get('path')} needs an admin key")
