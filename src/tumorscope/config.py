@@ -7,6 +7,7 @@ CLI prints as one line.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -116,7 +117,7 @@ class SplitConfig(_Section):
 class PreprocessConfig(_Section):
     cache_dir: str = "data/cache"
     report_path: str = "reports/preprocess.json"
-    image_size: int = Field(64, ge=16, le=1024)
+    image_size: int = Field(96, ge=16, le=1024)
     clahe: bool = False
     clahe_clip_limit: float = Field(0.01, gt=0)
     equalize: bool = False
@@ -181,6 +182,16 @@ class TrainConfig(_Section):
     # auto: data-parallel over every local accelerator when there are several (Keras DataParallel,
     # JAX backend; each batch split across the devices, weights replicated); none: one device.
     distribution: Literal["auto", "none"] = "auto"
+    # Threads that warp and re-window each training batch in the loader (0: one per CPU core, at
+    # most 8), so an accelerator is not starved by one core; the pixels are the same for any number.
+    loader_workers: int = Field(0, ge=0, le=64)
+
+    def loader_threads(self) -> int:
+        """loader_workers, 0 resolved to the CPU cores this process may use (at most 8)."""
+        if self.loader_workers:
+            return self.loader_workers
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return min(8, cores)
 
     def augment_strength_in(self, place: Literal["loader", "model"]) -> float:
         """augment_strength where augmentation runs (``augment_in``), 0 in the other place."""
@@ -256,7 +267,7 @@ DEFAULT_ABLATION_VARIANTS: dict[str, dict[str, Any]] = {
     "combined": {"preprocess": {"body_crop": True, "normalize": "percentile"}, "train": {"intensity_augment": 0.2}},
     "stronger_geometry": {"train": {"augment_strength": 0.2}},
     "regularised": {"train": {"dropout": 0.5, "filters": 32, "dense_units": 128}},
-    "size_96": {"preprocess": {"image_size": 96}},
+    "size_64": {"preprocess": {"image_size": 64}},
     "size_128": {"preprocess": {"image_size": 128}},
 }
 

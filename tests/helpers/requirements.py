@@ -56,6 +56,17 @@ def postgres_schema_uri(schema: str) -> str:
     return f"{POSTGRES_URI}?options=-csearch_path%3D{schema}"
 
 
+def drop_schema(schema: str) -> None:
+    """Remove a test's PostgreSQL schema and everything in it."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(POSTGRES_URI)
+    with engine.connect() as connection:
+        connection.execute(sqlalchemy.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        connection.commit()
+    engine.dispose()
+
+
 needs_sample = needs(SAMPLE.is_dir, f"needs the real slices in {SAMPLE} (../shared/data: present in CI, absent in a "
                      "user's clone)", pytest.mark.shared)
 # One xdist worker runs every PostgreSQL test: MLflow's and Optuna's schema migrations must not race.

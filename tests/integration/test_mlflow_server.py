@@ -23,21 +23,11 @@ from helpers import bento
 from helpers.browser import browser
 from helpers.paths import FIXTURE_SLICES, REPO
 from helpers.processes import stop
-from helpers.requirements import POSTGRES_URI, needs_chromium, needs_postgres, postgres_schema_uri
+from helpers.requirements import drop_schema, needs_chromium, needs_postgres, postgres_schema_uri
 from helpers.servers import start_mlflow_server
 
 pytestmark = pytest.mark.slow
 SCREENSHOT = REPO / "docs" / "img" / "mlflow-ui-datasets.png"
-
-
-def drop_schema(schema: str) -> None:
-    import sqlalchemy
-
-    engine = sqlalchemy.create_engine(POSTGRES_URI)
-    with engine.connect() as connection:
-        connection.execute(sqlalchemy.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-        connection.commit()
-    engine.dispose()
 
 
 def through_server(project: Path, url: str) -> dict:

@@ -21,7 +21,7 @@ from PIL import Image
 
 from helpers.images import not_ct_images, textured_slice, write_png
 from helpers.paths import REPO
-from helpers.requirements import needs_postgres, postgres_schema_uri
+from helpers.requirements import drop_schema, needs_postgres, postgres_schema_uri
 from tumorscope.config import load_params, with_overrides
 from tumorscope.stages import data as data_stages
 from tumorscope.stages import prediction, promotion, training
@@ -229,8 +229,6 @@ def test_predict_writes_csv_and_external_validation(tmp_path, monkeypatch):
 @needs_postgres
 def test_registry_on_postgres(tmp_path, monkeypatch):
     """Register, promote and roll back on a PostgreSQL tracking store (parallel workers' set-up)."""
-    import sqlalchemy
-
     schema = f"tumorscope_registry_{tmp_path.name[-12:].replace('-', '_').lower()}"
     monkeypatch.chdir(tmp_path)
     params = make_project(tmp_path, postgres_schema_uri(schema))
@@ -245,8 +243,4 @@ def test_registry_on_postgres(tmp_path, monkeypatch):
         assert promotion.run_rollback(params, "postgres check").endswith("champion 2 -> 1 by " + __import__(
             "tumorscope.registry", fromlist=["actor"]).actor() + ": postgres check")
     finally:
-        engine = sqlalchemy.create_engine("postgresql://root@127.0.0.1:5432/test")
-        with engine.connect() as connection:
-            connection.execute(sqlalchemy.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-            connection.commit()
-        engine.dispose()
+        drop_schema(schema)

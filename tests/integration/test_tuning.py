@@ -13,7 +13,9 @@ import uuid
 import pytest
 import yaml
 
-from helpers.requirements import needs_postgres, postgres_schema_uri
+from helpers.processes import stop
+from helpers.requirements import drop_schema, needs_postgres, postgres_schema_uri
+from helpers.servers import start_mlflow_server
 from tumorscope.config import load_params, with_overrides
 from tumorscope.tracking import absolute_sqlite_uri
 from tumorscope.tuning.leaderboard import finish_study
@@ -127,17 +129,23 @@ def test_killed_worker_resumes_the_same_study(project):
 
 
 @needs_postgres
-def test_two_postgres_workers_share_one_study(project):
+def test_two_workers_on_one_postgres_study_through_the_mlflow_server(project, tmp_path_factory):
+    """Two independent `tumorscope tune-worker` processes (as on two hosts: not children of one flow)
+    on one PostgreSQL study, tracking through a shared MLflow server (PostgreSQL backend, artefacts
+    proxied): no trial lost or run twice, every trial's run and model in the server's store."""
     name = f"pgtest-{uuid.uuid4().hex[:8]}"
     storage = postgres_schema_uri("tumorscope_optuna")
+    mlflow_schema = f"tumorscope_workers_{uuid.uuid4().hex[:8]}"
+    server = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"), postgres_schema_uri(mlflow_schema))
     params = with_overrides(load_params("params.yaml"), {
         "tune": {"storage": storage, "study_name": name, "workers": 2, "n_trials": 6, "trial_epochs": 3},
-        "mlflow": {"tracking_uri": postgres_schema_uri("tumorscope_mlflow"), "experiment": name}})
+        "mlflow": {"tracking_uri": server.url, "experiment": name}})
     (project / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json", by_alias=True)))
-    handle = open_study(params)
-    workers = [subprocess.Popen([*CLI, "tune-worker", "--index", str(i)], cwd=project,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    workers = []
     try:
+        handle = open_study(params)
+        workers = [subprocess.Popen([*CLI, "tune-worker", "--index", str(i)], cwd=project,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
         outputs = [w.communicate(timeout=600) for w in workers]
         assert [w.returncode for w in workers] == [0, 0], [o[1][-1500:] for o in outputs]
         trials = load_study(params).get_trials(deepcopy=False)
@@ -148,10 +156,16 @@ def test_two_postgres_workers_share_one_study(project):
         assert len({t.user_attrs["worker"] for t in trials}) == 2  # both processes did trials
         run_ids = [t.user_attrs["mlflow_run_id"] for t in trials]
         assert len(set(run_ids)) == len(trials)
-        assert sorted(r.info.run_id for r in child_runs(params, handle.parent_run_id)) == sorted(run_ids)
+        runs = child_runs(params, handle.parent_run_id)
+        assert sorted(r.info.run_id for r in runs) == sorted(run_ids)
+        # Artefacts went through the server into its folder, none into the workers' project.
+        assert all(r.info.artifact_uri.startswith("mlflow-artifacts:") for r in runs)
+        assert not (project / params.mlflow.artifact_root).exists()
     finally:
         for w in workers:
             w.kill()
+        stop(server.process)
+        drop_schema(mlflow_schema)
         import optuna
 
         optuna.delete_study(study_name=stored_study_name(params), storage=storage)

@@ -130,3 +130,36 @@ def test_augment_in_sends_the_strength_to_one_place_only(place):
     assert cfg.augment_strength_in(place) == 0.2 and cfg.augment_strength_in(other) == 0.0
     # the model is built with augmentation layers only when they are where it runs
     assert model_options(cfg, seed=0)["augment_strength"] == cfg.augment_strength_in("model")
+
+
+@pytest.mark.parametrize("workers", [2, 3, 7, 40])
+def test_loader_threads_give_the_same_pixels_as_one(workers):
+    """The random draws are made before the work is split: any number of threads (more than the
+    batch's images too) warps and re-windows each batch exactly as one thread does."""
+    from tumorscope.data.augment import augment_intensity
+    from tumorscope.models.train import make_batches
+
+    batch = _slices(13)
+    assert np.array_equal(augment_batch(batch, 0.3, np.random.default_rng(2), workers),
+                          augment_batch(batch, 0.3, np.random.default_rng(2)))
+    assert np.array_equal(augment_intensity(batch, 0.3, np.random.default_rng(2), workers),
+                          augment_intensity(batch, 0.3, np.random.default_rng(2)))
+    images, labels = _slices(40), np.arange(40) % 4
+
+    def loader(threads: int):
+        return make_batches(images, labels, 16, shuffle=True, seed=5, augment_strength=0.2,
+                            intensity_strength=0.2, workers=threads)
+
+    one, many = loader(1), loader(workers)
+    for index in range(len(one)):
+        assert np.array_equal(one[index][0], many[index][0])
+        assert np.array_equal(one[index][1], many[index][1])
+
+
+def test_loader_workers_zero_means_one_per_core_at_most_eight():
+    import os
+
+    from tumorscope.config import TrainConfig
+
+    assert TrainConfig(loader_workers=3).loader_threads() == 3
+    assert TrainConfig().loader_threads() == min(8, len(os.sched_getaffinity(0)))

@@ -7,11 +7,38 @@ borders filled with 0. Here they are composed into one affine warp per image and
 `scipy.ndimage` before the batch reaches the model, which is why this module exists: on the JAX
 backend each Keras affine layer resamples the batch separately and slowly (docs/benchmarks.md),
 and a loader-side transform gives the same pixels on every backend for the same seed.
+
+Every random draw of a batch is made first, in the calling thread, in one order; only the
+arithmetic is then spread over ``workers`` threads: `scipy.ndimage` and NumPy
+release the GIL while they compute, so threads warp images in parallel on several cores, and the
+pixels are the same whatever the number of threads.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
+
+
+@functools.cache
+def _thread_pool(workers: int) -> ThreadPoolExecutor:
+    # One pool per size for the process's life: a loader asks for one per batch.
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tumorscope-augment")
+
+
+def _in_chunks(n: int, work: Callable[[slice], None], workers: int) -> None:
+    """Run ``work`` over ``range(n)`` split into ``workers`` contiguous slices at once (in this
+    thread when ``workers`` is 1). Each call writes its own slice of a shared output."""
+    if workers <= 1 or n < 2:
+        work(slice(0, n))
+        return
+    bounds = np.linspace(0, n, min(n, workers) + 1).astype(int)
+    pool = _thread_pool(workers)
+    for future in [pool.submit(work, slice(a, b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]:
+        future.result()
 
 
 def random_affines(rng: np.random.Generator, n: int, strength: float, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -31,9 +58,10 @@ def random_affines(rng: np.random.Generator, n: int, strength: float, size: int)
     return matrices, offsets
 
 
-def augment_batch(images: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
+def augment_batch(images: np.ndarray, strength: float, rng: np.random.Generator, workers: int = 1) -> np.ndarray:
     """A randomly flipped, rotated, zoomed and shifted copy of a (n, size, size, 1) uint8 batch
-    (bilinear, borders 0); ``strength`` 0 returns the batch unchanged."""
+    (bilinear, borders 0); ``strength`` 0 returns the batch unchanged. ``workers``: threads that
+    warp parts of the batch at once (the same pixels for any number)."""
     if strength <= 0 or len(images) == 0:
         return images
     from scipy import ndimage
@@ -42,25 +70,41 @@ def augment_batch(images: np.ndarray, strength: float, rng: np.random.Generator)
     # "grid-constant" blends edge pixels with the 0 fill, as Keras' constant fill does; scipy's
     # "constant" zeroes any point a hair outside the slice (a black line at the border).
     out = np.empty_like(images)
-    for index, (matrix, offset) in enumerate(zip(matrices, offsets, strict=True)):
-        warped = ndimage.affine_transform(images[index, :, :, 0].astype(np.float32), matrix, offset,
-                                          order=1, mode="grid-constant", cval=0.0)
-        out[index, :, :, 0] = np.clip(np.rint(warped), 0, 255)
+
+    def warp(part: slice) -> None:
+        for index in range(part.start, part.stop):
+            warped = ndimage.affine_transform(images[index, :, :, 0].astype(np.float32), matrices[index],
+                                              offsets[index], order=1, mode="grid-constant", cval=0.0)
+            out[index, :, :, 0] = np.clip(np.rint(warped), 0, 255)
+
+    _in_chunks(len(images), warp, workers)
     return out
 
 
-def augment_intensity(images: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
+def augment_intensity(images: np.ndarray, strength: float, rng: np.random.Generator,
+                      workers: int = 1) -> np.ndarray:
     """Per image, the kind of change another scanner or export makes (what ``tumorscope incoming``
     simulates): a window change (contrast x [1 - s, 1 + s] about mid-grey, brightness +- s * 64), a
     gamma in [1 - s, 1 + s] and Gaussian noise of standard deviation up to s * 20 grey levels, for
-    strength s; uint8 in and out. ``strength`` 0 returns the batch unchanged."""
+    strength s; uint8 in and out. ``strength`` 0 returns the batch unchanged; ``workers`` as for
+    `augment_batch`."""
     if strength <= 0 or len(images) == 0:
         return images
     n = len(images)
     contrast = rng.uniform(1.0 - strength, 1.0 + strength, (n, 1, 1, 1))
     brightness = rng.uniform(-strength, strength, (n, 1, 1, 1)) * 64.0
     gamma = rng.uniform(1.0 - strength, 1.0 + strength, (n, 1, 1, 1))
-    noise = rng.uniform(0.0, strength * 20.0, (n, 1, 1, 1)) * rng.standard_normal(images.shape)
-    x = (images.astype(np.float32) - 127.5) * contrast + 127.5 + brightness
-    x = 255.0 * (np.clip(x, 0.0, 255.0) / 255.0) ** gamma + noise
-    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+    noise_sd = rng.uniform(0.0, strength * 20.0, n)
+    # The noise, the costly draw, comes from one child generator per image: drawn in the threads,
+    # the same whichever thread draws it.
+    noise_rngs = rng.spawn(n)
+    out = np.empty_like(images, dtype=np.uint8)
+
+    def change(part: slice) -> None:
+        x = (images[part].astype(np.float32) - 127.5) * contrast[part] + 127.5 + brightness[part]
+        noise = np.stack([noise_rngs[i].standard_normal(images.shape[1:]) for i in range(part.start, part.stop)])
+        x = 255.0 * (np.clip(x, 0.0, 255.0) / 255.0) ** gamma[part] + noise_sd[part, None, None, None] * noise
+        out[part] = np.clip(np.rint(x), 0, 255)
+
+    _in_chunks(n, change, workers)
+    return out

@@ -33,7 +33,7 @@ def balanced_order(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def make_batches(images, labels, batch_size: int, *, shuffle: bool, seed: int, class_weights=None,
                  augment_strength: float = 0.0, intensity_strength: float = 0.0, balanced: bool = False,
-                 multiple: int = 1):
+                 multiple: int = 1, workers: int = 1):
     """A keras PyDataset over (possibly memory-mapped) arrays; yields (x, y[, sample_weight]).
 
     A batch is a pure function of (epoch, index): the epoch's sample order is drawn from
@@ -50,7 +50,8 @@ def make_batches(images, labels, batch_size: int, *, shuffle: bool, seed: int, c
 
     ``multiple`` > 1 (data-parallel training over that many devices, ``batch_size`` a multiple of
     it): every batch's size is a multiple of it, so each epoch leaves out the last
-    ``len(labels) % multiple`` slices of its order (drawn anew each epoch when shuffled)."""
+    ``len(labels) % multiple`` slices of its order (drawn anew each epoch when shuffled).
+    ``workers`` threads augment parts of each batch at once (the same pixels for any number)."""
     import keras
 
     from tumorscope.data.augment import augment_batch, augment_intensity
@@ -81,7 +82,7 @@ def make_batches(images, labels, batch_size: int, *, shuffle: bool, seed: int, c
             x = np.asarray(images[picked], dtype=np.uint8)
             if augment_strength > 0 or intensity_strength > 0:
                 rng = np.random.default_rng([seed, epoch, index])
-                x = augment_intensity(augment_batch(x, augment_strength, rng), intensity_strength, rng)
+                x = augment_intensity(augment_batch(x, augment_strength, rng, workers), intensity_strength, rng, workers)
             y = labels[picked]
             if class_weights is None:
                 return x, y
@@ -173,7 +174,7 @@ def train_model(model, train_data, val_data, cfg: TrainConfig, seed: int, callba
     loader_augment = cfg.augment_strength_in("loader")
     train_batches = make_batches(x_train, y_train, batch_size, shuffle=True, seed=seed, class_weights=weights,
                                  augment_strength=loader_augment, intensity_strength=cfg.intensity_augment,
-                                 balanced=cfg.balanced_batches, multiple=devices)
+                                 balanced=cfg.balanced_batches, multiple=devices, workers=cfg.loader_threads())
     x_val, y_val = val_data
     val_batches = make_batches(x_val, y_val, batch_size, shuffle=False, seed=seed, multiple=devices)
     phases: list[tuple[float, int, int | None]] = []  # (lr, epochs, trainable top layers or None: leave as is)
