@@ -5,9 +5,12 @@ trials run (workers, retries, per-architecture concurrency) is Prefect's job. Th
 as a Prefect run is flows/experiment.py (`dvc exp run`).
 
 Parallel tuning: with tune.workers > 1 each worker is a separate process (Optuna's n_jobs is
-threads only) on the same PostgreSQL-backed study. Per-architecture concurrency: a Prefect global
-concurrency limit `tumorscope-arch-<architecture>` (slots from tune.architecture_concurrency)
-is held while a trial of that architecture trains, across all workers.
+threads only) on the same PostgreSQL-backed study. With tune.fan_out: deployment each worker is
+instead a flow run of the `tumorscope-tune-worker` deployment (`tune_worker_flow`), taken by any
+Prefect worker polling its work pool, so more hosts with a Prefect worker means more trials at
+once. Per-architecture concurrency: a Prefect global concurrency limit
+`tumorscope-arch-<architecture>` (slots from tune.architecture_concurrency) is held while a trial
+of that architecture trains, across all workers and hosts.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import contextlib
 import os
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import cast
 from uuid import UUID
@@ -154,33 +159,88 @@ def finish_study(params_path: str, overrides: dict, handle: dict) -> dict:
     return {k: summary[k] for k in ("study_name", "states", "parent_run_id", "best")}
 
 
+@flow(name="tumorscope-tune-worker", log_prints=True)
+def tune_worker_flow(params_path: str = "params.yaml", overrides: dict | None = None, worker_index: int = 0) -> str:
+    """One Optuna worker as its own flow run: what the tuning flow starts per worker with
+    tune.fan_out: deployment. It runs in the project clone of whichever host's Prefect worker took
+    it (same commit, the cache pulled) and joins the study by name in tune.storage."""
+    params = effective_params(params_path, overrides or {})
+    limits = params.tune.architecture_concurrency
+    return tuning_stages.run_tune_worker(params, worker_index, architecture_guard(limits) if limits else None)
+
+
 @flow(name="tumorscope-tune", log_prints=True)
 def tuning_flow(params_path: str = "params.yaml", architectures: list[str] | None = None,
                 n_trials: int | None = None, workers: int | None = None) -> dict:
     """The Optuna study of the `tune` DVC stage: open it, run tune.workers workers on it (retries,
-    per-architecture concurrency), write the leaderboard and the best parameters. Parameters
-    override params.yaml for this run. Everything before and after it is a DVC stage."""
+    per-architecture concurrency; here or as deployment flow runs, tune.fan_out), write the
+    leaderboard and the best parameters. Parameters override params.yaml for this run. Everything
+    before and after it is a DVC stage."""
     overrides = deployment_overrides(params_path, architectures, n_trials, None, workers)
     params = effective_params(params_path, overrides)  # fail fast on a bad override
     handle = open_study(params_path, overrides)
     if params.tune.architecture_concurrency:
         ensure_concurrency_limits(params.tune.architecture_concurrency)
-    separate = params.tune.workers > 1
-    futures = [tune_worker.submit(params_path, overrides, i, separate) for i in range(params.tune.workers)]
-    watch_progress(futures, params, handle)
-    result: dict = {"workers": [future.result() for future in futures]}
+    result: dict = {}
+    if params.tune.fan_out == "deployment":
+        result["workers"] = fan_out_workers(params_path, overrides, params, handle)
+    else:
+        separate = params.tune.workers > 1
+        futures = [tune_worker.submit(params_path, overrides, i, separate) for i in range(params.tune.workers)]
+
+        def wait_for_workers(seconds: float) -> bool:
+            pending = [future for future in futures if not future.state.is_final()]
+            if pending:
+                pending[0].wait(timeout=seconds)
+            return all(future.state.is_final() for future in futures)
+
+        watch_progress(wait_for_workers, params, handle)
+        result["workers"] = [future.result() for future in futures]
     result["tune"] = finish_study(params_path, overrides, handle)
     best = result["tune"]["best"]
     get_run_logger().info(f"tune: best trial {best['trial']} ({best['architecture']}), states {result['tune']['states']}")
     return result
 
 
+def fan_out_workers(params_path: str, overrides: dict, params: Params, handle: dict) -> list[str]:
+    """Start tune.workers flow runs of tune.worker_deployment (subflows of this run), wait for all
+    of them, and raise naming any that did not complete."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.deployments import run_deployment
+
+    # run_deployment is sync-compatible: called from sync code it returns the flow run, not a coroutine.
+    runs = [cast(FlowRun, run_deployment(params.tune.worker_deployment, timeout=0, as_subflow=True, parameters={
+        "params_path": params_path, "overrides": overrides, "worker_index": index}))
+        for index in range(params.tune.workers)]
+    get_run_logger().info(f"tune: {len(runs)} worker flow run(s) of {params.tune.worker_deployment}: "
+                          + ", ".join(run.name for run in runs))
+
+    def wait_for_workers(seconds: float) -> bool:
+        with get_client(sync_client=True) as client:
+            states = [client.read_flow_run(run.id).state for run in runs]
+        if all(state is not None and state.is_final() for state in states):
+            return True
+        time.sleep(seconds)
+        return False
+
+    watch_progress(wait_for_workers, params, handle)
+    with get_client(sync_client=True) as client:
+        finished = [client.read_flow_run(run.id) for run in runs]
+    outcome = [f"worker {index}: flow run {run.name} {run.state.type.value if run.state else 'UNKNOWN'}"
+               for index, run in enumerate(finished)]
+    if any(run.state is None or not run.state.is_completed() for run in finished):
+        raise RuntimeError("tune workers did not all complete: " + "; ".join(outcome))
+    return outcome
+
+
 PROGRESS_SECONDS = 5.0
 
 
-def watch_progress(futures: list, params: Params, handle: dict) -> None:
+def watch_progress(wait_for_workers: Callable[[float], bool], params: Params, handle: dict) -> None:
     """A progress artefact on the flow run (the share of tune.n_trials finished), updated every few
-    seconds from the study's storage until every worker has ended."""
+    seconds from the study's storage until ``wait_for_workers`` (waiting at most the seconds given)
+    says every worker has ended."""
     from tumorscope.tuning.study import count_states, load_study
 
     def finished_share() -> float:
@@ -190,11 +250,9 @@ def watch_progress(futures: list, params: Params, handle: dict) -> None:
     description = f"Optuna study {handle['study_name']}: trials finished of {params.tune.n_trials}"
     artifact = cast(UUID, create_progress_artifact(finished_share(), key="tumorscope-tuning-progress",
                                                    description=description))
-    pending = [future for future in futures if not future.state.is_final()]
-    while pending:
-        pending[0].wait(timeout=PROGRESS_SECONDS)
+    while not wait_for_workers(PROGRESS_SECONDS):
         update_progress_artifact(artifact, finished_share())
-        pending = [future for future in pending if not future.state.is_final()]
+    update_progress_artifact(artifact, finished_share())
 
 
 def preflight(params: Params) -> None:

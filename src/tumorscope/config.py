@@ -353,9 +353,14 @@ class TuneConfig(_Section):
     # Total finished (complete or pruned) trials the study aims for, across workers and restarts.
     n_trials: int = Field(8, ge=1)
     workers: int = Field(1, ge=1)
+    # How the Prefect flow runs its workers: "processes" on its own host (children of the flow
+    # run), or "deployment": each a flow run of ``worker_deployment`` on that deployment's work
+    # pool, taken by whichever Prefect worker polls it, on any host (flows/deploy.py registers it).
+    fan_out: Literal["processes", "deployment"] = "processes"
+    worker_deployment: str = "tumorscope-tune-worker/worker"
     timeout_minutes: float | None = Field(None, gt=0)
     # Epochs per trial (a shrunken budget); the best configuration is then trained for train.epochs.
-    trial_epochs: int = Field(20, ge=1)
+    trial_epochs: int = Field(15, ge=1)
     metric: Literal["macro_f1", "critical_recall"] = "macro_f1"
     # Trials whose validation recall of evaluate.critical_class is below this are infeasible:
     # recorded, but never chosen as best. 0 disables the constraint.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +14,9 @@ import uuid
 import pytest
 import yaml
 
-from helpers.processes import stop
+from helpers.paths import BIN, REPO
+from helpers.processes import start, stop
+from helpers.projects import tool_env
 from helpers.requirements import drop_schema, needs_postgres, postgres_schema_uri
 from helpers.servers import start_mlflow_server
 from tumorscope.config import load_params, with_overrides
@@ -138,7 +141,10 @@ def test_two_workers_on_one_postgres_study_through_the_mlflow_server(project, tm
     mlflow_schema = f"tumorscope_workers_{uuid.uuid4().hex[:8]}"
     server = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"), postgres_schema_uri(mlflow_schema))
     params = with_overrides(load_params("params.yaml"), {
-        "tune": {"storage": storage, "study_name": name, "workers": 2, "n_trials": 6, "trial_epochs": 3},
+        # A heartbeat of 30 s, not the project's 2: a busy machine (the suite's other worker) must not
+        # make a running trial look stale to the other process, which would fail and retry it.
+        "tune": {"storage": storage, "study_name": name, "workers": 2, "n_trials": 6, "trial_epochs": 3,
+                 "heartbeat_seconds": 30},
         "mlflow": {"tracking_uri": server.url, "experiment": name}})
     (project / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json", by_alias=True)))
     workers = []
@@ -150,7 +156,8 @@ def test_two_workers_on_one_postgres_study_through_the_mlflow_server(project, tm
         assert [w.returncode for w in workers] == [0, 0], [o[1][-1500:] for o in outputs]
         trials = load_study(params).get_trials(deepcopy=False)
         assert sorted(t.number for t in trials) == list(range(len(trials)))  # none lost, none doubled
-        assert all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
+        assert all(t.state.name in ("COMPLETE", "PRUNED") for t in trials), (
+            [(t.number, t.state.name, t.user_attrs, t.system_attrs) for t in trials], [o[1][-3000:] for o in outputs])
         # Both stop at n_trials; a worker that had started its last trial may add one more.
         assert params.tune.n_trials <= len(trials) <= params.tune.n_trials + 1
         assert len({t.user_attrs["worker"] for t in trials}) == 2  # both processes did trials
@@ -169,6 +176,63 @@ def test_two_workers_on_one_postgres_study_through_the_mlflow_server(project, tm
         import optuna
 
         optuna.delete_study(study_name=stored_study_name(params), storage=storage)
+
+
+def flow_runs_on(api_url: str, pool: str) -> list[dict]:
+    import httpx
+
+    found = httpx.post(f"{api_url}/flow_runs/filter", timeout=10, json={
+        "work_pools": {"name": {"any_": [pool]}}, "limit": 50}).json()
+    return list(found)
+
+
+@needs_postgres
+def test_the_flow_fans_workers_out_as_flow_runs_on_a_work_pool(project, prefect_server, tmp_path):
+    """tune.fan_out: deployment: `tumorscope tune` starts each worker as a flow run of
+    `tumorscope-tune-worker/worker` (registered by flows.deploy), and two `prefect worker` processes
+    polling its pool (as on two hosts) run them on one PostgreSQL study: none lost or run twice."""
+    shutil.copytree(REPO / "flows", project / "flows", ignore=shutil.ignore_patterns("__pycache__"))
+    name = f"fanout-{uuid.uuid4().hex[:8]}"
+    storage = postgres_schema_uri("tumorscope_optuna")
+    params = with_overrides(load_params("params.yaml"), {
+        "tune": {"storage": storage, "study_name": name, "workers": 2, "n_trials": 4, "trial_epochs": 2,
+                 "fan_out": "deployment", "heartbeat_seconds": 30},  # 30 s: as above
+        "mlflow": {"tracking_uri": postgres_schema_uri("tumorscope_mlflow"), "experiment": name}})
+    (project / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json", by_alias=True)))
+    # Workers poll every 2 s instead of 10: a test waits for them.
+    env = tool_env(project, **prefect_server.env(), PYTHONPATH=str(project), PREFECT_WORKER_QUERY_SECONDS="2")
+    pool = f"tuning-{name}"
+    hosts = []
+    try:
+        deployed = subprocess.run([sys.executable, "-m", "flows.deploy", "--pool", f"{pool}-experiments",
+                                   "--tuning-pool", pool, "--monitor-every", "0"],
+                                  cwd=project, env=env, capture_output=True, text=True, timeout=180)
+        assert deployed.returncode == 0, deployed.stdout[-2000:] + deployed.stderr[-2000:]
+        assert f"tumorscope-tune-worker/worker -> work pool '{pool}'" in deployed.stdout
+        hosts = [start([str(BIN / "prefect"), "worker", "start", "--pool", pool, "--limit", "1", "--name", f"host-{i}"],
+                       tmp_path / f"host-{i}.log", env, cwd=tmp_path) for i in range(2)]
+        started = time.monotonic()
+        tuned = subprocess.run([*CLI, "tune"], cwd=project, env=env, capture_output=True, text=True, timeout=900)
+        print(f"tune with two worker flow runs: {time.monotonic() - started:.0f} s")
+        logs = "\n".join((tmp_path / f"host-{i}.log").read_text(errors="replace")[-1500:] for i in range(2))
+        assert tuned.returncode == 0, tuned.stdout[-2000:] + tuned.stderr[-2000:] + logs
+    finally:
+        for host in hosts:
+            stop(host)
+    runs = flow_runs_on(prefect_server.api_url, pool)
+    assert sorted(run["parameters"]["worker_index"] for run in runs) == [0, 1]
+    assert all(run["state_type"] == "COMPLETED" and run["parent_task_run_id"] for run in runs)  # subflows of tune
+    trials = load_study(params).get_trials(deepcopy=False)
+    assert sorted(t.number for t in trials) == list(range(len(trials)))  # none lost, none doubled
+    assert all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
+    assert params.tune.n_trials <= len(trials) <= params.tune.n_trials + 1
+    # Each trial names the process that ran it: at most the two flow runs' (one that started late
+    # may find the study finished: trials of two epochs take seconds, a flow run's start longer).
+    assert 1 <= len({t.user_attrs["worker"] for t in trials}) <= 2
+    assert json.loads((project / params.tune.best_params_path).read_text())
+    import optuna
+
+    optuna.delete_study(study_name=stored_study_name(params), storage=storage)
 
 
 def test_optuna_and_mlflow_in_one_schema_is_refused(project):

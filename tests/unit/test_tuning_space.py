@@ -139,7 +139,7 @@ def test_study_identity_hashes_only_what_trials_depend_on():
             {"tune": {"n_trials": 40, "workers": 1}}, {"evaluate": {"distance_bands": [2, 6]}}]
     for overrides in same:
         assert stored_study_name(with_overrides(base, overrides)) == stored_study_name(base), overrides
-    different = [{"preprocess": {"clahe": True}}, {"preprocess": {"image_size": 96}}, {"train": {"patience": 3}},
+    different = [{"preprocess": {"clahe": True}}, {"preprocess": {"image_size": 128}}, {"train": {"patience": 3}},
                  {"tune": {"trial_epochs": 5}}, {"evaluate": {"bootstrap_samples": 200}}, {"seed": 1}]
     for overrides in different:
         assert stored_study_name(with_overrides(base, overrides)) != stored_study_name(base), overrides

@@ -122,6 +122,9 @@ def load_study(params: Params, storage=None, worker_index: int = 0):
     if cfg.workers > 1 and cfg.storage.startswith("sqlite"):
         raise UserError(f"tune.workers: {cfg.workers} workers need a server database in tune.storage "
                         "(PostgreSQL); an SQLite file serialises and locks parallel writers")
+    if cfg.fan_out == "deployment" and cfg.storage.startswith("sqlite"):
+        raise UserError("tune.fan_out: deployment workers may run on other hosts and need a server database in "
+                        "tune.storage (PostgreSQL), not an SQLite file")
     storage = storage or open_storage(cfg)
     sampler = optuna.samplers.TPESampler(seed=params.seed + worker_index, constant_liar=True,
                                          n_startup_trials=min(5, cfg.n_trials))
