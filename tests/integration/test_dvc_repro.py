@@ -115,19 +115,13 @@ def test_dvc_repro_on_tiny_phantom(tiny_dvc_run, tmp_path, prefect_server):
     second = run_tool(["dvc", "repro"], project, **server)
     assert "Running stage" not in second.stdout  # an unchanged workspace is a no-op
     # Changing one evaluation knob reruns only evaluate (and promote, which reads its report, and
-    # monitor if the promotion report changed); one more trial reruns tune onwards.
+    # monitor if the promotion report changed). (A study grown by one more trial: test_tuning.py;
+    # tune.n_trials left out of the study's identity: test_tuning_space.py.)
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["evaluate"]["distance_bands"] = [3, 8, 12]  # read by evaluate alone
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = run_tool(["dvc", "repro"], project, **server)
     assert {"evaluate", "promote"} <= _stages_run(third) <= {"evaluate", "promote", "monitor"}
-    params["tune"]["n_trials"] = 3
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    fourth = run_tool(["dvc", "repro"], project, **server)
-    # train/evaluate/promote rerun only if the extra trial changed the winner (best_params.json).
-    assert "tune" in _stages_run(fourth) and _stages_run(fourth) <= {"tune", "train", "evaluate", "promote", "monitor"}
-    leaderboard = json.loads((project / "reports" / "leaderboard.json").read_text())
-    assert sum(leaderboard["states"].get(s, 0) for s in ("COMPLETE", "PRUNED")) == 3  # the same study, grown
     run_tool(["dvc", "push"], project)
     assert any((project / "remote").rglob("*"))
 

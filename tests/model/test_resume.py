@@ -1,8 +1,8 @@
 """A killed training resumes: a process killed at the start of an epoch (os._exit, no clean-up, as a
 SIGKILL or a lost node would leave it) and started again continues after its last finished epoch
 and ends with the same history, weights and scores as an uninterrupted run (CPU, seeded). Both
-the one-phase CNN and two-phase fine-tuning (killed inside the second phase, and just after the
-first one ended)."""
+the one-phase CNN and two-phase fine-tuning (killed just after the first phase ended, then again,
+resumed, inside the second)."""
 
 from __future__ import annotations
 
@@ -72,24 +72,26 @@ def uninterrupted(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("architecture", "kill_at", "phase_at_kill"), [
-    ("small_cnn", 2, 0),         # one phase, killed after its second epoch
-    ("mobilenet_v2", 2, 1),      # two phases (1 + 4 epochs): killed inside the second
-    ("mobilenet_v2", 1, 0),      # killed as the second phase began: the first had ended
+@pytest.mark.parametrize(("architecture", "kills"), [
+    ("small_cnn", [(2, 0)]),              # one phase, killed after its second epoch
+    # Two phases (1 + 4 epochs), killed twice: as the second phase began (the first had ended),
+    # then, resumed, inside the second phase. (epoch killed at, phase recorded in the backup)
+    ("mobilenet_v2", [(1, 0), (2, 1)]),
 ])
-def test_a_killed_training_resumes_and_ends_as_an_uninterrupted_one(tmp_path, uninterrupted, architecture, kill_at,
-                                                                   phase_at_kill):
+def test_a_killed_training_resumes_and_ends_as_an_uninterrupted_one(tmp_path, uninterrupted, architecture, kills):
     expected = uninterrupted(architecture)
-    killed = run_child(tmp_path, architecture, "resumed", kill_at)
-    assert killed.returncode == 137, killed.stderr[-3000:]
-    state = json.loads((tmp_path / "backup-resumed" / "state.json").read_text())
-    assert state["epochs_done"] == kill_at and state["phase"] == phase_at_kill
-    assert not (tmp_path / "resumed.json").exists()
+    for kill_at, phase_at_kill in kills:
+        killed = run_child(tmp_path, architecture, "resumed", kill_at)
+        assert killed.returncode == 137, killed.stderr[-3000:]
+        state = json.loads((tmp_path / "backup-resumed" / "state.json").read_text())
+        assert (state["epochs_done"], state["phase"]) == (kill_at, phase_at_kill)
+        assert not (tmp_path / "resumed.json").exists()
 
     resumed = run_child(tmp_path, architecture, "resumed")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    # Only the epochs after the kill were trained again.
-    assert f"Epoch {kill_at + 1}/" in resumed.stdout and f"Epoch {kill_at}/" not in resumed.stdout
+    # Only the epochs after the last kill were trained again.
+    last_kill = kills[-1][0]
+    assert f"Epoch {last_kill + 1}/" in resumed.stdout and f"Epoch {last_kill}/" not in resumed.stdout
     got = json.loads((tmp_path / "resumed.json").read_text())
     assert got["history"].keys() == expected["history"].keys()
     for key in expected["history"]:
