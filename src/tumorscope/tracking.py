@@ -227,7 +227,6 @@ def log_split_datasets(params) -> None:
     """Log the split table's train, validation and test rows as the active run's MLflow datasets
     (the runs table's Datasets column): named after data.source, digest = the split table's
     fingerprint, so runs on the same data show the same datasets."""
-    import mlflow
     from mlflow.data.pandas_dataset import from_pandas
 
     from tumorscope.data.split import read_split_table
@@ -238,6 +237,22 @@ def log_split_datasets(params) -> None:
     for split, context in SPLIT_CONTEXTS.items():
         rows = table[table["split"] == split].reset_index(drop=True)
         dataset = from_pandas(rows, source=str(params.data.source), name=f"{source_name}-{split}", digest=digest)
+        log_input_once_more_after_a_race(dataset, context)
+
+
+def log_input_once_more_after_a_race(dataset, context: str) -> None:
+    """``mlflow.log_input``, tried a second time when it fails as a bad request: MLflow's store
+    looks the dataset up and then inserts it, so two runs (tuning workers) logging the same new
+    dataset at once both insert and the later one fails on the primary key. The second try finds
+    the row and only links it to the run; a request that is really bad fails again and is raised."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow.log_input(dataset, context=context)
+    except MlflowException as err:
+        if err.error_code != "BAD_REQUEST":
+            raise
         mlflow.log_input(dataset, context=context)
 
 
