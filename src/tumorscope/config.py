@@ -216,6 +216,11 @@ class EvaluateConfig(_Section):
     # ending at these distances (the last band is open): it shows how much of a score comes from
     # near-copies of training slices.
     distance_bands: list[int] = Field(default_factory=lambda: [4, 8, 12])
+    # Test-time augmentation where a model is scored as it is trained (Optuna trials, the train
+    # stage's MLflow figures, cross-validation and ablation folds): "flip" averages the slice and
+    # its left-right mirror. A lever under measurement: the evaluate stage, predict and the service
+    # score one view, so it stays "none" unless an ablation shows a paired win (docs/evaluation.md).
+    test_time_augmentation: Literal["none", "flip"] = "none"
 
     @field_validator("distance_bands")
     @classmethod
@@ -269,6 +274,7 @@ DEFAULT_ABLATION_VARIANTS: dict[str, dict[str, Any]] = {
     "regularised": {"train": {"dropout": 0.5, "filters": 32, "dense_units": 128}},
     "size_64": {"preprocess": {"image_size": 64}},
     "size_128": {"preprocess": {"image_size": 128}},
+    "tta_flip": {"evaluate": {"test_time_augmentation": "flip"}},
 }
 
 

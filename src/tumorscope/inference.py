@@ -149,8 +149,23 @@ def stack(prepared: list[PreparedImage], image_size: int) -> np.ndarray:
     return np.stack([p.pixels for p in prepared])
 
 
-def predict_proba(model, images, batch_size: int = 256) -> np.ndarray:
-    """Inference-mode class probabilities, batch by batch from a (memory-mapped) array."""
-    outputs = [model.predict_on_batch(np.asarray(images[i:i + batch_size], dtype=np.uint8))
-               for i in range(0, len(images), batch_size)]
-    return np.concatenate([np.asarray(o) for o in outputs]) if outputs else np.empty((0, model.output_shape[-1]))
+def tta_views(batch: np.ndarray, kind: str = "none") -> list[np.ndarray]:
+    """The views of a (N, H, W, C) batch that test-time augmentation averages over: the batch
+    itself, and with ``flip`` also its left-right mirror (an axial slice's mirror is another
+    plausible slice: the two kidneys swap sides)."""
+    if kind == "none":
+        return [batch]
+    if kind == "flip":
+        return [batch, batch[:, :, ::-1, :]]
+    raise ValueError(f"unknown test-time augmentation {kind!r}")
+
+
+def predict_proba(model, images, batch_size: int = 256, test_time_augmentation: str = "none") -> np.ndarray:
+    """Inference-mode class probabilities, batch by batch from a (memory-mapped) array; with
+    test-time augmentation, the mean of the probabilities of each view."""
+    def one_batch(batch: np.ndarray) -> np.ndarray:
+        views = tta_views(batch, test_time_augmentation)
+        return np.mean([np.asarray(model.predict_on_batch(np.ascontiguousarray(v))) for v in views], axis=0)
+
+    outputs = [one_batch(np.asarray(images[i:i + batch_size], dtype=np.uint8)) for i in range(0, len(images), batch_size)]
+    return np.concatenate(outputs) if outputs else np.empty((0, model.output_shape[-1]))

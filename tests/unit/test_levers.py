@@ -1,7 +1,7 @@
 """The generalisation levers do what they say: the body crop keeps the body and drops air, table
 and border; percentile normalisation stretches; intensity augmentation stays in its bounds; the
-balanced sampler draws every class equally; the ablation's pure parts (subsampling, paired
-differences) behave."""
+balanced sampler draws every class equally; test-time augmentation averages the slice and its
+mirror; the ablation's pure parts (subsampling, paired differences) behave."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 from tumorscope.config import PreprocessConfig
 from tumorscope.data.augment import augment_intensity
 from tumorscope.data.preprocess import crop_to_body, field_of_view, prepare_slice, stretch_percentiles
+from tumorscope.inference import predict_proba, tta_views
 from tumorscope.models.ablation import markdown_table, paired_differences, training_subsample, verdict
 from tumorscope.models.train import balanced_order
 
@@ -149,3 +150,40 @@ def test_a_stored_fold_survives_a_param_added_at_its_default_not_a_changed_setti
     assert not same_settings(stored, stored | {"train.tta": True}, defaults)  # a new lever, on
     assert not same_settings(stored, stored | {"preprocess.image_size": 96}, defaults | {"preprocess.image_size": 96})
     assert not same_settings(stored, {"train.lr": 0.001}, defaults)  # a setting that no longer exists
+
+
+class LeftHeavyModel:
+    """Two classes: P(left) grows with the share of the slice's brightness in its left half, so a
+    mirrored slice gets the mirrored answer. Records the batches it was given."""
+
+    output_shape = (None, 2)
+
+    def __init__(self) -> None:
+        self.batches: list[np.ndarray] = []
+
+    def predict_on_batch(self, batch: np.ndarray) -> np.ndarray:
+        self.batches.append(batch)
+        half = batch.shape[2] // 2
+        left = batch[:, :, :half].astype(float).sum(axis=(1, 2, 3))
+        total = batch.astype(float).sum(axis=(1, 2, 3)) + 1e-9
+        p_left = 0.1 + 0.8 * left / total
+        return np.stack([p_left, 1 - p_left], axis=1)
+
+
+def test_test_time_augmentation_averages_the_slice_and_its_mirror():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (5, 8, 8, 1), dtype=np.uint8)
+    images[0, :, :4] = 255  # bright on the left only
+    images[0, :, 4:] = 0
+    model = LeftHeavyModel()
+    one_view = predict_proba(model, images)
+    mirrored = predict_proba(model, images[:, :, ::-1])
+    model.batches.clear()
+    averaged = predict_proba(model, images, batch_size=2, test_time_augmentation="flip")
+    np.testing.assert_allclose(averaged, (one_view + mirrored) / 2)
+    assert one_view[0, 0] == pytest.approx(0.9) and averaged[0, 0] == pytest.approx(0.5)  # left and mirror cancel
+    assert np.allclose(averaged.sum(axis=1), 1)
+    assert [len(b) for b in model.batches] == [2, 2, 2, 2, 1, 1]  # each batch and its mirror
+    assert [v.shape for v in tta_views(images, "none")] == [images.shape]
+    with pytest.raises(ValueError, match="unknown test-time augmentation"):
+        tta_views(images, "rotate")

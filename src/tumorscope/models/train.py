@@ -422,6 +422,6 @@ def fit_and_score(cfg: TrainConfig, image_size: int, classes: list[str], seed: i
                                  critical_index=class_index(classes, evaluate_cfg.critical_class), backup=backup)
     # Scored outside the distribution: every slice, in batches of any size (the weights are replicated).
     images, labels, groups = scored
-    probabilities = predict_proba(result.model, images)
+    probabilities = predict_proba(result.model, images, test_time_augmentation=evaluate_cfg.test_time_augmentation)
     scores = score_predictions(labels, probabilities, groups, classes, evaluate_cfg, seed)
     return FitOutcome(result, precision, probabilities, scores)
