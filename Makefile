@@ -6,6 +6,8 @@ SHELL := /bin/bash
 UV := $(shell command -v uv 2>/dev/null || echo $(CURDIR)/.tools/bin/uv)
 RUN := $(UV) run --frozen
 export TF_CPP_MIN_LOG_LEVEL ?= 2
+# TensorFlow leaves its oneDNN kernels off on CPUs it does not recognise (AMD EPYC: half the speed); src/tumorscope/runtime.py
+export TF_ENABLE_ONEDNN_OPTS ?= 1
 export KERAS_BACKEND ?= tensorflow
 export GX_ANALYTICS_ENABLED ?= false
 export MLFLOW_ENABLE_TELEMETRY ?= false

@@ -20,7 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from tumorscope.runtime import apply_cpu_defaults  # noqa: E402
+
+apply_cpu_defaults()  # before TensorFlow is imported
 
 
 def loader_rate(images, labels, batch_size: int, repeats: int = 3) -> float:

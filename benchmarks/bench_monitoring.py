@@ -39,7 +39,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from tumorscope.runtime import apply_cpu_defaults  # noqa: E402
+
+apply_cpu_defaults()  # before TensorFlow is imported
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("Cyst", "Normal", "Stone", "Tumor")
 EMBEDDING_DIMS = 8

@@ -32,7 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from tumorscope.runtime import apply_cpu_defaults  # noqa: E402
+
+apply_cpu_defaults()  # before TensorFlow is imported
 REPO = Path(__file__).resolve().parents[1]
 
 

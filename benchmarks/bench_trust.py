@@ -15,14 +15,15 @@ Usage: uv run python benchmarks/bench_trust.py [--model-dir models] [--rounds 5]
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from tumorscope.runtime import apply_cpu_defaults  # noqa: E402
+
+apply_cpu_defaults()  # before TensorFlow is imported
 
 
 def per_image_seconds(call, images: np.ndarray, batch: int, rounds: int) -> float:

@@ -26,7 +26,9 @@ from pathlib import Path
 
 import yaml
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from tumorscope.runtime import apply_cpu_defaults  # noqa: E402
+
+apply_cpu_defaults()  # before TensorFlow is imported
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -37,6 +37,7 @@ from prefect.artifacts import (
 
 from flows.streaming import run_streamed
 from tumorscope.config import Params, load_params, with_overrides
+from tumorscope.runtime import apply_cpu_defaults
 from tumorscope.stages import tuning as tuning_stages
 
 LIMIT_PREFIX = "tumorscope-arch-"
@@ -281,7 +282,7 @@ def run_in_process(params_path: str) -> dict:
     server (what `tumorscope tune` does for `dvc repro`). Storage and tracking are checked first,
     so a bad URL is one line, not a flow-run traceback."""
     preflight(load_params(params_path))
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    apply_cpu_defaults()  # the trials it starts import TensorFlow
     # The temporary Prefect server inherits this: its telemetry heartbeat races the first
     # migration on a fresh SQLite file and logs a scary traceback.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

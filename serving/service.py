@@ -28,6 +28,9 @@ from tumorscope.api import auth, contract, inference_log, openapi, probes, refus
 from tumorscope.api.refusals import BadRequest
 from tumorscope.api.served_model import ModelOverloaded, ModelUnavailable
 from tumorscope.api.upload_guard import Route
+from tumorscope.runtime import apply_cpu_defaults
+
+apply_cpu_defaults()  # before the model service imports TensorFlow
 
 PARAMS, KEYS, REPLICA = settings.load_service_settings()
 SERVE = PARAMS.serve

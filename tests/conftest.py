@@ -11,8 +11,9 @@ import pytest
 
 from helpers.images import textured_slice, write_png
 from helpers.requirements import in_ci
+from tumorscope.runtime import apply_cpu_defaults
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+apply_cpu_defaults()  # before any test imports TensorFlow
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")

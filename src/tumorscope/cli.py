@@ -16,6 +16,17 @@ import typer
 app = typer.Typer(help="tumorscope: kidney CT slice classification pipeline.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
 
+
+
+@app.callback()
+def _before_any_command() -> None:
+    """tumorscope: kidney CT slice classification pipeline."""
+    # Before any command imports TensorFlow: oneDNN on, its chatter off (tumorscope.runtime).
+    from tumorscope.runtime import apply_cpu_defaults
+
+    apply_cpu_defaults()
+
+
 ParamsOption = Annotated[Path, typer.Option("--params", "-p", help="params.yaml to read")]
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -24,8 +35,6 @@ def _report(work: Callable[[], str]) -> None:
     """Run one command; print its summary, or a user mistake as one red line and exit 1."""
     from tumorscope.errors import UserError
 
-    # Quiet TensorFlow's C++ start-up chatter; keep its errors.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     _log_to_stderr()
     try:
         typer.echo(work())
@@ -71,6 +80,14 @@ for _name, _doc in [
     ("preprocess", "Resize/enhance into the memory-mapped uint8 cache."),
 ]:
     _data_stage(_name, _doc)
+
+
+@app.command()
+def audit(params: ParamsOption = DEFAULT_PARAMS) -> None:
+    """Audit the prepared data: slices and series per class by orientation and source, acquisition-only baselines."""
+    from tumorscope.stages.audit import run_audit
+
+    _report(lambda: run_audit(_params(params)))
 
 
 @app.command()

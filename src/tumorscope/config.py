@@ -129,6 +129,19 @@ class PreprocessConfig(_Section):
     normalize: Literal["none", "percentile"] = "none"
 
 
+class AuditConfig(_Section):
+    # tumorscope audit: per class, slices and series by orientation and source, and what the
+    # acquisition alone (intensity statistics, a thumbnail) predicts on grouped folds.
+    report_path: str = "reports/audit.json"
+    summary_path: str = "reports/audit.md"
+    metrics_path: str = "reports/audit_metrics.json"
+    # A class with fewer series than this in an orientation or a source the data set holds is
+    # warned about, and a slice of an orientation with fewer training series is referred.
+    min_series: int = Field(10, ge=1)
+    folds: int = Field(5, ge=2, le=20)
+    thumbnail_size: int = Field(16, ge=4, le=64)
+
+
 class TrainConfig(_Section):
     model_dir: str = "models"
     architecture: Literal["small_cnn", "mobilenet_v2", "efficientnet_b0", "resnet50", "densenet121", "vgg19"] = "small_cnn"
@@ -576,6 +589,7 @@ class Params(_Section):
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
     split: SplitConfig = SplitConfig()
     preprocess: PreprocessConfig = PreprocessConfig()
+    audit: AuditConfig = AuditConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     conformal: ConformalConfig = ConformalConfig()

@@ -74,13 +74,17 @@ def database_location(uri: str) -> tuple[str, str | None]:
             postgres_schema(uri) if url.get_backend_name() == "postgresql" else None)
 
 
+def version_tags(params) -> dict[str, str]:
+    """The data version and code version (without importing Keras: the audit run has no model)."""
+    split_path = Path(params.split.path)
+    return dict(_versions(str(Path.cwd()), str(split_path), _modified(split_path), _modified(Path("dvc.lock"))))
+
+
 def run_tags(params) -> dict[str, str]:
     """The data version and code version, tagged on every run (train, study, trial)."""
     import keras
 
-    split_path = Path(params.split.path)
-    return dict(_versions(str(Path.cwd()), str(split_path), _modified(split_path), _modified(Path("dvc.lock")))) | {
-        "keras_backend": keras.backend.backend()}
+    return version_tags(params) | {"keras_backend": keras.backend.backend()}
 
 
 def _modified(path: Path) -> int | None:
