@@ -472,6 +472,9 @@ class PromoteConfig(_Section):
     # interval of (challenger - champion) macro-F1 must exceed this. 0: better beyond doubt;
     # a small negative value, e.g. -0.02: not worse by more than 2 points (non-inferiority).
     min_improvement: float = Field(0.0, ge=-1, le=1)
+    # The model must beat the acquisition-only baselines on the same test slices (paired interval
+    # above 0; models.shortcuts): a model that scores what brightness alone scores learnt nothing.
+    require_beating_acquisition_baselines: bool = True
 
 
 class AuthConfig(_Section):

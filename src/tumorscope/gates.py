@@ -56,7 +56,21 @@ def absolute_gates(scores: dict, cfg: PromoteConfig) -> list[Gate]:
         coverage_gate(trust, cfg),
         Gate("not_degenerate", not scores["degenerate"], None, None,
              scores["degenerate_reason"] or "predictions spread over classes"),
+        *([acquisition_gate(scores.get("shortcuts"))] if cfg.require_beating_acquisition_baselines else []),
     ]
+
+
+def acquisition_gate(shortcuts: dict | None) -> Gate:
+    """The model must beat, on the same test slices, every baseline that sees only the acquisition
+    (``models.shortcuts``): the lower end of each paired macro-F1 difference above 0."""
+    if shortcuts is None:
+        return Gate("beats_acquisition_baselines", False, None, 0.0,
+                    "no acquisition-only baseline was evaluated (evaluate again with this version)")
+    lows = {name: b["model_minus_baseline"]["low"] for name, b in shortcuts["acquisition_baselines"].items()}
+    worst = min(lows, key=lambda name: lows[name])
+    detail = ", ".join(f"{name} {low:+.3f}" for name, low in lows.items())
+    return Gate("beats_acquisition_baselines", lows[worst] > 0, lows[worst], 0.0,
+                f"macro-F1 minus acquisition-only baseline, interval low: {detail}; need > 0")
 
 
 def comparison_gate(comparison: dict | None, cfg: PromoteConfig) -> Gate:

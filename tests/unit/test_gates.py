@@ -5,17 +5,22 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from tumorscope.config import PromoteConfig
-from tumorscope.gates import absolute_gates, comparison_gate, decision_line, rollback_gate
+from tumorscope.gates import absolute_gates, acquisition_gate, comparison_gate, decision_line, rollback_gate
 
 CFG = PromoteConfig(min_macro_f1_low=0.7, min_critical_recall_low=0.8, max_ece=0.1, min_improvement=0.0)
 
 
-def scores(f1_low=0.75, recall_low=0.85, ece=0.05, degenerate=False, coverage=0.9, raw_ece=0.3):
+def shortcuts(intensity_low=0.2, thumbnail_low=0.1):
+    return {"acquisition_baselines": {name: {"model_minus_baseline": {"low": low}}
+                                      for name, low in (("intensity", intensity_low), ("thumbnail", thumbnail_low))}}
+
+
+def scores(f1_low=0.75, recall_low=0.85, ece=0.05, degenerate=False, coverage=0.9, raw_ece=0.3, shortcut=None):
     trust = {"calibration": {"ece_after": {"value": ece}},
              "conformal": {"target_coverage": 0.9, "coverage": {"value": coverage}}}
     return {"macro_f1_ci": {"low": f1_low}, "critical_recall_ci": {"low": recall_low}, "ece": raw_ece,
             "degenerate": degenerate, "degenerate_reason": "one class" if degenerate else "", "critical_class": "Tumor",
-            "trust": trust}
+            "trust": trust, "shortcuts": shortcut or shortcuts()}
 
 
 def test_absolute_gates_use_the_interval_lows_and_name_what_failed():
@@ -28,6 +33,17 @@ def test_absolute_gates_use_the_interval_lows_and_name_what_failed():
     assert [g.name for g in absolute_gates(untrusted, CFG) if not g.passed] == ["calibration", "coverage"]
     undefined = absolute_gates(scores(recall_low=None), CFG)[1]
     assert not undefined.passed and "undefined" in undefined.detail  # no Tumor in the test set: not a pass
+
+
+def test_a_model_that_does_not_beat_an_acquisition_only_baseline_is_refused():
+    gate = acquisition_gate(shortcuts(intensity_low=0.2, thumbnail_low=-0.05))
+    assert not gate.passed and gate.value == -0.05 and "thumbnail -0.050" in gate.detail
+    assert acquisition_gate(shortcuts()).passed
+    assert not acquisition_gate(None).passed  # evaluated by an older version: not a pass
+    failed = [g.name for g in absolute_gates(scores(shortcut=shortcuts(intensity_low=0.0)), CFG) if not g.passed]
+    assert failed == ["beats_acquisition_baselines"]  # an interval touching 0 is not a win
+    off = CFG.model_copy(update={"require_beating_acquisition_baselines": False})
+    assert "beats_acquisition_baselines" not in [g.name for g in absolute_gates(scores(), off)]
 
 
 def test_the_champion_comparison_needs_its_interval_above_the_margin():

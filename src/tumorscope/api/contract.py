@@ -72,6 +72,8 @@ class _Judged(_Answer):
     refer_reason: str | None = Field(description="why it is referred, in one line")
     ood: bool | None = Field(description="referred as unlike the training slices")
     ood_distance: float | None = Field(description="feature-space distance to the training slices")
+    orientation: str | None = Field(description="axial, coronal or other, estimated from the body outline; "
+                                                "null without a trust state")
     image: ImageStatistics
     warnings: list[str] = Field(description="what was converted (colour, 16-bit) or is missing (trust state)")
 

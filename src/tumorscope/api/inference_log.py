@@ -25,7 +25,7 @@ def inference_record(endpoint: str, response: dict[str, Any], data: bytes) -> di
             "embedding": response["embedding"], "sha256": hashlib.sha256(data).hexdigest()} | {
         # What the answer said about trusting it (null for a model without a trust state).
         key: response.get(key) for key in ("raw_probabilities", "prediction_set", "refer", "refer_reason", "ood",
-                                           "ood_distance")}
+                                           "ood_distance", "orientation")}
 
 
 class InferenceLog:

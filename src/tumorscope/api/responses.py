@@ -70,12 +70,12 @@ def trusted_result(model_answer: dict[str, Any], classes: list[str], critical_cl
     if trust is None:
         return classify_result(model_answer["probabilities"], classes, critical_class, alert_threshold) | {
             "raw_probabilities": raw, "calibrated": False, "prediction_set": None, "refer": None, "refer_reason": None,
-            "ood": None, "ood_distance": None}
+            "ood": None, "ood_distance": None, "orientation": None}
     calibrated = [trust["calibrated_probabilities"][c] for c in classes]
     return classify_result(calibrated, classes, critical_class, alert_threshold) | {
         "raw_probabilities": raw, "calibrated": True, "prediction_set": list(trust["prediction_set"]),
         "refer": bool(trust["refer"]), "refer_reason": trust["refer_reason"], "ood": bool(trust["ood"]),
-        "ood_distance": float(trust["ood_distance"])}
+        "ood_distance": float(trust["ood_distance"]), "orientation": trust.get("orientation")}
 
 
 def answer_warnings(prepared: PreparedImage, model_answer: dict[str, Any]) -> list[str]:

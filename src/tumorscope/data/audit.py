@@ -180,10 +180,12 @@ def composition(labels: np.ndarray, groups: np.ndarray, orientations: np.ndarray
 
 def thin_cells(table: dict, min_series: int) -> list[str]:
     """One warning per class with fewer than ``min_series`` series in an orientation or a source
-    that the data set holds (an orientation no class has is not the data set's, and not warned)."""
+    that the data set holds (an orientation no class has is not the data set's, and not warned;
+    nor is "other", the slices whose outline cannot tell)."""
     warnings = []
     for dimension, what in (("by_orientation", "orientation"), ("by_source", "source")):
-        used = {key for row in table.values() for key, cell in row[dimension].items() if cell["slices"]}
+        used = {key for row in table.values() for key, cell in row[dimension].items()
+                if cell["slices"] and key != "other"}
         for name, row in table.items():
             for key in sorted(used):
                 series = row[dimension][key]["series"]
@@ -263,7 +265,7 @@ def audit_markdown(report: dict) -> str:
 
     sources = sorted({s for row in report["composition"].values() for s in row["by_source"]})
     header = ["class", "slices", "series", *(f"{o} slices / series" for o in ORIENTATIONS),
-              *(f"source {s} slices / series" for s in sources)]
+              *(f"from {s} slices / series" for s in sources)]
     lines = ["# Dataset audit", "",
              f"{report['n_slices']} slices in {report['n_series']} series (duplicate groups). Orientation "
              f"from the body outline: " + ", ".join(f"{o} {share:.0%}" for o, share in report["orientation_share"].items())

@@ -13,16 +13,17 @@ from tumorscope.config import Params
 from tumorscope.reports import write_json
 
 ADDED = "added"
+SOURCE = "data.source"
 
 
 def source_of(path: str, raw_dir: str) -> str:
-    """'source' for a file of ``data.source``; 'added/<batch>' for one of a labelled batch added
+    """'data.source' for a file of ``data.source``; 'added/<batch>' for one of a labelled batch added
     later (ingest copies those to ``raw_dir/<label>/added/<batch>/``)."""
     try:
         parts = Path(path).relative_to(raw_dir).parts
     except ValueError:
-        return "source"
-    return f"{ADDED}/{parts[2]}" if len(parts) > 3 and parts[1] == ADDED else "source"
+        return SOURCE
+    return f"{ADDED}/{parts[2]}" if len(parts) > 3 and parts[1] == ADDED else SOURCE
 
 
 def run_audit(params: Params) -> str:

@@ -142,6 +142,7 @@ def answer_table(table, labels: list[str] | None, readable: list[int], classes: 
     table["refer_reason"] = ""
     table["ood"] = ""
     table["ood_distance"] = np.nan
+    table["orientation"] = ""
     if judged is not None:
         table.loc[readable, "prediction_set"] = ["|".join(c for c, inside in zip(classes, row, strict=True) if inside)
                                                  for row in judged.sets]
@@ -149,6 +150,7 @@ def answer_table(table, labels: list[str] | None, readable: list[int], classes: 
         table.loc[readable, "refer_reason"] = [reason or "" for reason in judged.reasons]
         table.loc[readable, "ood"] = judged.ood.tolist()
         table.loc[readable, "ood_distance"] = judged.ood_distance
+        table.loc[readable, "orientation"] = judged.orientations
     return table
 
 

@@ -88,7 +88,7 @@ def train_and_save(params: Params, model_dir: Path, run_name: str, parent_run_id
         # Calibration, conformal thresholds and the out-of-distribution check, fitted on validation
         # (and training) slices only, travel with the model: train.json and the MLflow model.
         trust = fit_trust(outcome.result.model, load_split(cache, "train"), (val_images, val_labels, val_groups),
-                          len(classes), params.conformal, params.ood)
+                          len(classes), params.conformal, params.ood, load_groups(cache, "train"), params.audit.min_series)
         mlflow.log_metrics({"temperature": trust["temperature"],
                             "val_nll_before_scaling": trust["validation_nll"]["before"],
                             "val_nll_after_scaling": trust["validation_nll"]["after"]})
@@ -145,9 +145,11 @@ def run_evaluate(params: Params) -> str:
     import pandas as pd
 
     from tumorscope import tracking
+    from tumorscope.data.audit import mask_body
     from tumorscope.data.preprocess import load_groups, load_split
     from tumorscope.models import evaluate as ev
-    from tumorscope.monitoring.features import model_outputs
+    from tumorscope.models.shortcuts import shortcut_audit, shortcut_line, shortcut_metrics
+    from tumorscope.monitoring.features import feature_model, model_outputs
     from tumorscope.trust.answers import judge
     from tumorscope.trust.scores import flat_trust_scores, risk_coverage, trust_headline, trust_scores
 
@@ -163,10 +165,17 @@ def run_evaluate(params: Params) -> str:
     state = train_summary.get("trust")
     if state is None:
         raise UserError(f"{report_path} has no trust state (calibration, conformal sets): run tumorscope train again")
-    probabilities, embeddings = model_outputs(model, images, state["ood"]["embedding_dims"])
+    with_features = feature_model(model)
+    probabilities, embeddings = model_outputs(model, images, state["ood"]["embedding_dims"], with_features=with_features)
     judged = judge(probabilities, embeddings, images, classes, state)
     scores = ev.score_predictions(labels, probabilities, groups, classes, cfg, params.seed)
     scores["trust"] = trust_scores(labels, probabilities, judged, groups, classes, state, cfg, params.seed)
+    # Has it learnt a finding or the acquisition? Baselines on the same split, the body masked out.
+    masked_probabilities, _ = model_outputs(model, mask_body(images), state["ood"]["embedding_dims"],
+                                            with_features=with_features)
+    scores["shortcuts"] = shortcut_audit(load_split(params.preprocess.cache_dir, "train"), (images, labels, groups),
+                                         probabilities, masked_probabilities, classes, params.audit.thumbnail_size,
+                                         cfg, params.seed)
     predicted = probabilities.argmax(axis=1)
     bands = accuracy_by_train_distance(params, classes, labels, predicted)
 
@@ -183,11 +192,14 @@ def run_evaluate(params: Params) -> str:
         out / "predictions.csv", index=False)
     pd.DataFrame(risk_coverage(labels, judged.probabilities)).to_csv(out / "risk_coverage.csv", index=False)
     write_json(out / EVALUATION_REPORT, scores | {"accuracy_by_train_distance": bands})
-    write_json(cfg.metrics_path, ev.headline_metrics(scores) | trust_headline(scores.get("trust")))
+    write_json(cfg.metrics_path, ev.headline_metrics(scores) | trust_headline(scores.get("trust"))
+               | {"shortcuts": shortcut_metrics(scores["shortcuts"])})
 
     tracking.configure(params.mlflow)
     with mlflow.start_run(run_id=train_summary["run_id"]):
-        mlflow.log_metrics(ev.flat_scores(scores, "test_") | flat_trust_scores(scores["trust"], "test_"))
+        mlflow.log_metrics(ev.flat_scores(scores, "test_") | flat_trust_scores(scores["trust"], "test_")
+                           | {f"test_shortcuts.{k}": float(v) for k, v in
+                              tracking.flatten(shortcut_metrics(scores["shortcuts"])).items() if v is not None})
         mlflow.set_tag("degenerate", str(scores["degenerate"]).lower())
         mlflow.log_artifact(cfg.metrics_path)
         mlflow.log_artifacts(str(out), artifact_path="evaluation")
@@ -202,7 +214,7 @@ def run_evaluate(params: Params) -> str:
                   f"{_value_or_dash(referral['selective_accuracy']['value'])}")
     if scores["degenerate"] and cfg.fail_on_degenerate:
         raise UserError(f"{line} -- DEGENERATE MODEL: {scores['degenerate_reason']}")
-    return (f"{line}\n{trust_line}\n"
+    return (f"{line}\n{trust_line}\nevaluate: {shortcut_line(scores['shortcuts'])}\n"
             f"evaluate: accuracy by pHash distance to the nearest training slice: {format_bands(bands)}")
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tumorscope.data.audit import estimate_orientations, orientation_series
 from tumorscope.trust import calibration, conformal, referral
 
 
@@ -21,10 +22,13 @@ def _finite_or_none(value: float) -> float | None:
 
 
 def fit_trust(model, train: tuple[np.ndarray, np.ndarray], validation: tuple[np.ndarray, np.ndarray, np.ndarray],
-              n_classes: int, conformal_cfg, ood_cfg) -> dict:
+              n_classes: int, conformal_cfg, ood_cfg, train_groups: np.ndarray | None = None,
+              min_series: int | None = None) -> dict:
     """``train`` is (images, labels); ``validation`` (images, labels, duplicate-group ids).
     Temperature, conformal thresholds and the feature-space threshold come from validation slices
-    only; the intensity statistics' and the embeddings' distributions from training slices."""
+    only; the intensity statistics' and the embeddings' distributions from training slices. With
+    ``train_groups`` and ``min_series`` (``audit.min_series``), the training series per
+    orientation: a slice of an orientation with fewer is referred."""
     from tumorscope.monitoring.features import model_outputs, pixel_features
 
     train_images, train_labels = train
@@ -41,7 +45,12 @@ def fit_trust(model, train: tuple[np.ndarray, np.ndarray], validation: tuple[np.
     intensity_distances = referral.mahalanobis_distance(referral.intensity_vectors(pixel_features(val_images)),
                                                         intensity)
     weights = calibration.group_weights(val_groups)
+    orientation = None
+    if train_groups is not None and min_series is not None:
+        orientation = {"min_series": min_series,
+                       "series": orientation_series(train_labels, train_groups, estimate_orientations(train_images))}
     return {
+        "orientation": orientation,
         "temperature": temperature,
         "validation_nll": {"before": calibration.negative_log_likelihood(val_labels, val_probabilities, weights),
                            "after": calibration.negative_log_likelihood(val_labels, calibrated, weights)},
@@ -67,6 +76,7 @@ class Judged:
     ood_distance: np.ndarray    # (N,) Mahalanobis distance to the nearest training class
     reasons: list[str | None]   # why to refer each answer; None: the model may decide
     ood: np.ndarray             # (N,) bool: referred as unlike the training slices (input or features), not for doubt
+    orientations: list[str]     # axial / coronal / other, from the body outline (data.audit)
 
     @property
     def refer(self) -> np.ndarray:
@@ -77,17 +87,33 @@ class Judged:
         return {"calibrated_probabilities": dict(zip(classes, (float(p) for p in self.probabilities[i]), strict=True)),
                 "prediction_set": [classes[k] for k in np.flatnonzero(self.sets[i])],
                 "refer": self.reasons[i] is not None, "refer_reason": self.reasons[i],
-                "ood": bool(self.ood[i]), "ood_distance": float(self.ood_distance[i])}
+                "ood": bool(self.ood[i]), "ood_distance": float(self.ood_distance[i]),
+                "orientation": self.orientations[i]}
 
 
 def thresholds_of(state: dict) -> list[float]:
     return [math.inf if t is None else t for t in state["conformal"]["thresholds"]]
 
 
-def refer_reason(pixel_reason: str | None, distance: float, threshold: float, in_set: list[str]) -> str | None:
+def orientation_reason(orientation: str, state: dict | None) -> str | None:
+    """Why a slice's orientation makes its answer untrustworthy: too few training series in it
+    (``state`` is the trust state's ``orientation``; None for a model fitted without it)."""
+    if state is None:
+        return None
+    series = int(state["series"].get(orientation, 0))
+    if series < state["min_series"]:
+        return (f"{orientation} slice: the model learnt from only {series} {orientation} series "
+                f"(< audit.min_series {state['min_series']})")
+    return None
+
+
+def refer_reason(pixel_reason: str | None, distance: float, threshold: float, in_set: list[str],
+                 plane_reason: str | None = None) -> str | None:
     """The first reason not to let the model decide, in the order a reader should hear them."""
     if pixel_reason is not None:
         return pixel_reason
+    if plane_reason is not None:
+        return plane_reason
     if distance > threshold:
         return f"unlike the training slices in the model's features (distance {distance:.1f} > {threshold:.1f})"
     if len(in_set) == 0:
@@ -108,11 +134,13 @@ def judge(probabilities: np.ndarray, embeddings: np.ndarray, images: np.ndarray,
     distances = referral.mahalanobis_distance(embeddings, ood["feature_density"])
     features = pixel_features(images)
     intensity = referral.mahalanobis_distance(referral.intensity_vectors(features), ood["intensity_density"])
+    orientations = [str(o) for o in estimate_orientations(images)]
     reasons, unlike = [], np.zeros(len(calibrated), dtype=bool)
     for i in range(len(calibrated)):
         pixel_reason = referral.input_reason({name: float(values[i]) for name, values in features.items()},
                                              ood["intensity_density"], float(intensity[i]), ood["intensity_threshold"])
         unlike[i] = pixel_reason is not None or distances[i] > ood["distance_threshold"]
         in_set = [classes[k] for k in np.flatnonzero(sets[i])]
-        reasons.append(refer_reason(pixel_reason, float(distances[i]), ood["distance_threshold"], in_set))
-    return Judged(calibrated, sets, distances, reasons, unlike)
+        reasons.append(refer_reason(pixel_reason, float(distances[i]), ood["distance_threshold"], in_set,
+                                    orientation_reason(orientations[i], state.get("orientation"))))
+    return Judged(calibrated, sets, distances, reasons, unlike, orientations)
