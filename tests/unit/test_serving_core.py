@@ -363,6 +363,34 @@ def trusted_loaded(tiny_loaded):
     return type(tiny_loaded)(tiny_loaded.model, SPEC, "tiny/1", {"version": 1}, trust), images[80:84]
 
 
+def test_a_slice_of_an_orientation_the_model_barely_saw_is_referred_and_every_answer_names_its_orientation(
+        tiny_loaded):
+    """Trained on axial phantom slices: an axial slice keeps its other reasons, a coronal-shaped
+    one (the same slice turned, taller than wide) is referred for its orientation."""
+    from tumorscope.config import ConformalConfig, OodConfig
+    from tumorscope.data import audit
+    from tumorscope.data.phantom import image_rng, render_slice
+    from tumorscope.trust.answers import fit_trust, judge
+
+    labels = np.arange(160) % len(CLASSES)
+    images = np.stack([render_slice(image_rng(5, CLASSES[k], i), CLASSES[k], 32, 12.0, 0.7, WindowConfig())[0]
+                       for i, k in enumerate(labels)])[..., np.newaxis].astype(np.uint8)
+    trust = fit_trust(tiny_loaded.model, (images[:80], labels[:80]), (images[80:], labels[80:], np.arange(80) // 2),
+                      len(CLASSES), ConformalConfig(), OodConfig(), train_groups=np.arange(80) // 4, min_series=10)
+    series = trust["orientation"]["series"]
+    # 32-px phantom bodies are 0.6-1.0 as tall as wide: most axial, a few too round to tell ("other").
+    assert trust["orientation"]["min_series"] == 10 and series["coronal"] == 0 and series["axial"] >= 15
+    axial = [i for i in range(80, 160) if audit.orientation_of(audit.body_aspect(images[i])) == "axial"][:2]
+    # The same grey levels and texture, turned a quarter: a body taller than wide.
+    batch = np.concatenate([images[axial], np.rot90(images[axial[0]])[None]])
+    probabilities, embeddings = tiny_loaded.model.predict_on_batch(batch), np.zeros((3, OodConfig().embedding_dims))
+    judged = judge(np.asarray(probabilities), embeddings, batch, CLASSES, trust)
+    assert judged.orientations == ["axial", "axial", "coronal"]
+    assert judged.reasons[2] == "coronal slice: the model learnt from only 0 coronal series (< audit.min_series 10)"
+    assert not any("axial slice" in (reason or "") for reason in judged.reasons)
+    assert judged.answer(2, CLASSES)["orientation"] == "coronal"
+
+
 def test_served_answers_carry_the_trust_fields_of_loaded_model_answers(trusted_loaded):
     loaded, images = trusted_loaded
     blank = np.full((1, 32, 32, 1), 255, np.uint8)

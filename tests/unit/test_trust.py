@@ -175,6 +175,20 @@ def test_the_first_reason_to_refer_is_the_one_given():
     assert refer_reason(None, 1.0, 5.0, []) == "no class is plausible enough (empty prediction set)"
     assert refer_reason(None, 1.0, 5.0, ["Stone", "Tumor"]) == "the model cannot tell Stone / Tumor apart (prediction set of 2)"
     assert refer_reason(None, 1.0, 5.0, ["Tumor"]) is None
+    plane = "coronal slice: the model learnt from only 2 coronal series (< audit.min_series 10)"
+    assert refer_reason(None, 9.5, 5.0, ["Tumor"], plane) == plane  # before the features' distance
+    assert refer_reason("blank or constant image (...)", 1.0, 5.0, ["Tumor"], plane).startswith("blank")
+
+
+def test_an_orientation_with_too_few_training_series_is_referred_with_that_reason():
+    from tumorscope.trust.answers import orientation_reason
+
+    state = {"min_series": 10, "series": {"axial": 40, "coronal": 2, "other": 0}}
+    assert orientation_reason("axial", state) is None
+    assert orientation_reason("coronal", state) == ("coronal slice: the model learnt from only 2 coronal series "
+                                                    "(< audit.min_series 10)")
+    assert orientation_reason("other", state).startswith("other slice: the model learnt from only 0")
+    assert orientation_reason("coronal", None) is None  # a model fitted before orientation was recorded
 
 
 def test_group_bootstrap_shares_and_ece_agree_with_the_point_scores():
