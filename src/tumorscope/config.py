@@ -274,6 +274,16 @@ class CrossvalConfig(_Section):
     report_path: str = "reports/crossval.json"
 
 
+class CrossSourceConfig(_Section):
+    # A second labelled export of the same patients (class-per-folder, e.g. kidney-ct-dev beside
+    # kidney-ct-large): crossval and ablate score each fold's models on its slices of that fold's
+    # held-out series too (tumorscope.data.cross_source). null: in-source scores only.
+    path: str | None = None
+    # A slice of it without a file-name twin belongs to the series of its nearest training-source
+    # slice within this pHash distance (measured on kidney-ct-dev vs kidney-ct-large: docs/evaluation.md).
+    phash_distance: int = Field(8, ge=0, le=64)
+
+
 # One lever per variant, each measured against the defaults (docs/evaluation.md, "Ablation").
 DEFAULT_ABLATION_VARIANTS: dict[str, dict[str, Any]] = {
     "baseline": {},
@@ -599,6 +609,7 @@ class Params(_Section):
     ood: OodConfig = OodConfig()
     tune: TuneConfig = TuneConfig()
     crossval: CrossvalConfig = CrossvalConfig()
+    cross_source: CrossSourceConfig = CrossSourceConfig()
     ablation: AblationConfig = AblationConfig()
     promote: PromoteConfig = PromoteConfig()
     serve: ServeConfig = ServeConfig()

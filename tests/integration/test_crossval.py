@@ -58,6 +58,56 @@ def test_crossval_tests_every_image_once_and_logs_a_run_per_fold(project):
     assert parent.data.metrics["cv_macro_f1_mean"] == pytest.approx(report["macro_f1"]["mean"])
 
 
+def another_export(raw_dir, out_dir, renamed_every: int = 3) -> dict[str, int]:
+    """The fixture slices as a processed export (CLAHE, 224 px, JPEG), every ``renamed_every``-th
+    under another name (tied by pHash, not by name), and one slice of nobody (untied)."""
+    from PIL import Image
+    from skimage import exposure
+
+    counts = {"same_name": 0, "renamed": 0}
+    for i, path in enumerate(sorted(p for p in raw_dir.glob("*/*.jpg") if not p.parent.name.startswith("_"))):
+        pixels = np.asarray(Image.open(path).convert("L").resize((224, 224), Image.LANCZOS))
+        processed = (exposure.equalize_adapthist(pixels, clip_limit=0.02) * 255).astype(np.uint8)
+        renamed = i % renamed_every == 0
+        target = out_dir / path.parent.name / (f"export-{i}.jpg" if renamed else path.name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(processed).save(target, quality=90)
+        counts["renamed" if renamed else "same_name"] += 1
+    nobody = np.random.default_rng(0).integers(0, 255, (224, 224), dtype=np.uint8)
+    Image.fromarray(nobody).save(out_dir / "Tumor" / "nobody.jpg")
+    return counts
+
+
+def test_another_export_is_scored_only_on_each_folds_held_out_series(project, tmp_path):
+    params = with_overrides(load_params("params.yaml"), {"crossval": {"folds": 3},
+                                                         "cross_source": {"path": str(tmp_path / "export")}})
+    counts = another_export(project / params.data.raw_dir, tmp_path / "export")
+    line = training_stages.run_crossval(params)
+    assert "\ncrossval: in_source: macro-F1 " in line and "\ncrossval: cross_source: macro-F1 " in line
+    assert "\ncrossval: in_source: the model " in line and "the intensity baseline" in line
+    report = json.loads(open(params.crossval.report_path).read())
+    cross = report["cross_source"]
+    assert cross["n_slices"] == sum(counts.values()) + 1 and cross["n"] == cross["scored"]
+    assert cross["tied_by"]["name"] == counts["same_name"] and cross["untied"] <= 1 + counts["renamed"]
+    assert cross["scored"] == cross["n_slices"] - cross["untied"] - cross["not_scored_ambiguous"] > counts["same_name"] // 2
+    assert set(cross["by_orientation"]) <= {"axial", "coronal", "other"}
+    assert report["acquisition_baselines"]["cross_source"]["intensity"]["model_minus_baseline"]["n_groups"] > 0
+
+    # Every scored slice belongs to a series its fold's model never trained on.
+    from tumorscope.data.preprocess import load_classes
+    from tumorscope.data.split import grouped_folds
+    from tumorscope.models.crossval import fold_roles
+
+    _, labels, groups = load_cached_dataset(params.preprocess.cache_dir)
+    folds = grouped_folds(labels, groups, 3, params.seed)
+    held_out = training_stages.load_held_out(params, load_classes(params.preprocess.cache_dir), labels, groups, folds)
+    scored = held_out.folds >= 0
+    assert int(scored.sum()) == cross["scored"]
+    for series, fold in zip(held_out.series[scored], held_out.folds[scored], strict=True):
+        roles = fold_roles(folds, int(fold), 3)
+        assert series in set(groups[roles["test"]]) and series not in set(groups[roles["train"] | roles["val"]])
+
+
 def test_more_folds_than_groups_is_a_one_line_error(project):
     import subprocess
     import sys

@@ -8,9 +8,9 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from helpers.paths import FIXTURE_SLICES
 from PIL import Image
 
+from helpers.paths import FIXTURE_SLICES
 from tumorscope.data import audit
 from tumorscope.models import shortcuts
 from tumorscope.stages.audit import source_of

@@ -23,3 +23,20 @@ def summarise_rounds(rounds: list[dict], key: str) -> dict:
     return {"n": int(len(values)), "mean": float(values.mean()),
             "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
             "min": float(values.min()), "max": float(values.max())}
+
+
+def held_out_report(labels: np.ndarray, probabilities: np.ndarray, series: np.ndarray, images: np.ndarray,
+                    classes: list[str], evaluate, seed: int) -> dict:
+    """Scores of out-of-fold probabilities on a set of slices (rows of NaN, never scored, left out),
+    whole series resampled for the intervals, and the same scores per orientation."""
+    from tumorscope.data.audit import estimate_orientations
+    from tumorscope.models.evaluate import score_predictions, summary_scores
+    from tumorscope.models.shortcuts import scores_by_orientation
+
+    scored = ~np.isnan(probabilities).any(axis=1)
+    labels, probabilities, series = np.asarray(labels)[scored], probabilities[scored], np.asarray(series)[scored]
+    if not scored.any():
+        return {"n": 0}
+    return summary_scores(score_predictions(labels, probabilities, series, classes, evaluate, seed)) | {
+        "by_orientation": scores_by_orientation(labels, probabilities, series, estimate_orientations(images[scored]),
+                                                classes, evaluate, seed)}

@@ -42,23 +42,58 @@ def baseline_features(name: str, images: np.ndarray, thumbnail_size: int) -> np.
     return thumbnails(images, thumbnail_size)
 
 
+def compare_with_baselines(labels: np.ndarray, model_probabilities: np.ndarray, baselines: dict[str, np.ndarray],
+                           groups: np.ndarray, classes: list[str], evaluate, seed: int) -> dict:
+    """Each baseline's scores on these slices, and the model's paired macro-F1 difference against
+    it (whole groups resampled). Rows of NaN (slices never scored) are left out."""
+    scored = ~np.isnan(model_probabilities).any(axis=1)
+    labels, groups = np.asarray(labels)[scored], np.asarray(groups)[scored]
+    model_predicted = np.asarray(model_probabilities)[scored].argmax(axis=1)
+    out = {}
+    for name, probabilities in baselines.items():
+        probabilities = np.asarray(probabilities)[scored]
+        difference = paired_group_bootstrap(labels, model_predicted, probabilities.argmax(axis=1), groups,
+                                            len(classes), evaluate.bootstrap_samples, evaluate.confidence, seed)
+        out[name] = baseline_scores(labels, probabilities, groups, classes, evaluate.critical_class,
+                                    evaluate.bootstrap_samples, evaluate.confidence, seed) | {
+            "model_minus_baseline": difference, "model_beats": bool(difference["low"] > 0)}
+    return out
+
+
 def acquisition_baselines(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray, np.ndarray],
                           model_probabilities: np.ndarray, classes: list[str], thumbnail_size: int, evaluate,
                           seed: int) -> dict:
     """Each baseline fitted on ``train`` (images, labels), scored on ``test`` (images, labels,
     groups), and the model's paired macro-F1 difference against it."""
     (train_images, train_labels), (test_images, test_labels, test_groups) = train, test
-    model_predicted = np.asarray(model_probabilities).argmax(axis=1)
-    out = {}
+    baselines = {}
     for name in BASELINES:
         fitted = fit_baseline(baseline_features(name, train_images, thumbnail_size), train_labels, len(classes), seed)
-        probabilities = baseline_probabilities(fitted, baseline_features(name, test_images, thumbnail_size),
-                                               len(classes))
-        difference = paired_group_bootstrap(test_labels, model_predicted, probabilities.argmax(axis=1), test_groups,
-                                            len(classes), evaluate.bootstrap_samples, evaluate.confidence, seed)
-        out[name] = baseline_scores(test_labels, probabilities, test_groups, classes, evaluate.critical_class,
-                                    evaluate.bootstrap_samples, evaluate.confidence, seed) | {
-            "model_minus_baseline": difference, "model_beats": bool(difference["low"] > 0)}
+        baselines[name] = baseline_probabilities(fitted, baseline_features(name, test_images, thumbnail_size),
+                                                 len(classes))
+    return compare_with_baselines(test_labels, model_probabilities, baselines, test_groups, classes, evaluate, seed)
+
+
+def fold_baselines(images: np.ndarray, labels: np.ndarray, folds: np.ndarray, other: np.ndarray | None,
+                   other_folds: np.ndarray | None, n_classes: int, thumbnail_size: int,
+                   seed: int) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+    """Out-of-fold probabilities of each acquisition-only baseline, fitted on every fold but the
+    one it scores, on the training source's slices and on another source's slices of that fold
+    (``other``/``other_folds``; NaN rows where no fold may score a slice)."""
+    out = {}
+    for name in BASELINES:
+        features = baseline_features(name, images, thumbnail_size)
+        other_features = None if other is None else baseline_features(name, other, thumbnail_size)
+        main = np.full((len(labels), n_classes), np.nan)
+        cross = None if other is None else np.full((len(other), n_classes), np.nan)
+        for fold in np.unique(folds):
+            test = folds == fold
+            fitted = fit_baseline(features[~test], labels[~test], n_classes, seed)
+            main[test] = baseline_probabilities(fitted, features[test], n_classes)
+            if cross is not None and other_features is not None and other_folds is not None and np.any(other_folds == fold):
+                cross[other_folds == fold] = baseline_probabilities(fitted, other_features[other_folds == fold],
+                                                                    n_classes)
+        out[name] = (main, cross)
     return out
 
 

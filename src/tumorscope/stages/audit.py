@@ -66,6 +66,7 @@ def _log_to_mlflow(params: Params, report: dict) -> None:
     with mlflow.start_run(experiment_id=experiment_id, run_name="audit",
                           tags=tracking.version_tags(params) | {"stage": "audit"}):
         mlflow.log_params(tracking.flatten({"audit": params.audit.model_dump()}))
-        mlflow.log_metrics({name: float(value) for name, value in metrics.items()})
+        mlflow.log_metrics({name: float(value) for name, value in metrics.items()  # type: ignore[arg-type]
+                            if value is not None})
         for path in (params.audit.report_path, params.audit.summary_path):
             mlflow.log_artifact(path, artifact_path="audit")
