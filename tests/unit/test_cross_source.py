@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers.images import write_png
 
+from helpers.images import write_png
 from tumorscope.data.cross_source import UNTIED, fold_of, list_labelled_files, tie_summary, tie_to_series
 from tumorscope.errors import UserError
 
