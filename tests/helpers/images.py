@@ -91,3 +91,23 @@ def not_ct_images(size: int = 96) -> dict[str, np.ndarray]:
     return {"white.png": np.full((size, size), 255), "black.png": np.zeros((size, size)),
             "grey.png": np.full((size, size), 120), "noise.png": rng.integers(0, 256, (size, size)),
             "gradient.png": gradient, "text.png": np.asarray(page)}
+
+
+def another_export(raw_dir, out_dir, renamed_every: int = 3) -> dict[str, int]:
+    """The fixture slices as a processed export (CLAHE, 224 px, JPEG), every ``renamed_every``-th
+    under another name (tied by pHash, not by name), and one slice of nobody (untied)."""
+    from PIL import Image
+    from skimage import exposure
+
+    counts = {"same_name": 0, "renamed": 0}
+    for i, path in enumerate(sorted(p for p in raw_dir.glob("*/*.jpg") if not p.parent.name.startswith("_"))):
+        pixels = np.asarray(Image.open(path).convert("L").resize((224, 224), Image.LANCZOS))
+        processed = (exposure.equalize_adapthist(pixels, clip_limit=0.02) * 255).astype(np.uint8)
+        renamed = i % renamed_every == 0
+        target = out_dir / path.parent.name / (f"export-{i}.jpg" if renamed else path.name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(processed).save(target, quality=90)
+        counts["renamed" if renamed else "same_name"] += 1
+    nobody = np.random.default_rng(0).integers(0, 255, (224, 224), dtype=np.uint8)
+    Image.fromarray(nobody).save(out_dir / "Tumor" / "nobody.jpg")
+    return counts

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers.images import another_export
+
 from tumorscope.config import load_params, parse_params
 from tumorscope.errors import UserError
 from tumorscope.stages import ablation
@@ -88,3 +90,29 @@ def test_variants_share_the_folds_differences_are_paired_and_a_killed_run_resume
         ablation.run_ablate(params, ["nope"])
     with pytest.raises(UserError, match="ablation variant 'bad'"):
         ablation.run_ablate(with_ablation(params, variants={"baseline": {}, "bad": {"train": {"lr": 5}}}))
+
+
+def test_with_another_export_the_verdict_follows_the_cross_export_figure_and_folds_keep_its_scores(project, tmp_path):
+    another_export(project / "data" / "raw", tmp_path / "export")
+    params = with_ablation(load_params("params.yaml"), folds=3, variants={"baseline": {}, "crop": VARIANTS["crop"]},
+                           common={"train": {"epochs": 1}}, learning_curve=[])
+    params = parse_params(params.model_dump(by_alias=True) | {"cross_source": {"path": str(tmp_path / "export"),
+                                                                               "phash_distance": 8}})
+    ablation.run_ablate(params)
+    report = json.loads(Path(params.ablation.report_path).read_text())
+    assert report["cross_source"]["scored"] > 10 and report["cross_source"]["tied_by"]["name"] > 0
+    crop, baseline = report["variants"]["crop"], report["variants"]["baseline"]
+    assert baseline["cross_scores"]["n"] == crop["cross_scores"]["n"] == report["cross_source"]["scored"]
+    difference = crop["cross_difference"]["macro_f1"]
+    assert difference["low"] <= difference["value"] <= difference["high"]
+    assert crop["verdict"] in {"better", "worse", "no clear difference"} and "in_source_verdict" in crop
+    with np.load(Path(params.ablation.out_dir) / "crop" / "fold-0.npz") as stored:
+        assert str(stored["cross_fingerprint"]) == report["cross_source"]["fingerprint"]
+        assert stored["cross_probabilities"].shape == (report["cross_source"]["n_slices"], 4)
+    assert Path(params.ablation.report_path).with_suffix(".md").read_text().startswith(
+        "| variant | overrides | training series | cross-export macro-F1 [95 %]")
+
+    # Read back, not retrained: the same cross-export scores and no new fold run.
+    ablation.run_ablate(params)
+    again = json.loads(Path(params.ablation.report_path).read_text())
+    assert again["variants"]["crop"]["cross_scores"] == crop["cross_scores"] and len(fold_runs(params, "crop")) == 3

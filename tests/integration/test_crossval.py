@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
+from helpers.images import another_export
 from tumorscope.config import load_params, with_overrides
 from tumorscope.data.preprocess import load_cached_dataset
 from tumorscope.stages import data as data_stages
@@ -56,26 +57,6 @@ def test_crossval_tests_every_image_once_and_logs_a_run_per_fold(project):
     assert all("test_macro_f1" in run.data.metrics for run in folds_logged)
     parent = mlflow.get_run(report["mlflow_run_id"])
     assert parent.data.metrics["cv_macro_f1_mean"] == pytest.approx(report["macro_f1"]["mean"])
-
-
-def another_export(raw_dir, out_dir, renamed_every: int = 3) -> dict[str, int]:
-    """The fixture slices as a processed export (CLAHE, 224 px, JPEG), every ``renamed_every``-th
-    under another name (tied by pHash, not by name), and one slice of nobody (untied)."""
-    from PIL import Image
-    from skimage import exposure
-
-    counts = {"same_name": 0, "renamed": 0}
-    for i, path in enumerate(sorted(p for p in raw_dir.glob("*/*.jpg") if not p.parent.name.startswith("_"))):
-        pixels = np.asarray(Image.open(path).convert("L").resize((224, 224), Image.LANCZOS))
-        processed = (exposure.equalize_adapthist(pixels, clip_limit=0.02) * 255).astype(np.uint8)
-        renamed = i % renamed_every == 0
-        target = out_dir / path.parent.name / (f"export-{i}.jpg" if renamed else path.name)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(processed).save(target, quality=90)
-        counts["renamed" if renamed else "same_name"] += 1
-    nobody = np.random.default_rng(0).integers(0, 255, (224, 224), dtype=np.uint8)
-    Image.fromarray(nobody).save(out_dir / "Tumor" / "nobody.jpg")
-    return counts
 
 
 def test_another_export_is_scored_only_on_each_folds_held_out_series(project, tmp_path):

@@ -18,6 +18,8 @@ A slice tied to nothing is never scored: its series may have been trained on unr
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,5 +170,8 @@ def held_out_slices(root: str | Path, classes: list[str], extensions: list[str],
     own = duplicate_groups(source.phashes, source.phashes, own_threshold)  # identical hashes pair as exact twins
     series, how = tie_to_series(source.names, source.phashes, own, main_names, main_phashes, main_groups, phash_distance)
     folds = fold_of(series, own, main_groups, main_folds)
+    # What a stored fold's scores of these slices depend on: which slices, tied to which fold.
+    identity = json.dumps({"names": source.names, "phashes": source.phashes, "folds": folds.tolist()})
     return HeldOut(source, series, folds, tie_summary(how, folds, source.unreadable) | {
-        "path": str(root), "phash_distance": phash_distance})
+        "path": str(root), "phash_distance": phash_distance,
+        "fingerprint": hashlib.sha256(identity.encode()).hexdigest()[:16]})

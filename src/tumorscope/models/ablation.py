@@ -103,18 +103,33 @@ def _signed(summary: dict | None) -> str:
 
 
 def markdown_table(report: dict[str, Any]) -> str:
-    """The ablation as a Markdown table: one row per variant, the baseline first."""
+    """The ablation as a Markdown table: one row per variant, the baseline first. With another
+    export (``cross_source``), its columns come first and the verdict follows them."""
     critical = report["critical_class"]
-    rows = [f"| variant | overrides | training series | macro-F1 [95 %] | {critical} recall [95 %] | ECE | "
-            f"macro-F1 - baseline [95 %] | {critical} recall - baseline [95 %] | verdict | minutes | cache MB |",
-            "|---|---|---:|---|---|---:|---|---|---|---:|---:|"]
+    cross = bool(report.get("cross_source"))
+    head = ("| variant | overrides | training series | "
+            + (f"cross-export macro-F1 [95 %] | cross-export {critical} recall [95 %] | cross-export ECE | "
+               "cross-export macro-F1 - baseline [95 %] | " if cross else "")
+            + f"macro-F1 [95 %] | {critical} recall [95 %] | ECE | "
+            f"macro-F1 - baseline [95 %] | {critical} recall - baseline [95 %] | verdict | "
+            + ("in-source verdict | " if cross else "") + "minutes | cache MB |")
+    rows = [head, "|---|---|---:|" + ("---|---|---:|---|" if cross else "") + "---|---|---:|---|---|---|"
+            + ("---|" if cross else "") + "---:|---:|"]
     for name, variant in report["variants"].items():
         overrides = json.dumps(variant["overrides"], sort_keys=True) if variant["overrides"] else "(defaults)"
         difference = variant.get("difference") or {}
+        cells = [name, f"`{overrides}`", f"{variant['train_share']:.0%}"]
+        if cross:
+            scores = variant.get("cross_scores") or {}
+            ece = scores.get("ece")
+            cells += [_cell(scores.get("macro_f1")), _cell(scores.get("critical_recall")),
+                      "-" if ece is None else f"{ece:.3f}", _signed((variant.get("cross_difference") or {}).get("macro_f1"))]
         ece = variant["scores"].get("ece")
-        rows.append(f"| {name} | `{overrides}` | {variant['train_share']:.0%} | {_cell(variant['scores']['macro_f1'])} | "
-                    f"{_cell(variant['scores'].get('critical_recall'))} | {'-' if ece is None else f'{ece:.3f}'} | "
-                    f"{_signed(difference.get('macro_f1'))} | {_signed(difference.get('critical_recall'))} | "
-                    f"{variant.get('verdict', 'baseline')} | {variant['seconds'] / 60:.1f} | "
-                    f"{'-' if variant.get('cache_mb') is None else variant['cache_mb']} |")
+        cells += [_cell(variant["scores"]["macro_f1"]), _cell(variant["scores"].get("critical_recall")),
+                  "-" if ece is None else f"{ece:.3f}", _signed(difference.get("macro_f1")),
+                  _signed(difference.get("critical_recall")), variant.get("verdict", "baseline")]
+        if cross:
+            cells.append(variant.get("in_source_verdict", "baseline"))
+        cells += [f"{variant['seconds'] / 60:.1f}", "-" if variant.get("cache_mb") is None else str(variant["cache_mb"])]
+        rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows) + "\n"

@@ -6,6 +6,10 @@ Not a DVC stage (folds x variants trainings). Each finished fold is stored under
 settings it trained with, so a killed run continues at the next unfinished fold, a changed
 variant or setting is computed again, and a param added later at its default keeps the folds. Each variant is
 a parent run in MLflow with its folds nested (a resumed variant reopens its parent run).
+
+With ``cross_source.path`` every fold's model also scores the other export's slices of that fold's
+held-out series (``data.cross_source``), and the verdict follows that cross-export figure; the
+in-source figure stays beside it. A stored fold without those scores is trained again.
 """
 
 from __future__ import annotations
@@ -95,8 +99,9 @@ def settings_of(params: Params) -> dict[str, object]:
     return {key: value for key, value in flat.items() if not key.endswith(("_dir", "_path"))}
 
 
-def _stored_fold(path: Path, fingerprint: str, settings: dict, defaults: dict) -> dict | None:
-    """A finished fold of this variant (same fingerprint, same settings by ``same_settings``), or None."""
+def _stored_fold(path: Path, fingerprint: str, settings: dict, defaults: dict, cross: str | None) -> dict | None:
+    """A finished fold of this variant (same fingerprint, same settings by ``same_settings``, and
+    with ``cross`` the other source's scores of that fingerprint), or None."""
     import json
 
     from tumorscope.models.ablation import same_settings
@@ -107,7 +112,10 @@ def _stored_fold(path: Path, fingerprint: str, settings: dict, defaults: dict) -
         if (str(stored["fingerprint"]) != fingerprint or "settings" not in stored.files
                 or not same_settings(json.loads(str(stored["settings"])), settings, defaults)):
             return None
-        return {"probabilities": stored["probabilities"], "seconds": float(stored["seconds"]),
+        if cross is not None and ("cross_fingerprint" not in stored.files or str(stored["cross_fingerprint"]) != cross):
+            return None
+        extra = {"cross_probabilities": stored["cross_probabilities"]} if cross is not None else {}
+        return extra | {"probabilities": stored["probabilities"], "seconds": float(stored["seconds"]),
                 "epochs": int(stored["epochs"]), "n_train": int(stored["n_train"]),
                 "n_train_series": int(stored["n_train_series"])}
 
@@ -157,13 +165,16 @@ def run_variant(params: Params, name: str, overrides: dict, share: float, data: 
     settings, defaults = settings_of(variant), settings_of(Params())
     images = None  # built or loaded when a fold has to train: a finished variant reads its folds only
     out_of_fold = np.full((len(labels), len(classes)), np.nan, dtype=np.float32)
+    held_out = data.get("held_out")
+    cross = None if held_out is None else held_out.summary["fingerprint"]
+    cross_out_of_fold = None if held_out is None else np.full((len(held_out.folds), len(classes)), np.nan)
     folds_done = []
     # One parent run per variant and settings: a resumed run with other settings starts a new one.
     with _parent_run(variant, experiment_id, name, variant_fingerprint(settings, share, data["base"])) as parent:
         for fold in progress(range(cfg.folds), cfg.folds, f"ablation {name}"):
             path = Path(cfg.out_dir) / _slug(name) / FOLD_FILE.format(fold=fold)
             roles = fold_roles(folds, fold, cfg.folds)
-            done = _stored_fold(path, fingerprint, settings, defaults)
+            done = _stored_fold(path, fingerprint, settings, defaults, cross)
             if done is None:
                 if images is None:
                     images = variant_images(params, variant, data["images"], labels, groups)
@@ -180,8 +191,15 @@ def run_variant(params: Params, name: str, overrides: dict, share: float, data: 
                 done = {"probabilities": outcome.probabilities, "seconds": time.perf_counter() - started,
                         "epochs": outcome.result.epochs_run, "n_train": int(train.sum()),
                         "n_train_series": int(len(np.unique(groups[train])))}
+                if held_out is not None:
+                    done |= {"cross_probabilities": cross_fold_probabilities(variant, held_out, fold, outcome.result.model,
+                                                                             data),
+                             "cross_fingerprint": cross}
                 _store_fold(path, fingerprint, settings, done)
             out_of_fold[roles["test"]] = done["probabilities"]
+            if held_out is not None and cross_out_of_fold is not None:
+                mine = held_out.folds == fold
+                cross_out_of_fold[mine] = done["cross_probabilities"][mine]
             folds_done.append({"fold": fold, "seconds": done["seconds"], "epochs": done["epochs"],
                                "n_train": done["n_train"], "n_train_series": done["n_train_series"]})
         mlflow.log_params(tracking.flatten({"ablation": {"overrides": overrides, "train_share": share}}))
@@ -189,7 +207,26 @@ def run_variant(params: Params, name: str, overrides: dict, share: float, data: 
             "image_size": variant.preprocess.image_size,
             # None when every fold was read back and the cache was not needed (nor built) in this run.
             "cache_mb": round(cache_megabytes(cache), 3) if (cache := variant_cache(params, variant)).is_dir() else None,
-            "probabilities": out_of_fold, "folds": folds_done, "seconds": sum(f["seconds"] for f in folds_done)}
+            "probabilities": out_of_fold, "cross_probabilities": cross_out_of_fold, "folds": folds_done,
+            "seconds": sum(f["seconds"] for f in folds_done)}
+
+
+def cross_fold_probabilities(variant: Params, held_out, fold: int, model, data: dict) -> np.ndarray:
+    """The other source's probabilities from one fold's model: its slices of that fold's held-out
+    series, prepared with the variant's preprocess settings (once per setting); NaN elsewhere."""
+    from tumorscope.data.cross_source import prepared
+    from tumorscope.inference import PIXEL_SETTINGS, predict_proba
+
+    key = tuple(getattr(variant.preprocess, k) for k in PIXEL_SETTINGS)
+    cache = data.setdefault("cross_images", {})
+    if key not in cache:
+        cache[key] = prepared(held_out.source, variant.preprocess)
+    out = np.full((len(held_out.folds), len(data["classes"])), np.nan, dtype=np.float32)
+    mine = held_out.folds == fold
+    if mine.any():
+        out[mine] = predict_proba(model, cache[key][mine],
+                                  test_time_augmentation=variant.evaluate.test_time_augmentation)
+    return out
 
 
 def summarise(params: Params, results: dict[str, dict], data: dict) -> dict:
@@ -200,6 +237,7 @@ def summarise(params: Params, results: dict[str, dict], data: dict) -> dict:
 
     cfg, evaluate = params.ablation, params.evaluate
     labels, groups, classes = data["labels"], data["groups"], data["classes"]
+    held_out = data.get("held_out")
     critical = class_index(classes, evaluate.critical_class)
     baseline = results[cfg.baseline]["probabilities"].argmax(axis=1)
     variants = {}
@@ -211,17 +249,49 @@ def summarise(params: Params, results: dict[str, dict], data: dict) -> dict:
                    {"value": scores["recall"][evaluate.critical_class], "low": critical_ci["low"],
                     "high": critical_ci["high"]},
                    "ece": scores["ece"], "recall": scores["recall"], "degenerate": scores["degenerate"]}
-        entry = {k: v for k, v in result.items() if k != "probabilities"} | {"scores": summary}
+        entry = {k: v for k, v in result.items() if k not in ("probabilities", "cross_probabilities")} | {
+            "scores": summary}
         if name != cfg.baseline:
             difference = paired_differences(labels, result["probabilities"].argmax(axis=1), baseline, groups,
                                             len(classes), critical, evaluate.bootstrap_samples, evaluate.confidence,
                                             params.seed)
-            entry |= {"difference": difference, "verdict": verdict(difference["macro_f1"])}
+            entry |= {"difference": difference, "verdict": verdict(difference["macro_f1"]),
+                      "in_source_verdict": verdict(difference["macro_f1"])}
+        if held_out is not None and result.get("cross_probabilities") is not None:
+            entry |= cross_entry(params, result["cross_probabilities"], results[cfg.baseline]["cross_probabilities"],
+                                 held_out, classes, name == cfg.baseline)
         variants[name] = entry
     return {"baseline": cfg.baseline, "folds": cfg.folds, "n_images": int(len(labels)),
             "n_groups": int(len(np.unique(groups))), "phash_threshold": params.split.phash_threshold,
             "classes": classes, "critical_class": evaluate.critical_class, "train_share": cfg.train_share,
-            "common": cfg.common, "data_fingerprint": data["base"]["data"], "variants": variants}
+            "common": cfg.common, "data_fingerprint": data["base"]["data"],
+            "cross_source": None if held_out is None else held_out.summary, "variants": variants}
+
+
+def cross_entry(params: Params, probabilities: np.ndarray, baseline: np.ndarray, held_out, classes: list[str],
+                is_baseline: bool) -> dict:
+    """A variant's cross-export scores and, against the baseline on the same slices, the paired
+    differences; the verdict follows them (the in-source one is kept as ``in_source_verdict``)."""
+    from tumorscope.models.ablation import paired_differences, verdict
+    from tumorscope.models.evaluate import class_index, score_predictions
+
+    evaluate = params.evaluate
+    scored = ~np.isnan(probabilities).any(axis=1)
+    labels, series = held_out.source.labels[scored], held_out.series[scored]
+    scores = score_predictions(labels, probabilities[scored], series, classes, evaluate, params.seed)
+    critical = class_index(classes, evaluate.critical_class)
+    critical_ci = scores["recall_ci"].get(evaluate.critical_class) if critical is not None else None
+    entry: dict = {"cross_scores": {
+        "n": scores["n"], "n_groups": scores["n_groups"], "macro_f1": {"value": scores["macro_f1"], **scores["macro_f1_ci"]},
+        "critical_recall": None if critical_ci is None else {"value": scores["recall"][evaluate.critical_class],
+                                                             "low": critical_ci["low"], "high": critical_ci["high"]},
+        "ece": scores["ece"], "recall": scores["recall"]}}
+    if not is_baseline:
+        difference = paired_differences(labels, probabilities[scored].argmax(axis=1), baseline[scored].argmax(axis=1),
+                                        series, len(classes), critical, evaluate.bootstrap_samples,
+                                        evaluate.confidence, params.seed)
+        entry |= {"cross_difference": difference, "verdict": verdict(difference["macro_f1"])}
+    return entry
 
 
 def plot_differences(report: dict, path: Path) -> None:
@@ -271,6 +341,9 @@ def run_ablate(params: Params, only: list[str] | None = None) -> str:
     # The params are not in it: each stored fold keeps its settings, compared by ``same_settings``.
     base = {"data": file_fingerprint(params.split.path), "folds": cfg.folds, "seed": params.seed}
     data = {"images": images, "labels": labels, "groups": groups, "folds": folds, "classes": classes, "base": base}
+    from tumorscope.stages.training import load_held_out
+
+    data["held_out"] = load_held_out(params, classes, labels, groups, folds)
 
     from tumorscope import tracking
 
