@@ -201,9 +201,9 @@ def monitor(params: ParamsOption = DEFAULT_PARAMS,
 @app.command()
 def crossval(params: ParamsOption = DEFAULT_PARAMS) -> None:
     """Grouped k-fold cross-validation of train.* (duplicate groups kept whole); MLflow runs."""
-    from tumorscope.stages import training
+    from tumorscope.stages import crossval as crossval_stage
 
-    _report(lambda: training.run_crossval(_params(params)))
+    _report(lambda: crossval_stage.run_crossval(_params(params)))
 
 
 @app.command()

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from helpers.images import another_export
-
 from tumorscope.config import load_params, parse_params
 from tumorscope.errors import UserError
 from tumorscope.stages import ablation

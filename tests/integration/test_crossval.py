@@ -12,8 +12,8 @@ import yaml
 from helpers.images import another_export
 from tumorscope.config import load_params, with_overrides
 from tumorscope.data.preprocess import load_cached_dataset
+from tumorscope.stages import crossval as crossval_stages
 from tumorscope.stages import data as data_stages
-from tumorscope.stages import training as training_stages
 from tumorscope.tracking import absolute_sqlite_uri
 
 pytestmark = pytest.mark.slow
@@ -26,7 +26,7 @@ def test_crossval_tests_every_image_once_and_logs_a_run_per_fold(project):
     from tumorscope.models.crossval import fold_roles
 
     params = with_overrides(load_params("params.yaml"), {"crossval": {"folds": 3}})
-    line = training_stages.run_crossval(params)
+    line = crossval_stages.run_crossval(params)
     assert line.startswith("crossval: 3 grouped folds of 32 images (small_cnn): macro-F1 mean ")
     assert "\ncrossval: out-of-fold accuracy by pHash distance to the nearest training slice: " in line
 
@@ -63,7 +63,7 @@ def test_another_export_is_scored_only_on_each_folds_held_out_series(project, tm
     params = with_overrides(load_params("params.yaml"), {"crossval": {"folds": 3},
                                                          "cross_source": {"path": str(tmp_path / "export")}})
     counts = another_export(project / params.data.raw_dir, tmp_path / "export")
-    line = training_stages.run_crossval(params)
+    line = crossval_stages.run_crossval(params)
     assert "\ncrossval: in_source: macro-F1 " in line and "\ncrossval: cross_source: macro-F1 " in line
     assert "\ncrossval: in_source: the model " in line and "the intensity baseline" in line
     report = json.loads(open(params.crossval.report_path).read())
@@ -81,7 +81,7 @@ def test_another_export_is_scored_only_on_each_folds_held_out_series(project, tm
 
     _, labels, groups = load_cached_dataset(params.preprocess.cache_dir)
     folds = grouped_folds(labels, groups, 3, params.seed)
-    held_out = training_stages.load_held_out(params, load_classes(params.preprocess.cache_dir), labels, groups, folds)
+    held_out = crossval_stages.load_held_out(params, load_classes(params.preprocess.cache_dir), labels, groups, folds)
     scored = held_out.folds >= 0
     assert int(scored.sum()) == cross["scored"]
     for series, fold in zip(held_out.series[scored], held_out.folds[scored], strict=True):

@@ -37,6 +37,7 @@ def through_server(project: Path, url: str) -> dict:
     params["mlflow"] = {"tracking_uri": url, "experiment": "shared-server-test",
                         "artifact_root": str(project / "local-artifacts")}  # must stay unused
     params["promote"] = {"min_macro_f1_low": 0.0, "min_critical_recall_low": 0.0, "max_ece": 1.0,
+                         "require_beating_acquisition_baselines": False,
                          "coverage_tolerance": 1.0}
     params["serve"] = {"inference_log": str(project / "logs" / "inference.jsonl"), "max_latency_ms": 10000}
     params["monitor"] = {"current": str(FIXTURE_SLICES), "min_window": 5,

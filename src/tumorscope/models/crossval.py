@@ -1,5 +1,5 @@
 """Grouped k-fold cross-validation: which images train, validate and test in each round, and the
-summary over rounds. Pure functions; the loop that trains is tumorscope.stages.run_crossval."""
+summary over rounds. Pure functions; the loop that trains is tumorscope.stages.crossval.run_crossval."""
 
 from __future__ import annotations
 

@@ -341,7 +341,7 @@ def run_ablate(params: Params, only: list[str] | None = None) -> str:
     # The params are not in it: each stored fold keeps its settings, compared by ``same_settings``.
     base = {"data": file_fingerprint(params.split.path), "folds": cfg.folds, "seed": params.seed}
     data = {"images": images, "labels": labels, "groups": groups, "folds": folds, "classes": classes, "base": base}
-    from tumorscope.stages.training import load_held_out
+    from tumorscope.stages.crossval import load_held_out
 
     data["held_out"] = load_held_out(params, classes, labels, groups, folds)
 

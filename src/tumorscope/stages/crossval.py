@@ -1,0 +1,180 @@
+"""Cross-validation (not a DVC stage: k trainings): grouped k-fold of train.* on the cache, and with
+``cross_source.path`` another export's slices of each fold's held-out series scored too."""
+
+from __future__ import annotations
+
+from tumorscope.config import Params
+from tumorscope.errors import UserError
+from tumorscope.models.evaluate import format_interval
+from tumorscope.reports import write_json
+from tumorscope.stages.training import format_bands
+
+
+def crossval_summary_line(report: dict, critical_class: str) -> str:
+    def spread(summary: dict) -> str:
+        if summary["mean"] is None:
+            return "n/a"
+        return f"mean {summary['mean']:.3f} (sd {summary['std']:.3f}, {summary['min']:.3f}-{summary['max']:.3f})"
+
+    pooled = report["pooled"]
+    per_fold = ", ".join(f"{r['macro_f1']:.2f}" for r in report["rounds"])
+    return (f"crossval: {report['folds']} grouped folds of {report['n_images']} images ({report['architecture']}): "
+            f"macro-F1 {spread(report['macro_f1'])}; {critical_class} recall {spread(report['critical_recall'])}; "
+            f"pooled out-of-fold macro-F1 {pooled['macro_f1']:.3f}{format_interval(pooled['macro_f1_ci'])}; "
+            f"per fold {per_fold}\n"
+            "crossval: out-of-fold accuracy by pHash distance to the nearest training slice: "
+            f"{format_bands(report['accuracy_by_train_distance'])}"
+            + "".join(f"\ncrossval: {where}: {held_out_line(report[where], critical_class)}"
+                      for where in ("in_source", "cross_source") if report.get(where, {}).get("n"))
+            + "".join(f"\ncrossval: {where}: the model {baseline_verdicts(found)}"
+                      for where, found in report.get("acquisition_baselines", {}).items()))
+
+
+def held_out_line(scores: dict, critical_class: str) -> str:
+    """'macro-F1 0.59 [..], Tumor recall .., ECE .. (n slices, g series); axial .., coronal ..'."""
+    def one(part: dict) -> str:
+        recall = "-" if part["critical_recall"] is None else f"{part['critical_recall']:.3f}"
+        ece = "-" if part["ece"] is None else f"{part['ece']:.3f}"
+        return (f"macro-F1 {part['macro_f1']:.3f}{format_interval(part['macro_f1_ci'])}, {critical_class} recall "
+                f"{recall}, ECE {ece} ({part['n']} slices, {part['n_groups']} series)")
+
+    orientations = "; ".join(f"{o}: {one(part)}" for o, part in scores.get("by_orientation", {}).items())
+    return f"{one(scores)}; by orientation {orientations}"
+
+
+def baseline_verdicts(found: dict) -> str:
+    """'beats intensity (+0.12 [+0.05, +0.20]), does NOT beat thumbnail (...)'."""
+    return ", ".join(
+        f"{'beats' if b['model_beats'] else 'does NOT beat'} the {name} baseline {b['macro_f1']:.3f} "
+        f"({b['model_minus_baseline']['macro_f1_difference']:+.3f} [{b['model_minus_baseline']['low']:+.3f}, "
+        f"{b['model_minus_baseline']['high']:+.3f}])" for name, b in found.items())
+
+
+def load_held_out(params: Params, classes: list[str], labels, groups, folds):
+    """The other source's slices (``cross_source.path``) tied to the training source's series and
+    folds (``tumorscope.data.cross_source``), or None when none is configured."""
+    from pathlib import PurePath
+
+    from tumorscope.data.cross_source import held_out_slices
+    from tumorscope.data.split import SPLITS, read_split_table, rows_in_cache_order
+
+    cfg = params.cross_source
+    if not cfg.path:
+        return None
+    rows = rows_in_cache_order(read_split_table(params.split.path), classes, labels, SPLITS,
+                               f"{params.split.path} vs {params.preprocess.cache_dir}")
+    names = [f"{label}/{PurePath(path).name}" for label, path in zip(rows["label"], rows["path"], strict=True)]
+    return held_out_slices(cfg.path, classes, params.data.image_extensions, params.data.dicom_window, names,
+                           rows["phash"].tolist(), groups, folds, cfg.phash_distance, params.split.phash_threshold)
+
+
+def shortcut_comparisons(params: Params, classes: list[str], data: tuple, out_of_fold, held_out, cross_images,
+                         cross_out_of_fold) -> dict:
+    """The acquisition-only baselines on the same folds, compared with the model in-source and,
+    with another source, across exports (paired over series)."""
+    from tumorscope.models.shortcuts import compare_with_baselines, fold_baselines
+
+    images, labels, groups, folds = data
+    baselines = fold_baselines(images, labels, folds, cross_images, None if held_out is None else held_out.folds,
+                               len(classes), params.audit.thumbnail_size, params.seed)
+    out = {"in_source": compare_with_baselines(labels, out_of_fold, {n: b[0] for n, b in baselines.items()}, groups,
+                                               classes, params.evaluate, params.seed)}
+    if held_out is not None:
+        out["cross_source"] = compare_with_baselines(held_out.source.labels, cross_out_of_fold,
+                                                     {n: b[1] for n, b in baselines.items() if b[1] is not None},
+                                                     held_out.series,
+                                                     classes, params.evaluate, params.seed)
+    return out
+
+
+def run_crossval(params: Params) -> str:
+    """Grouped k-fold cross-validation of train.* (or the tuned configuration) on the cache: each
+    image is tested once by a model that never saw its duplicate group. Writes crossval.report_path
+    and one MLflow parent run with a nested run per fold."""
+    import numpy as np
+
+    from tumorscope.config import with_overrides
+    from tumorscope.data.preprocess import load_cached_dataset, load_classes
+    from tumorscope.data.split import SPLITS, grouped_folds, nearest_distances, read_split_table, rows_in_cache_order
+    from tumorscope.models.crossval import fold_roles, summarise_rounds
+    from tumorscope.models.evaluate import accuracy_by_distance, flat_scores, score_predictions, summary_scores
+    from tumorscope.tuning.leaderboard import read_best_params
+
+    cv = params.crossval
+    if cv.use_best_params:
+        params = with_overrides(params, {"train": read_best_params(params)["train"]})
+    cfg = params.train
+    classes = load_classes(params.preprocess.cache_dir)
+    images, labels, groups = load_cached_dataset(params.preprocess.cache_dir)
+    hashes = rows_in_cache_order(read_split_table(params.split.path), classes, labels, SPLITS,
+                                 f"{params.split.path} vs {params.preprocess.cache_dir}")["phash"].to_numpy()
+    folds = grouped_folds(labels, groups, cv.folds, params.seed)
+    empty = [fold for fold in range(cv.folds) if not np.any(folds == fold)]
+    if empty:
+        raise UserError(f"crossval.folds: {cv.folds} folds but only {len(np.unique(groups))} duplicate groups; "
+                        f"fold(s) {empty} would be empty: use fewer folds")
+    held_out = load_held_out(params, classes, labels, groups, folds)
+    # Checked before TensorFlow and MLflow load, so that a user mistake answers at once.
+    import mlflow
+
+    from tumorscope import tracking
+    from tumorscope.data.cross_source import prepared
+    from tumorscope.inference import predict_proba
+    from tumorscope.models.crossval import held_out_report
+    from tumorscope.models.train import fit_and_score
+
+    cross_images = None if held_out is None else prepared(held_out.source, params.preprocess)
+    cross_out_of_fold = None if held_out is None else np.full((len(held_out.folds), len(classes)), np.nan)
+    out_of_fold = np.zeros((len(labels), len(classes)), dtype=np.float32)
+    train_distance = np.zeros(len(labels), dtype=np.int64)  # test slice -> nearest training slice of its round
+    rounds = []
+    experiment_id = tracking.configure(params.mlflow)
+    with tracking.start_training_run(params, experiment_id, f"crossval-{cfg.architecture}-{cv.folds}fold",
+                                     "crossval") as parent:
+        mlflow.log_params(tracking.fit_params(params, cfg) | tracking.flatten({"crossval": cv.model_dump()}))
+        for fold in range(cv.folds):
+            roles = fold_roles(folds, fold, cv.folds)
+            with tracking.start_training_run(params, experiment_id, f"crossval-fold-{fold}", "crossval-fold",
+                                             parent.info.run_id, {"fold": str(fold)}):
+                outcome = fit_and_score(cfg, params.preprocess.image_size, classes, params.seed,
+                                        (images[roles["train"]], labels[roles["train"]]),
+                                        (images[roles["val"]], labels[roles["val"]]),
+                                        (images[roles["test"]], labels[roles["test"]], groups[roles["test"]]),
+                                        params.evaluate, callbacks=[tracking.epoch_logger()])
+                tracking.log_fit(params, cfg, outcome, "test_")
+            out_of_fold[roles["test"]] = outcome.probabilities
+            if held_out is not None and cross_images is not None and cross_out_of_fold is not None \
+                    and np.any(mine := held_out.folds == fold):
+                cross_out_of_fold[mine] = predict_proba(outcome.result.model, cross_images[mine],
+                                                        test_time_augmentation=params.evaluate.test_time_augmentation)
+            train_distance[roles["test"]] = nearest_distances(hashes[roles["test"]], hashes[roles["train"]])
+            rounds.append({"fold": fold, **{f"n_{role}": int(mask.sum()) for role, mask in roles.items()},
+                           "test_counts": {c: int(np.sum(labels[roles["test"]] == i)) for i, c in enumerate(classes)},
+                           "epochs_run": outcome.result.epochs_run, **summary_scores(outcome.scores)})
+        pooled = summary_scores(score_predictions(labels, out_of_fold, groups, classes, params.evaluate, params.seed))
+        report = {"folds": cv.folds, "n_images": int(len(labels)), "n_groups": int(len(np.unique(groups))),
+                  "phash_threshold": params.split.phash_threshold, "image_size": params.preprocess.image_size,
+                  "architecture": cfg.architecture, "train": cfg.model_dump(), "classes": classes,
+                  "critical_class": params.evaluate.critical_class,
+                  "macro_f1": summarise_rounds(rounds, "macro_f1"),
+                  "critical_recall": summarise_rounds(rounds, "critical_recall"),
+                  "degenerate_folds": [r["fold"] for r in rounds if r["degenerate"]],
+                  "pooled": pooled, "rounds": rounds, "mlflow_run_id": parent.info.run_id,
+                  "accuracy_by_train_distance": accuracy_by_distance(out_of_fold.argmax(axis=1) == labels,
+                                                                     train_distance, params.evaluate.distance_bands),
+                  "in_source": held_out_report(labels, out_of_fold, groups, images, classes, params.evaluate,
+                                               params.seed),
+                  "acquisition_baselines": shortcut_comparisons(params, classes, (images, labels, groups, folds),
+                                                                out_of_fold, held_out, cross_images, cross_out_of_fold)}
+        if held_out is not None and cross_images is not None and cross_out_of_fold is not None:
+            report["cross_source"] = held_out.summary | held_out_report(
+                held_out.source.labels, cross_out_of_fold, held_out.series, cross_images, classes, params.evaluate,
+                params.seed)
+        write_json(cv.report_path, report)
+        mlflow.log_metrics({f"cv_macro_f1_{k}": v for k, v in report["macro_f1"].items() if v is not None}
+                           | {f"cv_critical_recall_{k}": v for k, v in report["critical_recall"].items() if v is not None}
+                           | flat_scores(pooled, "pooled_")
+                           | (flat_scores(report["cross_source"], "cross_source_")
+                              if report.get("cross_source", {}).get("n") else {}))
+        mlflow.log_artifact(cv.report_path)
+    return crossval_summary_line(report, params.evaluate.critical_class)
