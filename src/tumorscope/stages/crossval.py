@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import time
+
 from tumorscope.config import Params
 from tumorscope.errors import UserError
 from tumorscope.models.evaluate import format_interval
@@ -113,7 +115,9 @@ def run_crossval(params: Params) -> str:
     if empty:
         raise UserError(f"crossval.folds: {cv.folds} folds but only {len(np.unique(groups))} duplicate groups; "
                         f"fold(s) {empty} would be empty: use fewer folds")
+    started = time.perf_counter()
     held_out = load_held_out(params, classes, labels, groups, folds)
+    cross_seconds = time.perf_counter() - started
     # Checked before TensorFlow and MLflow load, so that a user mistake answers at once.
     import mlflow
 
@@ -123,9 +127,12 @@ def run_crossval(params: Params) -> str:
     from tumorscope.models.crossval import held_out_report
     from tumorscope.models.train import fit_and_score
 
+    started = time.perf_counter()
     cross_images = None if held_out is None else prepared(held_out.source, params.preprocess)
+    cross_seconds += time.perf_counter() - started
     cross_out_of_fold = None if held_out is None else np.full((len(held_out.folds), len(classes)), np.nan)
     out_of_fold = np.zeros((len(labels), len(classes)), dtype=np.float32)
+    all_started = time.perf_counter()
     train_distance = np.zeros(len(labels), dtype=np.int64)  # test slice -> nearest training slice of its round
     rounds = []
     experiment_id = tracking.configure(params.mlflow)
@@ -145,8 +152,10 @@ def run_crossval(params: Params) -> str:
             out_of_fold[roles["test"]] = outcome.probabilities
             if held_out is not None and cross_images is not None and cross_out_of_fold is not None \
                     and np.any(mine := held_out.folds == fold):
+                started = time.perf_counter()
                 cross_out_of_fold[mine] = predict_proba(outcome.result.model, cross_images[mine],
                                                         test_time_augmentation=params.evaluate.test_time_augmentation)
+                cross_seconds += time.perf_counter() - started
             train_distance[roles["test"]] = nearest_distances(hashes[roles["test"]], hashes[roles["train"]])
             rounds.append({"fold": fold, **{f"n_{role}": int(mask.sum()) for role, mask in roles.items()},
                            "test_counts": {c: int(np.sum(labels[roles["test"]] == i)) for i, c in enumerate(classes)},
@@ -166,6 +175,8 @@ def run_crossval(params: Params) -> str:
                                                params.seed),
                   "acquisition_baselines": shortcut_comparisons(params, classes, (images, labels, groups, folds),
                                                                 out_of_fold, held_out, cross_images, cross_out_of_fold)}
+        report["seconds"] = {"total": time.perf_counter() - all_started + cross_seconds,
+                             "cross_source": cross_seconds}  # reading, preparing and scoring the other export
         if held_out is not None and cross_images is not None and cross_out_of_fold is not None:
             report["cross_source"] = held_out.summary | held_out_report(
                 held_out.source.labels, cross_out_of_fold, held_out.series, cross_images, classes, params.evaluate,
