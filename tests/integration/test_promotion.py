@@ -201,6 +201,7 @@ def test_predict_writes_csv_and_external_validation(tmp_path, monkeypatch):
     calibrated = apply_temperature(cached[order], model.trust["temperature"])
     np.testing.assert_allclose(good[[f"p_{c}" for c in model.classes]].to_numpy(float), calibrated, atol=1e-5)
     assert set(good["refer"].astype(str)) <= {"True", "False"} and (good["ood_distance"].astype(float) >= 0).all()
+    assert set(good["orientation"]) <= {"axial", "coronal", "other"}  # every answer names the slice's plane
     referred = good[good["refer"].astype(str) == "True"]
     assert (referred["refer_reason"] != "").all() and (good[good["refer"].astype(str) == "False"]["refer_reason"] == "").all()
     kept = good[good["refer"].astype(str) == "False"]

@@ -253,8 +253,9 @@ def test_every_classification_is_in_the_inference_log(served, client):
     request_ids = [classify(client, name, data).json()["request_id"] for _ in range(3)]
     record = logged_records(served.inference_log, request_ids)[request_ids[-1]]
     assert {"timestamp", "model_version", "request_id", "image", "embedding", "probabilities", "predicted_class",
-            "sha256", "prediction_set", "refer", "refer_reason", "ood", "ood_distance"} <= set(record)
+            "sha256", "prediction_set", "refer", "refer_reason", "ood", "ood_distance", "orientation"} <= set(record)
     assert isinstance(record["refer"], bool) and record["ood_distance"] >= 0
+    assert record["orientation"] in {"axial", "coronal", "other"}
     assert name not in json.dumps(record)  # file names are never logged
     assert client.post("/health").json()["inference_log"]["written"] >= 3
     # The clinician page only explains: its slices are logged too, with the same fields.
