@@ -48,6 +48,7 @@ def test_a_dropped_slice_shows_class_probabilities_and_overlay(served, tmp_path)
         assert refer.is_displayed() == expected["refer"]
         if expected["prediction_set"]:
             assert driver.find_element(By.ID, "set").text == "Prediction set: " + " / ".join(expected["prediction_set"])
+        assert driver.find_element(By.ID, "plane").text == f"Estimated orientation: {expected['orientation']}"
 
         # A blank slice: the referral banner, with the service's reason, above the class.
         blank = tmp_path / "blank.png"
