@@ -24,6 +24,9 @@ def test_constant_model_fails_evaluate_but_keeps_its_metrics(tmp_path):
     np.save(cache / "test_x.npy", rng.integers(0, 255, (40, 16, 16, 1), dtype=np.uint8))
     np.save(cache / "test_y.npy", np.arange(40, dtype=np.int32) % 4)
     np.save(cache / "test_groups.npy", np.arange(40) // 2)  # duplicate-group ids: pairs
+    # The training slices the acquisition-only baselines are fitted on.
+    np.save(cache / "train_x.npy", rng.integers(0, 255, (40, 16, 16, 1), dtype=np.uint8))
+    np.save(cache / "train_y.npy", np.arange(40, dtype=np.int32) % 4)
     # A model that ignores its input: zero kernel, bias favouring class 1.
     inputs = keras.Input((16, 16, 1))
     flat = keras.layers.Flatten()(inputs)
@@ -56,4 +59,6 @@ def test_constant_model_fails_evaluate_but_keeps_its_metrics(tmp_path):
     assert len(error) == 1 and "DEGENERATE MODEL" in error[0] and "100%" in error[0]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["degenerate"] is True and metrics["recall"]["Normal"] == 1.0
+    # It ignores its input, so it beats no acquisition-only baseline, and the promotion gate would say so.
+    assert metrics["shortcuts"]["beats_acquisition_baselines"] is False
     assert mlflow.get_run(run.info.run_id).data.tags["degenerate"] == "true"
