@@ -95,6 +95,10 @@ def thresholds_of(state: dict) -> list[float]:
     return [math.inf if t is None else t for t in state["conformal"]["thresholds"]]
 
 
+# Every orientation reason holds this (``trust.scores`` counts referrals by reason).
+ORIENTATION_REASON = " slice: the model learnt from only "
+
+
 def orientation_reason(orientation: str, state: dict | None) -> str | None:
     """Why a slice's orientation makes its answer untrustworthy: too few training series in it
     (``state`` is the trust state's ``orientation``; None for a model fitted without it)."""
@@ -102,7 +106,7 @@ def orientation_reason(orientation: str, state: dict | None) -> str | None:
         return None
     series = int(state["series"].get(orientation, 0))
     if series < state["min_series"]:
-        return (f"{orientation} slice: the model learnt from only {series} {orientation} series "
+        return (f"{orientation}{ORIENTATION_REASON}{series} {orientation} series "
                 f"(< audit.min_series {state['min_series']})")
     return None
 

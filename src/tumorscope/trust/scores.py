@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from tumorscope.models.evaluate import expected_calibration_error, group_draw_weights
+from tumorscope.trust.answers import ORIENTATION_REASON
 from tumorscope.trust.calibration import log_probabilities
 
 
@@ -102,6 +103,7 @@ def trust_scores(labels: np.ndarray, raw: np.ndarray, judged, groups: np.ndarray
                 "input": sum(r.startswith(("blank", "intensity")) for r in reasons),
                 "features": sum(r.startswith("unlike the training") for r in reasons),
                 "prediction_set": sum(r.startswith(("no class", "the model cannot tell")) for r in reasons),
+                "orientation": sum(ORIENTATION_REASON in r for r in reasons),
             },
             "selective_accuracy": bootstrap.mean(correct, ~refer),
             "accuracy_all": bootstrap.mean(correct),
