@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import numpy as np
 import yaml
 
 from helpers.images import textured_slice, write_png
+from helpers.paths import REPO
 
 
 def tumorscope(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -124,3 +126,19 @@ def test_promote_and_rollback_before_any_model(tmp_path):
     _assert_one_line_error(tumorscope("rollback", "--reason", "bad batch", cwd=tmp_path), "no champion to roll back")
     _assert_one_line_error(tumorscope("rollback", "--reason", " ", cwd=tmp_path), "needs a reason")
 
+
+
+def test_audit_crossval_and_ablate_before_the_cache_is_built(tmp_path):
+    _project(tmp_path, {})
+    for command in ("audit", "crossval", "ablate"):
+        _assert_one_line_error(tumorscope(command, cwd=tmp_path), "data/cache has no cache: run the data stages first")
+
+
+def test_a_cross_source_that_is_not_a_folder(tmp_path, class_folders):
+    params = {"data": {"source": str(class_folders)}, "validate": {"min_images_per_class": 5},
+              "cross_source": {"path": str(tmp_path / "nowhere")}}
+    _project(tmp_path, params)
+    shutil.copytree(REPO / "expectations", tmp_path / "expectations")
+    for stage in ("ingest", "manifest", "validate", "split", "preprocess"):
+        assert tumorscope(stage, cwd=tmp_path).returncode == 0
+    _assert_one_line_error(tumorscope("crossval", cwd=tmp_path), "cross_source.path:", "is not a folder")

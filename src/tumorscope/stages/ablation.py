@@ -318,7 +318,7 @@ def plot_differences(report: dict, path: Path) -> None:
 def run_ablate(params: Params, only: list[str] | None = None) -> str:
     """Run (or resume) every variant, then write ablation.report_path, a Markdown table and a plot
     beside it, and return the table. ``only`` runs some variants (the baseline always runs)."""
-    from tumorscope.data.preprocess import load_cached_dataset, load_classes
+    from tumorscope.data.preprocess import load_cached_dataset
     from tumorscope.data.split import grouped_folds
     from tumorscope.tracking import file_fingerprint
 
@@ -329,11 +329,10 @@ def run_ablate(params: Params, only: list[str] | None = None) -> str:
         if unknown:
             raise UserError(f"ablate: no variant {', '.join(map(repr, unknown))}; the variants: {', '.join(plan)}")
         plan = {name: spec for name, spec in plan.items() if name in set(only) | {cfg.baseline}}
-    cache = Path(params.preprocess.cache_dir)
-    if not (cache / "classes.json").is_file():
-        raise UserError(f"{cache} has no cache: run the data stages first (dvc repro preprocess)")
-    classes = load_classes(cache)
-    images, labels, groups = load_cached_dataset(cache)
+    from tumorscope.stages.crossval import load_held_out, require_cache
+
+    classes = require_cache(params)
+    images, labels, groups = load_cached_dataset(params.preprocess.cache_dir)
     folds = grouped_folds(labels, groups, cfg.folds, params.seed)
     empty = [fold for fold in range(cfg.folds) if not np.any(folds == fold)]
     if empty:
@@ -341,8 +340,6 @@ def run_ablate(params: Params, only: list[str] | None = None) -> str:
     # The params are not in it: each stored fold keeps its settings, compared by ``same_settings``.
     base = {"data": file_fingerprint(params.split.path), "folds": cfg.folds, "seed": params.seed}
     data = {"images": images, "labels": labels, "groups": groups, "folds": folds, "classes": classes, "base": base}
-    from tumorscope.stages.crossval import load_held_out
-
     data["held_out"] = load_held_out(params, classes, labels, groups, folds)
 
     from tumorscope import tracking

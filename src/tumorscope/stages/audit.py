@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tumorscope.config import Params
+from tumorscope.errors import UserError
 from tumorscope.reports import write_json
 
 ADDED = "added"
@@ -35,6 +36,8 @@ def run_audit(params: Params) -> str:
     from tumorscope.models.evaluate import format_interval
 
     cfg, cache = params.audit, params.preprocess.cache_dir
+    if not (Path(cache) / "classes.json").is_file():
+        raise UserError(f"{cache} has no cache: run the data stages first (dvc repro preprocess)")
     classes = load_classes(cache)
     images, labels, groups = load_cached_dataset(cache)
     rows = rows_in_cache_order(read_split_table(params.split.path), classes, labels, SPLITS,

@@ -52,6 +52,18 @@ def baseline_verdicts(found: dict) -> str:
         f"{b['model_minus_baseline']['high']:+.3f}])" for name, b in found.items())
 
 
+def require_cache(params: Params) -> list[str]:
+    """The cache's classes, or one line saying to build it first (crossval and ablate read it whole)."""
+    from pathlib import Path
+
+    from tumorscope.data.preprocess import load_classes
+
+    cache = Path(params.preprocess.cache_dir)
+    if not (cache / "classes.json").is_file():
+        raise UserError(f"{cache} has no cache: run the data stages first (dvc repro preprocess)")
+    return load_classes(cache)
+
+
 def load_held_out(params: Params, classes: list[str], labels, groups, folds):
     """The other source's slices (``cross_source.path``) tied to the training source's series and
     folds (``tumorscope.data.cross_source``), or None when none is configured."""
@@ -96,7 +108,7 @@ def run_crossval(params: Params) -> str:
     import numpy as np
 
     from tumorscope.config import with_overrides
-    from tumorscope.data.preprocess import load_cached_dataset, load_classes
+    from tumorscope.data.preprocess import load_cached_dataset
     from tumorscope.data.split import SPLITS, grouped_folds, nearest_distances, read_split_table, rows_in_cache_order
     from tumorscope.models.crossval import fold_roles, summarise_rounds
     from tumorscope.models.evaluate import accuracy_by_distance, flat_scores, score_predictions, summary_scores
@@ -106,7 +118,7 @@ def run_crossval(params: Params) -> str:
     if cv.use_best_params:
         params = with_overrides(params, {"train": read_best_params(params)["train"]})
     cfg = params.train
-    classes = load_classes(params.preprocess.cache_dir)
+    classes = require_cache(params)
     images, labels, groups = load_cached_dataset(params.preprocess.cache_dir)
     hashes = rows_in_cache_order(read_split_table(params.split.path), classes, labels, SPLITS,
                                  f"{params.split.path} vs {params.preprocess.cache_dir}")["phash"].to_numpy()
