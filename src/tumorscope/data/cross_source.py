@@ -94,7 +94,8 @@ def tie_to_series(names: list[str], phashes: list[str], own_groups: np.ndarray, 
     and how it was tied ("name", "phash", "group": through a near-duplicate of its own source, or "").
     A member of an own group tied to several series keeps its own tie; untied members take the
     group's most common tie."""
-    from tumorscope.data.split import phash_to_uint64
+    # The split's own blockwise Hamming distances (memory bounded by the block, not the whole matrix).
+    from tumorscope.data.split import _hamming_blocks, phash_to_uint64
 
     by_name = {name: int(group) for name, group in zip(main_names, main_groups, strict=True)}
     tied = np.array([by_name.get(name, UNTIED) for name in names], dtype=np.int64)
@@ -102,8 +103,8 @@ def tie_to_series(names: list[str], phashes: list[str], own_groups: np.ndarray, 
     need = np.flatnonzero(tied == UNTIED)
     if len(need) and len(main_phashes):
         query, reference = phash_to_uint64(np.asarray(phashes)[need]), phash_to_uint64(main_phashes)
-        distances = _hamming(query, reference)
-        nearest, closest = distances.argmin(axis=1), distances.min(axis=1)
+        blocks = [(d.argmin(axis=1), d.min(axis=1)) for _, d in _hamming_blocks(query, reference, chunk=1024)]
+        nearest, closest = np.concatenate([b[0] for b in blocks]), np.concatenate([b[1] for b in blocks])
         close = closest <= phash_distance
         tied[need[close]] = np.asarray(main_groups)[nearest[close]]
         how[need[close]] = "phash"
@@ -117,14 +118,6 @@ def tie_to_series(names: list[str], phashes: list[str], own_groups: np.ndarray, 
             tied[untied] = values[counts.argmax()]
             how[untied] = "group"
     return tied, how
-
-
-def _hamming(query: np.ndarray, reference: np.ndarray, chunk: int = 512) -> np.ndarray:
-    out = np.empty((len(query), len(reference)), dtype=np.int64)
-    for start in range(0, len(query), chunk):
-        x = np.bitwise_xor(query[start:start + chunk, None], reference[None, :])
-        out[start:start + chunk] = np.unpackbits(x.view(np.uint8).reshape(*x.shape, 8), axis=-1).sum(axis=-1)
-    return out
 
 
 def fold_of(tied: np.ndarray, own_groups: np.ndarray, main_groups: np.ndarray, main_folds: np.ndarray) -> np.ndarray:
