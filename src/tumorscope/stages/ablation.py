@@ -175,6 +175,9 @@ def run_variant(params: Params, name: str, overrides: dict, share: float, data: 
             path = Path(cfg.out_dir) / _slug(name) / FOLD_FILE.format(fold=fold)
             roles = fold_roles(folds, fold, cfg.folds)
             done = _stored_fold(path, fingerprint, settings, defaults, cross)
+            if done is None and variant.train.fit == "linear_probe":
+                done = probe_fold(params, variant, fold, roles, share, data, experiment_id, parent.info.run_id, name)
+                _store_fold(path, fingerprint, settings, done)
             if done is None:
                 if images is None:
                     images = variant_images(params, variant, data["images"], labels, groups)
@@ -207,24 +210,139 @@ def run_variant(params: Params, name: str, overrides: dict, share: float, data: 
             "image_size": variant.preprocess.image_size,
             # None when every fold was read back and the cache was not needed (nor built) in this run.
             "cache_mb": round(cache_megabytes(cache), 3) if (cache := variant_cache(params, variant)).is_dir() else None,
+            "feature_cache_mb": _feature_megabytes(data, variant),
             "probabilities": out_of_fold, "cross_probabilities": cross_out_of_fold, "folds": folds_done,
             "seconds": sum(f["seconds"] for f in folds_done)}
 
 
-def cross_fold_probabilities(variant: Params, held_out, fold: int, model, data: dict) -> np.ndarray:
-    """The other source's probabilities from one fold's model: its slices of that fold's held-out
-    series, prepared with the variant's preprocess settings (once per setting); NaN elsewhere."""
+def variant_features(params: Params, variant: Params, data: dict) -> dict[str, np.ndarray]:
+    """A linear-probe variant's pooled backbone features of every cached slice ("main") and of the
+    other export's slices ("cross"): computed once per backbone, weights and pixel settings, and kept
+    as ``ablation.out_dir/features-<hash>.npz`` so that its folds, a rerun and a variant that changes
+    only the probe cost seconds."""
+    from tumorscope.models.ablation import variant_fingerprint
+    from tumorscope.models.probe import features_of
+    from tumorscope.models.train import fresh_session
+    from tumorscope.models.zoo import build_configured
+
+    held_out = data.get("held_out")
+    key = _feature_key(variant, data)
+    path = Path(params.ablation.out_dir) / f"features-{variant_fingerprint(key, 1.0, data['base'])}.npz"
+    memory = data.setdefault("features", {})
+    if path in memory:
+        return memory[path]
+    if not path.is_file():
+        started = time.perf_counter()
+        fresh_session()
+        model = build_configured(variant.train, variant.preprocess.image_size, len(data["classes"]), variant.seed)
+        images = variant_images(params, variant, data["images"], data["labels"], data["groups"])
+        arrays: dict[str, np.ndarray] = {"main": features_of(model, images)}
+        if held_out is not None:
+            arrays["cross"] = features_of(model, _cross_images(variant, held_out, data))
+        arrays["seconds"] = np.array(time.perf_counter() - started)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.stem + ".partial.npz")
+        np.savez(partial, allow_pickle=False, **arrays)
+        partial.replace(path)
+    with np.load(path) as stored:
+        memory[path] = {name: stored[name] for name in stored.files} | {"megabytes": path.stat().st_size / 2**20,
+                                                                         "key": key}
+    return memory[path]
+
+
+def _feature_megabytes(data: dict, variant: Params) -> float | None:
+    """The size of a linear-probe variant's feature cache, when this run loaded it."""
+    if variant.train.fit != "linear_probe":
+        return None
+    sizes = [f["megabytes"] for f in data.get("features", {}).values()
+             if f.get("key") == _feature_key(variant, data)]
+    return round(sizes[0], 3) if sizes else None
+
+
+def _feature_key(variant: Params, data: dict) -> dict:
+    from tumorscope.inference import PIXEL_SETTINGS
+
+    held_out = data.get("held_out")
+    return {"pixels": {k: getattr(variant.preprocess, k) for k in PIXEL_SETTINGS},
+            "architecture": variant.train.architecture, "weights": variant.train.weights,
+            "cross": None if held_out is None else held_out.summary["fingerprint"]}
+
+
+def probe_fold(params: Params, variant: Params, fold: int, roles: dict, share: float, data: dict, experiment_id: str,
+               parent_run_id: str, name: str) -> dict:
+    """One fold of a ``train.fit: linear_probe`` variant on cached features: the probe chosen on the
+    validation fold (``models.probe.choose_probe``), its probabilities on the test fold and, with a
+    cross source, on that fold's slices of the other export. The same probe ``train`` fits, without
+    running the backbone again."""
+    import mlflow
+
+    from tumorscope import tracking
+    from tumorscope.models.ablation import training_subsample
+    from tumorscope.models.probe import choose_probe, probe_probabilities
+
+    labels, groups = data["labels"], data["groups"]
+    features = variant_features(params, variant, data)
+    train = training_subsample(roles["train"], groups, share, params.seed, fold)
+    started = time.perf_counter()
+    chosen = choose_probe((features["main"][train], labels[train]),
+                          (features["main"][roles["val"]], labels[roles["val"]]),
+                          len(data["classes"]), variant.train, variant.seed)
+    done: dict = {"probabilities": probe_probabilities(features["main"][roles["test"]], chosen["kernel"], chosen["bias"]),
+            # the backbone's pass over every slice is shared by the folds: each carries its share
+            "seconds": time.perf_counter() - started + float(features["seconds"]) / params.ablation.folds,
+            "epochs": 1, "n_train": int(train.sum()), "n_train_series": int(len(np.unique(groups[train])))}
+    held_out = data.get("held_out")
+    if held_out is not None:
+        cross = np.full((len(held_out.folds), len(data["classes"])), np.nan, dtype=np.float32)
+        mine = held_out.folds == fold
+        cross[mine] = probe_probabilities(features["cross"][mine], chosen["kernel"], chosen["bias"])
+        done |= {"cross_probabilities": cross, "cross_fingerprint": held_out.summary["fingerprint"]}
+    with tracking.start_training_run(variant, experiment_id, f"ablation-{name}-fold-{fold}", "ablation-fold",
+                                     parent_run_id, {"fold": str(fold), "variant": name}):
+        mlflow.log_metrics({"probe_c": chosen["c"], "val_loss": chosen["val_loss"],
+                            "feature_cache_mb": float(features["megabytes"])})
+    return done
+
+
+def _cross_images(variant: Params, held_out, data: dict) -> np.ndarray:
+    """The other source's slices prepared with the variant's preprocess settings (once per setting)."""
     from tumorscope.data.cross_source import prepared
-    from tumorscope.inference import PIXEL_SETTINGS, predict_proba
+    from tumorscope.inference import PIXEL_SETTINGS
 
     key = tuple(getattr(variant.preprocess, k) for k in PIXEL_SETTINGS)
     cache = data.setdefault("cross_images", {})
     if key not in cache:
         cache[key] = prepared(held_out.source, variant.preprocess)
+    return cache[key]
+
+
+def ensembles_of(params: Params, results: dict[str, dict]) -> dict[str, dict]:
+    """``ablation.ensembles`` whose members are all in ``results``: the members' mean probabilities
+    (in source and across exports), their summed training time and the members' folds."""
+    out = {}
+    for name, members in params.ablation.ensembles.items():
+        if not all(m in results for m in members):
+            continue
+        parts = [results[m] for m in members]
+        cross = [p["cross_probabilities"] for p in parts]
+        out[name] = {"overrides": {"mean of": members}, "train_share": parts[0]["train_share"],
+                     "image_size": max(p["image_size"] for p in parts), "cache_mb": None,
+                     "probabilities": np.mean([p["probabilities"] for p in parts], axis=0),
+                     "cross_probabilities": None if any(c is None for c in cross) else np.mean(cross, axis=0),
+                     "folds": [], "seconds": sum(p["seconds"] for p in parts)}
+    return out
+
+
+def cross_fold_probabilities(variant: Params, held_out, fold: int, model, data: dict) -> np.ndarray:
+    """The other source's probabilities from one fold's model: its slices of that fold's held-out
+    series, prepared with the variant's preprocess settings (once per setting); NaN elsewhere."""
+    from tumorscope.inference import predict_proba
+
+    images = _cross_images(variant, held_out, data)
     out = np.full((len(held_out.folds), len(data["classes"])), np.nan, dtype=np.float32)
     mine = held_out.folds == fold
     if mine.any():
-        out[mine] = predict_proba(model, cache[key][mine],
+        out[mine] = predict_proba(model, images[mine],
                                   test_time_augmentation=variant.evaluate.test_time_augmentation)
     return out
 
@@ -349,6 +467,7 @@ def run_ablate(params: Params, only: list[str] | None = None) -> str:
     out = Path(cfg.report_path)
     for name, (overrides, share) in plan.items():
         results[name] = run_variant(params, name, overrides, share, data, experiment_id)
+        results |= ensembles_of(params, results)
         # The report after every variant: a run of hours shows its results as they come.
         table = write_report(params, results, data, out)
         print(f"ablate: {name} done ({results[name]['seconds'] / 60:.1f} min of training); "

@@ -92,7 +92,10 @@ def train_and_save(params: Params, model_dir: Path, run_name: str, parent_run_id
         mlflow.log_metrics({"temperature": trust["temperature"],
                             "val_nll_before_scaling": trust["validation_nll"]["before"],
                             "val_nll_after_scaling": trust["validation_nll"]["after"]})
-        logged_uri = registry.log_model(outcome.result.model, spec, val_images[:2], trust)
+        weights = pretrained_provenance(cfg.weights)
+        if weights:
+            mlflow.set_tags({f"pretrained_weights.{key}": value for key, value in weights.items()})
+        logged_uri = registry.log_model(outcome.result.model, spec, val_images[:2], trust, weights)
         # The split it trained on: promotion compares a later model only on slices this one never saw.
         mlflow.log_artifact(params.split.path, artifact_path="data")
     result = outcome.result
@@ -102,6 +105,7 @@ def train_and_save(params: Params, model_dir: Path, run_name: str, parent_run_id
         "trained": trained,
         "architecture": cfg.architecture, "classes": classes, "epochs_run": result.epochs_run,
         "batch_size": result.batch_size, "val_macro_f1": outcome.scores["macro_f1"], "history": result.history,
+        "pretrained_weights": weights,
         "trust": trust})
     write_history(result.history, model_dir / TRAIN_HISTORY)
     return (f"train: {trained}: {cfg.architecture} {result.epochs_run} epochs in {result.fit_seconds:.0f}s "
@@ -111,6 +115,13 @@ def train_and_save(params: Params, model_dir: Path, run_name: str, parent_run_id
 
 # ---------------------------------------------------------------------------------------------
 # Evaluate
+
+
+def pretrained_provenance(weights: str | None) -> dict[str, str] | None:
+    """Package, version, licence and source of installed-package weights (None for other weights)."""
+    from tumorscope.models.pretrained import package_spec, provenance
+
+    return provenance(weights) if weights and package_spec(weights) else None
 
 
 def accuracy_by_train_distance(params: Params, classes: list[str], labels, predicted) -> list[dict]:

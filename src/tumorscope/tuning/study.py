@@ -104,7 +104,7 @@ def stored_study_name(params: Params) -> str:
         "preprocess": params.preprocess.model_dump(exclude={"cache_dir", "report_path"}), "seed": params.seed,
         "train": params.train.model_dump(exclude={"epochs", "model_dir", *cfg.search_space}),
         "scoring": params.evaluate.model_dump(include={"bootstrap_samples", "confidence", "max_single_class_share",
-                                                       "calibration_bins"}),
+                                                       "calibration_bins", "test_time_augmentation"}),
         "search_space": cfg.model_dump(mode="json")["search_space"], "trial_epochs": cfg.trial_epochs,
         "metric": cfg.metric, "min_critical_recall": cfg.min_critical_recall, "pruner": cfg.pruner,
         "warmup": cfg.pruner_warmup_epochs, "critical_class": params.evaluate.critical_class,
