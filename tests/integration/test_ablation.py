@@ -108,6 +108,9 @@ def test_with_another_export_the_verdict_follows_the_cross_export_figure_and_fol
     difference = crop["cross_difference"]["macro_f1"]
     assert difference["low"] <= difference["value"] <= difference["high"]
     assert crop["verdict"] in {"better", "worse", "no clear difference"} and "in_source_verdict" in crop
+    orientations = crop["cross_scores"]["by_orientation"]
+    assert sum(part["n"] for part in orientations.values()) == crop["cross_scores"]["n"]
+    assert 0.0 <= crop["cross_scores"]["risk_coverage"]["max_coverage_at_target"] <= 1.0
     with np.load(Path(params.ablation.out_dir) / "crop" / "fold-0.npz") as stored:
         assert str(stored["cross_fingerprint"]) == report["cross_source"]["fingerprint"]
         assert stored["cross_probabilities"].shape == (report["cross_source"]["n_slices"], 4)

@@ -199,3 +199,18 @@ def test_test_time_augmentation_averages_the_slice_and_its_mirror():
     assert [v.shape for v in tta_views(images, "none")] == [images.shape]
     with pytest.raises(ValueError, match="unknown test-time augmentation"):
         tta_views(images, "rotate")
+
+
+def test_risk_coverage_decides_the_confident_slices_first():
+    from tumorscope.models.evaluate import risk_coverage
+
+    labels = np.array([0, 1, 2, 3, 0, 1, 2, 3, 0, 1])
+    probabilities = np.full((10, 4), 0.1)
+    # the four most confident are right, the next six are wrong
+    for i in range(10):
+        probabilities[i, labels[i] if i < 4 else (labels[i] + 1) % 4] = 0.9 - 0.05 * i
+    curve = risk_coverage(labels, probabilities, target_accuracy=0.9, points=5)
+    assert curve["max_coverage_at_target"] == 0.4
+    assert [round(p["coverage"], 1) for p in curve["curve"]] == [0.2, 0.4, 0.6, 0.8, 1.0]
+    assert curve["curve"][1]["accuracy"] == 1.0 and curve["curve"][-1]["accuracy"] == 0.4
+    assert risk_coverage(labels, np.roll(np.eye(4)[labels], 1, axis=1))["max_coverage_at_target"] == 0.0

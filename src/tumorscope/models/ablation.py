@@ -109,11 +109,12 @@ def markdown_table(report: dict[str, Any]) -> str:
     cross = bool(report.get("cross_source"))
     head = ("| variant | overrides | training series | "
             + (f"cross-export macro-F1 [95 %] | cross-export {critical} recall [95 %] | cross-export ECE | "
+               "cross-export share decided at 90 % accuracy (at best) | "
                "cross-export macro-F1 - baseline [95 %] | " if cross else "")
             + f"macro-F1 [95 %] | {critical} recall [95 %] | ECE | "
             f"macro-F1 - baseline [95 %] | {critical} recall - baseline [95 %] | verdict | "
             + ("in-source verdict | " if cross else "") + "minutes | cache MB |")
-    rows = [head, "|---|---|---:|" + ("---|---|---:|---|" if cross else "") + "---|---|---:|---|---|---|"
+    rows = [head, "|---|---|---:|" + ("---|---|---:|---:|---|" if cross else "") + "---|---|---:|---|---|---|"
             + ("---|" if cross else "") + "---:|---:|"]
     for name, variant in report["variants"].items():
         overrides = json.dumps(variant["overrides"], sort_keys=True) if variant["overrides"] else "(defaults)"
@@ -122,8 +123,10 @@ def markdown_table(report: dict[str, Any]) -> str:
         if cross:
             scores = variant.get("cross_scores") or {}
             ece = scores.get("ece")
+            decided = (scores.get("risk_coverage") or {}).get("max_coverage_at_target")
             cells += [_cell(scores.get("macro_f1")), _cell(scores.get("critical_recall")),
-                      "-" if ece is None else f"{ece:.3f}", _signed((variant.get("cross_difference") or {}).get("macro_f1"))]
+                      "-" if ece is None else f"{ece:.3f}", "-" if decided is None else f"{decided:.0%}",
+                      _signed((variant.get("cross_difference") or {}).get("macro_f1"))]
         ece = variant["scores"].get("ece")
         cells += [_cell(variant["scores"]["macro_f1"]), _cell(variant["scores"].get("critical_recall")),
                   "-" if ece is None else f"{ece:.3f}", _signed(difference.get("macro_f1")),

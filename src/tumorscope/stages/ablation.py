@@ -377,7 +377,7 @@ def summarise(params: Params, results: dict[str, dict], data: dict) -> dict:
                       "in_source_verdict": verdict(difference["macro_f1"])}
         if held_out is not None and result.get("cross_probabilities") is not None:
             entry |= cross_entry(params, result["cross_probabilities"], results[cfg.baseline]["cross_probabilities"],
-                                 held_out, classes, name == cfg.baseline)
+                                 held_out, classes, name == cfg.baseline, data.get("cross_orientations"))
         variants[name] = entry
     return {"baseline": cfg.baseline, "folds": cfg.folds, "n_images": int(len(labels)),
             "n_groups": int(len(np.unique(groups))), "phash_threshold": params.split.phash_threshold,
@@ -387,23 +387,28 @@ def summarise(params: Params, results: dict[str, dict], data: dict) -> dict:
 
 
 def cross_entry(params: Params, probabilities: np.ndarray, baseline: np.ndarray, held_out, classes: list[str],
-                is_baseline: bool) -> dict:
-    """A variant's cross-export scores and, against the baseline on the same slices, the paired
-    differences; the verdict follows them (the in-source one is kept as ``in_source_verdict``)."""
+                is_baseline: bool, orientations: np.ndarray | None = None) -> dict:
+    """A variant's cross-export scores (by orientation too, with ``orientations`` of the other
+    export's slices) with its risk-coverage curve, and, against the baseline on the same slices, the
+    paired differences; the verdict follows them (the in-source one is kept as ``in_source_verdict``)."""
     from tumorscope.models.ablation import paired_differences, verdict
-    from tumorscope.models.evaluate import class_index, score_predictions
+    from tumorscope.models.evaluate import class_index, risk_coverage, score_predictions
+    from tumorscope.models.shortcuts import scores_by_orientation
 
     evaluate = params.evaluate
     scored = ~np.isnan(probabilities).any(axis=1)
     labels, series = held_out.source.labels[scored], held_out.series[scored]
     scores = score_predictions(labels, probabilities[scored], series, classes, evaluate, params.seed)
+    by_orientation = (scores_by_orientation(labels, probabilities[scored], series, orientations[scored], classes,
+                                            evaluate, params.seed) if orientations is not None else {})
     critical = class_index(classes, evaluate.critical_class)
     critical_ci = scores["recall_ci"].get(evaluate.critical_class) if critical is not None else None
     entry: dict = {"cross_scores": {
         "n": scores["n"], "n_groups": scores["n_groups"], "macro_f1": {"value": scores["macro_f1"], **scores["macro_f1_ci"]},
         "critical_recall": None if critical_ci is None else {"value": scores["recall"][evaluate.critical_class],
                                                              "low": critical_ci["low"], "high": critical_ci["high"]},
-        "ece": scores["ece"], "recall": scores["recall"]}}
+        "ece": scores["ece"], "recall": scores["recall"], "by_orientation": by_orientation,
+        "risk_coverage": risk_coverage(labels, probabilities[scored])}}
     if not is_baseline:
         difference = paired_differences(labels, probabilities[scored].argmax(axis=1), baseline[scored].argmax(axis=1),
                                         series, len(classes), critical, evaluate.bootstrap_samples,
@@ -459,6 +464,11 @@ def run_ablate(params: Params, only: list[str] | None = None) -> str:
     base = {"data": file_fingerprint(params.split.path), "folds": cfg.folds, "seed": params.seed}
     data = {"images": images, "labels": labels, "groups": groups, "folds": folds, "classes": classes, "base": base}
     data["held_out"] = load_held_out(params, classes, labels, groups, folds)
+    if data["held_out"] is not None:
+        from tumorscope.data.audit import estimate_orientations
+
+        # Estimated on the slices as the project prepares them (the audit's view of the cache).
+        data["cross_orientations"] = estimate_orientations(_cross_images(params, data["held_out"], data))
 
     from tumorscope import tracking
 
