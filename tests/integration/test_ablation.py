@@ -31,6 +31,15 @@ def with_ablation(params, **ablation) -> object:
     return parse_params(raw)
 
 
+def _cache_labels_groups(params) -> tuple:
+    """(labels, groups, folds) of the project's cache, as ablate computes them."""
+    from tumorscope.data.preprocess import load_cached_dataset
+    from tumorscope.data.split import grouped_folds
+
+    _, labels, groups = load_cached_dataset(params.preprocess.cache_dir)
+    return labels, groups, grouped_folds(labels, groups, params.ablation.folds, params.seed)
+
+
 def fold_runs(params, variant: str) -> list:
     import mlflow
 
@@ -96,7 +105,8 @@ def test_variants_share_the_folds_differences_are_paired_and_a_killed_run_resume
 def test_with_another_export_the_verdict_follows_the_cross_export_figure_and_folds_keep_its_scores(project, tmp_path):
     another_export(project / "data" / "raw", tmp_path / "export")
     params = with_ablation(load_params("params.yaml"), folds=3,
-                           variants={"baseline": {}, "crop": VARIANTS["crop"], "probe": PROBE},
+                           variants={"baseline": {}, "crop": VARIANTS["crop"], "probe": PROBE,
+                                     "both_exports": {"cross_source": {"train_on": True}}},
                            ensembles={"both": ["baseline", "probe"]}, common={"train": {"epochs": 1}}, learning_curve=[])
     params = parse_params(params.model_dump(by_alias=True) | {"cross_source": {"path": str(tmp_path / "export"),
                                                                                "phash_distance": 8}})
@@ -131,6 +141,18 @@ def test_with_another_export_the_verdict_follows_the_cross_export_figure_and_fol
     scored = ~np.isnan(stored["probe"]).any(axis=1)
     assert scored.any() and np.isnan(stored["probe"]).any()  # another fold's slices are not this fold's
     features_written = features[0].stat().st_mtime_ns
+
+    # Both exports: each fold adds the other export's slices of its training series, never those
+    # of its validation or test series.
+    cross_folds = np.load(Path(params.ablation.out_dir) / "probe" / "fold-0.npz")["cross_probabilities"]
+    assert cross_folds.shape[0] == report["cross_source"]["n_slices"]
+    from tumorscope.stages.crossval import load_held_out
+
+    held = load_held_out(params, report["classes"], *_cache_labels_groups(params))
+    for fold, (with_both, base) in enumerate(zip(report["variants"]["both_exports"]["folds"],
+                                            baseline["folds"], strict=True)):
+        training_folds = set(range(3)) - {fold, (fold + 1) % 3}
+        assert with_both["n_train"] - base["n_train"] == int(np.isin(held.folds, list(training_folds)).sum())
 
     # Read back, not retrained: the same cross-export scores and no new fold run.
     ablation.run_ablate(params)

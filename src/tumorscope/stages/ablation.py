@@ -182,17 +182,20 @@ def run_variant(params: Params, name: str, overrides: dict, share: float, data: 
                 if images is None:
                     images = variant_images(params, variant, data["images"], labels, groups)
                 train = training_subsample(roles["train"], groups, share, params.seed, fold)
+                train_data = (images[train], labels[train])
+                if variant.cross_source.train_on:
+                    train_data = with_other_export(train_data, variant, held_out, fold, data)
                 started = time.perf_counter()
                 with tracking.start_training_run(variant, experiment_id, f"ablation-{name}-fold-{fold}", "ablation-fold",
                                                  parent.info.run_id, {"fold": str(fold), "variant": name}):
                     outcome = fit_and_score(variant.train, variant.preprocess.image_size, classes, variant.seed,
-                                            (images[train], labels[train]),
+                                            train_data,
                                             (images[roles["val"]], labels[roles["val"]]),
                                             (images[roles["test"]], labels[roles["test"]], groups[roles["test"]]),
                                             variant.evaluate, callbacks=[tracking.epoch_logger()])
                     tracking.log_fit(variant, variant.train, outcome, "test_")
                 done = {"probabilities": outcome.probabilities, "seconds": time.perf_counter() - started,
-                        "epochs": outcome.result.epochs_run, "n_train": int(train.sum()),
+                        "epochs": outcome.result.epochs_run, "n_train": int(len(train_data[1])),
                         "n_train_series": int(len(np.unique(groups[train])))}
                 if held_out is not None:
                     done |= {"cross_probabilities": cross_fold_probabilities(variant, held_out, fold, outcome.result.model,
@@ -314,6 +317,20 @@ def _cross_images(variant: Params, held_out, data: dict) -> np.ndarray:
     if key not in cache:
         cache[key] = prepared(held_out.source, variant.preprocess)
     return cache[key]
+
+
+def with_other_export(train_data: tuple[np.ndarray, np.ndarray], variant: Params, held_out, fold: int,
+                      data: dict) -> tuple[np.ndarray, np.ndarray]:
+    """``cross_source.train_on``: the fold's training slices plus the other export's slices tied to
+    its training series; those tied to its validation or test series, or to no fold, stay out."""
+    if held_out is None:
+        raise UserError("cross_source.train_on needs cross_source.path: the other export to train on")
+    from tumorscope.data.cross_source import UNTIED
+
+    n_folds = variant.ablation.folds
+    mine = (held_out.folds != UNTIED) & (held_out.folds != fold) & (held_out.folds != (fold + 1) % n_folds)
+    images = _cross_images(variant, held_out, data)[mine]
+    return np.concatenate([train_data[0], images]), np.concatenate([train_data[1], held_out.source.labels[mine]])
 
 
 def ensembles_of(params: Params, results: dict[str, dict]) -> dict[str, dict]:
