@@ -327,6 +327,7 @@ DEFAULT_ABLATION_VARIANTS: dict[str, dict[str, Any]] = {
 # Ensembles of variants: the mean of their probabilities, fold by fold (no training of their own).
 DEFAULT_ABLATION_ENSEMBLES: dict[str, list[str]] = {
     "ensemble_cnn_lite0": ["baseline", "lite0_probe"],
+    "ensemble_cnn_lite0_224": ["baseline", "lite0_probe_224"],
     "ensemble_probes": ["lite0_probe", "lite0_probe_224", "hed_vgg16_probe"],
 }
 

@@ -73,6 +73,14 @@ def test_another_export_is_scored_only_on_each_folds_held_out_series(project, tm
     assert cross["scored"] == cross["n_slices"] - cross["untied"] - cross["not_scored_ambiguous"] > counts["same_name"] // 2
     assert set(cross["by_orientation"]) <= {"axial", "coronal", "other"}
     assert report["acquisition_baselines"]["cross_source"]["intensity"]["model_minus_baseline"]["n_groups"] > 0
+    # The referral of each fold's model, its trust state fitted on that fold's training and validation
+    # slices, on both sources: the share decided, why the rest were referred, the decided accuracy.
+    assert "\ncrossval: cross_source: the referral decides " in line
+    for where, n in (("in_source", report["n_images"]), ("cross_source", cross["scored"])):
+        referral = report["referral"][where]
+        referred = round((1 - referral["decided"]["value"]) * n)
+        assert referred == sum(referral["referred_because"].values()) or referral["referred_because"]["features"]
+        assert 0.0 <= referral["decided"]["value"] <= 1.0
 
     # Every scored slice belongs to a series its fold's model never trained on.
     from tumorscope.data.preprocess import load_classes

@@ -140,26 +140,6 @@ SUMMARY_FIELDS = ("n", "n_groups", "accuracy", "macro_f1", "macro_f1_ci", "criti
                   "critical_recall_ci", "recall", "ece", "degenerate", "degenerate_reason")
 
 
-def risk_coverage(labels: np.ndarray, probabilities: np.ndarray, target_accuracy: float = 0.9,
-                  points: int = 10) -> dict:
-    """Deciding the most confident slices first and referring the rest: the accuracy of what is
-    decided at ``points`` shares decided (coverage), and the largest share whose decided slices reach
-    ``target_accuracy``. That threshold is chosen on these same slices, so the share is what the best
-    confidence threshold could decide here: an upper bound for a threshold fixed in advance."""
-    labels = np.asarray(labels)
-    n = len(labels)
-    if n == 0:
-        return {"n": 0, "curve": [], "target_accuracy": target_accuracy, "max_coverage_at_target": None}
-    confidence = probabilities.max(axis=1)
-    correct = (probabilities.argmax(axis=1) == labels)[np.argsort(-confidence, kind="stable")]
-    accuracy = np.cumsum(correct) / np.arange(1, n + 1)
-    curve = [{"coverage": k / n, "accuracy": float(accuracy[k - 1])}
-             for k in sorted({max(1, round(n * q / points)) for q in range(1, points + 1)})]
-    reached = np.nonzero(accuracy >= target_accuracy)[0]
-    return {"n": int(n), "curve": curve, "target_accuracy": target_accuracy,
-            "max_coverage_at_target": float((reached.max() + 1) / n) if len(reached) else 0.0}
-
-
 def summary_scores(scores: dict) -> dict:
     """The compact view of ``score_predictions``'s result: same names, same types."""
     return {key: scores[key] for key in SUMMARY_FIELDS}

@@ -409,8 +409,9 @@ def cross_entry(params: Params, probabilities: np.ndarray, baseline: np.ndarray,
     export's slices) with its risk-coverage curve, and, against the baseline on the same slices, the
     paired differences; the verdict follows them (the in-source one is kept as ``in_source_verdict``)."""
     from tumorscope.models.ablation import paired_differences, verdict
-    from tumorscope.models.evaluate import class_index, risk_coverage, score_predictions
+    from tumorscope.models.evaluate import class_index, score_predictions
     from tumorscope.models.shortcuts import scores_by_orientation
+    from tumorscope.trust.scores import coverage_at_accuracy
 
     evaluate = params.evaluate
     scored = ~np.isnan(probabilities).any(axis=1)
@@ -425,7 +426,7 @@ def cross_entry(params: Params, probabilities: np.ndarray, baseline: np.ndarray,
         "critical_recall": None if critical_ci is None else {"value": scores["recall"][evaluate.critical_class],
                                                              "low": critical_ci["low"], "high": critical_ci["high"]},
         "ece": scores["ece"], "recall": scores["recall"], "by_orientation": by_orientation,
-        "risk_coverage": risk_coverage(labels, probabilities[scored])}}
+        "risk_coverage": coverage_at_accuracy(labels, probabilities[scored])}}
     if not is_baseline:
         difference = paired_differences(labels, probabilities[scored].argmax(axis=1), baseline[scored].argmax(axis=1),
                                         series, len(classes), critical, evaluate.bootstrap_samples,

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
+
 from tumorscope.config import Params
 from tumorscope.errors import UserError
 from tumorscope.models.evaluate import format_interval
@@ -29,7 +31,17 @@ def crossval_summary_line(report: dict, critical_class: str) -> str:
             + "".join(f"\ncrossval: {where}: {held_out_line(report[where], critical_class)}"
                       for where in ("in_source", "cross_source") if report.get(where, {}).get("n"))
             + "".join(f"\ncrossval: {where}: the model {baseline_verdicts(found)}"
-                      for where, found in report.get("acquisition_baselines", {}).items()))
+                      for where, found in report.get("acquisition_baselines", {}).items())
+            + "".join(f"\ncrossval: {where}: {referral_line(found)}" for where, found in report.get("referral", {}).items()))
+
+
+def referral_line(referral: dict) -> str:
+    """'decides 37 % [..] at accuracy 0.91 [..] (all: 0.59); referred: 12 features, 3 orientation'."""
+    decided, accuracy = referral["decided"], referral["selective_accuracy"]
+    because = ", ".join(f"{n} {kind}" for kind, n in referral["referred_because"].items() if n)
+    shown = "-" if accuracy["value"] is None else f"{accuracy['value']:.3f}{format_interval(accuracy)}"
+    return (f"the referral decides {decided['value']:.0%}{format_interval(decided)} of slices, at accuracy {shown} "
+            f"(all answers: {referral['accuracy_all']['value']:.3f}); referred because: {because or 'none referred'}")
 
 
 def held_out_line(scores: dict, critical_class: str) -> str:
@@ -101,6 +113,51 @@ def shortcut_comparisons(params: Params, classes: list[str], data: tuple, out_of
     return out
 
 
+def fold_referrals(params: Params, classes: list[str], model, roles: dict, data: tuple, sources: dict,
+                   to_judge: dict[str, np.ndarray]) -> dict[str, list[str | None]]:
+    """The referral reasons (None: decided) of one fold's model for the slices ``to_judge`` of each
+    source, with a trust state fitted on the fold's training and validation slices."""
+    from tumorscope.monitoring.features import feature_model, model_outputs
+    from tumorscope.trust.answers import fit_trust, judge
+
+    images, labels, groups = data
+    train, val = roles["train"], roles["val"]
+    state = fit_trust(model, (images[train], labels[train]), (images[val], labels[val], groups[val]), len(classes),
+                      params.conformal, params.ood, groups[train], params.audit.min_series)
+    with_features = feature_model(model)
+    out: dict[str, list[str | None]] = {}
+    for name, index in to_judge.items():
+        if not len(index):
+            out[name] = []
+            continue
+        slices = np.asarray(sources[name][index])
+        probabilities, embeddings = model_outputs(model, slices, state["ood"]["embedding_dims"],
+                                                  with_features=with_features)
+        out[name] = judge(probabilities, embeddings, slices, classes, state).reasons
+    return out
+
+
+def referral_report(params: Params, classes: list[str], labels: np.ndarray, probabilities: np.ndarray,
+                    groups: np.ndarray, reasons: list[str | None]) -> dict:
+    """``trust.scores.referral_scores`` of out-of-fold answers (series-bootstrap intervals) with the
+    critical class's recall among the decided ones."""
+    from types import SimpleNamespace
+
+    from tumorscope.models.evaluate import class_index
+    from tumorscope.trust.scores import GroupBootstrap, referral_scores
+
+    refer = np.array([r is not None for r in reasons], dtype=bool)
+    bootstrap = GroupBootstrap(groups, params.evaluate.bootstrap_samples, params.evaluate.confidence, params.seed)
+    scores = referral_scores(labels, SimpleNamespace(refer=refer, probabilities=probabilities, reasons=reasons),
+                             bootstrap)
+    decided_critical = None
+    critical = class_index(classes, params.evaluate.critical_class)
+    if critical is not None:
+        hits = (probabilities.argmax(axis=1) == labels) & (labels == critical)
+        decided_critical = bootstrap.mean(hits, (labels == critical) & ~refer)
+    return scores | {"decided": bootstrap.mean(~refer), "critical_recall_decided": decided_critical}
+
+
 def run_crossval(params: Params) -> str:
     """Grouped k-fold cross-validation of train.* (or the tuned configuration) on the cache: each
     image is tested once by a model that never saw its duplicate group. Writes crossval.report_path
@@ -134,7 +191,7 @@ def run_crossval(params: Params) -> str:
     import mlflow
 
     from tumorscope import tracking
-    from tumorscope.data.cross_source import prepared
+    from tumorscope.data.cross_source import UNTIED, prepared
     from tumorscope.inference import predict_proba
     from tumorscope.models.crossval import held_out_report
     from tumorscope.models.train import fit_and_score
@@ -144,6 +201,10 @@ def run_crossval(params: Params) -> str:
     cross_seconds += time.perf_counter() - started
     cross_out_of_fold = None if held_out is None else np.full((len(held_out.folds), len(classes)), np.nan)
     out_of_fold = np.zeros((len(labels), len(classes)), dtype=np.float32)
+    # Each slice's referral by its fold's model with a trust state fitted on that fold's training
+    # and validation slices, as `train` fits one: None = decided, else the reason.
+    referrals: dict[str, list] = {"in_source": [None] * len(labels),
+                                  "cross_source": [None] * (0 if held_out is None else len(held_out.folds))}
     all_started = time.perf_counter()
     train_distance = np.zeros(len(labels), dtype=np.int64)  # test slice -> nearest training slice of its round
     rounds = []
@@ -168,6 +229,13 @@ def run_crossval(params: Params) -> str:
                 cross_out_of_fold[mine] = predict_proba(outcome.result.model, cross_images[mine],
                                                         test_time_augmentation=params.evaluate.test_time_augmentation)
                 cross_seconds += time.perf_counter() - started
+            to_judge = {"in_source": np.flatnonzero(roles["test"])}
+            if held_out is not None:
+                to_judge["cross_source"] = np.flatnonzero(held_out.folds == fold)
+            for name, reasons in fold_referrals(params, classes, outcome.result.model, roles, (images, labels, groups),
+                                                {"in_source": images, "cross_source": cross_images}, to_judge).items():
+                for index, reason in zip(to_judge[name], reasons, strict=True):
+                    referrals[name][index] = reason
             train_distance[roles["test"]] = nearest_distances(hashes[roles["test"]], hashes[roles["train"]])
             rounds.append({"fold": fold, **{f"n_{role}": int(mask.sum()) for role, mask in roles.items()},
                            "test_counts": {c: int(np.sum(labels[roles["test"]] == i)) for i, c in enumerate(classes)},
@@ -187,12 +255,18 @@ def run_crossval(params: Params) -> str:
                                                params.seed),
                   "acquisition_baselines": shortcut_comparisons(params, classes, (images, labels, groups, folds),
                                                                 out_of_fold, held_out, cross_images, cross_out_of_fold)}
+        report["referral"] = {"in_source": referral_report(params, classes, labels, out_of_fold, groups,
+                                                          referrals["in_source"])}
         report["seconds"] = {"total": time.perf_counter() - all_started + cross_seconds,
                              "cross_source": cross_seconds}  # reading, preparing and scoring the other export
         if held_out is not None and cross_images is not None and cross_out_of_fold is not None:
             report["cross_source"] = held_out.summary | held_out_report(
                 held_out.source.labels, cross_out_of_fold, held_out.series, cross_images, classes, params.evaluate,
                 params.seed)
+            scored = held_out.folds != UNTIED
+            report["referral"]["cross_source"] = referral_report(
+                params, classes, held_out.source.labels[scored], cross_out_of_fold[scored], held_out.series[scored],
+                [r for r, s in zip(referrals["cross_source"], scored, strict=True) if s])
         write_json(cv.report_path, report)
         mlflow.log_metrics({f"cv_macro_f1_{k}": v for k, v in report["macro_f1"].items() if v is not None}
                            | {f"cv_critical_recall_{k}": v for k, v in report["critical_recall"].items() if v is not None}

@@ -66,6 +66,23 @@ def risk_coverage(labels: np.ndarray, probabilities: np.ndarray) -> list[dict]:
     return [{"coverage": float(k / len(order)), "risk": float(e)} for k, e in zip(kept, errors, strict=True)]
 
 
+def coverage_at_accuracy(labels: np.ndarray, probabilities: np.ndarray, target_accuracy: float = 0.9,
+                         points: int = 10) -> dict:
+    """``risk_coverage`` in short: the accuracy of what is decided at ``points`` shares decided, and
+    the largest share whose decided answers reach ``target_accuracy``. That confidence threshold is
+    chosen on these same slices: the share is what the best threshold could decide here, an upper
+    bound for one fixed in advance."""
+    curve = risk_coverage(np.asarray(labels), probabilities)
+    n = len(curve)
+    if n == 0:
+        return {"n": 0, "curve": [], "target_accuracy": target_accuracy, "max_coverage_at_target": None}
+    picked = sorted({max(1, round(n * q / points)) for q in range(1, points + 1)})
+    reached = [p["coverage"] for p in curve if 1.0 - p["risk"] >= target_accuracy]
+    return {"n": n, "target_accuracy": target_accuracy,
+            "curve": [{"coverage": curve[k - 1]["coverage"], "accuracy": 1.0 - curve[k - 1]["risk"]} for k in picked],
+            "max_coverage_at_target": max(reached) if reached else 0.0}
+
+
 def trust_scores(labels: np.ndarray, raw: np.ndarray, judged, groups: np.ndarray, classes: list[str], state: dict,
                  evaluate_cfg, seed: int) -> dict:
     """The trust section of the evaluation report (``judged``: ``trust.answers.judge``'s result)."""
@@ -73,10 +90,7 @@ def trust_scores(labels: np.ndarray, raw: np.ndarray, judged, groups: np.ndarray
     bootstrap = GroupBootstrap(groups, evaluate_cfg.bootstrap_samples, evaluate_cfg.confidence, seed)
     rows = np.arange(len(labels))
     covered = judged.sets[rows, labels]
-    refer = judged.refer
-    correct = judged.probabilities.argmax(axis=1) == labels
     set_size = judged.sets.sum(axis=1)
-    reasons = [r for r in judged.reasons if r is not None]
     ece_after, reliability_after = bootstrap.ece(labels, judged.probabilities, evaluate_cfg.calibration_bins)
     return {
         "calibration": {
@@ -97,18 +111,27 @@ def trust_scores(labels: np.ndarray, raw: np.ndarray, judged, groups: np.ndarray
             "mean_set_size": float(set_size.mean()) if len(labels) else None,
             "set_size_share": {str(size): float(np.mean(set_size == size)) for size in range(len(classes) + 1)},
         },
-        "referral": {
-            "referred": bootstrap.mean(refer),
-            "referred_because": {
-                "input": sum(r.startswith(("blank", "intensity")) for r in reasons),
-                "features": sum(r.startswith("unlike the training") for r in reasons),
-                "prediction_set": sum(r.startswith(("no class", "the model cannot tell")) for r in reasons),
-                "orientation": sum(ORIENTATION_REASON in r for r in reasons),
-            },
-            "selective_accuracy": bootstrap.mean(correct, ~refer),
-            "accuracy_all": bootstrap.mean(correct),
-            "ood_distance_threshold": state["ood"]["distance_threshold"],
+        "referral": referral_scores(labels, judged, bootstrap) | {
+            "ood_distance_threshold": state["ood"]["distance_threshold"]},
+    }
+
+
+def referral_scores(labels: np.ndarray, judged, bootstrap: GroupBootstrap) -> dict:
+    """What the referral lets through: the share referred, why, and the accuracy of the answers it
+    decides (``selective_accuracy``) against that of all of them."""
+    refer = judged.refer
+    correct = judged.probabilities.argmax(axis=1) == np.asarray(labels)
+    reasons = [r for r in judged.reasons if r is not None]
+    return {
+        "referred": bootstrap.mean(refer),
+        "referred_because": {
+            "input": sum(r.startswith(("blank", "intensity")) for r in reasons),
+            "features": sum(r.startswith("unlike the training") for r in reasons),
+            "prediction_set": sum(r.startswith(("no class", "the model cannot tell")) for r in reasons),
+            "orientation": sum(ORIENTATION_REASON in r for r in reasons),
         },
+        "selective_accuracy": bootstrap.mean(correct, ~refer),
+        "accuracy_all": bootstrap.mean(correct),
     }
 
 
