@@ -108,7 +108,8 @@ def test_the_markdown_table_has_a_row_per_variant():
     assert len(table) == 4 and table[2].startswith("| baseline | `(defaults)` | 100% | 0.500 [0.400, 0.600] | - |")
     assert "+0.020 [-0.010, +0.050]" in table[3] and "no clear difference" in table[3] and "| 1.5 | - |" in table[3]
     # With another export its columns come first and the verdict follows them; the in-source one stays.
-    cross = {"n": 40, "macro_f1": {"value": 0.3, "low": 0.2, "high": 0.4}, "critical_recall": None, "ece": 0.2}
+    cross = {"n": 40, "macro_f1": {"value": 0.3, "low": 0.2, "high": 0.4}, "critical_recall": None, "ece": 0.2,
+             "risk_coverage": {"max_coverage_at_target": 0.25}}
     report["cross_source"] = {"path": "other"}
     report["variants"]["baseline"]["cross_scores"] = cross
     report["variants"]["crop"] |= {"cross_scores": cross, "verdict": "better", "in_source_verdict": "no clear difference",
@@ -116,7 +117,7 @@ def test_the_markdown_table_has_a_row_per_variant():
     table = markdown_table(report).splitlines()
     assert table[0].startswith("| variant | overrides | training series | cross-export macro-F1 [95 %] |")
     assert table[3].startswith("| crop | `{\"preprocess\": {\"body_crop\": true}}` | 100% | 0.300 [0.200, 0.400] | - | "
-                               "0.200 | +0.100 [+0.050, +0.150] | 0.500")
+                               "0.200 | 25% | +0.100 [+0.050, +0.150] | 0.500")
     assert "| better | no clear difference | 1.5 | - |" in table[3]
     assert all(row.count("|") == table[0].count("|") for row in table)
 
