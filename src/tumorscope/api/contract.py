@@ -3,8 +3,8 @@ Swagger UI at ``/``) describes every field from them, and every answer is valida
 before it leaves, so the document cannot drift from what the service sends.
 
 The models forbid fields they do not declare: a field added to an answer without its description
-here fails the tests (``tests/integration/test_service_contract.py`` checks real answers against
-the served document) rather than going undocumented.
+here fails the tests (``tests/integration/test_service.py`` checks real answers against the served
+document) rather than going undocumented.
 """
 
 from __future__ import annotations
