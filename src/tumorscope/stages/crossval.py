@@ -40,7 +40,9 @@ def referral_line(referral: dict) -> str:
     decided, accuracy = referral["decided"], referral["selective_accuracy"]
     because = ", ".join(f"{n} {kind}" for kind, n in referral["referred_because"].items() if n)
     shown = "-" if accuracy["value"] is None else f"{accuracy['value']:.3f}{format_interval(accuracy)}"
-    return (f"the referral decides {decided['value']:.0%}{format_interval(decided)} of slices, at accuracy {shown} "
+    share = (f"{decided['value']:.0%}" + (f" [{decided['low']:.0%}, {decided['high']:.0%}]"
+                                          if decided.get("low") is not None else ""))
+    return (f"the referral decides {share} of slices, at accuracy {shown} "
             f"(all answers: {referral['accuracy_all']['value']:.3f}); referred because: {because or 'none referred'}")
 
 
