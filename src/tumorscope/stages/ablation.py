@@ -499,7 +499,7 @@ def run_ablate(params: Params, only: list[str] | None = None) -> str:
         # The report after every variant: a run of hours shows its results as they come.
         table = write_report(params, results, data, out)
         print(f"ablate: {name} done ({results[name]['seconds'] / 60:.1f} min of training); "
-              f"{len(results)} of {len(plan)} variants in {out}", flush=True)
+              f"{sum(n in plan for n in results)} of {len(plan)} variants in {out}", flush=True)
     return f"{table}\nablate: {len(results)} variants on {cfg.folds} grouped folds -> {out}, {out.with_suffix('.md')}, " \
            f"{out.with_suffix('.png')}"
 
