@@ -55,14 +55,20 @@ def cache_megabytes(cache: Path) -> float:
     return sum(path.stat().st_size for path in cache.glob("*_x.npy")) / 2**20
 
 
+def pixel_settings(variant: Params) -> dict:
+    """The preprocess settings that decide a variant's pixels (``inference.PIXEL_SETTINGS``)."""
+    from tumorscope.inference import PIXEL_SETTINGS
+
+    return {k: getattr(variant.preprocess, k) for k in PIXEL_SETTINGS}
+
+
 def variant_cache(params: Params, variant: Params) -> Path:
     """Where a variant's cached slices are: the project's cache, or ablation.out_dir/cache-<hash of
     its pixel settings> when its preprocess settings differ."""
-    from tumorscope.inference import PIXEL_SETTINGS
     from tumorscope.models.ablation import variant_fingerprint
 
-    settings = {k: getattr(variant.preprocess, k) for k in PIXEL_SETTINGS}
-    if settings == {k: getattr(params.preprocess, k) for k in PIXEL_SETTINGS}:
+    settings = pixel_settings(variant)
+    if settings == pixel_settings(params):
         return Path(params.preprocess.cache_dir)
     return Path(params.ablation.out_dir) / f"cache-{variant_fingerprint(settings, 1.0, {})}"
 
@@ -213,7 +219,7 @@ def run_variant(params: Params, name: str, overrides: dict, share: float, data: 
             "image_size": variant.preprocess.image_size,
             # None when every fold was read back and the cache was not needed (nor built) in this run.
             "cache_mb": round(cache_megabytes(cache), 3) if (cache := variant_cache(params, variant)).is_dir() else None,
-            "feature_cache_mb": _feature_megabytes(data, variant),
+            "feature_cache_mb": _feature_megabytes(params, variant, data),
             "probabilities": out_of_fold, "cross_probabilities": cross_out_of_fold, "folds": folds_done,
             "seconds": sum(f["seconds"] for f in folds_done)}
 
@@ -223,14 +229,12 @@ def variant_features(params: Params, variant: Params, data: dict) -> dict[str, n
     other export's slices ("cross"): computed once per backbone, weights and pixel settings, and kept
     as ``ablation.out_dir/features-<hash>.npz`` so that its folds, a rerun and a variant that changes
     only the probe cost seconds."""
-    from tumorscope.models.ablation import variant_fingerprint
     from tumorscope.models.probe import features_of
     from tumorscope.models.train import fresh_session
     from tumorscope.models.zoo import build_configured
 
     held_out = data.get("held_out")
-    key = _feature_key(variant, data)
-    path = Path(params.ablation.out_dir) / f"features-{variant_fingerprint(key, 1.0, data['base'])}.npz"
+    path = feature_path(params, variant, data)
     memory = data.setdefault("features", {})
     if path in memory:
         return memory[path]
@@ -248,27 +252,27 @@ def variant_features(params: Params, variant: Params, data: dict) -> dict[str, n
         np.savez(partial, allow_pickle=False, **arrays)
         partial.replace(path)
     with np.load(path) as stored:
-        memory[path] = {name: stored[name] for name in stored.files} | {"megabytes": path.stat().st_size / 2**20,
-                                                                         "key": key}
+        memory[path] = {name: stored[name] for name in stored.files} | {"megabytes": path.stat().st_size / 2**20}
     return memory[path]
 
 
-def _feature_megabytes(data: dict, variant: Params) -> float | None:
-    """The size of a linear-probe variant's feature cache, when this run loaded it."""
-    if variant.train.fit != "linear_probe":
-        return None
-    sizes = [f["megabytes"] for f in data.get("features", {}).values()
-             if f.get("key") == _feature_key(variant, data)]
-    return round(sizes[0], 3) if sizes else None
-
-
-def _feature_key(variant: Params, data: dict) -> dict:
-    from tumorscope.inference import PIXEL_SETTINGS
+def feature_path(params: Params, variant: Params, data: dict) -> Path:
+    """Where a linear-probe variant's features are kept: a hash of its backbone, weights, pixel
+    settings and other export, and of what every variant shares (data, folds, seed)."""
+    from tumorscope.models.ablation import variant_fingerprint
 
     held_out = data.get("held_out")
-    return {"pixels": {k: getattr(variant.preprocess, k) for k in PIXEL_SETTINGS},
-            "architecture": variant.train.architecture, "weights": variant.train.weights,
-            "cross": None if held_out is None else held_out.summary["fingerprint"]}
+    key = {"pixels": pixel_settings(variant), "architecture": variant.train.architecture,
+           "weights": variant.train.weights, "cross": None if held_out is None else held_out.summary["fingerprint"]}
+    return Path(params.ablation.out_dir) / f"features-{variant_fingerprint(key, 1.0, data['base'])}.npz"
+
+
+def _feature_megabytes(params: Params, variant: Params, data: dict) -> float | None:
+    """The size of a linear-probe variant's feature cache (None for other variants, or before it exists)."""
+    if variant.train.fit != "linear_probe":
+        return None
+    path = feature_path(params, variant, data)
+    return round(path.stat().st_size / 2**20, 3) if path.is_file() else None
 
 
 def probe_fold(params: Params, variant: Params, fold: int, roles: dict, share: float, data: dict, experiment_id: str,
@@ -310,9 +314,8 @@ def probe_fold(params: Params, variant: Params, fold: int, roles: dict, share: f
 def _cross_images(variant: Params, held_out, data: dict) -> np.ndarray:
     """The other source's slices prepared with the variant's preprocess settings (once per setting)."""
     from tumorscope.data.cross_source import prepared
-    from tumorscope.inference import PIXEL_SETTINGS
 
-    key = tuple(getattr(variant.preprocess, k) for k in PIXEL_SETTINGS)
+    key = tuple(pixel_settings(variant).values())
     cache = data.setdefault("cross_images", {})
     if key not in cache:
         cache[key] = prepared(held_out.source, variant.preprocess)
