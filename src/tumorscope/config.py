@@ -210,6 +210,10 @@ class TrainConfig(_Section):
     # Threads that warp and re-window each training batch in the loader (0: one per CPU core, at
     # most 8), so an accelerator is not starved by one core; the pixels are the same for any number.
     loader_workers: int = Field(0, ge=0, le=64)
+    # The train stage only (trials and folds train one model): this many models of the tuned
+    # configuration, seeds seed, seed + 1, ..., saved as one whose logits are their mean
+    # (tumorscope.models.ensemble); the trust layer is fitted on the ensemble's answers.
+    ensemble_members: int = Field(1, ge=1, le=16)
 
     def loader_threads(self) -> int:
         """loader_workers, 0 resolved to the CPU cores this process may use (at most 8)."""
@@ -346,7 +350,8 @@ class AblationConfig(_Section):
     train_share: float = Field(1.0, gt=0, le=1)
     # The learning curve: the baseline again at these shares of each fold's training series.
     learning_curve: list[float] = Field(default_factory=lambda: [0.25, 0.5])
-    # name: [variants]: their mean probabilities on the same folds, compared like any variant.
+    # name: [variants]: the ensemble of their models on the same folds (the mean of their logits,
+    # as train.ensemble_members serves it), compared like any variant.
     ensembles: dict[str, list[str]] = Field(default_factory=lambda: dict(DEFAULT_ABLATION_ENSEMBLES))
     out_dir: str = "reports/ablation"          # per-fold results (a killed run resumes from them), caches
     report_path: str = "reports/ablation.json"
@@ -367,6 +372,9 @@ class AblationConfig(_Section):
             touched = sorted(set(overrides) - ABLATION_SECTIONS)
             if touched:
                 raise ValueError(f"variant {name!r} overrides {', '.join(touched)}: only {', '.join(sorted(ABLATION_SECTIONS))}")
+            if "ensemble_members" in (overrides.get("train") or {}):
+                raise ValueError(f"variant {name!r} sets train.ensemble_members, which folds ignore: list the members' "
+                                 "variants (e.g. seeds) under ablation.ensembles instead")
         return self
 
 

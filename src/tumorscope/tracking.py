@@ -260,15 +260,15 @@ def log_input_once_more_after_a_race(dataset, context: str) -> None:
         mlflow.log_input(dataset, context=context)
 
 
-def epoch_logger():
-    """A Keras callback that logs every epoch's metrics to the active MLflow run."""
+def epoch_logger(prefix: str = ""):
+    """A Keras callback that logs every epoch's metrics to the active MLflow run (names prefixed)."""
     import keras
     import mlflow
 
     class EpochLogger(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             if logs:
-                mlflow.log_metrics({k: float(v) for k, v in logs.items()}, step=epoch)
+                mlflow.log_metrics({f"{prefix}{k}": float(v) for k, v in logs.items()}, step=epoch)
 
     return EpochLogger()
 

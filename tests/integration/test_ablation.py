@@ -128,12 +128,12 @@ def test_with_another_export_the_verdict_follows_the_cross_export_figure_and_fol
         "| variant | overrides | training series | cross-export macro-F1 [95 %]")
 
     # The linear probe: its features computed once into a cache, every fold scored across exports;
-    # the ensemble is the mean of its members, fold by fold.
+    # the ensemble is the mean of its members' logits, fold by fold.
     probe, both = report["variants"]["probe"], report["variants"]["both"]
     features = sorted(Path(params.ablation.out_dir).glob("features-*.npz"))
     assert len(features) == 1 and probe["feature_cache_mb"] > 0
     assert probe["cross_scores"]["n"] == baseline["cross_scores"]["n"] and probe["folds"][0]["epochs"] == 1
-    assert both["overrides"] == {"mean of": ["baseline", "probe"]} and "cross_difference" in both
+    assert both["overrides"] == {"mean logits of": ["baseline", "probe"]} and "cross_difference" in both
     stored = {}
     for name in ("baseline", "probe"):
         with np.load(Path(params.ablation.out_dir) / name / "fold-1.npz") as fold:

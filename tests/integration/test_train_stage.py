@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from tumorscope.config import load_params, with_overrides
@@ -47,3 +48,64 @@ def test_train_without_a_study_says_to_tune_first(project):
                             timeout=300)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip() == "error: reports/best_params.json not found (run the tune stage first)"
+
+
+def test_an_ensemble_trains_saves_and_answers_as_one_model(project):
+    """train.ensemble_members: 2 seeds of one configuration in one .keras file, their trust layer
+    fitted on the ensemble's answers, and predict reads it as any model; trials ignore it."""
+    import keras
+    import pandas as pd
+
+    from tumorscope.artifacts import TRAIN_BACKUP_DIR
+    from tumorscope.models.ensemble import member_bodies
+    from tumorscope.models.explain import grad_cam
+    from tumorscope.stages import prediction
+    from tumorscope.tuning.study import stored_study_name
+
+    params = with_overrides(load_params("params.yaml"), {"train": {"ensemble_members": 2}})
+    assert stored_study_name(params) == stored_study_name(load_params("params.yaml"))
+    line = training.run_train(params, baseline=True)
+    assert "an ensemble of 2 (seeds 42-43" in line, line
+    folder = project / params.train.model_dir / "baseline"
+    summary = json.loads((folder / "train.json").read_text())
+    assert summary["ensemble"]["seeds"] == [params.seed, params.seed + 1]
+    assert len(summary["ensemble"]["member_val_macro_f1"]) == 2 and summary["epochs_run"] == sum(
+        summary["ensemble"]["member_epochs"])
+    assert summary["trust"]["ood"]["embedding_dims"] and summary["trust"]["temperature"] > 0
+    assert not (project / TRAIN_BACKUP_DIR / "ensemble").exists()  # the finished members are not left behind
+    model = keras.saving.load_model(folder / "model.keras")
+    assert len(member_bodies(model)) == 2
+    assert {"val_loss", "member_1.val_loss"} <= set(summary["history"])
+
+    line = prediction.run_predict(params, [project / "data" / "raw"], model=str(folder), out=project / "out.csv")
+    table = pd.read_csv(project / "out.csv", keep_default_na=False)
+    assert len(table) > 0 and (table["error"] == "").all() and set(table["predicted"]) <= set(summary["classes"])
+    assert table["model_version"].iloc[0].startswith("file:")
+    image = np.zeros(model.input_shape[1:], np.uint8)
+    assert grad_cam(model, image).shape == model.input_shape[1:3]
+
+
+def test_a_killed_ensemble_keeps_its_finished_members(project, monkeypatch):
+    """Killed while training the second member: run again, the first is read back, not retrained."""
+    from tumorscope.models import train as train_module
+
+    params = with_overrides(load_params("params.yaml"), {"train": {"ensemble_members": 2}})
+    real_fit, seeds, kill = train_module.fit_and_score, [], True
+
+    def killed_at_the_second_member(cfg, image_size, classes, seed, *args, **kwargs):
+        seeds.append(seed)
+        if seed == params.seed + 1 and kill:
+            raise KeyboardInterrupt("killed")
+        return real_fit(cfg, image_size, classes, seed, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "fit_and_score", killed_at_the_second_member)
+    with pytest.raises(KeyboardInterrupt):
+        training.run_train(params, baseline=True)
+    first = json.loads((project / ".train-backup" / "ensemble" / "finished-0" / "member.json").read_text())
+    seeds.clear()
+    kill = False
+    training.run_train(params, baseline=True)  # the wrapper now only counts: the second member trains
+    assert seeds == [params.seed + 1]
+    summary = json.loads((project / params.train.model_dir / "baseline" / "train.json").read_text())
+    assert summary["ensemble"]["member_val_macro_f1"][0] == first["val_macro_f1"]
+    assert not (project / ".train-backup" / "ensemble").exists()

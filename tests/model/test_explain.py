@@ -102,6 +102,39 @@ def test_repeated_calls_do_not_grow_the_model_graph(trained_cnn):
     assert {layer.name: len(layer._inbound_nodes) for layer in trained_cnn.layers} == nodes
 
 
+def test_grad_cam_of_an_ensemble_of_a_model_with_itself_is_the_models_map(trained_cnn):
+    """Two copies of one member: the ensemble's logits are the member's, and each copy's share of
+    the gradient is half, so the summed map is exactly the member's."""
+    from tumorscope.models.ensemble import combine
+
+    ensemble = combine([trained_cnn, trained_cnn])
+    for image in (blob_slice(4, 4), blob_slice(20, 12)):
+        np.testing.assert_allclose(grad_cam(ensemble, image), grad_cam(trained_cnn, image), atol=1e-4)
+        np.testing.assert_allclose(grad_cam(ensemble, image, class_index=0), grad_cam(trained_cnn, image, class_index=0),
+                                   atol=1e-4)
+
+
+def test_grad_cam_of_an_ensemble_of_two_trained_cnns_points_at_the_finding(trained_cnn):
+    import keras
+
+    from tumorscope.models.ensemble import combine
+    from tumorscope.models.zoo import build_small_cnn
+
+    keras.utils.set_random_seed(1)
+    x, y = blob_images(256, seed=2)
+    other = build_small_cnn(SIZE, 2, filters=8, dense_units=64, dropout=0.3, norm="none", seed=1)
+    other.compile(optimizer=keras.optimizers.Adam(3e-3), loss="sparse_categorical_crossentropy")
+    other.fit(x, y, epochs=6, batch_size=32, verbose=0)
+    ensemble = combine([trained_cnn, other])
+    at = (18, 4)
+    heat = grad_cam(ensemble, blob_slice(*at))
+    assert heat.shape == (SIZE, SIZE) and heat.max() == pytest.approx(1.0)
+    inside = np.zeros_like(heat, dtype=bool)
+    inside[at[0]:at[0] + 8, at[1]:at[1] + 8] = True
+    assert heat[inside].mean() > 2 * heat[~inside].mean()
+    assert not np.allclose(heat, grad_cam(trained_cnn, blob_slice(*at)), atol=1e-3)  # both members count
+
+
 def _linear_cam_model(nested: bool):
     """3x3 conv (linear, no bias) -> global average pooling -> softmax Dense (no bias): Grad-CAM
     then has a closed form (below). ``nested`` puts conv and pooling in an inner model, so its
@@ -200,6 +233,18 @@ def test_grad_cam_reaches_into_a_nested_applications_backbone(architecture):
     assert heat.shape == (SIZE, SIZE) and heat.dtype == np.float32
     assert np.isfinite(heat).all() and heat.min() >= 0.0 and heat.max() <= 1.0
     assert grad_cam(model, image, class_index=3).shape == (SIZE, SIZE)
+
+
+def test_grad_cam_of_an_ensemble_with_a_nested_backbone_member():
+    from tumorscope.config import TrainConfig
+    from tumorscope.models.ensemble import combine
+    from tumorscope.models.zoo import build_configured
+
+    members = [build_configured(TrainConfig(), SIZE, 4, seed=0),
+               build_configured(TrainConfig(architecture="mobilenet_v2", weights=None), SIZE, 4, seed=0)]
+    image = np.random.default_rng(0).integers(0, 256, (SIZE, SIZE, 1)).astype(np.uint8)
+    heat = grad_cam(combine(members), image, class_index=3)
+    assert heat.shape == (SIZE, SIZE) and np.isfinite(heat).all() and 0.0 <= heat.min() <= heat.max() <= 1.0
 
 
 # ---------------------------------------------------------------------------------------------

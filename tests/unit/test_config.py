@@ -19,6 +19,8 @@ def test_repo_params_yaml_is_valid_and_matches_defaults():
         ({"phantom": {"proportions": {"Melanoma": 1}}}, "phantom.proportions"),
         ({"train": {"gpu_batch_multiplier": 0}}, "train.gpu_batch_multiplier"),
         ({"evaluate": {"distance_bands": [4, 64]}}, "evaluate.distance_bands"),
+        ({"train": {"ensemble_members": 0}}, "train.ensemble_members"),
+        ({"ablation": {"variants": {"baseline": {}, "seeds": {"train": {"ensemble_members": 2}}}}}, "ablation"),
     ],
 )
 def test_invalid_value_names_its_key(raw, key):

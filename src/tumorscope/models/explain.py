@@ -45,16 +45,12 @@ class _Split:
     target: str
 
     def feature_map(self, batch: Any) -> Any:
-        for part in self.features:
-            batch = part(batch, training=False)
-        return batch
+        return _apply(self.features, batch)
 
     def scores(self, feature_map: Any) -> Any:
         import keras
 
-        x = feature_map
-        for part in self.head:
-            x = part(x, training=False)
+        x = _apply(self.head, feature_map)
         dense = self.logits_layer
         if dense is None:
             return x
@@ -62,14 +58,43 @@ class _Split:
         return keras.ops.add(logits, dense.bias) if dense.use_bias else logits
 
     def log_odds(self, feature_map: Any, class_index: int) -> Any:
-        """log(p_c / (1 - p_c)) = z_c - logsumexp(z_j, j != c) of the first image in the batch."""
         import keras
 
-        scores = self.scores(feature_map)[0]
-        logits = scores if self.logits_layer is not None else keras.ops.log(keras.ops.maximum(scores, 1e-30))
-        logits = keras.ops.cast(logits, "float32")
-        others = keras.ops.concatenate([logits[:class_index], logits[class_index + 1:]])
-        return logits[class_index] - keras.ops.logsumexp(others)
+        scores = self.scores(feature_map)
+        return _log_odds(scores if self.logits_layer is not None else keras.ops.log(keras.ops.maximum(scores, 1e-30)),
+                         class_index)
+
+
+@dataclass(frozen=True)
+class _EnsembleSplit:
+    """An ensemble of ``models.ensemble.combine`` cut at each member's Grad-CAM target: per member,
+    ``features`` (input -> its feature map) and ``head`` (feature map -> its penultimate features);
+    ``dense`` is the shared softmax layer over the concatenated features."""
+
+    members: tuple[tuple[tuple[Any, ...], tuple[Any, ...]], ...]
+    dense: Any
+
+    def logits(self, penultimate: list[Any]) -> Any:
+        import keras
+
+        dense = self.dense
+        joined = keras.ops.cast(keras.ops.concatenate(penultimate, axis=-1), dense.compute_dtype)
+        return keras.ops.add(keras.ops.matmul(joined, dense.kernel), dense.bias)
+
+
+def _apply(parts: tuple[Any, ...], x: Any) -> Any:
+    for part in parts:
+        x = part(x, training=False)
+    return x
+
+
+def _log_odds(logits: Any, class_index: int) -> Any:
+    """log(p_c / (1 - p_c)) = z_c - logsumexp(z_j, j != c) of the first image in the batch."""
+    import keras
+
+    logits = keras.ops.cast(logits[0], "float32")
+    others = keras.ops.concatenate([logits[:class_index], logits[class_index + 1:]])
+    return logits[class_index] - keras.ops.logsumexp(others)
 
 
 def grad_cam(model: Any, image: np.ndarray, class_index: int | None = None) -> np.ndarray:
@@ -117,25 +142,61 @@ def grad_cam(model: Any, image: np.ndarray, class_index: int | None = None) -> n
                          "(resize the slice as the training cache did)")
     split = _split_for(model)
     batch = keras.ops.convert_to_tensor(pixels[None].astype(np.float32))
+    if isinstance(split, _EnsembleSplit):
+        return _ensemble_grad_cam(split, batch, class_index, (pixels.shape[0], pixels.shape[1]))
     feature_map = split.feature_map(batch)
     scores = np.asarray(keras.ops.convert_to_numpy(split.scores(feature_map)))[0]
-    n_classes = scores.shape[-1]
-    if n_classes < 2:
-        raise ValueError("grad_cam: needs a classifier with at least two classes")
-    # The logits' argmax is the probabilities' argmax.
-    class_index = int(np.argmax(scores)) if class_index is None else int(class_index)
-    if not 0 <= class_index < n_classes:
-        raise ValueError(f"grad_cam: class_index {class_index} is outside 0..{n_classes - 1}")
+    class_index = _checked_class(scores, class_index)
 
     def score(features: Any) -> Any:
         return split.log_odds(features, class_index)
 
-    grads = _gradient(score, feature_map)
+    cam = np.maximum(_weighted_activations(feature_map, _gradient(score, feature_map)), 0.0)
+    return _heat_from_cam(cam, (pixels.shape[0], pixels.shape[1]))
+
+
+def _checked_class(scores: np.ndarray, class_index: int | None) -> int:
+    """``class_index``, or the predicted class when None (the logits' argmax is the probabilities')."""
+    n_classes = scores.shape[-1]
+    if n_classes < 2:
+        raise ValueError("grad_cam: needs a classifier with at least two classes")
+    class_index = int(np.argmax(scores)) if class_index is None else int(class_index)
+    if not 0 <= class_index < n_classes:
+        raise ValueError(f"grad_cam: class_index {class_index} is outside 0..{n_classes - 1}")
+    return class_index
+
+
+def _weighted_activations(feature_map: Any, grads: Any) -> np.ndarray:
+    """sum_k w_k A_k of the first image, w_k the spatial mean of the gradient (no ReLU yet)."""
+    import keras
+
     activations = np.asarray(keras.ops.convert_to_numpy(feature_map), dtype=np.float32)[0]
     weights = np.zeros(activations.shape[-1], np.float32) if grads is None else \
         np.asarray(keras.ops.convert_to_numpy(grads), dtype=np.float32)[0].mean(axis=(0, 1))
-    cam = np.maximum((activations * weights).sum(axis=-1), 0.0)
-    return _heat_from_cam(cam, (pixels.shape[0], pixels.shape[1]))
+    return (activations * weights).sum(axis=-1)
+
+
+def _ensemble_grad_cam(split: _EnsembleSplit, batch: Any, class_index: int | None, shape: tuple[int, int]) -> np.ndarray:
+    """Grad-CAM of an ensemble: the ensemble's log-odds differentiated by each member's feature map
+    in turn (the other members' features held at their values); the members' weighted maps,
+    brought to the finest member's map size, are summed, and the sum is what a single model's map
+    is (its positive part, upsampled). The logits are a sum over members, so the sum is each
+    member's first-order share of the same score, in the same units."""
+    import keras
+
+    feature_maps = [_apply(features, batch) for features, _ in split.members]
+    penultimate = [_apply(head, fm) for (_, head), fm in zip(split.members, feature_maps)]
+    scores = np.asarray(keras.ops.convert_to_numpy(split.logits(penultimate)))[0]
+    class_index = _checked_class(scores, class_index)
+    weighted = []
+    for index, ((_, head), feature_map) in enumerate(zip(split.members, feature_maps)):
+        def score(features: Any, index: int = index, head: tuple[Any, ...] = head) -> Any:
+            parts = [*penultimate[:index], _apply(head, features), *penultimate[index + 1:]]
+            return _log_odds(split.logits(parts), class_index)
+
+        weighted.append(_weighted_activations(feature_map, _gradient(score, feature_map)))
+    finest = max((w.shape for w in weighted), key=lambda s: s[0] * s[1])
+    return _heat_from_cam(np.maximum(sum(_resize(w, finest) for w in weighted), 0.0), shape)
 
 
 def _gradient(score: Callable[[Any], Any], feature_map: Any) -> Any:
@@ -163,7 +224,7 @@ def _gradient(score: Callable[[Any], Any], feature_map: Any) -> Any:
     raise NotImplementedError(f"grad_cam: no gradient for the Keras backend {backend!r} (tensorflow, jax and torch have one)")
 
 
-def _split_for(model: Any) -> _Split:
+def _split_for(model: Any) -> _Split | _EnsembleSplit:
     """The classifier cut at its Grad-CAM target, built once per model (see ``_SPLITS``)."""
     with _SPLITS_LOCK:
         split = _SPLITS.get(model)
@@ -172,11 +233,16 @@ def _split_for(model: Any) -> _Split:
         return split
 
 
-def _build_split(model: Any) -> _Split:
+def _build_split(model: Any) -> _Split | _EnsembleSplit:
     import keras
+
+    from tumorscope.models.ensemble import member_bodies
 
     if len(model.inputs) != 1 or len(model.outputs) != 1:
         raise ValueError("grad_cam: needs a model with one input and one output")
+    bodies = member_bodies(model)
+    if bodies is not None:
+        return _EnsembleSplit(tuple(_member_chain(body) for body in bodies), model.layers[-1])
     path = _target_path(model)
     if path is None:
         raise ValueError(f"grad_cam: model {model.name!r} has no layer with a 4-D (feature map) output")
@@ -188,6 +254,15 @@ def _build_split(model: Any) -> _Split:
             head_output, logits_layer = node.input_tensors[0], last
     features, head = _build_chain(model, path, head_output)
     return _Split(tuple(features), tuple(head), logits_layer, "/".join(layer.name for layer in path))
+
+
+def _member_chain(body: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """(features, head) of one ensemble member's body (input -> penultimate features)."""
+    path = _target_path(body)
+    if path is None:
+        raise ValueError(f"grad_cam: ensemble member {body.name!r} has no layer with a 4-D (feature map) output")
+    features, head = _build_chain(body, path, body.outputs[0])
+    return tuple(features), tuple(head)
 
 
 def _target_path(model: Any) -> list[Any] | None:

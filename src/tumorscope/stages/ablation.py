@@ -337,18 +337,21 @@ def with_other_export(train_data: tuple[np.ndarray, np.ndarray], variant: Params
 
 
 def ensembles_of(params: Params, results: dict[str, dict]) -> dict[str, dict]:
-    """``ablation.ensembles`` whose members are all in ``results``: the members' mean probabilities
-    (in source and across exports), their summed training time and the members' folds."""
+    """``ablation.ensembles`` whose members are all in ``results``: the ensemble's probabilities (in
+    source and across exports) by the rule the train stage serves (``models.ensemble``: the mean of
+    the members' logits) and their summed training time."""
+    from tumorscope.models.ensemble import mean_logit_probabilities
+
     out = {}
     for name, members in params.ablation.ensembles.items():
         if not all(m in results for m in members):
             continue
         parts = [results[m] for m in members]
         cross = [p["cross_probabilities"] for p in parts]
-        out[name] = {"overrides": {"mean of": members}, "train_share": parts[0]["train_share"],
+        out[name] = {"overrides": {"mean logits of": members}, "train_share": parts[0]["train_share"],
                      "image_size": max(p["image_size"] for p in parts), "cache_mb": None,
-                     "probabilities": np.mean([p["probabilities"] for p in parts], axis=0),
-                     "cross_probabilities": None if any(c is None for c in cross) else np.mean(cross, axis=0),
+                     "probabilities": mean_logit_probabilities([p["probabilities"] for p in parts]),
+                     "cross_probabilities": None if any(c is None for c in cross) else mean_logit_probabilities(cross),
                      "folds": [], "seconds": sum(p["seconds"] for p in parts)}
     return out
 

@@ -72,15 +72,23 @@ def train_and_save(params: Params, model_dir: Path, run_name: str, parent_run_id
     val_groups = load_groups(cache, "val")
     experiment_id = tracking.configure(params.mlflow)
     # A killed train stage run again resumes after its last finished epoch, if nothing it trains on changed.
-    backup = TrainingBackup(TRAIN_BACKUP_DIR, tracking.training_fingerprint(params, cfg, classes))
+    fingerprint = tracking.training_fingerprint(params, cfg, classes)
     with tracking.start_training_run(params, experiment_id, run_name, "train", parent_run_id) as run:
         tracking.log_split_datasets(params)
-        resumed = backup.state()
-        if resumed is not None:
-            mlflow.set_tag("resumed_from_epoch", str(resumed["epochs_done"]))
-        outcome = fit_and_score(cfg, params.preprocess.image_size, classes, params.seed, load_split(cache, "train"),
-                                (val_images, val_labels), (val_images, val_labels, val_groups),
-                                params.evaluate, callbacks=[tracking.epoch_logger()], backup=backup)
+        if cfg.ensemble_members == 1:
+            backup = TrainingBackup(TRAIN_BACKUP_DIR, fingerprint)
+            resumed = backup.state()
+            if resumed is not None:
+                mlflow.set_tag("resumed_from_epoch", str(resumed["epochs_done"]))
+            outcome = fit_and_score(cfg, params.preprocess.image_size, classes, params.seed, load_split(cache, "train"),
+                                    (val_images, val_labels), (val_images, val_labels, val_groups),
+                                    params.evaluate, callbacks=[tracking.epoch_logger()], backup=backup)
+            ensemble = None
+        else:
+            outcome, ensemble = fit_ensemble(params, classes, (val_images, val_labels, val_groups),
+                                             Path(TRAIN_BACKUP_DIR) / "ensemble", fingerprint)
+            mlflow.log_metrics({f"member_{i}.final_val_macro_f1": f1
+                                for i, f1 in enumerate(ensemble["member_val_macro_f1"])})
         tracking.log_fit(params, cfg, outcome, "final_val_")
         mlflow.log_param("classes", ",".join(classes))
         model_path = save_model(outcome.result.model, model_dir)
@@ -105,12 +113,78 @@ def train_and_save(params: Params, model_dir: Path, run_name: str, parent_run_id
         "trained": trained,
         "architecture": cfg.architecture, "classes": classes, "epochs_run": result.epochs_run,
         "batch_size": result.batch_size, "val_macro_f1": outcome.scores["macro_f1"], "history": result.history,
-        "pretrained_weights": weights,
+        "pretrained_weights": weights, "ensemble": ensemble,
         "trust": trust})
     write_history(result.history, model_dir / TRAIN_HISTORY)
-    return (f"train: {trained}: {cfg.architecture} {result.epochs_run} epochs in {result.fit_seconds:.0f}s "
+    members = "" if ensemble is None else (
+        f"an ensemble of {cfg.ensemble_members} (seeds {ensemble['seeds'][0]}-{ensemble['seeds'][-1]}, validation "
+        f"macro-F1 {', '.join(f'{v:.3f}' for v in ensemble['member_val_macro_f1'])} alone), ")
+    return (f"train: {trained}: {members}{cfg.architecture} {result.epochs_run} epochs in {result.fit_seconds:.0f}s "
             f"({result.images_per_second:.0f} img/s), validation macro-F1 {outcome.scores['macro_f1']:.3f}; "
             f"{model_path}, MLflow run {run.info.run_id}")
+
+
+def fit_ensemble(params: Params, classes: list[str], scored, backup_dir: Path, fingerprint: str):
+    """train.ensemble_members models of train.* (seeds seed, seed + 1, ...) combined into one
+    (``models.ensemble.combine``) and scored on ``scored`` like a single fit: (its FitOutcome, a
+    summary for train.json). Each member logs its epochs under ``member_<i>.`` (the first under
+    plain names, as a single model would); a kill resumes the member it was training, and the
+    members that had finished are read back from ``backup_dir``."""
+    import shutil
+
+    import keras
+
+    from tumorscope import tracking
+    from tumorscope.data.preprocess import load_split
+    from tumorscope.inference import predict_proba
+    from tumorscope.models.ensemble import combine
+    from tumorscope.models.evaluate import score_predictions
+    from tumorscope.models.resume import TrainingBackup
+    from tumorscope.models.train import FitOutcome, TrainResult, fit_and_score, save_model
+
+    cfg, cache = params.train, params.preprocess.cache_dir
+    images, labels, groups = scored
+    models, results, scores = [], [], []
+    precision = cfg.precision
+    for index in range(cfg.ensemble_members):
+        finished = backup_dir / f"finished-{index}"
+        summary = read_json(finished / "member.json") if (finished / "member.json").is_file() else None
+        member_fingerprint = f"{fingerprint}-member-{index}"
+        if summary is not None and summary["fingerprint"] == member_fingerprint:
+            model = keras.saving.load_model(finished / MODEL_FILE)
+            result = TrainResult(model, **summary["result"])
+            member_f1, precision = summary["val_macro_f1"], summary["precision"]
+        else:
+            prefix = "" if index == 0 else f"member_{index}."
+            outcome = fit_and_score(cfg, params.preprocess.image_size, classes, params.seed + index,
+                                    load_split(cache, "train"), (images, labels), scored, params.evaluate,
+                                    callbacks=[tracking.epoch_logger(prefix)],
+                                    backup=TrainingBackup(backup_dir / f"member-{index}", member_fingerprint))
+            model, result = outcome.result.model, outcome.result
+            member_f1, precision = outcome.scores["macro_f1"], outcome.precision
+            save_model(model, finished)  # the model file first: the summary names a finished member
+            write_json(finished / "member.json", {
+                "fingerprint": member_fingerprint, "val_macro_f1": member_f1, "precision": precision,
+                "result": {"history": result.history, "epochs_run": result.epochs_run, "fit_seconds": result.fit_seconds,
+                           "images_per_second": result.images_per_second, "batch_size": result.batch_size}})
+        models.append(model)
+        results.append(result)
+        scores.append(member_f1)
+    ensemble = combine(models)
+    probabilities = predict_proba(ensemble, images, test_time_augmentation=params.evaluate.test_time_augmentation)
+    # The first member's curves under their plain names (the learning curves DVC plots), the others' prefixed.
+    history = dict(results[0].history) | {f"member_{i}.{key}": values for i, r in enumerate(results[1:], start=1)
+                                          for key, values in r.history.items()}
+    seconds = sum(r.fit_seconds for r in results)
+    epochs = sum(r.epochs_run for r in results)
+    result = TrainResult(ensemble, history, epochs, seconds, sum(r.images_per_second * r.fit_seconds for r in results)
+                         / max(seconds, 1e-9), results[0].batch_size)
+    outcome = FitOutcome(result, precision, probabilities,
+                         score_predictions(labels, probabilities, groups, classes, params.evaluate, params.seed))
+    shutil.rmtree(backup_dir, ignore_errors=True)
+    return outcome, {"members": cfg.ensemble_members, "seeds": [params.seed + i for i in range(cfg.ensemble_members)],
+                     "member_val_macro_f1": scores, "member_epochs": [r.epochs_run for r in results],
+                     "combined": "mean of the members' logits (tumorscope.models.ensemble)"}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -91,7 +91,8 @@ def stored_study_name(params: Params) -> str:
     """<study_name>-<hash> of what trials depend on: the data (split and preprocessing), the search
     space, the per-trial budget, the train settings a trial does not search, and how trials are
     scored. A change of any starts a new study; more trials, workers, a restart or a new full
-    budget (train.epochs, which only the train stage uses) continue the same one."""
+    budget or ensemble (train.epochs, train.ensemble_members: only the train stage uses them) continue the
+    same one."""
     import hashlib
     import json
 
@@ -102,7 +103,7 @@ def stored_study_name(params: Params) -> str:
     identity = {
         "data": tracking.file_fingerprint(split_path) if split_path.is_file() else "none",
         "preprocess": params.preprocess.model_dump(exclude={"cache_dir", "report_path"}), "seed": params.seed,
-        "train": params.train.model_dump(exclude={"epochs", "model_dir", *cfg.search_space}),
+        "train": params.train.model_dump(exclude={"epochs", "model_dir", "ensemble_members", *cfg.search_space}),
         "scoring": params.evaluate.model_dump(include={"bootstrap_samples", "confidence", "max_single_class_share",
                                                        "calibration_bins", "test_time_augmentation"}),
         "search_space": cfg.model_dump(mode="json")["search_space"], "trial_epochs": cfg.trial_epochs,
