@@ -278,6 +278,10 @@ class OodConfig(_Section):
     # Input check: share of validation slices whose intensity and texture statistics pass (jointly,
     # by Mahalanobis distance to the training slices'); about 1 - this of ordinary slices is referred.
     intensity_quantile: float = Field(0.99, gt=0.5, lt=1)
+    # Both checks are fitted on the training and validation slices and, above 0, on an
+    # export-randomised copy of each (each transform of train.export_augment's with this
+    # probability): another export's look of the same anatomy then counts as known.
+    export_augment: float = Field(0.0, ge=0, le=1)
 
 
 class CrossvalConfig(_Section):

@@ -391,6 +391,34 @@ def test_a_slice_of_an_orientation_the_model_barely_saw_is_referred_and_every_an
     assert judged.answer(2, CLASSES)["orientation"] == "coronal"
 
 
+def test_checks_fitted_on_export_randomised_copies_accept_another_exports_look(tiny_loaded):
+    """ood.export_augment: the same anatomy as another export writes it (every transform of the
+    randomisation on) is referred as unlike the training slices less often than by checks fitted
+    on the slices as they are, while the slices as they are still pass."""
+    from tumorscope.config import ConformalConfig, OodConfig
+    from tumorscope.data.augment import randomise_export
+    from tumorscope.data.phantom import image_rng, render_slice
+    from tumorscope.monitoring.features import model_outputs
+    from tumorscope.trust.answers import fit_trust, judge
+
+    labels = np.arange(240) % len(CLASSES)
+    images = np.stack([render_slice(image_rng(7, CLASSES[k], i), CLASSES[k], 32, 12.0, 0.7, WindowConfig())[0]
+                       for i, k in enumerate(labels)])[..., np.newaxis].astype(np.uint8)
+    train, val, new = slice(0, 120), slice(120, 180), slice(180, 240)
+    other_export = randomise_export(images[new], 1.0, np.random.default_rng(3))
+    unlike = {}
+    for strength in (0.0, 0.5):
+        trust = fit_trust(tiny_loaded.model, (images[train], labels[train]),
+                          (images[val], labels[val], np.arange(60) // 2), len(CLASSES), ConformalConfig(),
+                          OodConfig(export_augment=strength), seed=1)
+        assert trust["ood"]["export_augment"] == strength
+        for name, batch in (("same", images[new]), ("other", other_export)):
+            probabilities, embeddings = model_outputs(tiny_loaded.model, batch, trust["ood"]["embedding_dims"])
+            unlike[strength, name] = judge(probabilities, embeddings, batch, CLASSES, trust).ood.mean()
+    assert unlike[0.0, "other"] > 0.5 and unlike[0.5, "other"] < unlike[0.0, "other"] - 0.2, unlike
+    assert unlike[0.5, "same"] <= 0.2, unlike
+
+
 def test_served_answers_carry_the_trust_fields_of_loaded_model_answers(trusted_loaded):
     loaded, images = trusted_loaded
     blank = np.full((1, 32, 32, 1), 255, np.uint8)

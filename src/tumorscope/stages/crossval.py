@@ -125,7 +125,7 @@ def fold_referrals(params: Params, classes: list[str], model, roles: dict, data:
     images, labels, groups = data
     train, val = roles["train"], roles["val"]
     state = fit_trust(model, (images[train], labels[train]), (images[val], labels[val], groups[val]), len(classes),
-                      params.conformal, params.ood, groups[train], params.audit.min_series)
+                      params.conformal, params.ood, groups[train], params.audit.min_series, params.seed)
     with_features = feature_model(model)
     out: dict[str, list[str | None]] = {}
     for name, index in to_judge.items():

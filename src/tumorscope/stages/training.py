@@ -96,7 +96,8 @@ def train_and_save(params: Params, model_dir: Path, run_name: str, parent_run_id
         # Calibration, conformal thresholds and the out-of-distribution check, fitted on validation
         # (and training) slices only, travel with the model: train.json and the MLflow model.
         trust = fit_trust(outcome.result.model, load_split(cache, "train"), (val_images, val_labels, val_groups),
-                          len(classes), params.conformal, params.ood, load_groups(cache, "train"), params.audit.min_series)
+                          len(classes), params.conformal, params.ood, load_groups(cache, "train"), params.audit.min_series,
+                          params.seed)
         mlflow.log_metrics({"temperature": trust["temperature"],
                             "val_nll_before_scaling": trust["validation_nll"]["before"],
                             "val_nll_after_scaling": trust["validation_nll"]["after"]})

@@ -23,26 +23,35 @@ def _finite_or_none(value: float) -> float | None:
 
 def fit_trust(model, train: tuple[np.ndarray, np.ndarray], validation: tuple[np.ndarray, np.ndarray, np.ndarray],
               n_classes: int, conformal_cfg, ood_cfg, train_groups: np.ndarray | None = None,
-              min_series: int | None = None) -> dict:
+              min_series: int | None = None, seed: int = 0) -> dict:
     """``train`` is (images, labels); ``validation`` (images, labels, duplicate-group ids).
     Temperature, conformal thresholds and the feature-space threshold come from validation slices
-    only; the intensity statistics' and the embeddings' distributions from training slices. With
+    only; the intensity statistics' and the embeddings' distributions from training slices (each
+    with export-randomised copies given ``ood.export_augment``, drawn from ``seed``). With
     ``train_groups`` and ``min_series`` (``audit.min_series``), the training series per
     orientation: a slice of an orientation with fewer is referred."""
     from tumorscope.monitoring.features import model_outputs, pixel_features
 
     train_images, train_labels = train
     val_images, val_labels, val_groups = validation
-    _, train_embeddings = model_outputs(model, train_images, ood_cfg.embedding_dims)
     val_probabilities, val_embeddings = model_outputs(model, val_images, ood_cfg.embedding_dims)
     temperature = calibration.fit_temperature(val_labels, val_probabilities, val_groups)
     calibrated = calibration.apply_temperature(val_probabilities, temperature)
     thresholds = conformal.calibrate(calibrated, val_labels, val_groups, conformal_cfg.alpha, conformal_cfg.score,
                                      conformal_cfg.class_conditional)
-    density = referral.fit_feature_density(train_embeddings, train_labels, n_classes)
+    # The out-of-distribution checks accept what they are fitted on: with ood.export_augment, the
+    # slices and an export-randomised copy of each (another export's look of the same anatomy).
+    copies = 2 if ood_cfg.export_augment > 0 else 1
+    ood_train = with_export_copies(train_images, ood_cfg.export_augment, seed)
+    ood_val = with_export_copies(val_images, ood_cfg.export_augment, seed + 1)
+    ood_train_labels, ood_val_groups = np.tile(train_labels, copies), np.tile(val_groups, copies)
+    _, train_embeddings = model_outputs(model, ood_train, ood_cfg.embedding_dims)
+    if copies > 1:
+        _, val_embeddings = model_outputs(model, ood_val, ood_cfg.embedding_dims)
+    density = referral.fit_feature_density(train_embeddings, ood_train_labels, n_classes)
     distances = referral.mahalanobis_distance(val_embeddings, density)
-    intensity = referral.fit_intensity_density(pixel_features(train_images))
-    intensity_distances = referral.mahalanobis_distance(referral.intensity_vectors(pixel_features(val_images)),
+    intensity = referral.fit_intensity_density(pixel_features(ood_train))
+    intensity_distances = referral.mahalanobis_distance(referral.intensity_vectors(pixel_features(ood_val)),
                                                         intensity)
     weights = calibration.group_weights(val_groups)
     orientation = None
@@ -60,13 +69,25 @@ def fit_trust(model, train: tuple[np.ndarray, np.ndarray], validation: tuple[np.
                       # null: too few validation groups to justify any threshold (every class is in the set)
                       "thresholds": [_finite_or_none(t) for t in thresholds]},
         "ood": {"quantile": ood_cfg.quantile, "embedding_dims": ood_cfg.embedding_dims,
-                "distance_threshold": referral.distance_threshold(distances, val_groups, ood_cfg.quantile),
+                "export_augment": ood_cfg.export_augment,
+                "distance_threshold": referral.distance_threshold(distances, ood_val_groups, ood_cfg.quantile),
                 "feature_density": density,
                 "intensity_quantile": ood_cfg.intensity_quantile,
-                "intensity_threshold": referral.distance_threshold(intensity_distances, val_groups,
+                "intensity_threshold": referral.distance_threshold(intensity_distances, ood_val_groups,
                                                                    ood_cfg.intensity_quantile),
                 "intensity_density": intensity},
     }
+
+
+def with_export_copies(images: np.ndarray, probability: float, seed: int) -> np.ndarray:
+    """``images``, followed with ``probability`` > 0 by an export-randomised copy of each
+    (``data.augment.randomise_export``, each transform with that probability)."""
+    if probability <= 0:
+        return images
+    from tumorscope.data.augment import randomise_export
+
+    images = np.asarray(images)
+    return np.concatenate([images, randomise_export(images, probability, np.random.default_rng(seed))])
 
 
 @dataclass
