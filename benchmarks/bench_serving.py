@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,16 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
-from tumorscope.runtime import apply_cpu_defaults  # noqa: E402
+from tumorscope.runtime import apply_cpu_defaults, free_port  # noqa: E402
 
 apply_cpu_defaults()  # before TensorFlow is imported
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

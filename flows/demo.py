@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,14 +28,10 @@ from pathlib import Path
 
 import yaml
 
+from tumorscope.runtime import free_port
+
 DEMO = Path(".demo")
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def say(text: str) -> None:

@@ -12,6 +12,7 @@ TensorFlow's own default rounding).
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import MutableMapping
 
 CPU_DEFAULTS = {
@@ -28,3 +29,11 @@ def apply_cpu_defaults(environ: MutableMapping[str, str] | None = None) -> dict[
     for name, value in CPU_DEFAULTS.items():
         environ.setdefault(name, value)
     return {name: environ[name] for name in CPU_DEFAULTS}
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` now, for a server this process is about to start (the
+    demo's, the benchmarks' and the tests' servers)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])

@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from tumorscope.runtime import free_port  # noqa: F401  (the one helper, re-exported for the tests)
 
 
 def output_of(process: subprocess.Popen, log: Path | None) -> str:

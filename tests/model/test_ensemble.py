@@ -23,7 +23,7 @@ def members():
 
     models = [build_configured(TrainConfig(), SIZE, 4, seed=0), build_configured(TrainConfig(filters=8), SIZE, 4, seed=1)]
     # Members that disagree (a fresh init answers near-uniformly): the two mean rules then differ.
-    for model, favoured in zip(models, (0, 3)):
+    for model, favoured in zip(models, (0, 3), strict=False):
         model.layers[-1].bias.assign(np.eye(4, dtype=np.float32)[favoured] * 3.0)
     return models
 

@@ -49,7 +49,7 @@ def combine(members: list[Any], name: str = "ensemble") -> Any:
         raise ValueError(f"ensemble: members must share the input shape and the classes, got inputs {sorted(shapes)} "
                          f"and {sorted(classes)} classes")
     inputs = keras.Input(shape=members[0].input_shape[1:], dtype=members[0].inputs[0].dtype, name="image")
-    bodies = [keras.Model(m.inputs, d.input, name=f"{MEMBER_PREFIX}{i}") for i, (m, d) in enumerate(zip(members, denses))]
+    bodies = [keras.Model(m.inputs, d.input, name=f"{MEMBER_PREFIX}{i}") for i, (m, d) in enumerate(zip(members, denses, strict=False))]
     features = keras.layers.Concatenate(name="member_features")([body(inputs) for body in bodies])
     head = keras.layers.Dense(classes.pop(), activation="softmax", dtype="float32", name="probabilities")
     outputs = head(features)

@@ -24,7 +24,7 @@ import numpy as np
 # the layers after it (keras.src.models.functional.clone_graph_nodes), so building them on every
 # call would grow the model's graph with every request a service explains. Weak keys: a
 # classifier that is dropped takes its grad models with it.
-_SPLITS: weakref.WeakKeyDictionary[Any, _Split] = weakref.WeakKeyDictionary()
+_SPLITS: weakref.WeakKeyDictionary[Any, _Split | _EnsembleSplit] = weakref.WeakKeyDictionary()
 _SPLITS_LOCK = threading.Lock()
 
 # A region whose centroid is within this fraction of the image width of the vertical midline is "centre".
@@ -185,11 +185,11 @@ def _ensemble_grad_cam(split: _EnsembleSplit, batch: Any, class_index: int | Non
     import keras
 
     feature_maps = [_apply(features, batch) for features, _ in split.members]
-    penultimate = [_apply(head, fm) for (_, head), fm in zip(split.members, feature_maps)]
+    penultimate = [_apply(head, fm) for (_, head), fm in zip(split.members, feature_maps, strict=False)]
     scores = np.asarray(keras.ops.convert_to_numpy(split.logits(penultimate)))[0]
     class_index = _checked_class(scores, class_index)
     weighted = []
-    for index, ((_, head), feature_map) in enumerate(zip(split.members, feature_maps)):
+    for index, ((_, head), feature_map) in enumerate(zip(split.members, feature_maps, strict=False)):
         def score(features: Any, index: int = index, head: tuple[Any, ...] = head) -> Any:
             parts = [*penultimate[:index], _apply(head, features), *penultimate[index + 1:]]
             return _log_odds(split.logits(parts), class_index)

@@ -146,7 +146,7 @@ def fit_ensemble(params: Params, classes: list[str], scored, backup_dir: Path, f
     cfg, cache = params.train, params.preprocess.cache_dir
     images, labels, groups = scored
     models, results, scores = [], [], []
-    precision = cfg.precision
+    precision: str = cfg.precision
     for index in range(cfg.ensemble_members):
         finished = backup_dir / f"finished-{index}"
         summary = read_json(finished / "member.json") if (finished / "member.json").is_file() else None
