@@ -6,6 +6,7 @@ import numpy as np
 import optuna
 import pytest
 
+from helpers.paths import REPO
 from tumorscope.config import ConfigError, Params, TrainConfig, parse_params
 from tumorscope.models.evaluate import group_bootstrap
 from tumorscope.tuning.leaderboard import leaderboard
@@ -143,3 +144,50 @@ def test_study_identity_hashes_only_what_trials_depend_on():
                  {"tune": {"trial_epochs": 5}}, {"evaluate": {"bootstrap_samples": 200}}, {"seed": 1}]
     for overrides in different:
         assert stored_study_name(with_overrides(base, overrides)) != stored_study_name(base), overrides
+
+
+# Another valid value of every train.* and evaluate.* setting: a new setting must be added here, so
+# that whether it reaches the study's identity and the tune stage is decided, not forgotten.
+OTHER_VALUES = {
+    "train": {"model_dir": "elsewhere", "architecture": "mobilenet_v2", "weights": "local_notop.h5",
+              "fit": "linear_probe", "probe_c": [0.5], "head_epochs": 2, "unfreeze_top_n": 10, "fine_tune_lr": 0.01,
+              "epochs": 7, "batch_size": 8, "lr": 0.01, "dropout": 0.1, "filters": 8, "dense_units": 16,
+              "augment_strength": 0.3, "augment_in": "model", "intensity_augment": 0.2, "export_augment": 0.5,
+              "balanced_batches": True, "norm": "batch", "class_weights": False, "patience": 3,
+              "monitor": "val_macro_f1", "warmup_epochs": 2, "precision": "float32", "gpu_batch_multiplier": 2,
+              "distribution": "none", "loader_workers": 3, "ensemble_members": 3},
+    "evaluate": {"out_dir": "elsewhere", "metrics_path": "m.json", "calibration_bins": 5, "critical_class": "Stone",
+                 "bootstrap_samples": 50, "confidence": 0.9, "max_single_class_share": 0.9, "fail_on_degenerate": False,
+                 "distance_bands": [2, 6], "test_time_augmentation": "flip"},
+}
+
+
+@pytest.mark.parametrize(("section", "name"), [(section, name) for section, values in OTHER_VALUES.items()
+                                               for name in values])
+def test_each_setting_reaches_the_study_identity_and_the_tune_stage_exactly_when_trials_use_it(section, name):
+    """``trial_inputs`` is the one list: the study's hash changes with a setting exactly when it is a
+    trial input that no trial overrides (not searched), and dvc.yaml's tune stage lists exactly the
+    trial inputs, so ``dvc status`` sees the same changes (plus the searched settings' fixed values)."""
+    import yaml
+
+    from tumorscope.config import with_overrides
+    from tumorscope.tuning.study import stored_study_name, trial_inputs
+
+    base = Params()
+    key = f"{section}.{name}"
+    changed = with_overrides(base, {section: {name: OTHER_VALUES[section][name]}})
+    assert getattr(getattr(changed, section), name) != getattr(getattr(base, section), name)
+    is_input = key in trial_inputs(base)
+    searched = section == "train" and name in base.tune.search_space
+    assert (stored_study_name(changed) != stored_study_name(base)) == (is_input and not searched), key
+
+    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["tune"]["params"]
+    listed = {entry for entry in stage if isinstance(entry, str)}
+    assert (key in listed or section in listed) == is_input, f"{key}: dvc.yaml's tune stage and trial_inputs differ"
+
+
+def test_every_setting_has_another_value_to_try():
+    from tumorscope.config import EvaluateConfig, TrainConfig
+
+    assert set(OTHER_VALUES["train"]) == set(TrainConfig.model_fields)
+    assert set(OTHER_VALUES["evaluate"]) == set(EvaluateConfig.model_fields)

@@ -11,6 +11,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tumorscope.config import Params
 from tumorscope.errors import UserError
@@ -87,31 +88,46 @@ def make_pruner(cfg):
     return optuna.pruners.NopPruner()
 
 
+# train.* settings that only the train stage reads: a trial trains one model for tune.trial_epochs.
+TRAIN_STAGE_ONLY = frozenset({"epochs", "model_dir", "ensemble_members"})
+# evaluate.* settings that decide how a trial is scored (the others are the evaluate stage's).
+TRIAL_SCORING = ("critical_class", "bootstrap_samples", "confidence", "max_single_class_share", "calibration_bins",
+                 "test_time_augmentation")
+# tune.* settings that decide what a trial is and when it stops (the others say how many and where).
+TRIAL_TUNE = ("search_space", "trial_epochs", "metric", "min_critical_recall", "pruner", "pruner_warmup_epochs")
+
+
+def trial_inputs(params: Params) -> dict[str, Any]:
+    """Every param a trial's outcome depends on, by its dotted key: the one list behind the study's
+    identity (``stored_study_name``) and the tune stage's params in dvc.yaml (a test keeps them
+    equal). Searched train settings are in it: the tune stage reruns when their fixed value
+    changes, though a trial overrides it (so the study's identity leaves them out)."""
+    cfg = params.tune
+    train = params.train.model_dump(mode="json", exclude=set(TRAIN_STAGE_ONLY))
+    return ({"seed": params.seed}
+            | {f"preprocess.{k}": v for k, v in params.preprocess.model_dump(
+                mode="json", exclude={"cache_dir", "report_path"}).items()}
+            | {f"train.{k}": v for k, v in train.items()}
+            | {f"evaluate.{k}": getattr(params.evaluate, k) for k in TRIAL_SCORING}
+            | {f"tune.{k}": v for k, v in cfg.model_dump(mode="json", include=set(TRIAL_TUNE)).items()})
+
+
 def stored_study_name(params: Params) -> str:
-    """<study_name>-<hash> of what trials depend on: the data (split and preprocessing), the search
-    space, the per-trial budget, the train settings a trial does not search, and how trials are
-    scored. A change of any starts a new study; more trials, workers, a restart or a new full
-    budget or ensemble (train.epochs, train.ensemble_members: only the train stage uses them) continue the
-    same one."""
+    """<study_name>-<hash> of the data (the split table) and ``trial_inputs`` but the searched
+    settings, whose fixed values no trial uses. A change of any starts a new study; more trials,
+    workers, a restart, a new full budget or ensemble (train.epochs, train.ensemble_members: only
+    the train stage uses them) continue the same one."""
     import hashlib
     import json
 
     from tumorscope import tracking
 
-    cfg = params.tune
     split_path = Path(params.split.path)
-    identity = {
-        "data": tracking.file_fingerprint(split_path) if split_path.is_file() else "none",
-        "preprocess": params.preprocess.model_dump(exclude={"cache_dir", "report_path"}), "seed": params.seed,
-        "train": params.train.model_dump(exclude={"epochs", "model_dir", "ensemble_members", *cfg.search_space}),
-        "scoring": params.evaluate.model_dump(include={"bootstrap_samples", "confidence", "max_single_class_share",
-                                                       "calibration_bins", "test_time_augmentation"}),
-        "search_space": cfg.model_dump(mode="json")["search_space"], "trial_epochs": cfg.trial_epochs,
-        "metric": cfg.metric, "min_critical_recall": cfg.min_critical_recall, "pruner": cfg.pruner,
-        "warmup": cfg.pruner_warmup_epochs, "critical_class": params.evaluate.critical_class,
-    }
+    searched = {f"train.{name}" for name in params.tune.search_space}
+    identity = {"data": tracking.file_fingerprint(split_path) if split_path.is_file() else "none",
+                "inputs": {k: v for k, v in trial_inputs(params).items() if k not in searched}}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
-    return f"{cfg.study_name}-{digest}"
+    return f"{params.tune.study_name}-{digest}"
 
 
 def load_study(params: Params, storage=None, worker_index: int = 0):
