@@ -19,12 +19,13 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from flows.links import create_report_links
+from flows.retries import TRANSIENT_RETRIES
 from tumorscope.config import Params, load_params
 
 FLOW_NAME = "tumorscope-monitor"
 
 
-@task
+@task(**TRANSIENT_RETRIES)
 def check_drift(params_path: str, current: str | None) -> dict:
     from tumorscope.stages.monitoring import run_monitor
 

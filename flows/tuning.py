@@ -35,6 +35,7 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
+from flows.retries import TRANSIENT_RETRIES
 from flows.streaming import run_streamed
 from tumorscope.config import Params, load_params, with_overrides
 from tumorscope.runtime import apply_cpu_defaults
@@ -100,25 +101,12 @@ def current_api_url() -> str | None:
         return str(client.api_url)
 
 
-def retry_unless_user_error(task, task_run, state) -> bool:
-    """Retry transient failures (a database hiccup), not a user's mistake that would fail again."""
-    from tumorscope.errors import UserError
-
-    try:
-        state.result()
-    except UserError:
-        return False
-    except Exception:
-        return True
-    return True
-
-
-@task
+@task(**TRANSIENT_RETRIES)
 def open_study(params_path: str, overrides: dict) -> dict:
     return tuning_stages.run_tune_open(effective_params(params_path, overrides)).__dict__
 
 
-@task
+@task(**TRANSIENT_RETRIES)
 def tune_worker(params_path: str, overrides: dict, worker_index: int, separate_process: bool) -> str:
     """One Optuna worker: in this process for a single worker, else a child process each."""
     params = effective_params(params_path, overrides)
@@ -142,7 +130,7 @@ def tune_worker(params_path: str, overrides: dict, worker_index: int, separate_p
     return [line for line in done.stdout_tail if line.strip()][-1]
 
 
-@task
+@task(**TRANSIENT_RETRIES)
 def finish_study(params_path: str, overrides: dict, handle: dict) -> dict:
     from tumorscope.tracking import flatten, is_tracking_server
     from tumorscope.tuning.study import StudyHandle
