@@ -261,14 +261,23 @@ def log_input_once_more_after_a_race(dataset, context: str) -> None:
 
 
 def epoch_logger(prefix: str = ""):
-    """A Keras callback that logs every epoch's metrics to the active MLflow run (names prefixed)."""
+    """A Keras callback that logs every epoch's metrics to the active MLflow run (names prefixed),
+    without waiting for the tracking store: MLflow's asynchronous logging sends them from its own
+    thread, and a tracking server that is down loses those epochs' curves (MLflow logs the error),
+    not the fit. Ending the run waits for what is queued."""
+    import logging
+
     import keras
     import mlflow
 
     class EpochLogger(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
-            if logs:
-                mlflow.log_metrics({f"{prefix}{k}": float(v) for k, v in logs.items()}, step=epoch)
+            if not logs:
+                return
+            try:
+                mlflow.log_metrics({f"{prefix}{k}": float(v) for k, v in logs.items()}, step=epoch, synchronous=False)
+            except Exception as err:  # a fit of hours outweighs one epoch's curve point
+                logging.getLogger(__name__).warning("MLflow: epoch %d's metrics not logged: %s", epoch + 1, err)
 
     return EpochLogger()
 
@@ -290,15 +299,17 @@ def training_fingerprint(params, cfg, classes: list[str]) -> str:
 
 
 def start_training_run(params, experiment_id: str, name: str, stage: str, parent_run_id: str | None = None,
-                       tags: dict[str, str] | None = None):
+                       tags: dict[str, str] | None = None, system_metrics: bool = False):
     """An MLflow run for one training (a context manager, like ``mlflow.start_run``), tagged with
-    the data and code versions and nested under ``parent_run_id`` when given."""
+    the data and code versions and nested under ``parent_run_id`` when given; ``system_metrics``:
+    MLflow samples CPU, memory and GPU use into it while it runs."""
     import mlflow
 
     nested = {"mlflow.parentRunId": parent_run_id} if parent_run_id else {}
     # nested=True lets a fold's run start while the cross-validation run is active.
     return mlflow.start_run(experiment_id=experiment_id, run_name=name, nested=parent_run_id is not None,
-                            tags=run_tags(params) | nested | {"stage": stage} | (tags or {}))
+                            tags=run_tags(params) | nested | {"stage": stage} | (tags or {}),
+                            log_system_metrics=system_metrics)
 
 
 def log_fit(params, cfg, outcome, prefix: str) -> None:

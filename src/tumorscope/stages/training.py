@@ -73,7 +73,9 @@ def train_and_save(params: Params, model_dir: Path, run_name: str, parent_run_id
     experiment_id = tracking.configure(params.mlflow)
     # A killed train stage run again resumes after its last finished epoch, if nothing it trains on changed.
     fingerprint = tracking.training_fingerprint(params, cfg, classes)
-    with tracking.start_training_run(params, experiment_id, run_name, "train", parent_run_id) as run:
+    # CPU, memory (and GPU where there is one) beside the learning curves: the long fit, not the trials.
+    with tracking.start_training_run(params, experiment_id, run_name, "train", parent_run_id,
+                                     system_metrics=True) as run:
         tracking.log_split_datasets(params)
         if cfg.ensemble_members == 1:
             backup = TrainingBackup(TRAIN_BACKUP_DIR, fingerprint)
