@@ -127,3 +127,26 @@ def test_the_clinician_page_asks_for_a_key_once_per_tab(keyed, tmp_path: Path):
         assert USER_KEY not in driver.page_source
     finally:
         driver.quit()
+
+
+def test_without_keys_the_service_refuses_a_network_address_unless_told_anonymous(served, tmp_path):
+    """Secure by default: `bentoml serve` on 0.0.0.0 (its default address, a container's) with no key
+    configured stops at start-up with one line naming the setting, before it binds anything."""
+    import os
+    import subprocess
+
+    from helpers.processes import free_port
+
+    env = os.environ | {"TUMORSCOPE_PARAMS": str(served.params_path), "BENTOML_HOME": str(tmp_path / "bentoml-home"),
+                        "BENTOML_DO_NOT_TRACK": "True", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env.pop("TUMORSCOPE_API_KEYS", None)
+    env.pop("TUMORSCOPE_ADMIN_KEYS", None)
+    for host_args in (["--host", "0.0.0.0"], []):  # explicit, and BentoML's default address
+        done = subprocess.run([*bento.bentoml_command(), "serve", bento.SERVICE, *host_args, "--port", str(free_port()),
+                               "--working-dir", str(bento.REPO)], cwd=served.project, env=env, capture_output=True,
+                              text=True, timeout=180)
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert "Traceback" not in done.stderr
+        assert ("tumorscope service: error: the service would answer anyone who can reach 0.0.0.0 without an API key: "
+                "set $TUMORSCOPE_API_KEYS (or serve.auth.keys_file), bind --host 127.0.0.1, or set "
+                "serve.auth.anonymous: true to allow it") in done.stderr

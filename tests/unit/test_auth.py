@@ -12,6 +12,7 @@ import pytest
 from tumorscope.api import auth
 from tumorscope.api.auth import ADMIN, USER, ApiKeyAuth, ApiKeys, KeyConfigError, load_keys
 from tumorscope.config import AuthConfig
+from tumorscope.errors import UserError
 
 USER_KEY = "u" * 20
 ADMIN_KEY = "a" * 20
@@ -142,3 +143,35 @@ def test_user_keys_only_means_nobody_reloads_over_http():
     found = keys(admin=())
     assert request(found, "POST", "/classify", USER_KEY).status_code == 200
     assert request(found, "POST", "/reload", USER_KEY).status_code == 403
+
+
+@pytest.mark.parametrize(("host", "loopback"), [("127.0.0.1", True), ("127.3.2.1", True), ("::1", True), ("[::1]", True),
+                                                ("localhost", True), ("0.0.0.0", False), ("::", False),
+                                                ("10.0.0.5", False), ("ct-reader.hospital.example", False)])
+def test_only_loopback_addresses_count_as_this_machine(host, loopback):
+    from tumorscope.api.auth import is_loopback
+
+    assert is_loopback(host) is loopback
+
+
+def test_the_served_address_is_read_from_bentoml_serve_only():
+    from tumorscope.api.auth import served_host
+
+    assert served_host(["bentoml", "serve", "serving.service:TumorScope", "--host", "10.0.0.5"], "0.0.0.0") == "10.0.0.5"
+    assert served_host(["bentoml", "serve", "svc", "--port", "3000", "--host=::1"], "0.0.0.0") == "::1"
+    assert served_host(["bentoml", "serve", "svc"], "0.0.0.0") == "0.0.0.0"  # BentoML's default: every interface
+    assert served_host(["_bentoml_impl/worker/service.py", "serving.service:TumorScope", "--fd", "3"], "0.0.0.0") is None
+    assert served_host(["bentoml", "build"], "0.0.0.0") is None
+
+
+def test_a_network_address_without_keys_is_refused_unless_anonymous_is_set():
+    from tumorscope.api.auth import check_exposure
+
+    none, some = ApiKeys(), load_keys(AuthConfig(), environ={"TUMORSCOPE_API_KEYS": "k" * 32})
+    check_exposure("127.0.0.1", none, AuthConfig())
+    check_exposure(None, none, AuthConfig())  # not the serving process
+    check_exposure("0.0.0.0", some, AuthConfig())
+    check_exposure("0.0.0.0", none, AuthConfig(anonymous=True))
+    with pytest.raises(UserError, match=r"reach 10\.0\.0\.5 without an API key: set \$TUMORSCOPE_API_KEYS .*"
+                                        r"serve\.auth\.anonymous: true"):
+        check_exposure("10.0.0.5", none, AuthConfig())

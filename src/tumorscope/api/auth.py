@@ -21,7 +21,7 @@ import hashlib
 import hmac
 import os
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -163,3 +163,39 @@ async def _refuse(scope: dict, receive: Any, send: Any, status: int, message: st
     if status == 401:
         headers["www-authenticate"] = 'Bearer realm="tumorscope"'
     await JSONResponse({"error": message, "status": status}, status_code=status, headers=headers)(scope, receive, send)
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or "localhost": reachable from this machine only."""
+    import ipaddress
+
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: whatever it resolves to, it is meant for others
+
+
+def served_host(argv: Sequence[str], default: str) -> str | None:
+    """The address ``bentoml serve`` binds (``--host X`` / ``--host=X``, else ``default``, BentoML's
+    configured host); None when this process is not ``bentoml serve`` (a worker it started, a test
+    importing the module)."""
+    if "serve" not in argv[1:]:
+        return None
+    for index, arg in enumerate(argv):
+        if arg == "--host" and index + 1 < len(argv):
+            return argv[index + 1]
+        if arg.startswith("--host="):
+            return arg.split("=", 1)[1]
+    return default
+
+
+def check_exposure(host: str | None, keys: ApiKeys, cfg: Any) -> None:
+    """Refuse to serve without API keys on an address others can reach, unless ``serve.auth`` (``cfg``)
+    says ``anonymous: true``."""
+    if host is None or keys.enabled or cfg.anonymous or is_loopback(host):
+        return
+    raise UserError(f"the service would answer anyone who can reach {host} without an API key: set "
+                    f"${cfg.keys_env} (or serve.auth.keys_file), bind --host 127.0.0.1, or set "
+                    "serve.auth.anonymous: true to allow it")

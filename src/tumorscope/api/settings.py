@@ -24,16 +24,28 @@ def load_service_settings():
     exit status 2 at start-up, not a traceback from inside the server."""
     import sys
 
-    from tumorscope.api.auth import load_keys
+    from tumorscope.api.auth import check_exposure, load_keys, served_host
     from tumorscope.errors import UserError
     from tumorscope.monitoring.log_files import replica_id
 
     try:
         params = load_service_params()
-        return params, load_keys(params.serve.auth), replica_id(params.serve.replica_id)
+        keys = load_keys(params.serve.auth)
+        check_exposure(served_host(sys.argv, bentoml_default_host()), keys, params.serve.auth)
+        return params, keys, replica_id(params.serve.replica_id)
     except UserError as err:
         print(f"tumorscope service: error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+
+
+def bentoml_default_host() -> str:
+    """The address ``bentoml serve`` binds without ``--host`` (its configuration; 0.0.0.0 unless set)."""
+    try:
+        from bentoml._internal.configuration.containers import BentoMLContainer
+
+        return str(BentoMLContainer.http.host.get())
+    except Exception:  # another BentoML layout: assume its documented default, every interface
+        return "0.0.0.0"
 
 
 def configure_tracking(cfg) -> None:
