@@ -15,10 +15,8 @@ def on_terminal() -> bool:
 
 
 def progress(items: Iterable[T], total: int | None = None, desc: str = "") -> Iterator[T]:
-    """``items`` with a progress bar while a person watches, plain otherwise."""
-    if not on_terminal():
-        yield from items
-        return
+    """``items`` with a progress bar while a person watches (tqdm's ``disable=None``: only when
+    stderr is a terminal), plain otherwise."""
     from tqdm import tqdm
 
-    yield from tqdm(items, total=total, desc=desc, unit="file", leave=False, file=sys.stderr)
+    return iter(tqdm(items, total=total, desc=desc, unit="file", leave=False, file=sys.stderr, disable=None))
