@@ -141,11 +141,11 @@ def compare(reference: pd.DataFrame, current: pd.DataFrame, settings: DriftSetti
         snapshot = Report(metrics, include_tests=True).run(
             Dataset.from_pandas(current[columns], data_definition=definition),
             Dataset.from_pandas(reference[columns], data_definition=definition))
-    scores = feature_scores(snapshot.dict())
+    scores = feature_scores(snapshot)
     scores |= judged["constant"]
     drifted = sorted(name for name, s in scores.items() if s["drifted"])
     share = len(drifted) / len(scores) if scores else 0.0
-    embedding = embedding_score(snapshot.dict(), method) if method is not None else None
+    embedding = embedding_score(snapshot, method) if method is not None else None
     features_drift = bool(scores) and share >= settings.drift_share
     embedding_drift = bool(embedding and embedding["drifted"])
     drift = features_drift or embedding_drift
@@ -164,28 +164,37 @@ def compare(reference: pd.DataFrame, current: pd.DataFrame, settings: DriftSetti
     return DriftResult(summary, snapshot)
 
 
-def feature_scores(report: dict) -> dict[str, dict[str, Any]]:
-    """Per-column drift scores of an Evidently report dict: score, method, threshold and whether
-    the column drifted (the report's own test verdict)."""
-    failed = {t["metric_config"]["metric_id"]: str(t["status"]).rsplit(".", 1)[-1] == "FAIL"
-              for t in report.get("tests", []) if t.get("metric_config")}
-    scores = {}
-    for metric in report["metrics"]:
-        config = metric["config"]
-        if not str(config.get("type", "")).endswith(":ValueDrift"):
-            continue
-        scores[config["column"]] = {"score": float(metric["value"]), "method": config.get("method"),
-                                    "threshold": config.get("threshold"), "drifted": bool(failed.get(metric["id"], False))}
-    return scores
+def _results_of(snapshot, metric_class) -> list[tuple[dict[str, Any], Any]]:
+    """(the metric's params, its typed result) of every result of ``metric_class`` in the snapshot."""
+    kind = metric_class.__get_type__()
+    out = []
+    for result in snapshot.metric_results.values():
+        params = result.metric_value_location.metric.params
+        if params.get("type") == kind:
+            out.append((params, result))
+    return out
 
 
-def embedding_score(report: dict, method) -> dict[str, Any] | None:
-    for metric in report["metrics"]:
-        if str(metric["config"].get("type", "")).endswith(":EmbeddingsDrift"):
-            score = float(metric["value"])
-            name = type(method).__name__.removesuffix("DriftMethod").lower()
-            return {"score": score, "method": name, "threshold": float(method.threshold),
-                    "drifted": bool(np.isfinite(score) and score > method.threshold)}
+def feature_scores(snapshot) -> dict[str, dict[str, Any]]:
+    """Per-column drift scores of an Evidently snapshot (its typed results): score, method,
+    threshold and whether the column drifted (the report's own test verdict)."""
+    from evidently.core.metric_types import TestStatus
+    from evidently.metrics import ValueDrift
+
+    return {params["column"]: {"score": float(result.value), "method": params.get("method"),
+                               "threshold": params.get("threshold"),
+                               "drifted": any(test.status == TestStatus.FAIL for test in result.tests or [])}
+            for params, result in _results_of(snapshot, ValueDrift)}
+
+
+def embedding_score(snapshot, method) -> dict[str, Any] | None:
+    from evidently.metrics import EmbeddingsDrift
+
+    for _, result in _results_of(snapshot, EmbeddingsDrift):
+        score = float(result.value)
+        name = type(method).__name__.removesuffix("DriftMethod").lower()
+        return {"score": score, "method": name, "threshold": float(method.threshold),
+                "drifted": bool(np.isfinite(score) and score > method.threshold)}
     return None
 
 
