@@ -1,0 +1,36 @@
+"""The figures a user reads first are the committed pipeline outputs': the README's `make run`
+output and docs/evaluation.md's headline quote metrics.json, so a new run that changes it fails
+here until the docs say what it says now."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from helpers.paths import REPO
+
+
+def metrics() -> dict:
+    return json.loads((REPO / "metrics.json").read_text())
+
+
+def test_the_readmes_evaluate_lines_are_the_committed_metrics():
+    m = metrics()
+    readme = (REPO / "README.md").read_text()
+    ci = m["macro_f1_ci"]
+    expected = (f"evaluate: accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f} [{ci['low']:.3f}, "
+                f"{ci['high']:.3f}] over ")
+    assert expected in readme, f"README.md's evaluate line is not metrics.json's: expected {expected!r}"
+    assert f"ECE {m['ece']:.3f} ({m['ece_calibrated']:.3f} calibrated)" in readme
+    recalls = ", ".join(f"{name} {value:.2f}" for name, value in m["recall"].items())
+    assert f"recall {recalls}" in readme
+    assert (f"prediction sets cover {m['coverage']:.3f} of test slices (target {m['coverage_target']:.2f}), "
+            f"mean size {m['mean_set_size']:.2f}; referred {m['referred']:.3f}, accuracy on the rest "
+            f"{m['selective_accuracy']:.3f}") in readme
+
+
+def test_the_evaluation_headline_quotes_the_committed_phantom_figure():
+    headline = (REPO / "docs" / "evaluation.md").read_text().split("\n## ", 1)[0]
+    quoted = re.search(r"On the phantom the pipeline reaches test macro-F1 (\d\.\d{3})", headline)
+    assert quoted is not None, "docs/evaluation.md's headline no longer quotes the phantom's test macro-F1"
+    assert quoted.group(1) == f"{metrics()['macro_f1']:.3f}"
