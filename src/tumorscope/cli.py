@@ -217,6 +217,66 @@ def ablate(params: ParamsOption = DEFAULT_PARAMS,
     _report(lambda: ablation.run_ablate(_params(params), variant))
 
 
+review_app = typer.Typer(help="The review queue: radiologists' readings of queued answers become labelled data.",
+                         no_args_is_help=True)
+app.add_typer(review_app, name="review")
+
+
+@review_app.command("list")
+def review_list(params: ParamsOption = DEFAULT_PARAMS,
+                status: Annotated[str, typer.Option(help="all | pending | labelled")] = "pending") -> None:
+    """The queued items: id, status, why queued, the model's answer and the reading."""
+    from tumorscope.stages import review
+
+    if status not in ("all", "pending", "labelled"):
+        _report(lambda: _fail(f"--status must be all, pending or labelled, not {status!r}"))
+    _report(lambda: review.run_review_list(_params(params), status))
+
+
+@review_app.command("label")
+def review_label(item: Annotated[str, typer.Argument(help="the item id (tumorscope review list)")],
+                 label: Annotated[str, typer.Argument(help="a class of the model, or 'cannot assess'")],
+                 reviewer: Annotated[str, typer.Option(help="who read it (recorded with the reading)")],
+                 params: ParamsOption = DEFAULT_PARAMS) -> None:
+    """Record a reading (a new line in the item's history; the previous reading stays)."""
+    from tumorscope.stages import review
+
+    _report(lambda: review.run_review_label(_params(params), item, label, reviewer))
+
+
+@review_app.command("export")
+def review_export(out: Annotated[Path, typer.Argument(help="the Label Studio tasks JSON to write")],
+                  params: ParamsOption = DEFAULT_PARAMS) -> None:
+    """Pending items as Label Studio tasks (the model's answer as a prediction) and the project's labelling config."""
+    from tumorscope.stages import review
+
+    _report(lambda: review.run_review_export(_params(params), out))
+
+
+@review_app.command("import")
+def review_import(export: Annotated[Path, typer.Argument(help="Label Studio's JSON or JSON-MIN export")],
+                  params: ParamsOption = DEFAULT_PARAMS) -> None:
+    """Apply Label Studio annotations as readings."""
+    from tumorscope.stages import review
+
+    _report(lambda: review.run_review_import(_params(params), export))
+
+
+@review_app.command("harvest")
+def review_harvest(params: ParamsOption = DEFAULT_PARAMS,
+                   name: Annotated[str | None, typer.Option(help="the batch folder's name")] = None) -> None:
+    """Write the read slices as a class-per-folder batch under data.added_dir (duplicates of the data excluded)."""
+    from tumorscope.stages import review
+
+    _report(lambda: review.run_review_harvest(_params(params), name))
+
+
+def _fail(message: str) -> str:
+    from tumorscope.errors import UserError
+
+    raise UserError(message)
+
+
 @app.command("mlflow-server")
 def mlflow_server(params: ParamsOption = DEFAULT_PARAMS) -> None:
     """A shared MLflow tracking server (mlflow.server.*): database backend, artefacts proxied; clients

@@ -569,6 +569,16 @@ class ServeConfig(_Section):
     auth: AuthConfig = AuthConfig()
 
 
+class ReviewConfig(_Section):
+    """The review loop (tumorscope.review): answers kept for a radiologist's reading, readings
+    harvested into a labelled batch under data.added_dir."""
+
+    queue_dir: str = "review"                    # items/ (slice PNG + answer), labels/ (reading history)
+    max_items: int = Field(10_000, ge=1)         # unlabelled items beyond this go, oldest first
+    max_age_days: float = Field(90.0, gt=0)      # ... and unlabelled items older than this
+    batch_prefix: str = "reviewed"               # harvest writes data.added_dir/<prefix>-<UTC time>/
+
+
 class ScannerConfig(_Section):
     """How a phantom scanner acquires and displays a slice (the reference phantom's are in phantom.*)."""
 
@@ -667,6 +677,7 @@ class Params(_Section):
     ablation: AblationConfig = AblationConfig()
     promote: PromoteConfig = PromoteConfig()
     serve: ServeConfig = ServeConfig()
+    review: ReviewConfig = ReviewConfig()
     monitor: MonitorConfig = MonitorConfig()
     mlflow: MlflowConfig = MlflowConfig()
 

@@ -1,0 +1,78 @@
+"""Readings become data: the labelled items of the review queue written as a class-per-folder
+batch under ``data.added_dir`` that ingest, validation, the grouped split and a ``dvc exp``
+retraining take like any labelled batch, with a provenance table beside it.
+
+A slice whose perceptual hash is within ``split.phash_threshold`` of a training slice is not put in
+the batch (it would be trained on twice, and near-copies of one series must stay in one split): it
+is listed in the provenance table as excluded, with its distance. So is a slice read as
+``cannot assess``.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from collections import Counter
+from pathlib import Path
+
+from tumorscope.errors import UserError
+from tumorscope.review.queue import CANNOT_ASSESS, ReviewQueue
+
+PROVENANCE_FILE = "provenance.csv"
+PROVENANCE_COLUMNS = ("item", "label", "included", "why_excluded", "reviewer", "labelled_at", "model_version",
+                      "model_answer", "why_queued", "received_at", "nearest_training_distance")
+
+
+def harvest(queue: ReviewQueue, added_dir: str | Path, batch_name: str,
+            training_phashes: list[str] | None, phash_threshold: int) -> tuple[Path, dict]:
+    """Write every labelled item to ``added_dir/<batch_name>/<class>/<item>.png`` plus
+    ``provenance.csv`` (one row per labelled item, included or not); returns (folder, counts).
+    The batch folder is written beside its final name and renamed when complete."""
+    import numpy as np
+
+    from tumorscope.data.manifest import phash_hex
+    from tumorscope.data.split import nearest_distances
+
+    labelled = queue.items("labelled")
+    if not labelled:
+        raise UserError(f"nothing to harvest: no labelled item in {queue.folder}")
+    batch = Path(added_dir) / batch_name
+    if batch.exists():
+        raise UserError(f"{batch} exists: choose another batch name (a harvested batch is never overwritten)")
+    hashes = [phash_hex(queue.pixels(item.id)) for item in labelled]
+    distances = (nearest_distances(hashes, training_phashes) if training_phashes
+                 else np.full(len(labelled), np.iinfo(np.int64).max))
+    work = batch.with_name(f".{batch.name}.partial")
+    rows: list[dict] = []
+    counts: Counter[str] = Counter()
+    for item, distance in zip(labelled, distances, strict=True):
+        reading = item.labels[-1]
+        near = bool(training_phashes) and int(distance) <= phash_threshold
+        why = ("cannot assess" if reading["label"] == CANNOT_ASSESS else
+               f"duplicate of a training slice (pHash distance {int(distance)} <= {phash_threshold})" if near else "")
+        if not why:
+            target = work / reading["label"] / f"{item.id}.png"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes((queue.items_dir / f"{item.id}.png").read_bytes())
+            counts[reading["label"]] += 1
+        else:
+            counts["excluded"] += 1
+        rows.append({"item": item.id, "label": reading["label"], "included": not why, "why_excluded": why,
+                     "reviewer": reading["reviewer"], "labelled_at": _iso(reading["at"]),
+                     "model_version": reading["model_version"], "model_answer": item.record["answer"].get("class"),
+                     "why_queued": item.record["why"], "received_at": _iso(item.record["received_at"]),
+                     "nearest_training_distance": "" if not training_phashes else int(distance)})
+    if not any(row["included"] for row in rows):
+        raise UserError(f"nothing to harvest: all {len(rows)} labelled items are excluded "
+                        f"({', '.join(sorted({r['why_excluded'].split(' (')[0] for r in rows}))})")
+    work.mkdir(parents=True, exist_ok=True)
+    with open(work / PROVENANCE_FILE, "w", newline="", encoding="utf-8") as out:
+        writer = csv.DictWriter(out, fieldnames=PROVENANCE_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    work.rename(batch)
+    return batch, dict(counts)
+
+
+def _iso(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))

@@ -1,0 +1,78 @@
+"""`tumorscope review`: the review queue from the command line: list it, record a reading, export
+to and import from Label Studio, harvest the readings into a labelled batch. Params in, files out."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from tumorscope.config import Params
+from tumorscope.errors import UserError
+
+
+def open_queue(params: Params):
+    from tumorscope.review.queue import ReviewQueue
+
+    cfg = params.review
+    return ReviewQueue(cfg.queue_dir, cfg.max_items, cfg.max_age_days)
+
+
+def run_review_list(params: Params, status: str) -> str:
+    items = open_queue(params).items(status)
+    lines = [f"{item.id}  {item.status:8}  {item.record['why']:8}  model: {item.record['answer'].get('class')}"
+             + (f"  read: {item.label}" if item.label else "")
+             + (f"  ({item.record['answer'].get('refer_reason')})" if item.record["answer"].get("refer_reason") else "")
+             for item in items]
+    return "\n".join([*lines, f"review: {len(items)} {status} item(s) in {params.review.queue_dir}"])
+
+
+def run_review_label(params: Params, item: str, label: str, reviewer: str) -> str:
+    done = open_queue(params).label(item, label, reviewer)
+    changed = f" (was {done.labels[-1]['previous']})" if done.labels[-1]["previous"] else ""
+    return f"review: {item} read as {label} by {reviewer}{changed}"
+
+
+def run_review_export(params: Params, out: Path) -> str:
+    from tumorscope.review.labelstudio import export_tasks, label_config
+
+    queue = open_queue(params)
+    tasks = export_tasks(queue)
+    if not tasks:
+        raise UserError(f"nothing to export: no pending item in {params.review.queue_dir}")
+    classes = sorted({c for item in queue.items("pending") for c in item.record["classes"]})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(tasks))
+    config = out.with_name(f"{out.stem}.label_config.xml")
+    config.write_text(label_config(classes))
+    return f"review: {len(tasks)} Label Studio task(s) -> {out}; the project's labelling config -> {config}"
+
+
+def run_review_import(params: Params, export: Path) -> str:
+    from tumorscope.review.labelstudio import import_annotations
+
+    if not export.is_file():
+        raise UserError(f"Label Studio export not found: {export}")
+    try:
+        data = json.loads(export.read_text())
+    except ValueError as err:
+        raise UserError(f"{export} is not JSON ({err})") from None
+    outcome = import_annotations(open_queue(params), data)
+    refused = outcome["refused"]
+    return (f"review: {outcome['applied']} reading(s) applied, {outcome['skipped']} skipped (cancelled or empty), "
+            f"{len(refused)} refused" + (": " + "; ".join(refused[:5]) if refused else ""))
+
+
+def run_review_harvest(params: Params, name: str | None = None) -> str:
+    from tumorscope.data.manifest import load_manifest
+    from tumorscope.review.harvest import harvest
+
+    manifest = Path(params.manifest.path)
+    known = list(load_manifest(manifest)["phash"].dropna()) if manifest.is_file() else None
+    batch_name = name or f"{params.review.batch_prefix}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    batch, counts = harvest(open_queue(params), params.data.added_dir, batch_name, known, params.split.phash_threshold)
+    excluded = counts.pop("excluded", 0)
+    checked = f"checked against {len(known)} slices of {manifest}" if known else f"no {manifest}: not checked for duplicates"
+    return (f"review: harvested {sum(counts.values())} slice(s) {dict(sorted(counts.items()))} -> {batch} "
+            f"({excluded} excluded, see {batch}/provenance.csv; {checked}); "
+            f"train on them: dvc exp run (ingest reads {params.data.added_dir})")
