@@ -40,6 +40,7 @@ def main() -> None:
     # The soak's inference log is not the project's: the same params with the log under benchmarks/.logs.
     soak_params = yaml.safe_load((REPO / args.params).read_text())
     soak_params["serve"]["inference_log"] = str(logs / "soak-inference.jsonl")
+    soak_params.setdefault("review", {})["queue_dir"] = str(logs / "soak-review")
     (logs / "soak-params.yaml").write_text(yaml.safe_dump(soak_params))
     env = os.environ | {"TUMORSCOPE_PARAMS": str(logs / "soak-params.yaml"), "BENTOML_DO_NOT_TRACK": "true"}
     port, started = free_port(), []

@@ -111,6 +111,7 @@ def demo_params(root: Path, n_shifted: int, shifted: Path) -> dict:
         store["tracking_uri"] = f"sqlite:///{(Path.cwd() / store['tracking_uri'].removeprefix('sqlite:///')).resolve()}"
     store["artifact_root"] = str(Path(store["artifact_root"]).resolve())
     params["serve"]["inference_log"] = str(root / "inference.jsonl")
+    params.setdefault("review", {})["queue_dir"] = str(root / "review")
     params["monitor"] |= {"current": str(root / "inference.jsonl"), "window": n_shifted,
                           "summary_path": str(root / "monitoring.json"), "report_dir": str(root / "report"),
                           "retrain": {"deployment": "tumorscope-experiment/train", "new_data": str(shifted.resolve()),

@@ -24,7 +24,19 @@ import bentoml
 import numpy as np
 from bentoml.exceptions import BentoMLException, ServiceUnavailable
 
-from tumorscope.api import auth, contract, inference_log, openapi, probes, refusals, responses, served_model, settings, upload_guard
+from tumorscope.api import (
+    auth,
+    contract,
+    inference_log,
+    openapi,
+    probes,
+    refusals,
+    responses,
+    review_intake,
+    served_model,
+    settings,
+    upload_guard,
+)
 from tumorscope.api.refusals import BadRequest
 from tumorscope.api.served_model import ModelOverloaded, ModelUnavailable
 from tumorscope.api.upload_guard import Route
@@ -128,12 +140,15 @@ class TumorScope:
 
         self.log = inference_log.InferenceLog(live_path(Path(SERVE.inference_log), REPLICA), max_bytes=SERVE.log_max_bytes,
                                               backups=SERVE.log_backups, replica=REPLICA)
+        # Referred answers and a sample of the others, kept for a radiologist's reading (tumorscope review).
+        self.review = review_intake.ReviewIntake(PARAMS.review)
         self._info: dict[str, Any] | None = None
 
     @bentoml.on_shutdown
     def close_inference_log(self) -> None:
-        """Write what is still queued: the writer is a daemon thread, which would die with the process."""
+        """Write what is still queued: the writers are background threads, which would die with the process."""
         self.log.close(timeout=5)
+        self.review.close()
 
     async def __is_ready__(self) -> bool:
         """/readyz: the model service answers and has a model loaded."""
@@ -209,6 +224,7 @@ class TumorScope:
         response = responses.classify_response(answer, prepared, info["classes"], PARAMS.evaluate.critical_class,
                                              SERVE.alert_threshold, uuid.uuid4().hex)
         self.log.submit(inference_log.inference_record(endpoint, response, data))
+        self.review.submit(prepared.decoded, response)
         return response
 
     @bentoml.api
@@ -288,6 +304,7 @@ class TumorScope:
         response = responses.classify_response(answer | {"batch_size": 1}, prepared, classes, PARAMS.evaluate.critical_class,
                                                SERVE.alert_threshold, request_id)
         self.log.submit(inference_log.inference_record("explain", response, data))
+        self.review.submit(prepared.decoded, response)
         del response["embedding"], response["batch_size"]
         return contract.answer(contract.Explanation, response | {
             "explained_class": classes[answer["class_index"]], "region": region, "heatmap_shape": list(heat.shape),
@@ -321,11 +338,11 @@ class TumorScope:
             info = await self._call(self.model.to_async.info)
         except ModelUnavailable as err:
             info = {"ready": False, "load_error": str(err)}
-        log = self.log.status()
-        status = "unavailable" if not info.get("ready") else ("ok" if log["ok"] else "degraded")
+        log, review = self.log.status(), self.review.status()
+        status = "unavailable" if not info.get("ready") else ("ok" if log["ok"] and review["ok"] else "degraded")
         return contract.answer(contract.Health, {
             "status": status, "model_version": info.get("model_version"), "model_error": info.get("load_error"),
-            "inference_log": log, "batching": info.get("batching")})
+            "inference_log": log, "review_queue": review, "batching": info.get("batching")})
 
     @bentoml.api
     async def reload(self, ctx: bentoml.Context, force: bool = False) -> contract.ReloadOutcome:

@@ -574,6 +574,9 @@ class ReviewConfig(_Section):
     harvested into a labelled batch under data.added_dir."""
 
     queue_dir: str = "review"                    # items/ (slice PNG + answer), labels/ (reading history)
+    # The service queues every referred answer and this share of the others, drawn at random: the
+    # readings of the sample estimate the accuracy of decided answers without bias.
+    sample_rate: float = Field(0.05, ge=0, le=1)
     max_items: int = Field(10_000, ge=1)         # unlabelled items beyond this go, oldest first
     max_age_days: float = Field(90.0, gt=0)      # ... and unlabelled items older than this
     batch_prefix: str = "reviewed"               # harvest writes data.added_dir/<prefix>-<UTC time>/

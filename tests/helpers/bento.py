@@ -59,6 +59,7 @@ def serve_params(project: Path) -> dict:
     params["serve"] = {"max_upload_bytes": MAX_UPLOAD_BYTES, "max_batch_files": MAX_BATCH_FILES, "max_batch_size": 16,
                        "max_latency_ms": 10000, "inference_log": str(project / "logs" / "inference.jsonl"),
                        "embedding_dims": 8}
+    params["review"] = {"queue_dir": str(project / "review")}  # the server runs in the repository (--working-dir)
     return params
 
 

@@ -40,6 +40,7 @@ def through_server(project: Path, url: str) -> dict:
                          "require_beating_acquisition_baselines": False,
                          "coverage_tolerance": 1.0}
     params["serve"] = {"inference_log": str(project / "logs" / "inference.jsonl"), "max_latency_ms": 10000}
+    params["review"] = {"queue_dir": str(project / "review")}
     params["monitor"] = {"current": str(FIXTURE_SLICES), "min_window": 5,
                          "workspace": str(project / "monitoring" / "workspace")}
     (project / "params.yaml").write_text(yaml.safe_dump(params))

@@ -229,7 +229,31 @@ def test_images_no_radiologist_would_send_are_referred_with_a_reason(client):
     assert explained["refer"] and explained["refer_reason"] == reasons["white.png"]
 
 
-def test_metadata_and_health(client, models):
+def test_referred_answers_are_queued_for_review_with_their_slice_and_answer(served, client):
+    """The session's server queues every referred answer (and review.sample_rate of the others) in
+    review.queue_dir, off the request path; /health counts them."""
+    import time
+
+    from tumorscope.review.queue import ReviewQueue, item_id
+
+    pixels = np.random.default_rng(2026).integers(0, 256, (96, 96), dtype=np.uint8)  # noise no other test sends
+    response = classify(client, "noise.png", png_bytes(pixels), "image/png").json()
+    assert response["refer"]
+    queue = ReviewQueue(served.project / "review")
+    identifier = item_id(pixels)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not (queue.items_dir / f"{identifier}.json").is_file():
+        time.sleep(0.2)
+    item = queue.item(identifier)
+    assert item.record["why"] == "referred" and item.record["request_id"] == response["request_id"]
+    assert item.record["answer"]["refer_reason"] == response["refer_reason"]
+    assert item.record["answer"]["class"] == response["class"] and item.status == "pending"
+    np.testing.assert_array_equal(queue.pixels(identifier), pixels)
+    review = client.post("/health").json()["review_queue"]
+    assert review["ok"] and review["referred"] >= 1 and review["failed"] == 0
+
+
+def test_metadata_and_health(served, client, models):
     meta = client.post("/metadata").json()
     assert meta["model_version"] == models[1].version and meta["classes"] == models[1].classes
     assert meta["input_size"] == 32 and meta["alert_threshold"] == 0.5 and meta["critical_class"] == "Tumor"
@@ -239,6 +263,7 @@ def test_metadata_and_health(client, models):
     health = client.post("/health").json()
     assert health["status"] == "ok" and health["model_version"] == models[1].version
     assert health["inference_log"]["ok"] and health["inference_log"]["failed"] == 0
+    assert health["review_queue"]["ok"] and health["review_queue"]["queue_dir"] == str(served.project / "review")
     assert client.get("/readyz").status_code == 200 and client.get("/healthz").status_code == 200
     # GET too, as load balancers and Kubernetes probes send it: the same answers as POST.
     got = client.get("/health")

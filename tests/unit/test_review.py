@@ -186,3 +186,31 @@ def test_harvest_writes_a_class_per_folder_batch_and_excludes_duplicates_and_unr
         harvest(queue, tmp_path / "added", "reviewed-1", training, 4)
     with pytest.raises(UserError, match="no labelled item"):
         harvest(ReviewQueue(tmp_path / "empty"), tmp_path / "added", "reviewed-2", None, 4)
+
+
+def test_the_service_keeps_referred_answers_and_a_sample_and_survives_a_failing_disk(tmp_path):
+    from tumorscope.api.review_intake import ReviewIntake
+    from tumorscope.config import ReviewConfig
+
+    def response(i: int, refer: bool) -> dict:
+        return answer(refer_reason="unlike the training slices" if refer else None) | {
+            "refer": refer, "model_version": "m/1", "request_id": f"req-{i}"}
+
+    intake = ReviewIntake(ReviewConfig(queue_dir=str(tmp_path / "review"), sample_rate=0.25), seed=0)
+    pixels = slices(400, seed=4)
+    whys = [intake.submit(p, response(i, refer=i < 10)) for i, p in enumerate(pixels)]
+    intake.close()
+    assert whys[:10] == ["referred"] * 10
+    sampled = whys[10:].count("sampled")
+    assert 0.15 * 390 < sampled < 0.35 * 390 and whys[10:].count(None) == 390 - sampled
+    queued = ReviewQueue(tmp_path / "review").items()
+    assert len(queued) == 10 + sampled and intake.status() | {} == {
+        "ok": True, "queue_dir": str(tmp_path / "review"), "referred": 10, "sampled": sampled, "failed": 0,
+        "last_error": None}
+
+    (tmp_path / "blocked").write_text("a file where the queue's folder should be")
+    failing = ReviewIntake(ReviewConfig(queue_dir=str(tmp_path / "blocked"), sample_rate=0.0))
+    assert failing.submit(pixels[0], response(0, refer=True)) == "referred"  # the request does not fail
+    failing.close()
+    status = failing.status()
+    assert not status["ok"] and status["failed"] == 1 and "blocked" in status["last_error"]

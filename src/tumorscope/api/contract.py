@@ -208,14 +208,24 @@ class InferenceLogStatus(_Answer):
     last_error_at: str | None
 
 
+class ReviewQueueStatus(_Answer):
+    queue_dir: str = Field(description="where this replica queues answers for review (review.queue_dir)")
+    ok: bool = Field(description="false once a slice to review could not be written")
+    referred: int = Field(description="referred answers queued since the service started")
+    sampled: int = Field(description="other answers queued, drawn at review.sample_rate")
+    failed: int
+    last_error: str | None
+
+
 class Health(_Answer):
     """Always 200: ``status`` says it."""
 
     status: Literal["ok", "degraded", "unavailable"] = Field(
-        description="ok; degraded: the inference log is losing records; unavailable: no model loaded")
+        description="ok; degraded: the inference log or the review queue is losing records; unavailable: no model loaded")
     model_version: str | None
     model_error: str | None = Field(description="why no model is loaded")
     inference_log: InferenceLogStatus
+    review_queue: ReviewQueueStatus
     batching: BatchingCounts | None
 
 
