@@ -118,10 +118,12 @@ READ_ONLY = ("/health", "/metadata")
 # What each route can refuse with (documented in the OpenAPI document as ErrorBody answers).
 UPLOAD_ERRORS = (400, 413, 415, 422, 503)
 ERRORS = {"/classify": UPLOAD_ERRORS, "/explain": UPLOAD_ERRORS, "/classify_batch": UPLOAD_ERRORS,
-          "/metadata": (400, 415, 503), "/health": (400, 415), "/reload": (400, 403, 415, 503)}
+          "/metadata": (400, 415, 503), "/health": (400, 415), "/reload": (400, 403, 415, 503),
+          "/review_queue": (400, 403, 415, 422), "/review_item": (400, 403, 404, 415, 422),
+          "/review_label": (400, 403, 404, 415, 422)}
 ROUTES = {"/classify": Route(upload_guard.FILE_FIELD), "/explain": Route(upload_guard.FILE_FIELD, text_fields=(upload_guard.CLASS_FIELD,)),
           "/classify_batch": Route(upload_guard.BATCH_FIELD, many=True), "/metadata": Route(), "/health": Route(),
-          "/reload": Route()}
+          "/reload": Route(), "/review_queue": Route(), "/review_item": Route(), "/review_label": Route()}
 
 
 # BentoML's own readiness probe of the dependency (runner_probe) is off, replaced by __is_ready__:
@@ -343,6 +345,44 @@ class TumorScope:
         return contract.answer(contract.Health, {
             "status": status, "model_version": info.get("model_version"), "model_error": info.get("load_error"),
             "inference_log": log, "review_queue": review, "batching": info.get("batching")})
+
+    # -- readings of queued answers (a reviewer or admin key: tumorscope.api.auth.REVIEW_PATHS)
+
+    @bentoml.api
+    async def review_queue(self, ctx: bentoml.Context, status: str = "pending", limit: int = 100) -> contract.ReviewQueueAnswer:
+        """The queued answers of that status (pending, labelled or all), oldest first, at most ``limit``."""
+        if status not in ("all", "pending", "labelled") or not 1 <= limit <= 10_000:
+            return self._refuse(ctx, BadRequest(f"status must be all, pending or labelled and limit 1-10000 "
+                                                f"(got {status!r}, {limit})", 422))
+        items = await asyncio.to_thread(self.review.queue.items, status)
+        return contract.answer(contract.ReviewQueueAnswer, {
+            "status": status, "n_items": len(items), "items": [review_intake.item_summary(i) for i in items[:limit]]})
+
+    @bentoml.api
+    async def review_item(self, item: str, ctx: bentoml.Context) -> contract.ReviewItem:
+        """One queued answer: the slice, the model's answer and set, and every reading so far."""
+        from tumorscope.review.queue import UnknownItem
+
+        try:
+            found = await asyncio.to_thread(self.review.queue.item, item)
+        except UnknownItem as err:
+            return self._refuse(ctx, BadRequest(str(err), 404))
+        return contract.answer(contract.ReviewItem, review_intake.item_detail(self.review.queue, found))
+
+    @bentoml.api
+    async def review_label(self, item: str, label: str, ctx: bentoml.Context) -> contract.ReviewItem:
+        """Record a reading (a class of the model, or 'cannot assess') under the caller's key name;
+        a later reading of the same item is added to its history, never written over it."""
+        from tumorscope.review.queue import BadLabel, UnknownItem
+
+        caller = getattr(ctx.request.state, auth.CALLER_STATE, None) or {}
+        try:
+            found = await asyncio.to_thread(self.review.queue.label, item, label, str(caller.get("name") or "unknown"))
+        except UnknownItem as err:
+            return self._refuse(ctx, BadRequest(str(err), 404))
+        except BadLabel as err:
+            return self._refuse(ctx, BadRequest(str(err), 422))
+        return contract.answer(contract.ReviewItem, review_intake.item_detail(self.review.queue, found))
 
     @bentoml.api
     async def reload(self, ctx: bentoml.Context, force: bool = False) -> contract.ReloadOutcome:

@@ -302,11 +302,16 @@ def mlflow_server(params: ParamsOption = DEFAULT_PARAMS) -> None:
 
 
 @app.command("api-key")
-def api_key(admin: Annotated[bool, typer.Option("--admin", help="a key that may also reload the model")] = False) -> None:
-    """Print a new random API key as a line of serve.auth.keys_file ('user <key>' or 'admin <key>')."""
-    from tumorscope.api.auth import ADMIN, USER, new_key
+def api_key(admin: Annotated[bool, typer.Option("--admin", help="a key that may also reload the model")] = False,
+            reviewer: Annotated[str | None, typer.Option(
+                "--reviewer", help="a reviewer's key, named (the name goes with each reading)")] = None) -> None:
+    """Print a new random API key as a line of serve.auth.keys_file ('<user|admin|reviewer> <key> [<name>]')."""
+    from tumorscope.api.auth import ADMIN, REVIEWER, USER, new_key
 
-    typer.echo(f"{ADMIN if admin else USER} {new_key()}")
+    if reviewer is not None:
+        typer.echo(f"{REVIEWER} {new_key()} {reviewer}")
+    else:
+        typer.echo(f"{ADMIN if admin else USER} {new_key()}")
 
 
 @app.command()

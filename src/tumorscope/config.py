@@ -543,7 +543,8 @@ class AuthConfig(_Section):
 
     keys_env: str = "TUMORSCOPE_API_KEYS"            # user keys, comma-separated
     admin_keys_env: str = "TUMORSCOPE_ADMIN_KEYS"    # admin keys: also reload the model
-    keys_file: str | None = None                     # lines "user <key>" / "admin <key>"
+    reviewer_keys_env: str = "TUMORSCOPE_REVIEWER_KEYS"  # reviewer keys: also read queued answers (review_*)
+    keys_file: str | None = None                     # lines "<user|admin|reviewer> <key> [<name>]"
     # Without keys the service starts only on a loopback address (127.0.0.1, ::1): one bound to a
     # network interface (bentoml serve's default 0.0.0.0, a container) refuses to start unless this
     # says that answering anyone on the network is meant.

@@ -23,13 +23,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("bento")]
 USER_KEY = "user-key-" + "u" * 24
 ADMIN_KEY = "admin-key-" + "a" * 24
 WRONG_KEY = "wrong-key-" + "w" * 24
+REVIEWER_KEY = "reviewer-key-" + "r" * 24
 
 
 @pytest.fixture(scope="module")
 def keyed(served, tmp_path_factory):
     root = tmp_path_factory.mktemp("keyed")
     keys_file = root / "service.keys"
-    keys_file.write_text(f"# outside git\nadmin {ADMIN_KEY}\n")
+    keys_file.write_text(f"# outside git\nadmin {ADMIN_KEY}\nreviewer {REVIEWER_KEY} dr-okafor\n")
     params = yaml.safe_load(served.params_path.read_text())
     params["serve"] |= {"inference_log": str(root / "inference.jsonl"), "auth": {"keys_file": str(keys_file)}}
     params_path = root / "params.yaml"
@@ -72,6 +73,61 @@ def test_every_route_needs_a_key_and_reload_an_admin_key(keyed, method: str, pat
     assert admin.status_code == 200, admin.text
     if path == "/classify":
         assert admin.json()["class"] == user.json()["class"]
+
+
+def test_a_reviewer_reads_a_referred_answer_and_the_reading_keeps_its_history(keyed):
+    """Classify -> queued -> listed, shown and labelled through the API by a reviewer key (a user
+    key may not), relabelled by an admin; unknown items and classes are 4xx, nothing written."""
+    import base64
+    import io
+    import time
+
+    import numpy as np
+    from PIL import Image
+
+    from helpers.images import png_bytes
+
+    pixels = np.random.default_rng(77).integers(0, 256, (96, 96), dtype=np.uint8)  # a slice only this test sends
+    answer = httpx.post(f"{keyed.url}/classify", headers={"X-API-Key": USER_KEY}, timeout=60,
+                        files=[("file", ("noise.png", png_bytes(pixels), "image/png"))]).json()
+    assert answer["refer"]
+
+    def post(path: str, key: str, body: dict) -> httpx.Response:
+        return httpx.post(f"{keyed.url}{path}", headers={"Authorization": f"Bearer {key}"}, json=body, timeout=60)
+
+    deadline, listed = time.monotonic() + 20, []
+    while time.monotonic() < deadline and not listed:
+        queue = post("/review_queue", REVIEWER_KEY, {"status": "all", "limit": 10_000})
+        assert queue.status_code == 200, queue.text
+        listed = [i for i in queue.json()["items"] if i["refer_reason"] == answer["refer_reason"]
+                  and i["model_class"] == answer["class"] and i["label"] is None]
+        time.sleep(0.2)
+    item = post("/review_item", REVIEWER_KEY, {"item": listed[-1]["item"]}).json()
+    assert item["request_id"] == answer["request_id"] and item["why"] == "referred" and item["readings"] == []
+    shown = np.asarray(Image.open(io.BytesIO(base64.b64decode(item["slice_png_base64"]))))
+    np.testing.assert_array_equal(shown, pixels)
+
+    refused = post("/review_label", USER_KEY, {"item": item["item"], "label": "Cyst"})
+    assert refused.status_code == 403 and refused.json()["error"] == "/review_label needs a reviewer or admin key"
+    read = post("/review_label", REVIEWER_KEY, {"item": item["item"], "label": "Cyst"})
+    assert read.status_code == 200, read.text
+    assert read.json()["label"] == "Cyst" and read.json()["readings"][-1]["reviewer"] == "dr-okafor"
+    assert read.json()["readings"][-1]["model_version"] == answer["model_version"]
+    again = post("/review_label", ADMIN_KEY, {"item": item["item"], "label": "Tumor"}).json()
+    assert [r["label"] for r in again["readings"]] == ["Cyst", "Tumor"] and again["readings"][-1]["previous"] == "Cyst"
+
+    unknown = post("/review_label", REVIEWER_KEY, {"item": "0" * 24, "label": "Cyst"})
+    assert unknown.status_code == 404 and unknown.json()["error"].startswith("no review item")
+    wrong = post("/review_label", REVIEWER_KEY, {"item": item["item"], "label": "Melanoma"})
+    assert wrong.status_code == 422 and "'Melanoma' is not one of the classes" in wrong.json()["error"]
+    assert len(post("/review_item", REVIEWER_KEY, {"item": item["item"]}).json()["readings"]) == 2
+    assert post("/review_queue", REVIEWER_KEY, {"status": "done"}).status_code == 422
+
+
+def test_without_keys_the_review_routes_are_closed(served):
+    for path in ("/review_queue", "/review_item", "/review_label"):
+        refused = httpx.post(f"{served.url}{path}", json={}, timeout=30)
+        assert refused.status_code == 403 and refused.json()["error"].startswith(f"{path} needs API keys")
 
 
 def test_the_openapi_document_says_how_to_send_a_key(keyed):

@@ -42,6 +42,19 @@ def test_a_key_in_both_roles_is_admin():
     assert keys(user=(ADMIN_KEY,)).role_of(ADMIN_KEY) == ADMIN
 
 
+def test_reviewer_keys_carry_a_name_and_never_the_key(tmp_path: Path):
+    from tumorscope.api.auth import REVIEWER
+
+    path = tmp_path / "keys.txt"
+    path.write_text(f"reviewer {'r' * 24} dr-okafor\nuser {'u' * 20} pacs-bridge\n")
+    found = load_keys(AuthConfig(keys_file=str(path)), environ={"TUMORSCOPE_REVIEWER_KEYS": "s" * 20})
+    assert found.identify("r" * 24) == (REVIEWER, "dr-okafor")
+    assert found.identify("u" * 20) == (USER, "pacs-bridge")
+    role, name = found.identify("s" * 20)  # from the environment: known by its digest's start
+    assert role == REVIEWER and name.startswith("key-") and "s" * 8 not in name
+    assert found.identify("x" * 20) == (None, None) and found.enabled
+
+
 def test_keys_file_lines_and_environment_add_up(tmp_path: Path):
     path = tmp_path / "keys.txt"
     path.write_text(f"# the service's keys\nuser {'f' * 16}   # the PACS bridge\n\nadmin {'g' * 40}\n")
@@ -51,9 +64,9 @@ def test_keys_file_lines_and_environment_add_up(tmp_path: Path):
 
 
 @pytest.mark.parametrize(("text", "words"), [
-    ("user\n", "line 1: expected 'user <key>' or 'admin <key>'"),
+    ("user\n", "line 1: expected '<role> <key> [<name>]' with role user, admin or reviewer"),
     (f"root {'k' * 20}\n", "line 1: expected"),
-    (f"user {'k' * 20} extra\n", "line 1: expected"),
+    (f"user {'k' * 20} dr smith\n", "line 1: expected"),
     ("\nadmin short-key\n", "line 2: a key of 9 characters (at least 16"),
 ])
 def test_a_malformed_keys_file_is_one_line_without_the_key(tmp_path: Path, text: str, words: str):
@@ -91,8 +104,10 @@ def test_presented_key(headers, expected):
 
 
 async def echo_app(scope, receive, send):
+    caller = scope.get("state", {}).get(auth.CALLER_STATE)
+    body = {"path": scope["path"]} | ({"caller": caller} if caller and scope["path"].startswith("/review") else {})
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
-    await send({"type": "http.response.body", "body": json.dumps({"path": scope["path"]}).encode()})
+    await send({"type": "http.response.body", "body": json.dumps(body).encode()})
 
 
 def request(found: ApiKeys, method: str, path: str, key: str | None = None, header: str = "authorization"):
@@ -175,3 +190,19 @@ def test_a_network_address_without_keys_is_refused_unless_anonymous_is_set():
     with pytest.raises(UserError, match=r"reach 10\.0\.0\.5 without an API key: set \$TUMORSCOPE_API_KEYS .*"
                                         r"serve\.auth\.anonymous: true"):
         check_exposure("10.0.0.5", none, AuthConfig())
+
+
+@pytest.mark.parametrize("path", ["/review_queue", "/review_item", "/review_label"])
+def test_review_routes_need_a_reviewer_or_admin_key_and_are_closed_without_keys(tmp_path: Path, path: str):
+    keys_file = tmp_path / "keys.txt"
+    keys_file.write_text(f"reviewer {'r' * 24} dr-okafor\nuser {USER_KEY}\nadmin {ADMIN_KEY}\n")
+    found = load_keys(AuthConfig(keys_file=str(keys_file)), environ={})
+    assert request(found, "POST", path).status_code == 401
+    user = request(found, "POST", path, USER_KEY)
+    assert user.status_code == 403 and user.json()["error"] == f"{path} needs a reviewer or admin key"
+    reviewer = request(found, "POST", path, "r" * 24)
+    assert reviewer.status_code == 200 and reviewer.json()["caller"] == {"role": "reviewer", "name": "dr-okafor"}
+    assert request(found, "POST", path, ADMIN_KEY).json()["caller"]["role"] == "admin"
+    assert request(found, "POST", "/classify", "r" * 24).status_code == 200  # a reviewer may classify too
+    closed = request(ApiKeys(), "POST", path)  # no keys: everything else is open, readings are not
+    assert closed.status_code == 403 and closed.json()["error"].startswith(f"{path} needs API keys")

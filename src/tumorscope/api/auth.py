@@ -28,11 +28,16 @@ from typing import Any
 
 from tumorscope.errors import UserError
 
-USER, ADMIN = "user", "admin"
+USER, ADMIN, REVIEWER = "user", "admin", "reviewer"
+ROLES = (USER, ADMIN, REVIEWER)
 MIN_KEY_LENGTH = 16  # shorter keys can be guessed; `tumorscope api-key` makes 43-character ones
 OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/", "/docs.json"})
 OPEN_PREFIXES = ("/ui/", "/static_content/")
 ADMIN_PATHS = frozenset({"/reload"})
+# Readings of queued answers: a reviewer or an admin key, and never without keys.
+REVIEW_PATHS = frozenset({"/review_queue", "/review_item", "/review_label"})
+# Where the middleware tells the service who is calling (the key's name, never the key).
+CALLER_STATE = "tumorscope_caller"
 
 
 class KeyConfigError(UserError, ValueError):
@@ -51,26 +56,36 @@ def _digest(key: str) -> bytes:
 
 @dataclass(frozen=True)
 class ApiKeys:
-    """Digests of the accepted keys. No keys at all: authentication is off."""
+    """Digests of the accepted keys by role, and the names keys are known by (a reviewer's name goes
+    with each reading). No keys at all: authentication is off."""
 
     user: tuple[bytes, ...] = ()
     admin: tuple[bytes, ...] = ()
+    reviewer: tuple[bytes, ...] = ()
+    names: tuple[tuple[bytes, str], ...] = ()
 
     @property
     def enabled(self) -> bool:
-        return bool(self.user or self.admin)
+        return bool(self.user or self.admin or self.reviewer)
 
     def role_of(self, presented: str | None) -> str | None:
-        """ADMIN, USER or None. Compares against every key whatever matches first."""
+        return self.identify(presented)[0]
+
+    def identify(self, presented: str | None) -> tuple[str | None, str | None]:
+        """(ADMIN, REVIEWER, USER or None; the key's name). Compares against every key whatever
+        matches first. A key without a name is known by its digest's first 8 hex characters."""
         if not presented:
-            return None
+            return None, None
         digest = _digest(presented)
-        is_admin = is_user = False
-        for known in self.admin:
-            is_admin |= hmac.compare_digest(known, digest)
-        for known in self.user:
-            is_user |= hmac.compare_digest(known, digest)
-        return ADMIN if is_admin else USER if is_user else None
+        found = dict.fromkeys(ROLES, False)
+        for role in ROLES:
+            for known in getattr(self, role):
+                found[role] |= hmac.compare_digest(known, digest)
+        matched = next((r for r in (ADMIN, REVIEWER, USER) if found[r]), None)
+        if matched is None:
+            return None, None
+        name = next((n for known, n in self.names if hmac.compare_digest(known, digest)), None)
+        return matched, name or f"key-{digest.hex()[:8]}"
 
 
 def _checked(keys: Iterable[str], where: str) -> list[str]:
@@ -87,35 +102,43 @@ def keys_from_env(value: str | None, name: str) -> list[str]:
     return _checked((value or "").replace(",", " ").split(), f"environment variable {name}")
 
 
-def keys_from_file(path: Path) -> tuple[list[str], list[str]]:
-    """(user keys, admin keys) from lines ``user <key>`` / ``admin <key>``."""
+def keys_from_file(path: Path) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """({role: keys}, {key: name}) from lines ``<role> <key> [<name>]``, role user, admin or reviewer."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise KeyConfigError(f"serve.auth.keys_file: {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as err:
         raise KeyConfigError(f"serve.auth.keys_file: cannot read {path}: {type(err).__name__}") from None
-    found: dict[str, list[str]] = {USER: [], ADMIN: []}
+    found: dict[str, list[str]] = {role: [] for role in ROLES}
+    names: dict[str, str] = {}
     for number, line in enumerate(text.splitlines(), start=1):
         words = line.split("#", 1)[0].split()
         if not words:
             continue
-        if len(words) != 2 or words[0] not in found:
-            raise KeyConfigError(f"{path}, line {number}: expected 'user <key>' or 'admin <key>'")
+        if len(words) not in (2, 3) or words[0] not in found:
+            raise KeyConfigError(f"{path}, line {number}: expected '<role> <key> [<name>]' with role user, admin "
+                                 "or reviewer")
         found[words[0]] += _checked([words[1]], f"{path}, line {number}")
-    return found[USER], found[ADMIN]
+        if len(words) == 3:
+            names[words[1]] = words[2]
+    return found, names
 
 
 def load_keys(cfg: Any, base: Path | None = None, environ: Mapping[str, str] | None = None) -> ApiKeys:
     """The keys ``serve.auth`` names (its environment variables and its file, relative to ``base``)."""
     environ = os.environ if environ is None else environ
-    user = keys_from_env(environ.get(cfg.keys_env), cfg.keys_env)
-    admin = keys_from_env(environ.get(cfg.admin_keys_env), cfg.admin_keys_env)
+    keys = {USER: keys_from_env(environ.get(cfg.keys_env), cfg.keys_env),
+            ADMIN: keys_from_env(environ.get(cfg.admin_keys_env), cfg.admin_keys_env),
+            REVIEWER: keys_from_env(environ.get(cfg.reviewer_keys_env), cfg.reviewer_keys_env)}
+    names: dict[str, str] = {}
     if cfg.keys_file:
         path = Path(cfg.keys_file)
-        file_user, file_admin = keys_from_file(path if path.is_absolute() or base is None else base / path)
-        user, admin = user + file_user, admin + file_admin
-    return ApiKeys(tuple(map(_digest, user)), tuple(map(_digest, admin)))
+        from_file, names = keys_from_file(path if path.is_absolute() or base is None else base / path)
+        keys = {role: keys[role] + from_file[role] for role in ROLES}
+    return ApiKeys(user=tuple(map(_digest, keys[USER])), admin=tuple(map(_digest, keys[ADMIN])),
+                   reviewer=tuple(map(_digest, keys[REVIEWER])),
+                   names=tuple((_digest(key), name) for key, name in names.items()))
 
 
 def presented_key(headers: Mapping[str, str]) -> str | None:
@@ -139,19 +162,28 @@ class ApiKeyAuth:
         self.app, self.keys = app, keys
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope.get("type") == "http" and not self.keys.enabled and scope.get("path") in REVIEW_PATHS:
+            # Readings are labels the model will learn from: never taken from whoever can reach the port.
+            await _refuse(scope, receive, send, 403, f"{scope.get('path')} needs API keys: set a reviewer key "
+                                                     "(serve.auth, docs/serving.md#api-keys)")
+            return
         if (not self.keys.enabled or scope.get("type") != "http"
                 or is_open(scope.get("path", ""), scope.get("method", ""))):
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         presented = presented_key(headers)
-        role = self.keys.role_of(presented)
+        role, name = self.keys.identify(presented)
+        path = scope.get("path")
         if role is None:
             await _refuse(scope, receive, send, 401, "invalid API key" if presented is not None else
                           "missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
-        elif role != ADMIN and scope.get("path") in ADMIN_PATHS:
-            await _refuse(scope, receive, send, 403, f"{scope.get('path')} needs an admin key")
+        elif role != ADMIN and path in ADMIN_PATHS:
+            await _refuse(scope, receive, send, 403, f"{path} needs an admin key")
+        elif role not in (ADMIN, REVIEWER) and path in REVIEW_PATHS:
+            await _refuse(scope, receive, send, 403, f"{path} needs a reviewer or admin key")
         else:
+            scope.setdefault("state", {})[CALLER_STATE] = {"role": role, "name": name}
             await self.app(scope, receive, send)
 
 

@@ -208,6 +208,41 @@ class InferenceLogStatus(_Answer):
     last_error_at: str | None
 
 
+class ReviewReading(_Answer):
+    label: str = Field(description="a class of the model that answered, or 'cannot assess'")
+    reviewer: str = Field(description="the reviewer's key name (never the key)")
+    at: str = Field(description="when (UTC, ISO 8601)")
+    model_version: str = Field(description="the model whose answer was read")
+    previous: str | None = Field(description="the label this reading replaced (the history is kept)")
+
+
+class ReviewItemSummary(_Answer):
+    item: str = Field(description="the item's id: a digest of its pixels (the same slice twice is one item)")
+    received_at: str
+    why: Literal["referred", "sampled"] = Field(
+        description="referred: the model's answer was referred; sampled: drawn at review.sample_rate")
+    model_version: str
+    model_class: str | None = Field(description="the model's answer")
+    refer_reason: str | None
+    label: str | None = Field(description="the latest reading, null while pending")
+    n_readings: int
+
+
+class ReviewQueueAnswer(_Answer):
+    status: Literal["all", "pending", "labelled"]
+    n_items: int = Field(description="items of that status in the queue (the list holds at most `limit`, oldest first)")
+    items: list[ReviewItemSummary]
+
+
+class ReviewItem(ReviewItemSummary):
+    request_id: str
+    classes: list[str] = Field(description="the labels a reading may give, besides 'cannot assess'")
+    probabilities: dict[str, float] = Field(description="the model's calibrated probabilities")
+    prediction_set: list[str] | None
+    readings: list[ReviewReading] = Field(description="every reading, oldest first")
+    slice_png_base64: str = Field(description="the slice as decoded (8-bit greyscale PNG)")
+
+
 class ReviewQueueStatus(_Answer):
     queue_dir: str = Field(description="where this replica queues answers for review (review.queue_dir)")
     ok: bool = Field(description="false once a slice to review could not be written")
