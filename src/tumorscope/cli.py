@@ -271,6 +271,14 @@ def review_harvest(params: ParamsOption = DEFAULT_PARAMS,
     _report(lambda: review.run_review_harvest(_params(params), name))
 
 
+@review_app.command("accuracy")
+def review_accuracy(params: ParamsOption = DEFAULT_PARAMS) -> None:
+    """The champion's accuracy on the readings of its queued answers; an alert when its critical-class recall falls."""
+    from tumorscope.stages import review
+
+    _report(lambda: review.run_review_accuracy(_params(params))[0])
+
+
 def _fail(message: str) -> str:
     from tumorscope.errors import UserError
 

@@ -581,6 +581,10 @@ class ReviewConfig(_Section):
     max_items: int = Field(10_000, ge=1)         # unlabelled items beyond this go, oldest first
     max_age_days: float = Field(90.0, gt=0)      # ... and unlabelled items older than this
     batch_prefix: str = "reviewed"               # harvest writes data.added_dir/<prefix>-<UTC time>/
+    # tumorscope review accuracy: the critical class's recall on readings against the champion's test recall.
+    min_readings: int = Field(20, ge=1)          # effective reviewed slices of that class before any verdict
+    alpha: float = Field(0.05, gt=0, lt=1)       # one-sided binomial test: a lower recall at this level alerts
+    report_path: str = "reports/review_accuracy.json"
 
 
 class ScannerConfig(_Section):

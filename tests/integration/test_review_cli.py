@@ -70,8 +70,45 @@ def test_readings_from_the_cli_and_label_studio_become_a_batch_ingest_takes(proj
     (["review", "harvest"], "error: nothing to harvest: no labelled item in review"),
     (["review", "export", "tasks.json"], "error: nothing to export: no pending item in review"),
     (["review", "list", "--status", "done"], "error: --status must be all, pending or labelled, not 'done'"),
+    (["review", "accuracy"], "error: registered model 'tumorscope-kidney-ct' has no alias 'champion'"),
 ])
 def test_review_mistakes_are_one_line(project, args, message):
     done = cli(*args)
     assert done.returncode == 1 and "Traceback" not in done.stderr
-    assert done.stderr.strip().startswith(message), done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(message), done.stderr  # after MLflow's own start-up lines
+
+
+def test_readers_who_disagree_with_the_champion_raise_the_accuracy_alert(project):
+    """The champion (a registered version with its test recall, in the project's MLflow store) is
+    read wrong on tumours: `tumorscope review accuracy` alerts and logs review.* on its run."""
+    import mlflow
+
+    from tumorscope.tracking import absolute_sqlite_uri
+
+    params = load_params("params.yaml")
+    mlflow.set_tracking_uri(absolute_sqlite_uri(params.mlflow.tracking_uri))
+    client = mlflow.MlflowClient()
+    run = client.create_run(client.create_experiment("champion-test", artifact_location=str(project / "artifacts")))
+    client.log_metric(run.info.run_id, "test_recall_Tumor", 0.92)
+    name = params.promote.registered_model
+    client.create_registered_model(name)
+    version = client.create_model_version(name, f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
+    client.set_registered_model_alias(name, "champion", version.version)
+
+    queue = ReviewQueue(params.review.queue_dir)
+    probabilities = {"Cyst": 0.1, "Normal": 0.6, "Stone": 0.1, "Tumor": 0.2}
+    rng = np.random.default_rng(5)
+    for index in range(30):  # decided answers the model called Normal, read as tumours
+        item = queue.add(rng.integers(0, 256, (32, 32), dtype=np.uint8), {"class": "Normal", "probabilities": probabilities,
+                                                                           "refer": False}, f"{name}/{version.version}",
+                         f"r{index}", "sampled")
+        queue.label(item, "Tumor" if index < 20 else "Normal", "dr-a")
+
+    done = cli("review", "accuracy")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"review accuracy: ALERT: {name}/{version.version}: 30 read answers (30 decided")
+    assert "Tumor recall on reviewed answers 0.00" in done.stdout and "below the champion's test recall 0.92" in done.stdout
+    report = json.loads(Path(params.review.report_path).read_text())
+    assert report["alert"] and report["decided"]["accuracy"] == pytest.approx(10 / 30)
+    metrics = client.get_run(run.info.run_id).data.metrics
+    assert metrics["review.alert"] == 1.0 and metrics["review.recall_Tumor"] == 0.0

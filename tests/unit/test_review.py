@@ -214,3 +214,42 @@ def test_the_service_keeps_referred_answers_and_a_sample_and_survives_a_failing_
     failing.close()
     status = failing.status()
     assert not status["ok"] and status["failed"] == 1 and "blocked" in status["last_error"]
+
+
+def read_items(tmp_path: Path, rows: list[tuple[str, str, str]], version: str = "m/1") -> ReviewQueue:
+    """A queue of read items: (why queued, the model's class, the reader's label) each."""
+    queue = ReviewQueue(tmp_path / "review")
+    for index, ((why, predicted, label), pixels) in enumerate(zip(rows, slices(len(rows), seed=11), strict=True)):
+        identifier = queue.add(pixels, answer(predicted, None if why == "sampled" else "doubt"), version, f"r{index}", why)
+        queue.label(identifier, label, "dr-a")
+    return queue
+
+
+def test_accuracy_on_readings_weights_the_sample_and_alerts_when_tumour_recall_falls(tmp_path):
+    from tumorscope.monitoring.accuracy import ALERT, INSUFFICIENT, OK, reviewed_accuracy
+
+    # Decided answers sampled at 0.25: 16 tumours, 12 of them called Normal by the model; 8 normals right.
+    # Referred answers (all kept): 4 tumours the model got right, 2 it called Cyst, 2 unreadable.
+    rows = ([("sampled", "Normal", "Tumor")] * 12 + [("sampled", "Tumor", "Tumor")] * 4
+            + [("sampled", "Normal", "Normal")] * 8 + [("referred", "Tumor", "Tumor")] * 4
+            + [("referred", "Cyst", "Tumor")] * 2 + [("referred", "Tumor", CANNOT_ASSESS)] * 2)
+    queue = read_items(tmp_path, rows)
+    summary = reviewed_accuracy(queue.items("labelled"), 0.25, "Tumor", champion_recall=0.9, min_readings=10)
+    assert summary["n_read"] == 30 and summary["n_cannot_assess"] == 2
+    assert summary["decided"]["accuracy"] == pytest.approx(12 / 24)
+    assert summary["decided"]["recall"] == {"Normal": 1.0, "Tumor": pytest.approx(4 / 16)}
+    assert summary["referred"]["model_right"] == pytest.approx(4 / 6)
+    # Weights 4 (sampled) and 1 (referred): tumour recall (4*4 + 4) / (16*4 + 6) = 20 / 70.
+    assert summary["critical"]["recall"] == pytest.approx(20 / 70)
+    assert summary["critical"]["n_effective"] == pytest.approx(70 ** 2 / (16 * 16 + 6))
+    assert summary["status"] == ALERT and summary["alert"] and summary["critical"]["p_value"] < 0.05
+    assert "is below the champion's test recall 0.90" in summary["reason"]
+
+    agreeing = read_items(tmp_path / "agree", [("sampled", "Tumor", "Tumor")] * 18 + [("sampled", "Normal", "Tumor")] * 2)
+    fine = reviewed_accuracy(agreeing.items("labelled"), 0.25, "Tumor", champion_recall=0.9, min_readings=10)
+    assert fine["status"] == OK and not fine["alert"] and fine["critical"]["p_value"] >= 0.05
+
+    few = reviewed_accuracy(agreeing.items("labelled"), 0.25, "Tumor", champion_recall=0.9, min_readings=50)
+    assert few["status"] == INSUFFICIENT and not few["alert"] and "(< review.min_readings 50)" in few["reason"]
+    other = reviewed_accuracy(agreeing.items("labelled"), 0.25, "Tumor", 0.9, model_version="m/2")
+    assert other["n_read"] == 0 and other["n_other_versions"] == 20

@@ -76,3 +76,45 @@ def run_review_harvest(params: Params, name: str | None = None) -> str:
     return (f"review: harvested {sum(counts.values())} slice(s) {dict(sorted(counts.items()))} -> {batch} "
             f"({excluded} excluded, see {batch}/provenance.csv; {checked}); "
             f"train on them: dvc exp run (ingest reads {params.data.added_dir})")
+
+
+def run_review_accuracy(params: Params) -> tuple[str, dict]:
+    """The champion's accuracy on the readings of its queued answers (``monitoring.accuracy``):
+    review.report_path and, on the champion's MLflow run, the ``review.*`` metrics. No champion is
+    one line, not a traceback."""
+    import math
+
+    import mlflow
+
+    from tumorscope import registry, tracking
+    from tumorscope.monitoring.accuracy import reviewed_accuracy
+    from tumorscope.reports import write_json
+
+    tracking.configure(params.mlflow)
+    client = mlflow.MlflowClient()
+    name, critical = params.promote.registered_model, params.evaluate.critical_class
+    version = registry.get_version(client, name, params.serve.model)
+    label = f"{name}/{version.version}"
+    champion_recall = client.get_run(version.run_id).data.metrics.get(f"test_recall_{critical}")
+    cfg = params.review
+    summary = reviewed_accuracy(open_queue(params).items("labelled"), cfg.sample_rate, critical, champion_recall,
+                                cfg.alpha, cfg.min_readings, model_version=label)
+    write_json(cfg.report_path, summary)
+    metrics = {"review.n_read": summary["n_read"], "review.alert": float(summary["alert"]),
+               "review.decided_accuracy": summary["decided"]["accuracy"],
+               "review.referred_model_right": summary["referred"]["model_right"],
+               "review.accuracy": summary["all_answers"]["accuracy"],
+               f"review.recall_{critical}": summary["critical"]["recall"]}
+    client.log_batch(version.run_id, metrics=[
+        mlflow.entities.Metric(k, float(v), int(time.time() * 1000), 0)
+        for k, v in metrics.items() if v is not None and math.isfinite(float(v))])
+
+    def show(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
+    head = "ALERT: " if summary["alert"] else ""
+    line = (f"review accuracy: {head}{label}: {summary['n_read']} read answers "
+            f"({summary['decided']['n']} decided, sampled at {cfg.sample_rate:g}: accuracy "
+            f"{show(summary['decided']['accuracy'])}; {summary['referred']['n']} referred: the model was right on "
+            f"{show(summary['referred']['model_right'])}); {summary['reason']} -> {cfg.report_path}")
+    return line, summary
