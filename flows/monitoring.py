@@ -34,6 +34,42 @@ def check_drift(params_path: str, current: str | None) -> dict:
     return {"line": line, "summary": summary}
 
 
+@task(**TRANSIENT_RETRIES)
+def check_review(params_path: str) -> dict:
+    """The champion's accuracy on readings (``tumorscope review accuracy``) and how many read items
+    wait to be harvested. No champion or no queue: no verdict, not a failure."""
+    from tumorscope.errors import UserError
+    from tumorscope.stages.review import open_queue, run_review_accuracy
+
+    params = load_params(params_path)
+    waiting = len(open_queue(params).items("labelled"))
+    try:
+        line, summary = run_review_accuracy(params)
+    except UserError as err:
+        line, summary = f"review accuracy: no verdict ({err})", {}
+    get_run_logger().info(line)
+    return {"line": line, "alert": bool(summary.get("alert")), "waiting": waiting, "summary": summary}
+
+
+def review_retraining_reason(review: dict, retrain_after: int) -> str | None:
+    """Why the readings call for a retraining (None: they do not yet)."""
+    if review["alert"]:
+        return "the accuracy check on readings alerts"
+    if review["waiting"] >= retrain_after:
+        return f"{review['waiting']} read items wait to be harvested (>= review.retrain_after {retrain_after})"
+    return None
+
+
+@task
+def harvest_readings(params_path: str) -> str:
+    """The read items as a labelled batch under data.added_dir (``tumorscope review harvest``)."""
+    from tumorscope.stages.review import harvest_batch
+
+    batch, counts, _ = harvest_batch(load_params(params_path))
+    get_run_logger().info("harvested %s -> %s", counts, batch)
+    return str(batch.resolve())
+
+
 @task
 def send_alert(params_path: str, line: str, summary: dict, retraining: dict | None) -> dict:
     """Webhook and/or Prefect block; a failed alert is reported in the result, it does not hide the verdict."""
@@ -50,7 +86,9 @@ def send_alert(params_path: str, line: str, summary: dict, retraining: dict | No
             sent["webhook"] = {"error": str(err)}
     if cfg.notification_block:
         try:
-            subject = "tumorscope: drift detected" if summary.get("drift") else "tumorscope: referral rate rising"
+            subject = ("tumorscope: drift detected" if summary.get("drift") else
+                       "tumorscope: accuracy on readings fell" if summary.get("review_alert") else
+                       "tumorscope: referral rate rising")
             notify_block(cfg.notification_block, subject, line)
             sent["block"] = {"sent": cfg.notification_block}
         except UserError as err:
@@ -101,9 +139,9 @@ def promotion_decision(params: Params, since_ms: int) -> dict | None:
 
 
 @task
-def trigger_retraining(params_path: str, current: str) -> dict:
-    """Start the training deployment; with monitor.retrain.wait_seconds > 0 wait for it and read the
-    promotion gates' decision from the registry."""
+def trigger_retraining(params_path: str, current: str, new_data: str | None = None) -> dict:
+    """Start the training deployment with ``new_data`` (else ``retraining_data``) added; with
+    monitor.retrain.wait_seconds > 0 wait for it and read the promotion gates' decision."""
     from typing import cast
 
     from prefect.client.schemas.objects import FlowRun
@@ -111,7 +149,7 @@ def trigger_retraining(params_path: str, current: str) -> dict:
 
     params = load_params(params_path)
     cfg = params.monitor.retrain
-    new_data = retraining_data(params, current)
+    new_data = new_data or retraining_data(params, current)
     parameters = dict(cfg.parameters) | ({"add_data": new_data} if new_data else {})
     started_ms = int(time.time() * 1000)
     if not cfg.deployment:
@@ -133,8 +171,10 @@ def trigger_retraining(params_path: str, current: str) -> dict:
 @flow(name=FLOW_NAME, log_prints=True)
 def monitoring_flow(params_path: str = "params.yaml", current: str | None = None, retrain: bool = True) -> dict:
     """Drift of ``current`` (default: the service's inference log, serve.inference_log) vs the
-    champion's reference; on drift: alert and, when ``retrain`` and monitor.retrain.deployment are
-    set, start retraining (gated promotion); on a rising referral rate: alert."""
+    champion's reference, and the champion's accuracy on radiologists' readings; on drift, on an
+    accuracy alert or once review.retrain_after read items wait: alert and, when ``retrain`` and
+    monitor.retrain.deployment are set, start retraining with the harvested readings (gated
+    promotion); on a rising referral rate: alert."""
     params = load_params(params_path)
     current = current or params.serve.inference_log
     checked = check_drift(params_path, current)
@@ -142,11 +182,19 @@ def monitoring_flow(params_path: str = "params.yaml", current: str | None = None
     referral_rising = (summary.get("referral") or {}).get("status") == "rising"
     result: dict = {"line": checked["line"], "status": summary["status"], "drift": summary.get("drift"),
                     "referral_rising": referral_rising, "summary_path": summary.get("written_to")}
-    if summary.get("drift") and retrain and params.monitor.retrain.deployment:
-        result["retraining"] = trigger_retraining(params_path, current)
+    # Readings: is the champion still right, and are there enough new labels to learn from?
+    review = check_review(params_path)
+    result["review"] = {k: review[k] for k in ("line", "alert", "waiting")}
+    reason = review_retraining_reason(review, params.review.retrain_after)
+    if retrain and params.monitor.retrain.deployment and (reason or summary.get("drift")):
+        batch = harvest_readings(params_path) if reason else None
+        result["retraining"] = trigger_retraining(params_path, current, batch) | {
+            "why": reason or "drift", "harvested": batch}
     # A rising referral rate alerts without retraining: the referred slices have no labels yet.
     if summary.get("drift") or referral_rising:
         result["alert"] = send_alert(params_path, checked["line"], summary, result.get("retraining"))
+    if review["alert"]:
+        result["review_alert"] = send_alert(params_path, review["line"], {"review_alert": True}, result.get("retraining"))
     create_markdown_artifact(f"{checked['line']}\n\nSummary: `{summary.get('written_to')}`"
                              + (f"\n\nRetraining: `{result['retraining']}`" if "retraining" in result else ""),
                              key="tumorscope-drift", description="drift check of the champion")

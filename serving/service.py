@@ -350,9 +350,9 @@ class TumorScope:
 
     @bentoml.api
     async def review_queue(self, ctx: bentoml.Context, status: str = "pending", limit: int = 100) -> contract.ReviewQueueAnswer:
-        """The queued answers of that status (pending, labelled or all), oldest first, at most ``limit``."""
-        if status not in ("all", "pending", "labelled") or not 1 <= limit <= 10_000:
-            return self._refuse(ctx, BadRequest(f"status must be all, pending or labelled and limit 1-10000 "
+        """The queued answers of that status (pending, labelled, harvested or all), oldest first, at most ``limit``."""
+        if status not in ("all", "pending", "labelled", "harvested") or not 1 <= limit <= 10_000:
+            return self._refuse(ctx, BadRequest(f"status must be all, pending, labelled or harvested and limit 1-10000 "
                                                 f"(got {status!r}, {limit})", 422))
         items = await asyncio.to_thread(self.review.queue.items, status)
         return contract.answer(contract.ReviewQueueAnswer, {

@@ -224,12 +224,12 @@ app.add_typer(review_app, name="review")
 
 @review_app.command("list")
 def review_list(params: ParamsOption = DEFAULT_PARAMS,
-                status: Annotated[str, typer.Option(help="all | pending | labelled")] = "pending") -> None:
+                status: Annotated[str, typer.Option(help="all | pending | labelled | harvested")] = "pending") -> None:
     """The queued items: id, status, why queued, the model's answer and the reading."""
     from tumorscope.stages import review
 
-    if status not in ("all", "pending", "labelled"):
-        _report(lambda: _fail(f"--status must be all, pending or labelled, not {status!r}"))
+    if status not in ("all", "pending", "labelled", "harvested"):
+        _report(lambda: _fail(f"--status must be all, pending, labelled or harvested, not {status!r}"))
     _report(lambda: review.run_review_list(_params(params), status))
 
 

@@ -585,6 +585,9 @@ class ReviewConfig(_Section):
     min_readings: int = Field(20, ge=1)          # effective reviewed slices of that class before any verdict
     alpha: float = Field(0.05, gt=0, lt=1)       # one-sided binomial test: a lower recall at this level alerts
     report_path: str = "reports/review_accuracy.json"
+    # The monitoring flow harvests the readings and starts a retraining once this many read items
+    # wait (not harvested yet), or at once when the accuracy check alerts.
+    retrain_after: int = Field(100, ge=1)
 
 
 class ScannerConfig(_Section):

@@ -69,7 +69,7 @@ def test_readings_from_the_cli_and_label_studio_become_a_batch_ingest_takes(proj
     (["review", "import", "missing.json"], "error: Label Studio export not found: missing.json"),
     (["review", "harvest"], "error: nothing to harvest: no labelled item in review"),
     (["review", "export", "tasks.json"], "error: nothing to export: no pending item in review"),
-    (["review", "list", "--status", "done"], "error: --status must be all, pending or labelled, not 'done'"),
+    (["review", "list", "--status", "done"], "error: --status must be all, pending, labelled or harvested, not 'done'"),
     (["review", "accuracy"], "error: registered model 'tumorscope-kidney-ct' has no alias 'champion'"),
 ])
 def test_review_mistakes_are_one_line(project, args, message):

@@ -19,3 +19,12 @@ def test_links_name_only_reports_that_exist(tmp_path, monkeypatch):
     check.write_text("<html></html>")
     keys = {key: uri for key, uri, _ in report_links(params, str(check.relative_to(tmp_path)))}
     assert keys == {DATA_DOCS_KEY: docs.as_uri(), DRIFT_REPORT_KEY: check.as_uri()}
+
+
+def test_readings_call_for_a_retraining_on_an_alert_or_enough_new_labels():
+    from flows.monitoring import review_retraining_reason
+
+    assert review_retraining_reason({"alert": True, "waiting": 0}, 100) == "the accuracy check on readings alerts"
+    assert review_retraining_reason({"alert": False, "waiting": 100}, 100) == (
+        "100 read items wait to be harvested (>= review.retrain_after 100)")
+    assert review_retraining_reason({"alert": False, "waiting": 99}, 100) is None

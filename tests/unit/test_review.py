@@ -182,8 +182,14 @@ def test_harvest_writes_a_class_per_folder_batch_and_excludes_duplicates_and_unr
     assert rows.loc[ids[2], "why_excluded"] == "cannot assess"
     assert rows.loc[ids[3], "why_excluded"].startswith("duplicate of a training slice (pHash distance 0")
     assert rows.loc[ids[0], "why_queued"] == "sampled" and bool(rows.loc[ids[0], "included"])
+    assert {item.status for item in queue.items()} == {"harvested"}  # settled: never harvested twice
+    assert queue.item(ids[1]).harvested["batch"] == "reviewed-1"
+    with pytest.raises(UserError, match="no labelled item"):
+        harvest(queue, tmp_path / "added", "reviewed-2", training, 4)
+    queue.label(ids[0], "Cyst", "dr-c")  # a later change of mind is kept, not harvested again
+    assert queue.item(ids[0]).status == "harvested"
     with pytest.raises(UserError, match="exists: choose another batch name"):
-        harvest(queue, tmp_path / "added", "reviewed-1", training, 4)
+        harvest(ReviewQueue(tmp_path / "again"), tmp_path / "added", "reviewed-1", training, 4)
     with pytest.raises(UserError, match="no labelled item"):
         harvest(ReviewQueue(tmp_path / "empty"), tmp_path / "added", "reviewed-2", None, 4)
 

@@ -229,7 +229,7 @@ class ReviewItemSummary(_Answer):
 
 
 class ReviewQueueAnswer(_Answer):
-    status: Literal["all", "pending", "labelled"]
+    status: Literal["all", "pending", "labelled", "harvested"]
     n_items: int = Field(description="items of that status in the queue (the list holds at most `limit`, oldest first)")
     items: list[ReviewItemSummary]
 

@@ -25,20 +25,20 @@ PROVENANCE_COLUMNS = ("item", "label", "included", "why_excluded", "reviewer", "
 
 def harvest(queue: ReviewQueue, added_dir: str | Path, batch_name: str,
             training_phashes: list[str] | None, phash_threshold: int) -> tuple[Path, dict]:
-    """Write every labelled item to ``added_dir/<batch_name>/<class>/<item>.png`` plus
-    ``provenance.csv`` (one row per labelled item, included or not); returns (folder, counts).
-    The batch folder is written beside its final name and renamed when complete."""
+    """Write every read item not harvested yet to ``added_dir/<batch_name>/<class>/<item>.png`` plus
+    ``provenance.csv`` (one row per item, included or not), and mark them harvested; returns
+    (folder, counts). The batch folder is written beside its final name and renamed when complete."""
     import numpy as np
 
     from tumorscope.data.manifest import phash_hex
     from tumorscope.data.split import nearest_distances
 
-    labelled = queue.items("labelled")
-    if not labelled:
-        raise UserError(f"nothing to harvest: no labelled item in {queue.folder}")
     batch = Path(added_dir) / batch_name
     if batch.exists():
         raise UserError(f"{batch} exists: choose another batch name (a harvested batch is never overwritten)")
+    labelled = queue.items("labelled")
+    if not labelled:
+        raise UserError(f"nothing to harvest: no labelled item in {queue.folder} that is not harvested yet")
     hashes = [phash_hex(queue.pixels(item.id)) for item in labelled]
     distances = (nearest_distances(hashes, training_phashes) if training_phashes
                  else np.full(len(labelled), np.iinfo(np.int64).max))
@@ -71,6 +71,8 @@ def harvest(queue: ReviewQueue, added_dir: str | Path, batch_name: str,
         writer.writeheader()
         writer.writerows(rows)
     work.rename(batch)
+    # Every read item is settled, included or not: none is harvested twice.
+    queue.mark_harvested([row["item"] for row in rows], batch.name)
     return batch, dict(counts)
 
 

@@ -10,7 +10,8 @@ it, when and from what stays readable. Unlabelled items are dropped oldest first
 harvested into the training data.
 
 Layout under ``review.queue_dir``: ``items/<id>.png`` and ``items/<id>.json`` (the answer),
-``labels/<id>.jsonl`` (the readings).
+``labels/<id>.jsonl`` (the readings), ``harvested/<id>.json`` (the batch a read item went into: it
+is not harvested again, and may then be dropped like an unlabelled one, its slice being in the data).
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ class Item:
     id: str
     record: dict[str, Any]        # received_at, why, model_version, request_id, answer, shape
     labels: list[dict[str, Any]]  # the readings, oldest first
+    harvested: dict[str, Any] | None = None  # the batch it went into
 
     @property
     def label(self) -> str | None:
@@ -76,7 +78,8 @@ class Item:
 
     @property
     def status(self) -> str:
-        return "pending" if not self.labels else "labelled"
+        """pending (no reading), labelled (read, not harvested yet) or harvested."""
+        return "harvested" if self.harvested else "pending" if not self.labels else "labelled"
 
 
 class ReviewQueue:
@@ -84,6 +87,7 @@ class ReviewQueue:
         self.folder = Path(folder)
         self.items_dir = self.folder / "items"
         self.labels_dir = self.folder / "labels"
+        self.harvested_dir = self.folder / "harvested"
         self.max_items, self.max_age_days = max_items, max_age_days
 
     # -- writing
@@ -129,12 +133,18 @@ class ReviewQueue:
             history.write(json.dumps(entry, sort_keys=True) + "\n")
         return Item(item.id, item.record, [*item.labels, entry])
 
+    def mark_harvested(self, identifiers: list[str], batch: str, now: float | None = None) -> None:
+        self.harvested_dir.mkdir(parents=True, exist_ok=True)
+        for identifier in identifiers:
+            _write_atomic(self.harvested_dir / f"{identifier}.json",
+                          json.dumps({"batch": batch, "at": time.time() if now is None else now}).encode())
+
     def prune(self, now: float | None = None) -> int:
-        """Drop unlabelled items past ``max_age_days``, then the oldest beyond ``max_items``;
-        returns how many went. Labelled items stay."""
+        """Drop unlabelled (and harvested) items past ``max_age_days``, then the oldest of them
+        beyond ``max_items``; returns how many went. Read items not harvested yet stay."""
         now = time.time() if now is None else now
         items = self.items()  # oldest first
-        pending = [i for i in items if i.status == "pending"]
+        pending = [i for i in items if i.status in ("pending", "harvested")]
         too_old = [i for i in pending if now - i.record["received_at"] > self.max_age_days * 86_400]
         kept = [i for i in pending if i not in too_old]
         labelled = len(items) - len(pending)
@@ -146,7 +156,7 @@ class ReviewQueue:
 
     def remove(self, identifier: str) -> None:
         for path in (self.items_dir / f"{identifier}.json", self.items_dir / f"{identifier}.png",
-                     self.labels_dir / f"{identifier}.jsonl"):
+                     self.labels_dir / f"{identifier}.jsonl", self.harvested_dir / f"{identifier}.json"):
             path.unlink(missing_ok=True)
 
     # -- reading
@@ -158,7 +168,7 @@ class ReviewQueue:
             record = json.loads((self.items_dir / f"{identifier}.json").read_text())
         except FileNotFoundError:
             raise UnknownItem(f"no review item {identifier!r} in {self.items_dir}") from None
-        return Item(identifier, record, self._labels(identifier))
+        return Item(identifier, record, self._labels(identifier), self._harvested(identifier))
 
     def pixels(self, identifier: str) -> np.ndarray:
         from PIL import Image
@@ -168,7 +178,7 @@ class ReviewQueue:
             return np.asarray(image.convert("L"))
 
     def items(self, status: str = "all") -> list[Item]:
-        """Every item (``status``: "all", "pending" or "labelled"), oldest first."""
+        """Every item (``status``: "all", "pending", "labelled" or "harvested"), oldest first."""
         if not self.items_dir.is_dir():
             return []
         found = []
@@ -177,9 +187,15 @@ class ReviewQueue:
                 record = json.loads(path.read_text())
             except (OSError, ValueError):
                 continue  # removed or being replaced as we read: not an item now
-            found.append(Item(path.stem, record, self._labels(path.stem)))
+            found.append(Item(path.stem, record, self._labels(path.stem), self._harvested(path.stem)))
         found.sort(key=lambda i: (i.record["received_at"], i.id))
         return [i for i in found if status == "all" or i.status == status]
+
+    def _harvested(self, identifier: str) -> dict[str, Any] | None:
+        try:
+            return json.loads((self.harvested_dir / f"{identifier}.json").read_text())
+        except (FileNotFoundError, ValueError):
+            return None
 
     def _labels(self, identifier: str) -> list[dict[str, Any]]:
         try:

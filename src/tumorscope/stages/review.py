@@ -63,7 +63,8 @@ def run_review_import(params: Params, export: Path) -> str:
             f"{len(refused)} refused" + (": " + "; ".join(refused[:5]) if refused else ""))
 
 
-def run_review_harvest(params: Params, name: str | None = None) -> str:
+def harvest_batch(params: Params, name: str | None = None) -> tuple[Path, dict, list[str] | None]:
+    """(the batch folder, counts per class and excluded, the known hashes it was checked against)."""
     from tumorscope.data.manifest import load_manifest
     from tumorscope.review.harvest import harvest
 
@@ -71,6 +72,12 @@ def run_review_harvest(params: Params, name: str | None = None) -> str:
     known = list(load_manifest(manifest)["phash"].dropna()) if manifest.is_file() else None
     batch_name = name or f"{params.review.batch_prefix}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
     batch, counts = harvest(open_queue(params), params.data.added_dir, batch_name, known, params.split.phash_threshold)
+    return batch, counts, known
+
+
+def run_review_harvest(params: Params, name: str | None = None) -> str:
+    manifest = Path(params.manifest.path)
+    batch, counts, known = harvest_batch(params, name)
     excluded = counts.pop("excluded", 0)
     checked = f"checked against {len(known)} slices of {manifest}" if known else f"no {manifest}: not checked for duplicates"
     return (f"review: harvested {sum(counts.values())} slice(s) {dict(sorted(counts.items()))} -> {batch} "
@@ -97,7 +104,7 @@ def run_review_accuracy(params: Params) -> tuple[str, dict]:
     label = f"{name}/{version.version}"
     champion_recall = client.get_run(version.run_id).data.metrics.get(f"test_recall_{critical}")
     cfg = params.review
-    summary = reviewed_accuracy(open_queue(params).items("labelled"), cfg.sample_rate, critical, champion_recall,
+    summary = reviewed_accuracy(open_queue(params).items(), cfg.sample_rate, critical, champion_recall,
                                 cfg.alpha, cfg.min_readings, model_version=label)
     write_json(cfg.report_path, summary)
     metrics = {"review.n_read": summary["n_read"], "review.alert": float(summary["alert"]),
