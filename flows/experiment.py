@@ -20,7 +20,7 @@ from prefect.artifacts import create_markdown_artifact
 from flows.links import create_report_links
 from flows.streaming import run_streamed
 from flows.tuning import deployment_overrides, effective_params
-from tumorscope.config import load_params
+from tumorscope.config import Params, load_params
 
 
 def experiment_settings(params_path: str, architectures: list[str] | None, n_trials: int | None,
@@ -31,6 +31,34 @@ def experiment_settings(params_path: str, architectures: list[str] | None, n_tri
     named = {"tune.search_space.architecture": architectures, "tune.n_trials": n_trials,
              "data.source": data_source, "tune.workers": workers}
     return {key: json.dumps(value) for key, value in named.items() if value is not None}
+
+
+def champion_settings(params: Params, run_params: dict[str, str]) -> dict[str, str]:
+    """`dvc exp run -S` settings that train the champion's tuned configuration again without a
+    study: its MLflow run's value of every searched train.* setting, and tune.n_trials 0."""
+    import yaml
+
+    from tumorscope.config import with_overrides
+    from tumorscope.errors import UserError
+
+    missing = [f"train.{k}" for k in params.tune.search_space if f"train.{k}" not in run_params]
+    if missing:
+        raise UserError(f"the champion's MLflow run lacks {', '.join(missing)}: retrain with monitor.retrain.tune: true")
+    values = {k: yaml.safe_load(run_params[f"train.{k}"]) for k in params.tune.search_space}
+    checked = with_overrides(params, {"train": values, "tune": {"n_trials": 0}})  # validated as params.yaml is
+    return {"tune.n_trials": "0"} | {f"train.{k}": json.dumps(getattr(checked.train, k)) for k in values}
+
+
+def champion_run_params(params: Params) -> dict[str, str]:
+    """The MLflow params of the run that trained the champion (serve.model of promote.registered_model)."""
+    import mlflow
+
+    from tumorscope import registry, tracking
+
+    tracking.configure(params.mlflow)
+    client = mlflow.MlflowClient()
+    version = registry.get_version(client, params.promote.registered_model, params.serve.model)
+    return dict(client.get_run(version.run_id).data.params)
 
 
 def experiment_name(flow_run_name: str | None) -> str:
@@ -78,14 +106,18 @@ def dvc_experiment(settings: dict[str, str], name: str) -> dict:
 @flow(name="tumorscope-experiment", log_prints=True)
 def experiment_flow(params_path: str = "params.yaml", architectures: list[str] | None = None,
                     n_trials: int | None = None, data_source: str | None = None, workers: int | None = None,
-                    name: str | None = None, add_data: str | None = None) -> dict:
+                    name: str | None = None, add_data: str | None = None, reuse_champion: bool = False) -> dict:
     """The whole pipeline (data -> tune -> train -> evaluate -> promote) as a DVC experiment with this
     run's parameters over params.yaml: the deployment's flow. ``add_data``: a labelled folder added
-    to the data first (data.added_dir), so the run trains on old + new. Tuning inside it runs the
-    tuning flow, tracked here too when the worker's PREFECT_API_URL is set."""
+    to the data first (data.added_dir), so the run trains on old + new. ``reuse_champion``: no new
+    study, the champion's tuned train.* settings (one training instead of a study and a training).
+    Tuning inside it runs the tuning flow, tracked here too when the worker's PREFECT_API_URL is set."""
     from prefect.runtime import flow_run
 
     settings = experiment_settings(params_path, architectures, n_trials, data_source, workers)
+    if reuse_champion:
+        params = load_params(params_path)
+        settings |= champion_settings(params, champion_run_params(params))
     name = name or experiment_name(flow_run.get_name())
     added = add_labelled_batch(params_path, add_data) if add_data else None
     result = dvc_experiment(settings, name) | {"added_batch": added}

@@ -167,6 +167,10 @@ def tuning_flow(params_path: str = "params.yaml", architectures: list[str] | Non
     before and after it is a DVC stage."""
     overrides = deployment_overrides(params_path, architectures, n_trials, None, workers)
     params = effective_params(params_path, overrides)  # fail fast on a bad override
+    if params.tune.n_trials == 0:  # no study: params.yaml's train.* (a retraining reusing the champion's)
+        from tumorscope.tuning.leaderboard import fixed_configuration
+
+        return {"workers": [], "tune": fixed_configuration(params)}
     handle = open_study(params_path, overrides)
     if params.tune.architecture_concurrency:
         ensure_concurrency_limits(params.tune.architecture_concurrency)
@@ -280,5 +284,7 @@ def run_in_process(params_path: str) -> dict:
 
 def summary_line(result: dict) -> str:
     best = result["tune"]["best"]
+    if result["tune"]["study_name"] is None:
+        return f"tune: {result['tune']['note']} ({best['architecture']}, {best['params']}); see reports/leaderboard.md"
     return (f"tune: best trial {best['trial']} ({best['architecture']}) of study {result['tune']['study_name']}, "
             f"states {result['tune']['states']}; see reports/leaderboard.md")

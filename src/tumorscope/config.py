@@ -430,7 +430,9 @@ class TuneConfig(_Section):
     # Optuna RDB storage: an SQLite file for one worker; PostgreSQL for several worker processes.
     storage: str = "sqlite:///optuna.db"
     # Total finished (complete or pruned) trials the study aims for, across workers and restarts.
-    n_trials: int = Field(8, ge=1)
+    # 0: no study; params.yaml's train.* are the configuration (a retraining that reuses the
+    # champion's tuned settings: monitor.retrain.tune false).
+    n_trials: int = Field(8, ge=0)
     workers: int = Field(1, ge=1)
     # How the Prefect flow runs its workers: "processes" on its own host (children of the flow
     # run), or "deployment": each a flow run of ``worker_deployment`` on that deployment's work
@@ -618,6 +620,9 @@ class RetrainConfig(_Section):
     # A labelled folder added to the data (data.added_dir) for the retraining run: old + new. null:
     # the monitored folder when it holds class folders, else none (an inference log has no labels).
     new_data: str | None = None
+    # false: the retraining reuses the champion's tuned train.* settings (no new study: tune.n_trials
+    # 0), so a site's retraining costs one training; true: a new study first.
+    tune: bool = False
     # Further parameters of the deployment's run, e.g. {n_trials: 4} (the experiment flow's parameters).
     parameters: dict[str, Any] = Field(default_factory=dict)
     # > 0: wait this long for the run and report its promotion decision. Only where the monitoring

@@ -46,10 +46,11 @@ def test_drift_starts_the_experiment_deployment_on_old_and_new_data_and_the_gate
     hook = http.server.HTTPServer(("127.0.0.1", 0), _Hook)
     threading.Thread(target=hook.serve_forever, daemon=True).start()
     params = yaml.safe_load((project / "params.yaml").read_text())
-    # The run waits for the retraining (in this process, not on the pool's one slot) and passes a parameter.
+    # The run waits for the retraining (in this process, not on the pool's one slot) and passes a
+    # parameter; a new study first (retrain.tune), so the tuning flow's artefacts are checked too.
     params["monitor"] |= {"webhook_url": f"http://127.0.0.1:{hook.server_address[1]}/drift",
                           "retrain": {"deployment": "tumorscope-experiment/train", "parameters": {"n_trials": 3},
-                                      "wait_seconds": 900}}
+                                      "wait_seconds": 900, "tune": True}}
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     git(["commit", "-q", "-am", "alert and retrain on drift"], project)  # experiments are recorded against a commit
     n_before = sum(json.loads((project / "reports" / "ingest.json").read_text())["files_per_label"].values())
@@ -79,7 +80,7 @@ def test_drift_starts_the_experiment_deployment_on_old_and_new_data_and_the_gate
     retraining = result["retraining"]
     assert retraining["state"] == "COMPLETED", f"{retraining}\n{log}"
     incoming = project / "data" / "incoming"
-    assert retraining["parameters"] == {"n_trials": 3, "add_data": str(incoming.resolve())}
+    assert retraining["parameters"] == {"reuse_champion": False, "n_trials": 3, "add_data": str(incoming.resolve())}
     decision = retraining["promotion"]
     assert decision["version"] == "tumorscope-kidney-ct/2" and decision["decision"] in ("promoted", "refused")
     verdict = "is the new champion" if decision["decision"] == "promoted" else "refused"

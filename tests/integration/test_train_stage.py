@@ -109,3 +109,41 @@ def test_a_killed_ensemble_keeps_its_finished_members(project, monkeypatch):
     summary = json.loads((project / params.train.model_dir / "baseline" / "train.json").read_text())
     assert summary["ensemble"]["member_val_macro_f1"][0] == first["val_macro_f1"]
     assert not (project / ".train-backup" / "ensemble").exists()
+
+
+def test_without_a_study_the_train_stage_trains_params_yaml_configuration(project):
+    """tune.n_trials 0 (a retraining reusing the champion's settings): `tumorscope tune` writes the
+    stage's outputs in seconds with params.yaml's values, and train trains them."""
+    import yaml
+
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    raw["tune"]["n_trials"] = 0
+    raw["train"]["lr"] = 0.0021
+    (project / "params.yaml").write_text(yaml.safe_dump(raw))
+    tuned = subprocess.run([sys.executable, "-m", "tumorscope.cli", "tune"], capture_output=True, text=True, timeout=300)
+    assert tuned.returncode == 0, tuned.stderr
+    assert tuned.stdout.strip().startswith("tune: tune.n_trials is 0: no study; the configuration is params.yaml's train.*")
+    best = json.loads((project / "reports" / "best_params.json").read_text())
+    assert best["study_name"] is None and best["train"]["lr"] == 0.0021
+    board = json.loads((project / "reports" / "leaderboard.json").read_text())
+    assert board["leaderboard"] == [] and board["states"] == {}  # no trial ran
+    line = training.run_train(load_params("params.yaml"))
+    assert line.startswith("train: params.yaml train.* (tune.n_trials 0: no study): small_cnn")
+
+
+def test_a_retraining_reuses_the_champions_tuned_settings():
+    """The champion's MLflow run params (as tracking.fit_params logs them: str() of each value) become
+    `dvc exp run -S` settings of every searched train.* setting, with no study."""
+    from flows.experiment import champion_settings
+    from tumorscope.config import Params
+    from tumorscope.errors import UserError
+
+    params = Params()
+    run_params = {f"train.{k}": str(v) for k, v in params.train.model_dump().items()} | {
+        "train.lr": "0.00123", "train.filters": "32", "train.architecture": "small_cnn"}
+    settings = champion_settings(params, run_params)
+    assert set(settings) == {"tune.n_trials"} | {f"train.{k}" for k in params.tune.search_space}
+    assert settings["tune.n_trials"] == "0" and settings["train.lr"] == "0.00123"
+    assert settings["train.filters"] == "32" and settings["train.architecture"] == '"small_cnn"'
+    with pytest.raises(UserError, match="lacks train.architecture, train.lr"):
+        champion_settings(params, {})

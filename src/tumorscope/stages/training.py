@@ -36,8 +36,11 @@ def run_train(params: Params, baseline: bool = False) -> str:
         return train_and_save(params, Path(params.train.model_dir) / BASELINE_DIR, run_name="train-baseline",
                               parent_run_id=None, trained="baseline (params.yaml train.*)")
     best = read_best_params(params)
-    parent_run_id = find_parent_run(params)  # the study is identified by the untuned params
     tuned = with_overrides(params, {"train": best["train"]})
+    if best["study_name"] is None:  # tune.n_trials 0: no study to nest under
+        return train_and_save(tuned, Path(params.train.model_dir), run_name="train-fixed", parent_run_id=None,
+                              trained="params.yaml train.* (tune.n_trials 0: no study)")
+    parent_run_id = find_parent_run(params)  # the study is identified by the untuned params
     return train_and_save(tuned, Path(params.train.model_dir), run_name=f"train-best-trial-{best['trial']}",
                           parent_run_id=parent_run_id, trained=f"best trial {best['trial']} of {best['study_name']}")
 

@@ -113,6 +113,22 @@ def finish_study(params: Params, handle: StudyHandle) -> dict:
     return summary
 
 
+def fixed_configuration(params: Params) -> dict:
+    """tune.n_trials 0: no study. The stage's outputs say so, and the best params are params.yaml's
+    own values of the searched settings (a retraining gives the champion's there)."""
+    cfg = params.tune
+    train = {name: getattr(params.train, name) for name in cfg.search_space}
+    note = "tune.n_trials is 0: no study; the configuration is params.yaml's train.*"
+    summary: dict[str, Any] = {"study_name": None, "storage": redact(cfg.storage), "metric": cfg.metric, "states": {},
+               "best": {"trial": None, "architecture": params.train.architecture, "params": train},
+               "warning": None, "leaderboard": [], "note": note}
+    write_json(cfg.leaderboard_path, summary)
+    Path(cfg.leaderboard_path).with_suffix(".md").write_text(f"{note}: {train}\n")
+    write_json(cfg.best_params_path, {"study_name": None, "trial": None, "train": train})
+    Path(cfg.plots_dir).mkdir(parents=True, exist_ok=True)
+    return summary | {"markdown": note, "parent_run_id": None}
+
+
 def write_study_plots(study, out_dir: Path) -> list[Path]:
     """Optimisation history and parameter importances (matplotlib, no plotly needed)."""
     import matplotlib
