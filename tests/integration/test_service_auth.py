@@ -206,3 +206,53 @@ def test_without_keys_the_service_refuses_a_network_address_unless_told_anonymou
         assert ("tumorscope service: error: the service would answer anyone who can reach 0.0.0.0 without an API key: "
                 "set $TUMORSCOPE_API_KEYS (or serve.auth.keys_file), bind --host 127.0.0.1, or set "
                 "serve.auth.anonymous: true to allow it") in done.stderr
+
+
+@needs_chromium
+def test_a_reviewer_reads_a_queued_answer_on_the_clinician_page(keyed):
+    """The page's review tab: a user key is told it may not read the queue; a reviewer key lists the
+    pending answers, shows one and records a reading, which the API then returns."""
+    import time
+
+    import numpy as np
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from helpers.images import png_bytes
+    from tumorscope.review.queue import item_id
+
+    pixels = np.random.default_rng(91).integers(0, 256, (96, 96), dtype=np.uint8)  # a slice only this test sends
+    sent = httpx.post(f"{keyed.url}/classify", headers={"X-API-Key": USER_KEY}, timeout=60,
+                      files=[("file", ("noise.png", png_bytes(pixels), "image/png"))]).json()
+    assert sent["refer"]
+    identifier, deadline = item_id(pixels), time.monotonic() + 20
+    while time.monotonic() < deadline and httpx.post(f"{keyed.url}/review_item", json={"item": identifier}, timeout=30,
+                                                     headers={"X-API-Key": REVIEWER_KEY}).status_code != 200:
+        time.sleep(0.2)
+
+    driver = browser()
+    try:
+        driver.get(f"{keyed.url}/ui/")
+        wait = WebDriverWait(driver, 60)
+        wait.until(lambda d: d.find_element(By.ID, "keyform").is_displayed())
+        driver.find_element(By.ID, "apikey").send_keys(USER_KEY)
+        driver.find_element(By.CSS_SELECTOR, "#keyform button").click()
+        wait.until(lambda d: d.find_element(By.ID, "version").text not in ("", "-"))
+        driver.find_element(By.CSS_SELECTOR, "#review summary").click()
+        wait.until(lambda d: "needs a reviewer or admin key" in d.find_element(By.ID, "reviewstatus").text)
+        driver.find_element(By.ID, "reviewkey").click()
+        wait.until(lambda d: d.find_element(By.ID, "keyform").is_displayed())
+        driver.find_element(By.ID, "apikey").send_keys(REVIEWER_KEY)
+        driver.find_element(By.CSS_SELECTOR, "#keyform button").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, f'#reviewlist button[data-item="{identifier}"]'))
+        driver.find_element(By.CSS_SELECTOR, f'#reviewlist button[data-item="{identifier}"]').click()
+        wait.until(lambda d: d.find_element(By.ID, "reviewid").text == identifier)
+        assert sent["class"] in driver.find_element(By.ID, "reviewanswer").text
+        assert driver.find_element(By.ID, "reviewhistory").text == "No reading yet."
+        driver.find_element(By.CSS_SELECTOR, '#reviewchoices button[data-label="Stone"]').click()
+        wait.until(lambda d: "Stone by dr-okafor" in d.find_element(By.ID, "reviewhistory").text)
+    finally:
+        driver.quit()
+    item = httpx.post(f"{keyed.url}/review_item", json={"item": identifier}, headers={"X-API-Key": REVIEWER_KEY},
+                      timeout=30).json()
+    assert [(r["label"], r["reviewer"]) for r in item["readings"]] == [("Stone", "dr-okafor")]
