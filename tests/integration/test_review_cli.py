@@ -102,13 +102,20 @@ def test_readers_who_disagree_with_the_champion_raise_the_accuracy_alert(project
         item = queue.add(rng.integers(0, 256, (32, 32), dtype=np.uint8), {"class": "Normal", "probabilities": probabilities,
                                                                            "refer": False}, f"{name}/{version.version}",
                          f"r{index}", "sampled")
-        queue.label(item, "Tumor" if index < 20 else "Normal", "dr-a")
+        queue.label(item, "Tumor" if index < 20 else "Normal" if index < 26 else "Cyst", "dr-a")
 
     done = cli("review", "accuracy")
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"review accuracy: ALERT: {name}/{version.version}: 30 read answers (30 decided")
     assert "Tumor recall on reviewed answers 0.00" in done.stdout and "below the champion's test recall 0.92" in done.stdout
     report = json.loads(Path(params.review.report_path).read_text())
-    assert report["alert"] and report["decided"]["accuracy"] == pytest.approx(10 / 30)
+    assert report["alert"] and report["decided"]["accuracy"] == pytest.approx(6 / 30)
     metrics = client.get_run(run.info.run_id).data.metrics
     assert metrics["review.alert"] == 1.0 and metrics["review.recall_Tumor"] == 0.0
+    # Evidently's classification report of the readings: a file, and a run in the monitoring workspace.
+    html = Path(params.review.report_path).with_suffix(".html")
+    assert html.stat().st_size > 10_000 and done.stdout.strip().endswith(str(html))
+    from evidently.ui.workspace import Workspace
+
+    project = Workspace.create(params.monitor.workspace).search_project(params.monitor.project)[0]
+    assert len(Workspace.create(params.monitor.workspace).list_runs(project.id)) == 1

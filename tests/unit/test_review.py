@@ -259,3 +259,13 @@ def test_accuracy_on_readings_weights_the_sample_and_alerts_when_tumour_recall_f
     assert few["status"] == INSUFFICIENT and not few["alert"] and "(< review.min_readings 50)" in few["reason"]
     other = reviewed_accuracy(agreeing.items("labelled"), 0.25, "Tumor", 0.9, model_version="m/2")
     assert other["n_read"] == 0 and other["n_other_versions"] == 20
+
+
+def test_too_few_classes_for_evidentlys_report_are_said_not_hidden(tmp_path):
+    from tumorscope.monitoring.accuracy import classification_report, readings_frame
+
+    two = read_items(tmp_path, [("sampled", "Normal", "Tumor")] * 3 + [("sampled", "Normal", "Normal")] * 3)
+    assert classification_report(readings_frame(two.items())) is None
+    three = read_items(tmp_path / "three", [("sampled", "Normal", "Tumor"), ("sampled", "Cyst", "Cyst"),
+                                            ("referred", "Normal", "Normal")] * 3)
+    assert classification_report(readings_frame(three.items())) is not None

@@ -75,3 +75,35 @@ def reviewed_accuracy(items: Iterable[Any], sample_rate: float, critical_class: 
               f"{'is below' if fell else 'is not significantly below'} the champion's test recall "
               f"{champion_recall:.2f} (one-sided binomial p = {p_value:.3g}, alpha {alpha:g})")
     return summary | {"status": ALERT if fell else OK, "alert": fell, "reason": reason}
+
+
+def readings_frame(items: Iterable[Any], model_version: str | None = None):
+    """(reading, the model's answer) of every read item of ``model_version`` whose reading is a class."""
+    import pandas as pd
+
+    rows = [{"target": item.label, "prediction": item.record["answer"].get("class"), "why": item.record["why"]}
+            for item in items if item.label is not None and item.label in item.record["classes"]
+            and (model_version is None or item.record["model_version"] == model_version)]
+    return pd.DataFrame(rows, columns=["target", "prediction", "why"])
+
+
+# Evidently 0.7.x takes two classes for a binary task and fails on its positive label (KeyError 1).
+MIN_REPORT_CLASSES = 3
+
+
+def classification_report(frame):
+    """Evidently's classification report (accuracy, per-class precision and recall, the confusion
+    matrix) of the readings against the model's answers; None when the readings and answers hold
+    fewer than ``MIN_REPORT_CLASSES`` classes (the summary says so)."""
+    if len(set(frame["target"]) | set(frame["prediction"])) < MIN_REPORT_CLASSES:
+        return None
+    from evidently import DataDefinition, Dataset, MulticlassClassification, Report
+    from evidently.presets import ClassificationPreset
+
+    definition = DataDefinition(classification=[MulticlassClassification(target="target", prediction_labels="prediction")],
+                                categorical_columns=["target", "prediction", "why"])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scikit-learn: precision of a class never predicted is 0
+        return Report([ClassificationPreset()]).run(Dataset.from_pandas(frame, data_definition=definition), None)

@@ -63,15 +63,19 @@ def run_review_import(params: Params, export: Path) -> str:
             f"{len(refused)} refused" + (": " + "; ".join(refused[:5]) if refused else ""))
 
 
-def harvest_batch(params: Params, name: str | None = None) -> tuple[Path, dict, list[str] | None]:
-    """(the batch folder, counts per class and excluded, the known hashes it was checked against)."""
+def harvest_batch(params: Params, name: str | None = None,
+                  added_dir: str | Path | None = None) -> tuple[Path, dict, list[str] | None]:
+    """(the batch folder, counts per class and excluded, the known hashes it was checked against).
+    The batch goes to data.added_dir, or ``added_dir`` (the monitoring flow stages it there and
+    hands it to the retraining, which adds it to the data and versions it)."""
     from tumorscope.data.manifest import load_manifest
     from tumorscope.review.harvest import harvest
 
     manifest = Path(params.manifest.path)
     known = list(load_manifest(manifest)["phash"].dropna()) if manifest.is_file() else None
     batch_name = name or f"{params.review.batch_prefix}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
-    batch, counts = harvest(open_queue(params), params.data.added_dir, batch_name, known, params.split.phash_threshold)
+    batch, counts = harvest(open_queue(params), added_dir or params.data.added_dir, batch_name, known,
+                            params.split.phash_threshold)
     return batch, counts, known
 
 
@@ -94,7 +98,8 @@ def run_review_accuracy(params: Params) -> tuple[str, dict]:
     import mlflow
 
     from tumorscope import registry, tracking
-    from tumorscope.monitoring.accuracy import reviewed_accuracy
+    from tumorscope.monitoring.accuracy import MIN_REPORT_CLASSES, classification_report, readings_frame, reviewed_accuracy
+    from tumorscope.monitoring.drift import add_to_workspace
     from tumorscope.reports import write_json
 
     tracking.configure(params.mlflow)
@@ -104,8 +109,19 @@ def run_review_accuracy(params: Params) -> tuple[str, dict]:
     label = f"{name}/{version.version}"
     champion_recall = client.get_run(version.run_id).data.metrics.get(f"test_recall_{critical}")
     cfg = params.review
-    summary = reviewed_accuracy(open_queue(params).items(), cfg.sample_rate, critical, champion_recall,
-                                cfg.alpha, cfg.min_readings, model_version=label)
+    items = open_queue(params).items()
+    summary = reviewed_accuracy(items, cfg.sample_rate, critical, champion_recall, cfg.alpha, cfg.min_readings,
+                                model_version=label)
+    # Evidently's classification report of the readings, beside the drift reports in the workspace.
+    snapshot = classification_report(readings_frame(items, label))
+    html = Path(cfg.report_path).with_suffix(".html")
+    if snapshot is not None:
+        snapshot.save_html(str(html))
+        add_to_workspace(snapshot, params.monitor.workspace, params.monitor.project, f"readings of {label}")
+    summary["report_html"] = str(html) if snapshot is not None else None
+    if snapshot is None:
+        summary["report_note"] = (f"no Evidently classification report: the readings and answers hold fewer than "
+                                  f"{MIN_REPORT_CLASSES} classes")
     write_json(cfg.report_path, summary)
     metrics = {"review.n_read": summary["n_read"], "review.alert": float(summary["alert"]),
                "review.decided_accuracy": summary["decided"]["accuracy"],
@@ -123,5 +139,6 @@ def run_review_accuracy(params: Params) -> tuple[str, dict]:
     line = (f"review accuracy: {head}{label}: {summary['n_read']} read answers "
             f"({summary['decided']['n']} decided, sampled at {cfg.sample_rate:g}: accuracy "
             f"{show(summary['decided']['accuracy'])}; {summary['referred']['n']} referred: the model was right on "
-            f"{show(summary['referred']['model_right'])}); {summary['reason']} -> {cfg.report_path}")
+            f"{show(summary['referred']['model_right'])}); {summary['reason']} -> {cfg.report_path}"
+            + (f", {summary['report_html']}" if summary["report_html"] else ""))
     return line, summary
