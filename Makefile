@@ -121,7 +121,7 @@ monitor: install ## drift of new slices or the inference log against the champio
 evidently-ui: install ## the Evidently UI on the drift history (http://127.0.0.1:8000)
 	$(RUN) evidently ui --workspace monitoring/workspace --host 127.0.0.1 --port 8000
 
-demo: install ## dvc repro, then serve -> requests -> a batch from another scanner -> drift -> retraining -> gates
+demo: install ## dvc repro, then serve -> requests -> another scanner -> drift -> readings of queued answers -> harvest -> retraining -> gates
 	$(RUN) dvc repro
 	PATH="$(dir $(UV)):$$PATH" $(RUN) python -m flows.demo
 

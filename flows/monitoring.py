@@ -62,10 +62,12 @@ def review_retraining_reason(review: dict, retrain_after: int) -> str | None:
 
 @task
 def harvest_readings(params_path: str) -> str:
-    """The read items as a labelled batch under data.added_dir (``tumorscope review harvest``)."""
+    """The read items as a labelled batch (``tumorscope review harvest``), staged under
+    review.queue_dir/batches: the retraining adds it to data.added_dir and versions it with DVC."""
     from tumorscope.stages.review import harvest_batch
 
-    batch, counts, _ = harvest_batch(load_params(params_path))
+    params = load_params(params_path)
+    batch, counts, _ = harvest_batch(params, added_dir=Path(params.review.queue_dir) / "batches")
     get_run_logger().info("harvested %s -> %s", counts, batch)
     return str(batch.resolve())
 
