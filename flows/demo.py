@@ -149,6 +149,7 @@ def demo_params(root: Path, n_shifted: int, keys_file: Path) -> dict:
                                                    "report_path": str(root / "review_accuracy.json")}
     params["monitor"] |= {"current": str(root / "inference.jsonl"), "window": n_shifted,
                           "summary_path": str(root / "monitoring.json"), "report_dir": str(root / "report"),
+                          "metrics_path": str(root / "monitoring_metrics.json"),  # not the DVC stage's (tracked) file
                           "retrain": {"deployment": "tumorscope-experiment/train", "wait_seconds": 1800}}
     return params
 
@@ -254,6 +255,8 @@ def main(argv: list[str] | None = None) -> None:
         started.append(start([sys.executable, "-c", "from flows.experiment import experiment_flow; "
                               "experiment_flow.serve(name='train')"], runner_log, env))
         clean_before = git_status() == ""
+        if not clean_before:
+            print(f"(the workspace has changes, so the experiment's results will stay in it:\n{git_status()})")
         from flows.experiment import experiment_name
         from flows.monitoring import monitoring_flow
 
