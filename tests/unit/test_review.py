@@ -209,6 +209,10 @@ def test_the_service_keeps_referred_answers_and_a_sample_and_survives_a_failing_
     assert whys[:10] == ["referred"] * 10
     sampled = whys[10:].count("sampled")
     assert 0.15 * 390 < sampled < 0.35 * 390 and whys[10:].count(None) == 390 - sampled
+    again = ReviewIntake(ReviewConfig(queue_dir=str(tmp_path / "review"), sample_rate=0.0))
+    assert again.submit(pixels[0], response(0, refer=True)) == "referred"  # already queued: not counted again
+    again.close()
+    assert again.status()["referred"] == 0
     queued = ReviewQueue(tmp_path / "review").items()
     assert len(queued) == 10 + sampled and intake.status() | {} == {
         "ok": True, "queue_dir": str(tmp_path / "review"), "referred": 10, "sampled": sampled, "failed": 0,

@@ -246,7 +246,7 @@ class ReviewItem(ReviewItemSummary):
 class ReviewQueueStatus(_Answer):
     queue_dir: str = Field(description="where this replica queues answers for review (review.queue_dir)")
     ok: bool = Field(description="false once a slice to review could not be written")
-    referred: int = Field(description="referred answers queued since the service started")
+    referred: int = Field(description="referred answers queued since the service started (a slice already queued: not again)")
     sampled: int = Field(description="other answers queued, drawn at review.sample_rate")
     failed: int
     last_error: str | None

@@ -44,7 +44,11 @@ class ReviewIntake:
         return why
 
     def _add(self, pixels: np.ndarray, response: dict[str, Any], why: str) -> None:
+        from tumorscope.review.queue import item_id
+
         try:
+            if self.queue.contains(item_id(pixels)):
+                return  # the same slice again: one item, counted once
             self.queue.add(pixels, response, response["model_version"], response["request_id"], why)
             with self._lock:
                 self.counts[why] += 1

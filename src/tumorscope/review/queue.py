@@ -161,6 +161,9 @@ class ReviewQueue:
 
     # -- reading
 
+    def contains(self, identifier: str) -> bool:
+        return (self.items_dir / f"{identifier}.json").is_file()
+
     def item(self, identifier: str) -> Item:
         if len(identifier) != ITEM_ID_CHARS or any(c not in "0123456789abcdef" for c in identifier):
             raise UnknownItem(f"no review item {identifier!r} (ids are {ITEM_ID_CHARS} hexadecimal characters)")
