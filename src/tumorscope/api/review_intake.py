@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from tumorscope.review.queue import ReviewQueue
+from tumorscope.review.queue import ReviewQueue, iso_utc
 
 LOG = logging.getLogger(__name__)
 PRUNE_EVERY = 200  # items added between two prunings of the queue's bounds
@@ -66,21 +66,15 @@ class ReviewIntake:
             return {"ok": self.counts["failed"] == 0, "queue_dir": str(self.queue.folder), **self.counts,
                     "last_error": self.last_error}
 
-    def close(self, timeout: float = 5.0) -> None:
+    def close(self) -> None:
         """Write what is queued (the writer would die with the process)."""
         self._pool.shutdown(wait=True)
-
-
-def _iso(seconds: float) -> str:
-    import time
-
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
 def item_summary(item: Any) -> dict[str, Any]:
     """A queue item as the review routes list it (``contract.ReviewItemSummary``)."""
     answer = item.record["answer"]
-    return {"item": item.id, "received_at": _iso(item.record["received_at"]), "why": item.record["why"],
+    return {"item": item.id, "received_at": iso_utc(item.record["received_at"]), "why": item.record["why"],
             "model_version": item.record["model_version"], "model_class": answer.get("class"),
             "refer_reason": answer.get("refer_reason"), "label": item.label, "n_readings": len(item.labels)}
 
@@ -90,9 +84,9 @@ def item_detail(queue: ReviewQueue, item: Any) -> dict[str, Any]:
     import base64
 
     answer = item.record["answer"]
-    png = (queue.items_dir / f"{item.id}.png").read_bytes()
+    png = queue.slice_png(item.id)
     return item_summary(item) | {
         "request_id": item.record["request_id"], "classes": item.record["classes"],
         "probabilities": answer.get("probabilities", {}), "prediction_set": answer.get("prediction_set"),
-        "readings": [reading | {"at": _iso(reading["at"])} for reading in item.labels],
+        "readings": [reading | {"at": iso_utc(reading["at"])} for reading in item.labels],
         "slice_png_base64": base64.b64encode(png).decode("ascii")}

@@ -11,12 +11,11 @@ is listed in the provenance table as excluded, with its distance. So is a slice 
 from __future__ import annotations
 
 import csv
-import time
 from collections import Counter
 from pathlib import Path
 
 from tumorscope.errors import UserError
-from tumorscope.review.queue import CANNOT_ASSESS, ReviewQueue
+from tumorscope.review.queue import CANNOT_ASSESS, ReviewQueue, iso_utc
 
 PROVENANCE_FILE = "provenance.csv"
 PROVENANCE_COLUMNS = ("item", "label", "included", "why_excluded", "reviewer", "labelled_at", "model_version",
@@ -53,14 +52,14 @@ def harvest(queue: ReviewQueue, added_dir: str | Path, batch_name: str,
         if not why:
             target = work / reading["label"] / f"{item.id}.png"
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes((queue.items_dir / f"{item.id}.png").read_bytes())
+            target.write_bytes(queue.slice_png(item.id))
             counts[reading["label"]] += 1
         else:
             counts["excluded"] += 1
         rows.append({"item": item.id, "label": reading["label"], "included": not why, "why_excluded": why,
-                     "reviewer": reading["reviewer"], "labelled_at": _iso(reading["at"]),
+                     "reviewer": reading["reviewer"], "labelled_at": iso_utc(reading["at"]),
                      "model_version": reading["model_version"], "model_answer": item.record["answer"].get("class"),
-                     "why_queued": item.record["why"], "received_at": _iso(item.record["received_at"]),
+                     "why_queued": item.record["why"], "received_at": iso_utc(item.record["received_at"]),
                      "nearest_training_distance": "" if not training_phashes else int(distance)})
     if not any(row["included"] for row in rows):
         raise UserError(f"nothing to harvest: all {len(rows)} labelled items are excluded "
@@ -74,7 +73,3 @@ def harvest(queue: ReviewQueue, added_dir: str | Path, batch_name: str,
     # Every read item is settled, included or not: none is harvested twice.
     queue.mark_harvested([row["item"] for row in rows], batch.name)
     return batch, dict(counts)
-
-
-def _iso(seconds: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))

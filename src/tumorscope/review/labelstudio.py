@@ -29,7 +29,7 @@ def export_tasks(queue: ReviewQueue, status: str = "pending") -> list[dict[str, 
     """Label Studio tasks of the queue's items (``status`` as ``ReviewQueue.items``)."""
     tasks = []
     for item in queue.items(status):
-        png = (queue.items_dir / f"{item.id}.png").read_bytes()
+        png = queue.slice_png(item.id)
         answer = item.record["answer"]
         task: dict[str, Any] = {"data": {"image": "data:image/png;base64," + base64.b64encode(png).decode(),
                                          "item": item.id, "why_queued": item.record["why"],

@@ -58,6 +58,11 @@ def png_bytes(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def iso_utc(seconds: float) -> str:
+    """A queue time (seconds since the epoch) as UTC ISO 8601."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
     """Write beside ``path`` and rename: a reader never sees half a file, a kill leaves none."""
     partial = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.partial")
@@ -172,6 +177,10 @@ class ReviewQueue:
         except FileNotFoundError:
             raise UnknownItem(f"no review item {identifier!r} in {self.items_dir}") from None
         return Item(identifier, record, self._labels(identifier), self._harvested(identifier))
+
+    def slice_png(self, identifier: str) -> bytes:
+        """The item's slice as stored (an 8-bit greyscale PNG)."""
+        return (self.items_dir / f"{identifier}.png").read_bytes()
 
     def pixels(self, identifier: str) -> np.ndarray:
         from PIL import Image
