@@ -37,7 +37,7 @@ for path, entry in json.load(sys.stdin)[""]["data"].items():
 endef
 export METRICS_TABLE
 
-.PHONY: help install run test lint test-fast test-deps bench metrics-table crossval gpu-wheels mlflow-ui mlflow-server clean clean-stores prefect-server deploy worker serve bento serving-lock demo monitor evidently-ui
+.PHONY: help install run test lint dvc-yaml test-fast test-deps bench metrics-table crossval gpu-wheels mlflow-ui mlflow-server clean clean-stores prefect-server deploy worker serve bento serving-lock demo monitor evidently-ui
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
 
@@ -64,6 +64,9 @@ test: install lint ## lint and type-check, then run the test suite (unit, integr
 lint: install ## ruff (style, imports, bug patterns) and mypy (types) on the code
 	$(RUN) ruff check src flows serving tests benchmarks
 	$(RUN) mypy
+
+dvc-yaml: install ## render dvc.yaml from src/tumorscope/stages/graph.py (after a stage's params, outs or imports change)
+	$(RUN) tumorscope dvc-yaml
 
 test-fast: install ## the unit tier: tests/unit without the slow tests (about a minute)
 	$(RUN) pytest tests/unit -m "not slow"

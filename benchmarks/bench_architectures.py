@@ -47,14 +47,14 @@ def measure(architecture: str, size: int, batch: int, seconds: float, rounds: in
     `train.*` defaults (e.g. where augmentation runs) and label the row."""
     import keras
 
-    from tumorscope.config import TrainConfig
+    from tumorscope.config import TrainConfig, load_params
     from tumorscope.inference import predict_proba
     from tumorscope.models.train import balanced_class_weights, fresh_session, make_batches
     from tumorscope.models.zoo import build_model, model_options
 
     fresh_session()
     keras.config.set_dtype_policy(policy)
-    cfg = TrainConfig(architecture=architecture, **train_overrides)
+    cfg = TrainConfig.model_validate(load_params("params.yaml").train.model_dump() | {"architecture": architecture} | train_overrides)
     model = build_model(architecture, size, N_CLASSES, **model_options(cfg, seed=0))
     model.compile(optimizer=keras.optimizers.Adam(cfg.lr), loss="sparse_categorical_crossentropy")
 

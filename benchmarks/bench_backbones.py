@@ -39,13 +39,15 @@ FEATURE_WIDTH = {"efficientnet_lite0 probe": 1280, "efficientnet_lite0 probe 224
 def measure(members: list[dict], size: int, rounds: int, images: int) -> dict:
     import numpy as np
 
-    from tumorscope.config import TrainConfig
+    from tumorscope.config import TrainConfig, load_params
     from tumorscope.inference import predict_proba
     from tumorscope.models.ensemble import combine
     from tumorscope.models.explain import grad_cam
     from tumorscope.models.zoo import build_configured
 
-    built = [build_configured(TrainConfig(**overrides), size, 4, seed=i) for i, overrides in enumerate(members)]
+    base = load_params("params.yaml").train.model_dump()
+    built = [build_configured(TrainConfig.model_validate(base | overrides), size, 4, seed=i)
+             for i, overrides in enumerate(members)]
     model = built[0] if len(built) == 1 else combine(built)
     rng = np.random.default_rng(0)
     one = rng.integers(0, 256, (1, size, size, 1), dtype=np.uint8)

@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256, help="slice side in pixels (a decoded upload)")
     args = parser.parse_args()
     from tumorscope.api.review_intake import ReviewIntake
-    from tumorscope.config import ReviewConfig
+    from tumorscope.config import ReviewConfig, load_params
     from tumorscope.data.manifest import phash_hex
     from tumorscope.review.harvest import harvest
     from tumorscope.review.queue import ReviewQueue
@@ -41,7 +41,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
         slices = [rng.integers(0, 256, (args.size, args.size), dtype=np.uint8) for _ in range(200)]
-        intake = ReviewIntake(ReviewConfig(queue_dir=str(root / "intake"), sample_rate=0.05), seed=0)
+        intake = ReviewIntake(ReviewConfig.model_validate(
+            load_params("params.yaml").review.model_dump() | {"queue_dir": str(root / "intake"), "sample_rate": 0.05}), seed=0)
         submit = []
         for index, pixels in enumerate(slices):
             started = time.perf_counter()

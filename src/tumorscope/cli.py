@@ -309,6 +309,25 @@ def mlflow_server(params: ParamsOption = DEFAULT_PARAMS) -> None:
     os.execv(command[0], command)  # the server itself: signals reach it, its exit status is ours
 
 
+@app.command("dvc-yaml")
+def dvc_yaml(params: ParamsOption = DEFAULT_PARAMS,
+             check: Annotated[bool, typer.Option("--check", help="fail unless dvc.yaml is what it renders")] = False) -> None:
+    """Render dvc.yaml from the stage graph (src/tumorscope/stages/graph.py) and what each stage imports."""
+    def work() -> str:
+        from tumorscope.errors import UserError
+        from tumorscope.stages.graph import REPO, render
+
+        text, path = render(_params(params)), REPO / "dvc.yaml"
+        if check:
+            if not path.is_file() or path.read_text() != text:
+                raise UserError(f"{path} is not what the stage graph renders: run `tumorscope dvc-yaml`")
+            return f"{path} is current"
+        path.write_text(text)
+        return f"wrote {path}"
+
+    _report(work)
+
+
 @app.command("api-key")
 def api_key(admin: Annotated[bool, typer.Option("--admin", help="a key that may also reload the model")] = False,
             reviewer: Annotated[str | None, typer.Option(

@@ -34,7 +34,9 @@ def input_spec(classes: list[str], preprocess: PreprocessConfig, window: WindowC
 
 
 def spec_preprocess(spec: dict) -> PreprocessConfig:
-    return PreprocessConfig.model_validate(spec["preprocess"])
+    """The model's pixel settings; where a cache or report would go means nothing for a loaded model."""
+    nowhere = {name: "" for name in PreprocessConfig.model_fields if name not in PIXEL_SETTINGS}
+    return PreprocessConfig.model_validate(nowhere | spec["preprocess"])
 
 
 def spec_window(spec: dict) -> WindowConfig:

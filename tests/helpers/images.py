@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from helpers.params import section
+
 
 def write_png(path: Path, pixels: np.ndarray) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -35,7 +37,7 @@ def phantom_pngs(n_per_class: int = 2, size: int = 96) -> dict[str, bytes]:
     files = {}
     for label in CANONICAL_CLASSES:
         for k in range(1, n_per_class + 1):
-            image, _, _ = render_slice(image_rng(123, label, k), label, size, 12.0, 0.7, WindowConfig())
+            image, _, _ = render_slice(image_rng(123, label, k), label, size, 12.0, 0.7, section(WindowConfig))
             files[f"phantom-{label}-{k}.png"] = png_bytes(image)
     return files
 

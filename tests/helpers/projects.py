@@ -91,12 +91,13 @@ def make_project(root: Path, changes: dict) -> Path:
 
 def prepare_data(root: Path, changes: dict) -> Path:
     """A project folder (no git, no DVC) whose data stages already ran, called as library functions."""
+    from helpers.params import params_with
     from tumorscope.config import load_params
     from tumorscope.stages import data as stages
 
     root.mkdir(parents=True, exist_ok=True)
     shutil.copytree(REPO / "expectations", root / "expectations")
-    (root / "params.yaml").write_text(yaml.safe_dump(changes))
+    (root / "params.yaml").write_text(yaml.safe_dump(params_with(changes).model_dump(mode="json", by_alias=True)))
     here = os.getcwd()
     os.chdir(root)
     try:

@@ -11,6 +11,7 @@ import numpy as np
 import yaml
 
 from helpers.images import textured_slice, write_png
+from helpers.params import raw_params_with
 from helpers.paths import REPO
 
 
@@ -20,7 +21,8 @@ def tumorscope(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def _project(tmp_path: Path, params: dict) -> Path:
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    """A project whose params.yaml is the project's with ``params`` merged in."""
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw_params_with(params)))
     return tmp_path
 
 

@@ -118,6 +118,12 @@ def test_dvc_repro_on_tiny_phantom(tiny_dvc_run, tmp_path, prefect_server):
     # monitor if the promotion report changed). (A study grown by one more trial: test_tuning.py;
     # tune.n_trials left out of the study's identity: test_tuning_space.py.)
     params = yaml.safe_load((project / "params.yaml").read_text())
+    # A train setting every trial uses (one dvc.yaml once left out) makes the study stale too.
+    augmented = yaml.safe_load((project / "params.yaml").read_text())
+    augmented["train"]["intensity_augment"] = 0.1
+    (project / "params.yaml").write_text(yaml.safe_dump(augmented, sort_keys=False))
+    stale = json.loads(run_tool(["dvc", "status", "--json"], project).stdout)
+    assert {"tune", "train"} <= set(stale), stale
     params["evaluate"]["distance_bands"] = [3, 8, 12]  # read by evaluate alone
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = run_tool(["dvc", "repro"], project, **server)

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from helpers.params import raw_params_with, section
 from tumorscope.config import ConformalConfig, OodConfig
 from tumorscope.trust.answers import fit_trust
 
@@ -37,7 +38,7 @@ def test_constant_model_fails_evaluate_but_keeps_its_metrics(tmp_path):
     model.save(tmp_path / "models" / "model.keras")
     # Its calibration, prediction-set thresholds and OOD check, fitted as the train stage does.
     validation = (rng.integers(0, 255, (24, 16, 16, 1), dtype=np.uint8), np.arange(24) % 4, np.arange(24))
-    trust = fit_trust(model, validation[:2], validation, 4, ConformalConfig(), OodConfig())
+    trust = fit_trust(model, validation[:2], validation, 4, section(ConformalConfig), section(OodConfig))
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     experiment = mlflow.create_experiment("tumorscope", artifact_location=(tmp_path / "mlartifacts").as_uri())
@@ -45,7 +46,7 @@ def test_constant_model_fails_evaluate_but_keeps_its_metrics(tmp_path):
         pass
     (tmp_path / "models" / "train.json").write_text(json.dumps(
         {"run_id": run.info.run_id, "classes": ["Cyst", "Normal", "Stone", "Tumor"], "trust": trust}))
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"preprocess": {"image_size": 16}}))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw_params_with({"preprocess": {"image_size": 16}})))
     classes = ["Cyst", "Normal", "Stone", "Tumor"]
     split = [{"path": f"t{i}.png", "label": classes[i % 4], "phash": f"{i:016x}", "split": "test"} for i in range(40)]
     split += [{"path": "a.png", "label": "Cyst", "phash": f"{1 << 63:016x}", "split": "train"}]

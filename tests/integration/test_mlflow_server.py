@@ -21,6 +21,7 @@ import yaml
 
 from helpers import bento
 from helpers.browser import browser
+from helpers.params import section
 from helpers.paths import FIXTURE_SLICES, REPO
 from helpers.processes import stop
 from helpers.requirements import drop_schema, needs_chromium, needs_postgres, postgres_schema_uri
@@ -143,5 +144,5 @@ def test_an_unreachable_server_is_one_line(tmp_path):
     from tumorscope.errors import UserError
 
     with pytest.raises(UserError, match="cannot reach the MLflow server") as err:
-        tracking.configure(MlflowConfig(tracking_uri="http://127.0.0.1:9"))
+        tracking.configure(section(MlflowConfig, tracking_uri="http://127.0.0.1:9"))
     assert "\n" not in str(err.value)

@@ -6,6 +6,7 @@ import uuid
 
 import pytest
 
+from helpers.params import section
 from helpers.requirements import needs_postgres, postgres_schema_uri
 from tumorscope import tracking
 from tumorscope.config import MlflowConfig
@@ -33,20 +34,21 @@ def _log_and_read_back(cfg: MlflowConfig, tmp_path) -> None:
 
 
 def test_sqlite_store(tmp_path):
-    _log_and_read_back(MlflowConfig(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+    _log_and_read_back(section(MlflowConfig, tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
                                     artifact_root=str(tmp_path / "artifacts"), experiment="t"), tmp_path)
 
 
 @needs_postgres
 def test_postgres_store(tmp_path):
     # A fresh experiment name per run: the shared database outlives the test.
-    _log_and_read_back(MlflowConfig(tracking_uri=postgres_schema_uri("tumorscope_mlflow"), artifact_root=str(tmp_path / "artifacts"),
-                                    experiment=f"tumorscope-test-{uuid.uuid4().hex[:8]}"), tmp_path)
+    _log_and_read_back(section(MlflowConfig, tracking_uri=postgres_schema_uri("tumorscope_mlflow"),
+                               artifact_root=str(tmp_path / "artifacts"), experiment=f"tumorscope-test-{uuid.uuid4().hex[:8]}"),
+                       tmp_path)
 
 
 def test_unreachable_store_is_one_line_user_error():
     with pytest.raises(UserError, match="mlflow.tracking_uri: cannot open") as err:
-        tracking.configure(MlflowConfig(tracking_uri="postgresql://nobody@127.0.0.1:1/none"))
+        tracking.configure(section(MlflowConfig, tracking_uri="postgresql://nobody@127.0.0.1:1/none"))
     assert "\n" not in str(err.value)
 
 
@@ -61,7 +63,7 @@ def test_two_runs_logging_one_new_dataset_at_once_both_get_it():
     import pandas as pd
     from mlflow.data.pandas_dataset import from_pandas
 
-    experiment_id = tracking.configure(MlflowConfig(tracking_uri=postgres_schema_uri("tumorscope_mlflow"),
+    experiment_id = tracking.configure(section(MlflowConfig, tracking_uri=postgres_schema_uri("tumorscope_mlflow"),
                                                     experiment=f"tumorscope-race-{uuid.uuid4().hex[:8]}"))
     client = mlflow.tracking.MlflowClient()
     failures: list[str] = []

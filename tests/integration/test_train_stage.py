@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 
+from helpers.params import defaults
 from tumorscope.config import load_params, with_overrides
 from tumorscope.stages import training
 from tumorscope.tracking import absolute_sqlite_uri
@@ -135,10 +136,9 @@ def test_a_retraining_reuses_the_champions_tuned_settings():
     """The champion's MLflow run params (as tracking.fit_params logs them: str() of each value) become
     `dvc exp run -S` settings of every searched train.* setting, with no study."""
     from flows.experiment import champion_settings
-    from tumorscope.config import Params
     from tumorscope.errors import UserError
 
-    params = Params()
+    params = defaults()
     run_params = {f"train.{k}": str(v) for k, v in params.train.model_dump().items()} | {
         "train.lr": "0.00123", "train.filters": "32", "train.architecture": "small_cnn"}
     settings = champion_settings(params, run_params)

@@ -28,9 +28,9 @@ CHILD = textwrap.dedent("""
     # 100 slices, batches of 16: every batch (the last has 4) splits evenly over two devices.
     x = rng.integers(0, 255, (100, 32, 32, 1), dtype=np.uint8); y = np.arange(100) % 4
     xv = rng.integers(0, 255, (37, 32, 32, 1), dtype=np.uint8); yv = np.arange(37) % 4
-    cfg = TrainConfig(epochs=3, batch_size=16, filters=8, warmup_epochs=5, distribution=sys.argv[1])
+    cfg = section(TrainConfig, epochs=3, batch_size=16, filters=8, warmup_epochs=5, distribution=sys.argv[1])
     out = fit_and_score(cfg, 32, ["a", "b", "c", "d"], 42, (x, y), (xv[:36], yv[:36]), (xv, yv, np.arange(37)),
-                        EvaluateConfig(fail_on_degenerate=False, bootstrap_samples=50))
+                        section(EvaluateConfig, fail_on_degenerate=False, bootstrap_samples=50))
     model = out.result.model
     save_model(model, Path(sys.argv[2]))
     json.dump({"loss": out.result.history["loss"], "val_loss": out.result.history["val_loss"],

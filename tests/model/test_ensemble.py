@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from helpers.params import section
 from tumorscope.config import TrainConfig
 from tumorscope.models.ensemble import combine, mean_logit_probabilities, member_bodies
 
@@ -21,7 +22,7 @@ def slices(n: int, seed: int = 0) -> np.ndarray:
 def members():
     from tumorscope.models.zoo import build_configured
 
-    models = [build_configured(TrainConfig(), SIZE, 4, seed=0), build_configured(TrainConfig(filters=8), SIZE, 4, seed=1)]
+    models = [build_configured(section(TrainConfig), SIZE, 4, seed=0), build_configured(section(TrainConfig, filters=8), SIZE, 4, seed=1)]
     # Members that disagree (a fresh init answers near-uniformly): the two mean rules then differ.
     for model, favoured in zip(models, (0, 3), strict=False):
         model.layers[-1].bias.assign(np.eye(4, dtype=np.float32)[favoured] * 3.0)
@@ -60,9 +61,9 @@ def test_members_that_do_not_fit_together_are_refused(members):
     with pytest.raises(ValueError, match="at least two members"):
         combine(members[:1])
     with pytest.raises(ValueError, match="share the input shape"):
-        combine([members[0], build_configured(TrainConfig(), 48, 4, seed=0)])
+        combine([members[0], build_configured(section(TrainConfig), 48, 4, seed=0)])
     with pytest.raises(ValueError, match="share the input shape and the classes"):
-        combine([members[0], build_configured(TrainConfig(), SIZE, 3, seed=0)])
+        combine([members[0], build_configured(section(TrainConfig), SIZE, 3, seed=0)])
     inputs = keras.Input((SIZE, SIZE, 1))
     logits = keras.layers.Dense(4)(keras.layers.Flatten()(inputs))
     no_softmax = keras.Model(inputs, keras.layers.Softmax()(logits), name="softmax_apart")

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers.params import section
 from helpers.paths import REPO
 from helpers.requirements import needs_jax
 from tumorscope.models.explain import grad_cam, overlay_png, region_of_interest
@@ -226,7 +227,7 @@ def test_grad_cam_reaches_into_a_nested_applications_backbone(architecture):
     from tumorscope.config import TrainConfig
     from tumorscope.models.zoo import backbone_of, build_configured
 
-    model = build_configured(TrainConfig(architecture=architecture, weights=None), SIZE, 4, seed=0)
+    model = build_configured(section(TrainConfig, architecture=architecture, weights=None), SIZE, 4, seed=0)
     assert backbone_of(model) is not None  # the backbone is one nested Model layer
     image = np.random.default_rng(0).integers(0, 256, (SIZE, SIZE, 1)).astype(np.uint8)
     heat = grad_cam(model, image)
@@ -240,8 +241,8 @@ def test_grad_cam_of_an_ensemble_with_a_nested_backbone_member():
     from tumorscope.models.ensemble import combine
     from tumorscope.models.zoo import build_configured
 
-    members = [build_configured(TrainConfig(), SIZE, 4, seed=0),
-               build_configured(TrainConfig(architecture="mobilenet_v2", weights=None), SIZE, 4, seed=0)]
+    members = [build_configured(section(TrainConfig), SIZE, 4, seed=0),
+               build_configured(section(TrainConfig, architecture="mobilenet_v2", weights=None), SIZE, 4, seed=0)]
     image = np.random.default_rng(0).integers(0, 256, (SIZE, SIZE, 1)).astype(np.uint8)
     heat = grad_cam(combine(members), image, class_index=3)
     assert heat.shape == (SIZE, SIZE) and np.isfinite(heat).all() and 0.0 <= heat.min() <= heat.max() <= 1.0

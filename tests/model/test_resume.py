@@ -31,7 +31,7 @@ CHILD = textwrap.dedent("""
     x[y == 1] //= 2; x[y == 2] //= 4  # something to learn, so early stopping and the LR halving act
     xv = rng.integers(0, 255, (40, 32, 32, 1), dtype=np.uint8); yv = np.arange(40) % 4
     xv[yv == 1] //= 2; xv[yv == 2] //= 4
-    cfg = TrainConfig(architecture=architecture, epochs=4, head_epochs=1, batch_size=16, filters=8, warmup_epochs=1,
+    cfg = section(TrainConfig, architecture=architecture, epochs=4, head_epochs=1, batch_size=16, filters=8, warmup_epochs=1,
                       patience=2, augment_strength=0.1, dropout=0.3)
 
     class Kill(keras.callbacks.Callback):
@@ -40,7 +40,7 @@ CHILD = textwrap.dedent("""
                 os._exit(137)
 
     out_ = fit_and_score(cfg, 32, ["a", "b", "c", "d"], 7, (x, y), (xv, yv), (xv, yv, np.arange(40)),
-                         EvaluateConfig(fail_on_degenerate=False, bootstrap_samples=50), callbacks=[Kill()],
+                         section(EvaluateConfig, fail_on_degenerate=False, bootstrap_samples=50), callbacks=[Kill()],
                          backup=TrainingBackup(backup_dir, "fingerprint"))
     Path(out).write_text(json.dumps({"history": out_.result.history, "probabilities": out_.probabilities.tolist(),
                                      "weights_sum": float(sum(np.abs(np.asarray(w)).sum() for w in out_.result.model.weights))}))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from helpers.params import section
 from tumorscope.config import PhantomConfig, PreprocessConfig, TrainConfig, WindowConfig
 from tumorscope.data.images import read_greyscale
 from tumorscope.data.phantom import generate_phantom
@@ -25,9 +26,9 @@ SIZE = 48
 @pytest.fixture(scope="module")
 def phantom_arrays(tmp_path_factory):
     out = tmp_path_factory.mktemp("phantom")
-    index = generate_phantom(PhantomConfig(out_dir=str(out), n_images=320, image_size=96), seed=3)
-    cfg = PreprocessConfig(image_size=SIZE)
-    images = np.stack([prepare_slice(read_greyscale(out / p, WindowConfig())[0], cfg) for p in index["path"]])[..., None]
+    index = generate_phantom(section(PhantomConfig, out_dir=str(out), n_images=320, image_size=96), seed=3)
+    cfg = section(PreprocessConfig, image_size=SIZE)
+    images = np.stack([prepare_slice(read_greyscale(out / p, section(WindowConfig))[0], cfg) for p in index["path"]])[..., None]
     classes = sorted(index["Class"].unique())
     labels = index["Class"].map({c: i for i, c in enumerate(classes)}).to_numpy(np.int32)
     order = np.random.default_rng(0).permutation(len(labels))
@@ -69,7 +70,7 @@ def test_a_model_that_learned_keeps_its_skill_in_inference_mode(findings_arrays,
 
     (x_train, y_train), (x_val, y_val) = findings_arrays
     keras.utils.set_random_seed(0)
-    cfg = TrainConfig(epochs=15, batch_size=16, lr=1e-3, patience=20, norm=norm)
+    cfg = section(TrainConfig, epochs=15, batch_size=16, lr=1e-3, patience=20, norm=norm)
     model = build_model("small_cnn", SIZE, 4, norm=norm, seed=0)
     result = train_model(model, (x_train, y_train), (x_val, y_val), cfg, seed=0)
     assert max(result.history["accuracy"][-3:]) >= 0.9, f"{norm}: the model did not learn the task"
@@ -121,7 +122,7 @@ def test_early_stopping_restores_the_best_epoch_of_the_monitored_score(phantom_a
     (x_train, y_train), (x_val, y_val) = phantom_arrays
     keras.utils.set_random_seed(0)
     # No warm-up: the callbacks must act within these 8 epochs (the warm-up has its own test).
-    cfg = TrainConfig(epochs=8, batch_size=16, lr=3e-3, patience=2, monitor=monitor, warmup_epochs=0)
+    cfg = section(TrainConfig, epochs=8, batch_size=16, lr=3e-3, patience=2, monitor=monitor, warmup_epochs=0)
     # norm none: with BatchNormalization the post-training recalibration (by design) moves the
     # statistics away from those the epoch was scored with.
     model = build_model("small_cnn", SIZE, 4, norm="none", seed=0)
@@ -139,7 +140,7 @@ def test_early_stopping_restores_the_best_epoch_of_the_monitored_score(phantom_a
 def test_plateau_callbacks_watch_the_monitor_in_the_right_direction(monitor, better, worse):
     from tumorscope.models.train import plateau_callbacks
 
-    for callback in plateau_callbacks(TrainConfig(monitor=monitor, patience=4)):
+    for callback in plateau_callbacks(section(TrainConfig, monitor=monitor, patience=4)):
         assert callback.monitor == monitor
         if hasattr(callback, "_set_monitor_op"):  # EarlyStopping sets its comparison lazily
             callback._set_monitor_op()
@@ -157,7 +158,7 @@ def test_warmup_epochs_are_ignored_by_early_stopping_and_the_lr_halving():
 
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)])
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
-    stop, shrink = plateau_callbacks(TrainConfig(monitor="val_loss", patience=2, warmup_epochs=4))
+    stop, shrink = plateau_callbacks(section(TrainConfig, monitor="val_loss", patience=2, warmup_epochs=4))
     for callback in (stop, shrink):
         callback.set_model(model)
         callback.on_train_begin()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from helpers.params import section
 from tumorscope.config import TrainConfig
 from tumorscope.inference import predict_proba
 from tumorscope.models.train import batch_norm_layers, recalibrate_batch_norm, train_model
@@ -46,7 +47,7 @@ def test_two_phase_training_gives_non_constant_predictions_and_round_trips(archi
     # VGG has no normalisation: from scratch at 1e-3 it collapsed to one class (measured), at 1e-4
     # it learned this task; the others learn at 1e-3.
     lr = 1e-4 if architecture in ("vgg16", "vgg19") else 1e-3
-    cfg = TrainConfig(architecture=architecture, head_epochs=1, epochs=7, batch_size=16, lr=lr,
+    cfg = section(TrainConfig, architecture=architecture, head_epochs=1, epochs=7, batch_size=16, lr=lr,
                       fine_tune_lr=lr, unfreeze_top_n=-1, patience=10)
     set_trainable_top(model, 0)
     assert not any(layer.trainable for layer in backbone_of(model).layers)
@@ -95,7 +96,7 @@ def test_missing_weights_file_is_a_user_error():
     from tumorscope.models.zoo import model_options
 
     with pytest.raises(UserError, match="train.weights: weights file not found: /no/such.h5"):
-        model_options(TrainConfig(architecture="resnet50", weights="/no/such.h5"), seed=0)
+        model_options(section(TrainConfig, architecture="resnet50", weights="/no/such.h5"), seed=0)
 
 
 def test_too_small_input_is_rejected():
@@ -116,7 +117,7 @@ from tumorscope.config import TrainConfig
 from tumorscope.errors import UserError
 from tumorscope.models.zoo import build_configured
 try:
-    model = build_configured(TrainConfig(architecture="mobilenet_v2", weights="imagenet"), 64, 4, seed=0)
+    model = build_configured(section(TrainConfig, architecture="mobilenet_v2", weights="imagenet"), 64, 4, seed=0)
     print("BUILT", model.get_layer("backbone").count_params())
 except UserError as err:
     print("USER_ERROR", err)
@@ -145,7 +146,7 @@ def test_a_local_weights_file_is_loaded_into_the_backbone(tmp_path):
     path = tmp_path / "mobilenet_v2_notop.weights.h5"
     donor.save_weights(path)
     keras.utils.set_random_seed(8)  # a different initialisation: equality below comes from the file
-    model = build_configured(TrainConfig(architecture="mobilenet_v2", weights=str(path)), 64, 4, seed=0)
+    model = build_configured(section(TrainConfig, architecture="mobilenet_v2", weights=str(path)), 64, 4, seed=0)
     loaded = backbone_of(model).get_weights()
     assert len(loaded) == len(donor.get_weights())
     assert all(np.array_equal(a, b) for a, b in zip(loaded, donor.get_weights(), strict=True))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from helpers.params import section
 from tumorscope.data.augment import augment_batch, random_affines
 
 
@@ -125,7 +126,7 @@ def test_augment_in_sends_the_strength_to_one_place_only(place):
     from tumorscope.config import TrainConfig
     from tumorscope.models.zoo import model_options
 
-    cfg = TrainConfig(augment_strength=0.2, augment_in=place)
+    cfg = section(TrainConfig, augment_strength=0.2, augment_in=place)
     other = "model" if place == "loader" else "loader"
     assert cfg.augment_strength_in(place) == 0.2 and cfg.augment_strength_in(other) == 0.0
     # the model is built with augmentation layers only when they are where it runs
@@ -161,8 +162,8 @@ def test_loader_workers_zero_means_one_per_core_at_most_eight():
 
     from tumorscope.config import TrainConfig
 
-    assert TrainConfig(loader_workers=3).loader_threads() == 3
-    assert TrainConfig().loader_threads() == min(8, len(os.sched_getaffinity(0)))
+    assert section(TrainConfig, loader_workers=3).loader_threads() == 3
+    assert section(TrainConfig).loader_threads() == min(8, len(os.sched_getaffinity(0)))
 
 
 def _body_slices(n: int = 12, size: int = 48) -> np.ndarray:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers.params import section
 from tumorscope.api import auth
 from tumorscope.api.auth import ADMIN, USER, ApiKeyAuth, ApiKeys, KeyConfigError, load_keys
 from tumorscope.config import AuthConfig
@@ -19,13 +20,13 @@ ADMIN_KEY = "a" * 20
 
 
 def keys(user=(USER_KEY,), admin=(ADMIN_KEY,)) -> ApiKeys:
-    return load_keys(AuthConfig(), environ={"TUMORSCOPE_API_KEYS": ",".join(user),
+    return load_keys(section(AuthConfig), environ={"TUMORSCOPE_API_KEYS": ",".join(user),
                                             "TUMORSCOPE_ADMIN_KEYS": " ".join(admin)})
 
 
 def test_no_keys_means_authentication_is_off():
-    assert not load_keys(AuthConfig(), environ={}).enabled
-    assert not load_keys(AuthConfig(), environ={"TUMORSCOPE_API_KEYS": " , "}).enabled
+    assert not load_keys(section(AuthConfig), environ={}).enabled
+    assert not load_keys(section(AuthConfig), environ={"TUMORSCOPE_API_KEYS": " , "}).enabled
 
 
 def test_roles_of_presented_keys():
@@ -47,7 +48,7 @@ def test_reviewer_keys_carry_a_name_and_never_the_key(tmp_path: Path):
 
     path = tmp_path / "keys.txt"
     path.write_text(f"reviewer {'r' * 24} dr-okafor\nuser {'u' * 20} pacs-bridge\n")
-    found = load_keys(AuthConfig(keys_file=str(path)), environ={"TUMORSCOPE_REVIEWER_KEYS": "s" * 20})
+    found = load_keys(section(AuthConfig, keys_file=str(path)), environ={"TUMORSCOPE_REVIEWER_KEYS": "s" * 20})
     assert found.identify("r" * 24) == (REVIEWER, "dr-okafor")
     assert found.identify("u" * 20) == (USER, "pacs-bridge")
     role, name = found.identify("s" * 20)  # from the environment: known by its digest's start
@@ -58,7 +59,7 @@ def test_reviewer_keys_carry_a_name_and_never_the_key(tmp_path: Path):
 def test_keys_file_lines_and_environment_add_up(tmp_path: Path):
     path = tmp_path / "keys.txt"
     path.write_text(f"# the service's keys\nuser {'f' * 16}   # the PACS bridge\n\nadmin {'g' * 40}\n")
-    found = load_keys(AuthConfig(keys_file=str(path)), environ={"TUMORSCOPE_API_KEYS": USER_KEY})
+    found = load_keys(section(AuthConfig, keys_file=str(path)), environ={"TUMORSCOPE_API_KEYS": USER_KEY})
     assert found.role_of("f" * 16) == USER and found.role_of(USER_KEY) == USER
     assert found.role_of("g" * 40) == ADMIN
 
@@ -73,7 +74,7 @@ def test_a_malformed_keys_file_is_one_line_without_the_key(tmp_path: Path, text:
     path = tmp_path / "keys.txt"
     path.write_text(text)
     with pytest.raises(KeyConfigError) as caught:
-        load_keys(AuthConfig(keys_file=str(path)), environ={})
+        load_keys(section(AuthConfig, keys_file=str(path)), environ={})
     message = str(caught.value)
     assert words in message and str(path) in message and "\n" not in message
     assert "short-key" not in message and "k" * 20 not in message
@@ -81,9 +82,9 @@ def test_a_malformed_keys_file_is_one_line_without_the_key(tmp_path: Path, text:
 
 def test_a_missing_keys_file_and_a_short_environment_key_are_named(tmp_path: Path):
     with pytest.raises(KeyConfigError, match="serve.auth.keys_file: .*nowhere.txt does not exist"):
-        load_keys(AuthConfig(keys_file=str(tmp_path / "nowhere.txt")), environ={})
+        load_keys(section(AuthConfig, keys_file=str(tmp_path / "nowhere.txt")), environ={})
     with pytest.raises(KeyConfigError, match="environment variable TUMORSCOPE_ADMIN_KEYS: a key of 6 characters"):
-        load_keys(AuthConfig(), environ={"TUMORSCOPE_ADMIN_KEYS": "secret"})
+        load_keys(section(AuthConfig), environ={"TUMORSCOPE_ADMIN_KEYS": "secret"})
 
 
 def test_new_keys_are_long_and_different():
@@ -182,21 +183,21 @@ def test_the_served_address_is_read_from_bentoml_serve_only():
 def test_a_network_address_without_keys_is_refused_unless_anonymous_is_set():
     from tumorscope.api.auth import check_exposure
 
-    none, some = ApiKeys(), load_keys(AuthConfig(), environ={"TUMORSCOPE_API_KEYS": "k" * 32})
-    check_exposure("127.0.0.1", none, AuthConfig())
-    check_exposure(None, none, AuthConfig())  # not the serving process
-    check_exposure("0.0.0.0", some, AuthConfig())
-    check_exposure("0.0.0.0", none, AuthConfig(anonymous=True))
+    none, some = ApiKeys(), load_keys(section(AuthConfig), environ={"TUMORSCOPE_API_KEYS": "k" * 32})
+    check_exposure("127.0.0.1", none, section(AuthConfig))
+    check_exposure(None, none, section(AuthConfig))  # not the serving process
+    check_exposure("0.0.0.0", some, section(AuthConfig))
+    check_exposure("0.0.0.0", none, section(AuthConfig, anonymous=True))
     with pytest.raises(UserError, match=r"reach 10\.0\.0\.5 without an API key: set \$TUMORSCOPE_API_KEYS .*"
                                         r"serve\.auth\.anonymous: true"):
-        check_exposure("10.0.0.5", none, AuthConfig())
+        check_exposure("10.0.0.5", none, section(AuthConfig))
 
 
 @pytest.mark.parametrize("path", ["/review_queue", "/review_item", "/review_label"])
 def test_review_routes_need_a_reviewer_or_admin_key_and_are_closed_without_keys(tmp_path: Path, path: str):
     keys_file = tmp_path / "keys.txt"
     keys_file.write_text(f"reviewer {'r' * 24} dr-okafor\nuser {USER_KEY}\nadmin {ADMIN_KEY}\n")
-    found = load_keys(AuthConfig(keys_file=str(keys_file)), environ={})
+    found = load_keys(section(AuthConfig, keys_file=str(keys_file)), environ={})
     assert request(found, "POST", path).status_code == 401
     user = request(found, "POST", path, USER_KEY)
     assert user.status_code == 403 and user.json()["error"] == f"{path} needs a reviewer or admin key"

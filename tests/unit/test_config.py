@@ -1,11 +1,18 @@
 import pytest
+import yaml
 
+from helpers.params import params_with, section
 from helpers.paths import REPO
-from tumorscope.config import ConfigError, Params, load_params, parse_params
+from tumorscope.config import ConfigError, load_params
 
 
-def test_repo_params_yaml_is_valid_and_matches_defaults():
-    assert load_params(REPO / "params.yaml") == Params()
+def test_a_missing_setting_is_named(tmp_path):
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    del raw["train"]["lr"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="params.yaml has no 'train.lr'") as err:
+        load_params(tmp_path / "params.yaml")
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize(
@@ -25,7 +32,7 @@ def test_repo_params_yaml_is_valid_and_matches_defaults():
 )
 def test_invalid_value_names_its_key(raw, key):
     with pytest.raises(ConfigError) as err:
-        parse_params(raw)
+        params_with(raw)
     assert f"'{key}'" in str(err.value)
     assert "\n" not in str(err.value)
 
@@ -36,7 +43,7 @@ def test_missing_params_file(tmp_path):
 
 
 def test_validate_section_alias():
-    assert parse_params({"validate": {"min_images_per_class": 3}}).validate_.min_images_per_class == 3
+    assert params_with({"validate": {"min_images_per_class": 3}}).validate_.min_images_per_class == 3
 
 
 def test_relative_sqlite_uris_become_absolute(tmp_path, monkeypatch):
@@ -58,16 +65,16 @@ def test_mlflow_server_command_takes_its_stores_from_params(tmp_path, monkeypatc
         return command[command.index(name) + 1]
 
     # The embedded default: the server serves the project's own SQLite file, artefacts from mlartifacts.
-    embedded = server_command(MlflowConfig())
+    embedded = server_command(section(MlflowConfig))
     assert option(embedded, "--backend-store-uri") == f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert option(embedded, "--artifacts-destination") == (tmp_path / "mlartifacts").as_uri()
     assert "--serve-artifacts" in embedded and option(embedded, "--host") == "127.0.0.1"
     assert "--allowed-hosts" not in embedded
     # A team's database named by tracking_uri is the server's backend.
-    team = server_command(MlflowConfig(tracking_uri="postgresql://u@db/mlflow"))
+    team = server_command(section(MlflowConfig, tracking_uri="postgresql://u@db/mlflow"))
     assert option(team, "--backend-store-uri") == "postgresql://u@db/mlflow"
     # Clients pointed at the server: the backend and artefacts come from mlflow.server.
-    client_side = MlflowConfig(tracking_uri="http://mlflow.lan:5000", server=MlflowServerConfig(
+    client_side = section(MlflowConfig, tracking_uri="http://mlflow.lan:5000", server=section(MlflowServerConfig,
         host="0.0.0.0", port=5001, backend_store_uri="postgresql://u@db/m", artifacts_destination="s3://bucket/ml",
         allowed_hosts="mlflow.lan"))
     command = server_command(client_side, "/opt/mlflow")
@@ -76,7 +83,7 @@ def test_mlflow_server_command_takes_its_stores_from_params(tmp_path, monkeypatc
     assert option(command, "--artifacts-destination") == "s3://bucket/ml"
     assert (option(command, "--host"), option(command, "--port"), option(command, "--allowed-hosts")) == (
         "0.0.0.0", "5001", "mlflow.lan")
-    assert option(server_command(MlflowConfig(tracking_uri="http://x:1")), "--backend-store-uri").endswith("/mlflow.db")
+    assert option(server_command(section(MlflowConfig, tracking_uri="http://x:1")), "--backend-store-uri").endswith("/mlflow.db")
 
 
 def test_local_artefacts_through_a_server_are_refused():
@@ -84,10 +91,10 @@ def test_local_artefacts_through_a_server_are_refused():
     from tumorscope.errors import UserError
     from tumorscope.tracking import _check_artifact_location
 
-    _check_artifact_location(MlflowConfig(), "file:///project/mlartifacts/1")  # embedded: fine
-    _check_artifact_location(MlflowConfig(tracking_uri="http://h:5000"), "mlflow-artifacts:/1")
+    _check_artifact_location(section(MlflowConfig), "file:///project/mlartifacts/1")  # embedded: fine
+    _check_artifact_location(section(MlflowConfig, tracking_uri="http://h:5000"), "mlflow-artifacts:/1")
     with pytest.raises(UserError, match="only one host can read"):
-        _check_artifact_location(MlflowConfig(tracking_uri="http://h:5000"), "file:///project/mlartifacts/1")
+        _check_artifact_location(section(MlflowConfig, tracking_uri="http://h:5000"), "file:///project/mlartifacts/1")
 
 
 @pytest.mark.parametrize(("device", "multiplier", "expected"), [("cpu", 4, 32), ("gpu", 4, 128), ("gpu", 1, 32)])

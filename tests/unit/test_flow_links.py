@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from flows.links import DATA_DOCS_KEY, DRIFT_REPORT_KEY, report_links
-from tumorscope.config import parse_params
+from helpers.params import defaults
 
 
 def test_links_name_only_reports_that_exist(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    params = parse_params({})
+    params = defaults()
     assert report_links(params) == []
     docs = tmp_path / params.validate_.docs_dir / "index.html"
     docs.parent.mkdir(parents=True)

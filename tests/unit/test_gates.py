@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+from helpers.params import section
 from tumorscope.config import PromoteConfig
 from tumorscope.gates import absolute_gates, acquisition_gate, comparison_gate, decision_line, rollback_gate
 
-CFG = PromoteConfig(min_macro_f1_low=0.7, min_critical_recall_low=0.8, max_ece=0.1, min_improvement=0.0)
+CFG = section(PromoteConfig, min_macro_f1_low=0.7, min_critical_recall_low=0.8, max_ece=0.1, min_improvement=0.0)
 
 
 def shortcuts(intensity_low=0.2, thumbnail_low=0.1):

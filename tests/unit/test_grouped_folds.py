@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tumorscope.config import Params
+from helpers.params import defaults
 from tumorscope.data.split import grouped_folds
 from tumorscope.models.crossval import fold_roles, summarise_rounds
 
@@ -65,7 +65,7 @@ def test_a_fold_without_the_critical_class_has_no_recall_for_it():
 
     classes = ["Cyst", "Normal", "Stone", "Tumor"]
     labels = np.repeat(np.arange(3), 4)  # no Tumor
-    scores = score_predictions(labels, np.eye(4)[labels], np.arange(12), classes, Params().evaluate, 0)
+    scores = score_predictions(labels, np.eye(4)[labels], np.arange(12), classes, defaults().evaluate, 0)
     assert scores["critical_recall"] is None and scores["critical_recall_ci"] is None
     assert scores["recall"] == {"Cyst": 1.0, "Normal": 1.0, "Stone": 1.0}
     assert scores["macro_f1"] == 1.0

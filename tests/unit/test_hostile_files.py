@@ -11,12 +11,13 @@ import pytest
 from PIL import Image
 
 from helpers.images import textured_slice, write_png
+from helpers.params import section
 from tumorscope.config import WindowConfig
 from tumorscope.data import images, manifest
 from tumorscope.data.images import MAX_PIXELS, UnreadableImage, decode_greyscale, error_reason
 from tumorscope.data.manifest import build_manifest, describe_file, quarantine_table
 
-WINDOW = WindowConfig()
+WINDOW = section(WindowConfig)
 N_GOOD = 4
 
 

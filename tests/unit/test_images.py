@@ -2,10 +2,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers.params import section
 from tumorscope.config import WindowConfig
 from tumorscope.data.images import UnreadableImage, read_greyscale, window_hu
 
-WINDOW = WindowConfig(level=40, width=400)
+WINDOW = section(WindowConfig, level=40, width=400)
 
 
 def test_window_maps_level_and_edges():

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from helpers.images import textured_slice, write_png
+from helpers.params import section
 from tumorscope.config import DataConfig, WindowConfig
 from tumorscope.data.ingest import add_batch, find_class_root, ingest
 from tumorscope.data.manifest import build_manifest, check_every_class_readable, quarantine_table
@@ -12,7 +13,7 @@ from tumorscope.errors import UserError
 
 def _ingest(source: Path, tmp_path: Path, **kwargs):
     kwargs.setdefault("added_dir", str(tmp_path / "added"))
-    return ingest(DataConfig(source=str(source), raw_dir=str(tmp_path / "raw"), **kwargs))
+    return ingest(section(DataConfig, source=str(source), raw_dir=str(tmp_path / "raw"), **kwargs))
 
 
 def test_kaggle_nested_layout_and_csv_are_found(tmp_path, class_folders):
@@ -21,7 +22,7 @@ def test_kaggle_nested_layout_and_csv_are_found(tmp_path, class_folders):
     class_folders.rename(nested)
     (tmp_path / "CT-KIDNEY-DATASET" / "kidneyData.csv").write_text("image_id,Class\n")
     report = _ingest(tmp_path / "CT-KIDNEY-DATASET", tmp_path)
-    assert find_class_root(tmp_path / "CT-KIDNEY-DATASET", DataConfig().image_extensions) == nested
+    assert find_class_root(tmp_path / "CT-KIDNEY-DATASET", section(DataConfig).image_extensions) == nested
     assert report.files_per_label == {"Cyst": 12, "Normal": 12, "Tumor": 12}
     assert (tmp_path / "raw" / "_meta" / "kidneyData.csv").is_file()
     assert len(list((tmp_path / "raw" / "Tumor").iterdir())) == 12
@@ -59,7 +60,7 @@ def test_non_images_and_corrupt_files_are_quarantined_not_dropped(tmp_path, clas
     (class_folders / "Tumor" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     write_png(class_folders / "Normal" / "big.png", textured_slice(np.random.default_rng(5), size=100))
     _ingest(class_folders, tmp_path)
-    manifest = build_manifest(tmp_path / "raw", WindowConfig())
+    manifest = build_manifest(tmp_path / "raw", section(WindowConfig))
     assert len(manifest) == 12 * 3 + 3
     quarantined = quarantine_table(manifest)
     assert sorted(Path(p).name for p in quarantined["path"]) == ["broken.jpg", "notes.txt"]
@@ -77,7 +78,7 @@ def test_class_with_only_corrupt_files_is_an_error(tmp_path, class_folders):
     for i in range(3):
         (stone / f"Stone- ({i}).jpg").write_bytes(b"garbage")
     _ingest(class_folders, tmp_path)
-    manifest = build_manifest(tmp_path / "raw", WindowConfig())
+    manifest = build_manifest(tmp_path / "raw", section(WindowConfig))
     with pytest.raises(UserError, match="class 'Stone' has no readable image: all 3 file"):
         check_every_class_readable(manifest)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from helpers.params import section
 from tumorscope.config import PreprocessConfig
 from tumorscope.data.augment import augment_intensity
 from tumorscope.data.preprocess import crop_to_body, field_of_view, prepare_slice, stretch_percentiles
@@ -31,10 +32,10 @@ def test_the_body_crop_keeps_the_body_and_drops_border_and_table():
     assert cropped.shape[0] == cropped.shape[1] and 115 <= cropped.shape[0] <= 125  # the disk's diameter
     assert (cropped == 120).sum() == (image == 120).sum()  # all of the body
     assert not (cropped == 200).any()  # none of the table
-    assert field_of_view(image, PreprocessConfig()) is image  # off by default
+    assert field_of_view(image, section(PreprocessConfig)) is image  # off by default
     blank = np.zeros((64, 64), np.uint8)
     assert crop_to_body(blank) is blank  # nothing to crop to: unchanged
-    prepared = prepare_slice(image, PreprocessConfig(image_size=32, body_crop=True))
+    prepared = prepare_slice(image, section(PreprocessConfig, image_size=32, body_crop=True))
     assert prepared.shape == (32, 32) and (prepared > 20).mean() > 0.6  # the body fills the input
 
 
@@ -47,7 +48,7 @@ def test_percentile_normalisation_stretches_and_keeps_order():
     assert np.all(np.diff(stretched.ravel()[order].astype(int)) >= 0)  # monotone
     flat = np.full((16, 16), 7, np.uint8)
     assert np.array_equal(stretch_percentiles(flat), flat)
-    prepared = prepare_slice(dull, PreprocessConfig(image_size=32, normalize="percentile"))
+    prepared = prepare_slice(dull, section(PreprocessConfig, image_size=32, normalize="percentile"))
     assert prepared.max() - prepared.min() > 200
 
 
@@ -122,13 +123,14 @@ def test_the_markdown_table_has_a_row_per_variant():
     assert all(row.count("|") == table[0].count("|") for row in table)
 
 
-@pytest.mark.parametrize("bad", [{"variants": {"a": {}}}, {"variants": {"baseline": {"split": {"phash_threshold": 2}}}},
-                                 {"learning_curve": [1.5]}])
-def test_ablation_config_refuses_what_would_break_the_pairing(bad):
-    from tumorscope.config import ConfigError, parse_params
+@pytest.mark.parametrize(("key", "bad"), [("variants", {"a": {}}), ("variants", {"baseline": {"split": {"phash_threshold": 2}}}),
+                                          ("learning_curve", [1.5])])
+def test_ablation_config_refuses_what_would_break_the_pairing(key, bad):
+    from helpers.params import params_where
+    from tumorscope.config import ConfigError
 
     with pytest.raises(ConfigError, match="ablation"):
-        parse_params({"ablation": bad})
+        params_where(f"ablation.{key}", bad)
 
 
 def test_the_cache_and_the_service_prepare_a_cropped_normalised_slice_alike(tmp_path):
@@ -142,12 +144,12 @@ def test_the_cache_and_the_service_prepare_a_cropped_normalised_slice_alike(tmp_
 
     path = tmp_path / "slice.png"
     Image.fromarray(ct_like()).save(path)
-    cfg = PreprocessConfig(cache_dir=str(tmp_path / "cache"), image_size=32, body_crop=True, normalize="percentile")
+    cfg = section(PreprocessConfig, cache_dir=str(tmp_path / "cache"), image_size=32, body_crop=True, normalize="percentile")
     table = pd.DataFrame({"path": [str(path)] * 3, "split": ["train", "val", "test"], "label": ["Tumor"] * 3,
                           "group": [0, 1, 2]})
-    build_cache(table, ["Tumor"], cfg, WindowConfig())
+    build_cache(table, ["Tumor"], cfg, section(WindowConfig))
     cached = load_split(cfg.cache_dir, "test")[0][0]
-    prepared = prepare_bytes(path.read_bytes(), ".png", input_spec(["Tumor"], cfg, WindowConfig()))
+    prepared = prepare_bytes(path.read_bytes(), ".png", input_spec(["Tumor"], cfg, section(WindowConfig)))
     assert np.array_equal(prepared.pixels, cached)
     assert prepared.view is not None and prepared.view.shape[0] < prepared.decoded.shape[0]  # the overlay's field of view
     assert prepared.original_shape == (200, 300)  # monitoring still sees the file's size

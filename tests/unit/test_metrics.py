@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from helpers.params import section
 from tumorscope.config import EvaluateConfig
 from tumorscope.models.evaluate import (
     accuracy_by_distance,
@@ -17,7 +18,7 @@ CLASSES = ["Cyst", "Normal", "Tumor"]
 
 def compute_metrics(labels, probabilities, classes, bins: int, max_share: float) -> dict:
     """score_predictions with every slice its own duplicate group."""
-    cfg = EvaluateConfig(calibration_bins=bins, max_single_class_share=max_share, bootstrap_samples=50)
+    cfg = section(EvaluateConfig, calibration_bins=bins, max_single_class_share=max_share, bootstrap_samples=50)
     return score_predictions(labels, probabilities, np.arange(len(labels)), classes, cfg, seed=0)
 
 

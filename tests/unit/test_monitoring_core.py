@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from helpers.params import defaults, section
 from tumorscope.config import PhantomBatchConfig, PhantomConfig, ScannerConfig
 from tumorscope.errors import UserError
 from tumorscope.monitoring import drift, features, windows
@@ -163,10 +164,10 @@ def test_webhook_alert_reaches_a_loopback_receiver_and_a_dead_one_is_one_line():
 
 
 def test_other_scanner_batch_differs_where_the_scanner_does(tmp_path):
-    phantom = PhantomConfig(n_images=40, image_size=64)
-    same = PhantomBatchConfig(out_dir=str(tmp_path / "same"), n_images=12, scanner="same")
-    other = PhantomBatchConfig(out_dir=str(tmp_path / "other"), n_images=12, scanner="other",
-                               other=ScannerConfig(noise_hu=40.0, image_size=80, field_of_view=0.8))
+    phantom = section(PhantomConfig, n_images=40, image_size=64)
+    same = section(PhantomBatchConfig, out_dir=str(tmp_path / "same"), n_images=12, scanner="same")
+    other = section(PhantomBatchConfig, out_dir=str(tmp_path / "other"), n_images=12, scanner="other",
+                               other=section(ScannerConfig, noise_hu=40.0, image_size=80, field_of_view=0.8))
     from tumorscope.data.phantom import generate_batch
 
     counts = generate_batch(same, phantom)
@@ -186,14 +187,13 @@ def test_other_scanner_batch_differs_where_the_scanner_does(tmp_path):
 
 def test_retraining_data_comes_from_labelled_new_slices_only(tmp_path):
     from flows.monitoring import retraining_data
-    from tumorscope.config import Params
 
     labelled = tmp_path / "new"
     for label in ("Cyst", "Tumor"):
         (labelled / label).mkdir(parents=True)
     unlabelled = tmp_path / "loose"
     (unlabelled / "scan-0001").mkdir(parents=True)
-    params = Params()
+    params = defaults()
     assert retraining_data(params, str(labelled)) == str(labelled.resolve())
     assert retraining_data(params, str(unlabelled)) is None  # folders that are not classes
     assert retraining_data(params, "logs/inference.jsonl") is None  # a log has no labels

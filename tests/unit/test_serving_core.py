@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from helpers.images import dicom_bytes, png_bytes
+from helpers.params import section
 from helpers.paths import FIXTURE_SLICES
 from tumorscope.api import refusals, responses, served_model, upload_guard
 from tumorscope.api.inference_log import InferenceLog
@@ -21,7 +22,7 @@ from tumorscope.inference import PreparedImage, input_spec
 from tumorscope.monitoring import features as monitoring_features
 
 CLASSES = ["Cyst", "Normal", "Stone", "Tumor"]
-SPEC = input_spec(CLASSES, PreprocessConfig(image_size=32), WindowConfig())
+SPEC = input_spec(CLASSES, section(PreprocessConfig, image_size=32), section(WindowConfig))
 LIMIT = 64 * 1024
 
 
@@ -356,10 +357,10 @@ def trusted_loaded(tiny_loaded):
     from tumorscope.trust.answers import fit_trust
 
     labels = np.arange(160) % len(CLASSES)
-    images = np.stack([render_slice(image_rng(5, CLASSES[k], i), CLASSES[k], 32, 12.0, 0.7, WindowConfig())[0]
+    images = np.stack([render_slice(image_rng(5, CLASSES[k], i), CLASSES[k], 32, 12.0, 0.7, section(WindowConfig))[0]
                        for i, k in enumerate(labels)])[..., np.newaxis].astype(np.uint8)
     trust = fit_trust(tiny_loaded.model, (images[:80], labels[:80]), (images[80:], labels[80:], np.arange(80) // 2),
-                      len(CLASSES), ConformalConfig(), OodConfig())
+                      len(CLASSES), section(ConformalConfig), section(OodConfig))
     return type(tiny_loaded)(tiny_loaded.model, SPEC, "tiny/1", {"version": 1}, trust), images[80:84]
 
 
@@ -373,17 +374,17 @@ def test_a_slice_of_an_orientation_the_model_barely_saw_is_referred_and_every_an
     from tumorscope.trust.answers import fit_trust, judge
 
     labels = np.arange(160) % len(CLASSES)
-    images = np.stack([render_slice(image_rng(5, CLASSES[k], i), CLASSES[k], 32, 12.0, 0.7, WindowConfig())[0]
+    images = np.stack([render_slice(image_rng(5, CLASSES[k], i), CLASSES[k], 32, 12.0, 0.7, section(WindowConfig))[0]
                        for i, k in enumerate(labels)])[..., np.newaxis].astype(np.uint8)
     trust = fit_trust(tiny_loaded.model, (images[:80], labels[:80]), (images[80:], labels[80:], np.arange(80) // 2),
-                      len(CLASSES), ConformalConfig(), OodConfig(), train_groups=np.arange(80) // 4, min_series=10)
+                      len(CLASSES), section(ConformalConfig), section(OodConfig), train_groups=np.arange(80) // 4, min_series=10)
     series = trust["orientation"]["series"]
     # 32-px phantom bodies are 0.6-1.0 as tall as wide: most axial, a few too round to tell ("other").
     assert trust["orientation"]["min_series"] == 10 and series["coronal"] == 0 and series["axial"] >= 15
     axial = [i for i in range(80, 160) if audit.orientation_of(audit.body_aspect(images[i])) == "axial"][:2]
     # The same grey levels and texture, turned a quarter: a body taller than wide.
     batch = np.concatenate([images[axial], np.rot90(images[axial[0]])[None]])
-    probabilities, embeddings = tiny_loaded.model.predict_on_batch(batch), np.zeros((3, OodConfig().embedding_dims))
+    probabilities, embeddings = tiny_loaded.model.predict_on_batch(batch), np.zeros((3, section(OodConfig).embedding_dims))
     judged = judge(np.asarray(probabilities), embeddings, batch, CLASSES, trust)
     assert judged.orientations == ["axial", "axial", "coronal"]
     assert judged.reasons[2] == "coronal slice: the model learnt from only 0 coronal series (< audit.min_series 10)"
@@ -402,15 +403,15 @@ def test_checks_fitted_on_export_randomised_copies_accept_another_exports_look(t
     from tumorscope.trust.answers import fit_trust, judge
 
     labels = np.arange(240) % len(CLASSES)
-    images = np.stack([render_slice(image_rng(7, CLASSES[k], i), CLASSES[k], 32, 12.0, 0.7, WindowConfig())[0]
+    images = np.stack([render_slice(image_rng(7, CLASSES[k], i), CLASSES[k], 32, 12.0, 0.7, section(WindowConfig))[0]
                        for i, k in enumerate(labels)])[..., np.newaxis].astype(np.uint8)
     train, val, new = slice(0, 120), slice(120, 180), slice(180, 240)
     other_export = randomise_export(images[new], 1.0, np.random.default_rng(3))
     unlike = {}
     for strength in (0.0, 0.5):
         trust = fit_trust(tiny_loaded.model, (images[train], labels[train]),
-                          (images[val], labels[val], np.arange(60) // 2), len(CLASSES), ConformalConfig(),
-                          OodConfig(export_augment=strength), seed=1)
+                          (images[val], labels[val], np.arange(60) // 2), len(CLASSES), section(ConformalConfig),
+                          section(OodConfig, export_augment=strength), seed=1)
         assert trust["ood"]["export_augment"] == strength
         for name, batch in (("same", images[new]), ("other", other_export)):
             probabilities, embeddings = model_outputs(tiny_loaded.model, batch, trust["ood"]["embedding_dims"])

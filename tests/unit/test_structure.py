@@ -8,7 +8,6 @@ keeps its heavy imports: nothing is imported to find them.
 
 from __future__ import annotations
 
-import ast
 import subprocess
 from pathlib import Path
 
@@ -16,74 +15,15 @@ import pytest
 import yaml
 
 from helpers import bento
+from helpers.params import defaults
 from helpers.paths import REPO
 from helpers.requirements import needs_uv, uv_directory
+from tumorscope.stages import graph
 
-PACKAGES = {"tumorscope": REPO / "src" / "tumorscope", "flows": REPO / "flows"}
 LIBRARY_EXCLUDES = ("tumorscope.cli", "tumorscope.stages")
 ENTRY_POINTS = ("tumorscope.cli", "flows")
-
-
-def module_files() -> dict[str, Path]:
-    """Dotted module name -> file, for every module of the project."""
-    found = {}
-    for package, root in PACKAGES.items():
-        for path in sorted(root.rglob("*.py")):
-            parts = [package, *path.relative_to(root).with_suffix("").parts]
-            if parts[-1] == "__init__":
-                parts = parts[:-1]
-            found[".".join(parts)] = path
-    return found
-
-
-MODULES = module_files()
-
-
-def resolve(name: str) -> str | None:
-    """The project module an import names (``from a.b import c`` may name module a.b.c)."""
-    while name:
-        if name in MODULES:
-            return name
-        name = name.rpartition(".")[0]
-    return None
-
-
-def imports_in(node: ast.AST, current: str) -> set[str]:
-    """Project modules imported anywhere under ``node`` (relative imports resolved from ``current``)."""
-    found = set()
-    for child in ast.walk(node):
-        names = []
-        if isinstance(child, ast.Import):
-            names = [alias.name for alias in child.names]
-        elif isinstance(child, ast.ImportFrom):
-            base = child.module or ""
-            if child.level:
-                package = current.split(".")[: len(current.split(".")) - child.level + (current in PACKAGES)]
-                base = ".".join([*package, base] if base else package)
-            names = [f"{base}.{alias.name}" for alias in child.names] + [base]
-        for name in names:
-            module = resolve(name)
-            if module and module != current:
-                found.add(module)
-    return found
-
-
-def parsed(module: str) -> ast.Module:
-    return ast.parse(MODULES[module].read_text())
-
-
-GRAPH = {module: imports_in(parsed(module), module) for module in MODULES}
-
-
-def closure(start: set[str], seen: set[str] | None = None) -> set[str]:
-    """``start`` and every module they import, transitively (``seen`` ones are not followed)."""
-    seen, todo = set(seen or ()), list(start)
-    while todo:
-        module = todo.pop()
-        if module not in seen:
-            seen.add(module)
-            todo.extend(GRAPH[module])
-    return seen
+MODULES = graph.module_files()
+GRAPH = graph.import_graph(MODULES)
 
 
 def is_library(module: str) -> bool:
@@ -115,7 +55,7 @@ def find_cycle() -> list[str] | None:
         state[module] = 1
         path.append(module)
         for target in sorted(GRAPH[module]):
-            if target in PACKAGES or target.endswith(".stages"):  # a package's __init__ only documents
+            if target in graph.PACKAGES or target.endswith(".stages"):  # a package's __init__ only documents
                 continue
             if state.get(target) == 1:
                 return path[path.index(target):] + [target]
@@ -147,85 +87,37 @@ def test_the_cycle_finder_finds_a_cycle():
 # DVC stages declare what their command can run
 
 
-def command_function(stage: str) -> tuple[str, ast.FunctionDef]:
-    """The function `tumorscope <stage>` runs: a data stage's run_<stage>, else the CLI command."""
-    data_stage = next((node for node in parsed("tumorscope.stages.data").body
-                       if isinstance(node, ast.FunctionDef) and node.name == f"run_{stage}"), None)
-    if data_stage is not None:
-        return "tumorscope.stages.data", data_stage
-    cli = next(node for node in parsed("tumorscope.cli").body
-               if isinstance(node, ast.FunctionDef) and node.name == stage.replace("-", "_"))
-    return "tumorscope.cli", cli
-
-
 def stage_closure(stage: str) -> set[str]:
-    """Project modules the stage's command can import: the CLI and the module of the command's
-    function, the imports of that function and of that module's top level, and everything those
-    import, anywhere in them (other commands of the same module are not followed)."""
-    module, function = command_function(stage)
-    module_level = ast.Module(body=[n for n in parsed(module).body if isinstance(n, (ast.Import, ast.ImportFrom))],
-                              type_ignores=[])
-    entry = {"tumorscope.cli", module}
-    start = {"tumorscope.config"} | imports_in(function, module) | imports_in(module_level, module)
-    return entry | closure(start - entry, seen=entry)
+    return graph.stage_closure(stage, MODULES, GRAPH)
 
 
-def dvc_stages() -> dict[str, dict]:
-    return yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+def test_dvc_yaml_is_rendered_from_the_stage_graph():
+    """No list in dvc.yaml is kept by hand: a stage whose imports, params or outs changed without
+    `tumorscope dvc-yaml` fails here."""
+    assert (REPO / "dvc.yaml").read_text() == graph.render(defaults()), "run `tumorscope dvc-yaml` (make dvc-yaml)"
 
 
-def declared_paths(spec: dict) -> list[str]:
-    return [next(iter(d)) if isinstance(d, dict) else d for d in spec.get("deps", [])]
-
-
-def covers(path: str, file: str) -> bool:
-    return file == path or file.startswith(path.rstrip("/") + "/")
-
-
-def runs_code(module: str) -> bool:
-    """False for a package's __init__ that only documents (it runs nothing a stage depends on)."""
-    return not (MODULES[module].name == "__init__.py" and not GRAPH[module])
-
-
-def code_files(modules: set[str]) -> set[str]:
-    return {MODULES[m].relative_to(REPO).as_posix() for m in modules if runs_code(m)}
-
-
-def declared_code(spec: dict) -> list[str]:
-    return [p for p in declared_paths(spec) if p.startswith(("src/", "flows/"))]
-
-
-def dependency_mismatch(stage: str, spec: dict) -> tuple[list[str], list[str]]:
-    """(missing, extra): project files the stage's command can import but dvc.yaml does not declare,
-    and declared code paths it cannot import (a folder counts only when its command imports every
-    module in it: one that it does not would rerun the stage for nothing)."""
-    needed = code_files(stage_closure(stage))
-    declared = declared_code(spec)
-    missing = sorted(f for f in needed if not any(covers(p, f) for p in declared))
-    every_file = code_files(set(MODULES))
-    extra = sorted(p for p in declared if not (under := {f for f in every_file if covers(p, f)}) or not under <= needed)
-    return missing, extra
-
-
-@pytest.mark.parametrize("stage", sorted(dvc_stages()))
-def test_every_dvc_stage_declares_exactly_the_modules_its_command_imports(stage):
-    spec = dvc_stages()[stage]
+@pytest.mark.parametrize("stage", sorted(graph.STAGES))
+def test_every_stage_depends_on_the_code_its_command_runs_and_its_data(stage):
+    spec = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]
     assert spec["cmd"] == f"tumorscope {stage}", "a DVC stage calls only `tumorscope <stage>`"
-    for path in (p for p in declared_paths(spec) if not p.startswith("$")):
+    deps = spec.get("deps", [])
+    for path in (p for p in deps if not p.startswith("$")):
         assert (REPO / path).exists(), f"{stage}: declared dependency {path} does not exist"
-    missing, extra = dependency_mismatch(stage, spec)
-    assert not missing, f"dvc.yaml stage {stage!r} does not declare {missing}"
-    assert not extra, f"dvc.yaml stage {stage!r} declares code its command does not import: {extra}"
+    assert {"src/tumorscope/cli.py", "src/tumorscope/config.py"} <= set(deps)
 
 
-def test_an_unused_or_missing_dependency_is_found():
-    """The check above fails on a planted extra module, a planted too-wide folder and a removed one."""
-    spec = dvc_stages()["ingest"]
-    assert dependency_mismatch("ingest", spec) == ([], [])
-    planted = {**spec, "deps": [*spec["deps"], "src/tumorscope/models/explain.py", "src/tumorscope/monitoring"]}
-    assert dependency_mismatch("ingest", planted)[1] == ["src/tumorscope/models/explain.py", "src/tumorscope/monitoring"]
-    removed = {**spec, "deps": [d for d in spec["deps"] if d != "src/tumorscope/data/ingest.py"]}
-    assert dependency_mismatch("ingest", removed)[0] == ["src/tumorscope/data/ingest.py"]
+def test_a_module_a_command_imports_becomes_a_dependency_of_that_stage_only():
+    """A stage's code deps follow its command's imports, not the package a module sits in."""
+    planted = {module: set(found) for module, found in GRAPH.items()}
+    planted["tumorscope.data.ingest"].add("tumorscope.models.explain")
+
+    def deps(stage: str, imports: dict[str, set[str]]) -> list[str]:
+        return graph.code_files(graph.stage_closure(stage, MODULES, imports), MODULES, imports)
+
+    explain = "src/tumorscope/models/explain.py"
+    assert explain not in deps("ingest", GRAPH)
+    assert explain in deps("ingest", planted) and explain not in deps("phantom", planted)
 
 
 def test_closure_follows_imports_inside_functions():

@@ -6,15 +6,16 @@ import numpy as np
 import optuna
 import pytest
 
+from helpers.params import defaults, params_where, section
 from helpers.paths import REPO
-from tumorscope.config import ConfigError, Params, TrainConfig, parse_params
+from tumorscope.config import ConfigError, TrainConfig
 from tumorscope.models.evaluate import group_bootstrap
 from tumorscope.tuning.leaderboard import leaderboard
 from tumorscope.tuning.space import suggest_train_config
 
-SPACE = parse_params({"tune": {"search_space": {
+SPACE = params_where("tune.search_space", {
     "architecture": ["small_cnn", "mobilenet_v2"], "lr": {"low": 1e-4, "high": 1e-2, "log": True},
-    "filters": [8, 16], "unfreeze_top_n": [-1, 20], "dense_units": {"low": 32, "high": 128, "step": 32}}}}).tune.search_space
+    "filters": [8, 16], "unfreeze_top_n": [-1, 20], "dense_units": {"low": 32, "high": 128, "step": 32}}).tune.search_space
 
 
 @pytest.mark.parametrize("space, key_text", [
@@ -30,30 +31,30 @@ SPACE = parse_params({"tune": {"search_space": {
 ])
 def test_bad_search_space_names_the_key(space, key_text):
     with pytest.raises(ConfigError) as err:
-        parse_params({"tune": {"search_space": space}})
+        params_where("tune.search_space", space)
     assert "tune.search_space" in str(err.value) and key_text in str(err.value)
     assert "\n" not in str(err.value)
 
 
 def test_unknown_architecture_limit_is_rejected():
     with pytest.raises(ConfigError, match="tune.architecture_concurrency"):
-        parse_params({"tune": {"architecture_concurrency": {"alexnet": 1}}})
+        params_where("tune.architecture_concurrency", {"alexnet": 1})
 
 
 def test_suggestions_are_conditional_on_the_architecture():
     cnn = suggest_train_config(optuna.trial.FixedTrial({"architecture": "small_cnn", "lr": 0.001, "filters": 8,
-                                                        "dense_units": 64}), TrainConfig(), SPACE, epochs=3)
+                                                        "dense_units": 64}), section(TrainConfig), SPACE, epochs=3)
     assert (cnn.architecture, cnn.filters, cnn.dense_units, cnn.epochs) == ("small_cnn", 8, 64, 3)
-    assert cnn.unfreeze_top_n == TrainConfig().unfreeze_top_n  # not suggested for the small CNN
+    assert cnn.unfreeze_top_n == section(TrainConfig).unfreeze_top_n  # not suggested for the small CNN
     # FixedTrial raises if a parameter it does not hold is suggested: filters must not be.
     app = suggest_train_config(optuna.trial.FixedTrial({"architecture": "mobilenet_v2", "lr": 0.002,
                                                         "unfreeze_top_n": 20, "dense_units": 96}),
-                               TrainConfig(), SPACE, epochs=3)
+                               section(TrainConfig), SPACE, epochs=3)
     assert (app.architecture, app.unfreeze_top_n, app.dense_units, app.filters) == ("mobilenet_v2", 20, 96, 16)
 
 
 def test_default_params_space_is_valid():
-    assert "architecture" in Params().tune.search_space
+    assert "architecture" in defaults().tune.search_space
 
 
 def test_group_bootstrap_counts_duplicate_groups_once():
@@ -106,10 +107,10 @@ def test_a_model_predicting_only_the_critical_class_is_never_feasible():
     classes = ["Cyst", "Normal", "Stone", "Tumor"]
     labels = np.repeat(np.arange(4), 5)
     all_tumour = np.tile(np.eye(4)[3], (20, 1))
-    scores = score_predictions(labels, all_tumour, np.arange(20), classes, Params().evaluate, 0)
+    scores = score_predictions(labels, all_tumour, np.arange(20), classes, defaults().evaluate, 0)
     assert scores["critical_recall"] == 1.0 and scores["degenerate"]
     assert infeasibility(scores, 0.8) == "predictions collapse to one class"
-    good = score_predictions(labels, np.eye(4)[labels], np.arange(20), classes, Params().evaluate, 0)
+    good = score_predictions(labels, np.eye(4)[labels], np.arange(20), classes, defaults().evaluate, 0)
     assert good["degenerate"] is False and infeasibility(good, 0.8) is None
     assert infeasibility({**good, "critical_recall": 0.5}, 0.8) == "critical recall 0.500 < 0.8"
 
@@ -121,7 +122,7 @@ def test_deployment_parameters_override_only_what_they_name():
     path = str(REPO / "params.yaml")
     overrides = deployment_overrides(path, ["small_cnn", "resnet50"], 3, "/data/ct", None)
     params = effective_params(path, overrides)
-    base = Params()
+    base = defaults()
     assert params.tune.search_space["architecture"] == ["small_cnn", "resnet50"]
     assert {k: v for k, v in params.tune.search_space.items() if k != "architecture"} == {
         k: v for k, v in base.tune.search_space.items() if k != "architecture"}
@@ -135,7 +136,7 @@ def test_study_identity_hashes_only_what_trials_depend_on():
     from tumorscope.config import with_overrides
     from tumorscope.tuning.study import stored_study_name
 
-    base = Params()
+    base = defaults()
     same = [{"train": {"epochs": 200}}, {"train": {"model_dir": "elsewhere"}}, {"train": {"lr": 0.01}},
             {"tune": {"n_trials": 40, "workers": 1}}, {"evaluate": {"distance_bands": [2, 6]}}]
     for overrides in same:
@@ -173,7 +174,7 @@ def test_each_setting_reaches_the_study_identity_and_the_tune_stage_exactly_when
     from tumorscope.config import with_overrides
     from tumorscope.tuning.study import stored_study_name, trial_inputs
 
-    base = Params()
+    base = defaults()
     key = f"{section}.{name}"
     changed = with_overrides(base, {section: {name: OTHER_VALUES[section][name]}})
     assert getattr(getattr(changed, section), name) != getattr(getattr(base, section), name)

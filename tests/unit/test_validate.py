@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from helpers.params import section
 from tumorscope.config import ValidateConfig
 from tumorscope.data.validate import class_count_table, validate_manifest
 
@@ -124,9 +125,9 @@ def outcomes(tmp_path_factory):
     runs = {}
     good = good_manifest()
     # One unreadable file (2%) stays within max_quarantined_fraction and must not fail anything.
-    runs["good"] = validate_manifest(unreadable(good, [10]), CLASSES, ValidateConfig(), root)
+    runs["good"] = validate_manifest(unreadable(good, [10]), CLASSES, section(ValidateConfig), root)
     for name, (plant, _, overrides) in CASES.items():
-        cfg = ValidateConfig(result_path=f"reports/{name}.json", docs_dir=f"reports/docs_{name}",
+        cfg = section(ValidateConfig, result_path=f"reports/{name}.json", docs_dir=f"reports/docs_{name}",
                              **overrides)
         runs[name] = validate_manifest(plant(good_manifest()), CLASSES, cfg, root)
     return runs
@@ -203,7 +204,7 @@ def test_class_count_table_absent_class_and_no_readable_rows():
 
 
 def test_absolute_suite_dir(tmp_path):
-    cfg = ValidateConfig(suite_dir=str(REPO_SUITES))
+    cfg = section(ValidateConfig, suite_dir=str(REPO_SUITES))
     outcome = validate_manifest(good_manifest(), CLASSES, cfg, tmp_path)
     assert outcome.success, outcome.summary()
     assert outcome.result_path == tmp_path / "reports" / "validation.json"
@@ -215,7 +216,7 @@ def test_data_docs_depend_on_the_data_alone(outcomes, tmp_path):
     byte for byte (no run time in page names or tables), so a rerun or a clone changes nothing."""
     first = outcomes["good"].docs_index.parent
     shutil.copytree(REPO_SUITES, tmp_path / "expectations")
-    again = validate_manifest(unreadable(good_manifest(), [10]), CLASSES, ValidateConfig(), tmp_path)
+    again = validate_manifest(unreadable(good_manifest(), [10]), CLASSES, section(ValidateConfig), tmp_path)
     second = again.docs_index.parent
 
     def tree(root):

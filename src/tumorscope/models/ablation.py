@@ -29,8 +29,9 @@ def variant_fingerprint(overrides: dict, train_share: float, base: dict) -> str:
 
 def same_settings(stored: dict[str, Any], current: dict[str, Any], defaults: dict[str, Any]) -> bool:
     """Whether a fold trained with the flat params ``stored`` is what ``current`` would train: every
-    stored setting unchanged, and every setting added since at its default (a new lever is off by
-    default, so the stored fold is what it would give). A changed default is a changed setting."""
+    stored setting unchanged, and every setting added since at its ``defaults`` value, the
+    project's params before the variant's overrides (a new lever ships off in params.yaml, so the
+    stored fold is what it would give). A changed project value is a changed setting."""
     return (all(key in current and current[key] == value for key, value in stored.items())
             and all(key in defaults and value == defaults[key] for key, value in current.items() if key not in stored))
 

@@ -168,7 +168,7 @@ def run_variant(params: Params, name: str, overrides: dict, share: float, data: 
     variant = with_overrides(params, overrides)
     labels, groups, folds, classes = data["labels"], data["groups"], data["folds"], data["classes"]
     fingerprint = variant_fingerprint(overrides, share, data["base"])
-    settings, defaults = settings_of(variant), settings_of(Params())
+    settings, defaults = settings_of(variant), settings_of(params)
     images = None  # built or loaded when a fold has to train: a finished variant reads its folds only
     out_of_fold = np.full((len(labels), len(classes)), np.nan, dtype=np.float32)
     held_out = data.get("held_out")
