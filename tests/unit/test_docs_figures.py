@@ -34,3 +34,21 @@ def test_the_evaluation_headline_quotes_the_committed_phantom_figure():
     quoted = re.search(r"On the phantom the pipeline reaches test macro-F1 (\d\.\d{3})", headline)
     assert quoted is not None, "docs/evaluation.md's headline no longer quotes the phantom's test macro-F1"
     assert quoted.group(1) == f"{metrics()['macro_f1']:.3f}"
+
+
+def test_the_evaluation_pages_phantom_table_is_the_committed_metrics():
+    m = metrics()
+    phantom = (REPO / "docs" / "evaluation.md").read_text().split("\n### Phantom\n", 1)[1].split("\n### ", 1)[0]
+    ci, recall = m["macro_f1_ci"], m["recall"]
+    expected = [
+        f"| macro-F1 [95 %] | **{m['macro_f1']:.3f}** [{ci['low']:.3f}, {ci['high']:.3f}] |",
+        f"| {m['accuracy']:.3f}; {m['macro_roc_auc_ovr']:.3f} |",
+        f"| {', '.join(f'{recall[c]:.2f}' for c in ('Cyst', 'Normal', 'Stone', 'Tumor'))} (Tumor's interval low "
+        f"{m['recall_ci_low']['Tumor']:.3f}) |",
+        f"(T = {m['temperature']:.2f}) | {m['ece']:.3f} / {m['ece_calibrated']:.3f} |",
+        f"| {m['coverage']:.3f}, {m['mean_set_size']:.2f} |",
+        f"| {m['referred']:.3f}; {m['selective_accuracy']:.3f} |",
+        f"({m['n_test']} slices,",
+    ]
+    for figure in expected:
+        assert figure in phantom, f"docs/evaluation.md's phantom table is not metrics.json's: {figure!r} is missing"
