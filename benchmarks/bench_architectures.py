@@ -49,7 +49,8 @@ def measure(architecture: str, size: int, batch: int, seconds: float, rounds: in
 
     from tumorscope.config import TrainConfig, load_params
     from tumorscope.inference import predict_proba
-    from tumorscope.models.train import balanced_class_weights, fresh_session, make_batches
+    from tumorscope.models.devices import fresh_session
+    from tumorscope.models.train import balanced_class_weights, make_batches
     from tumorscope.models.zoo import build_model, model_options
 
     fresh_session()
@@ -90,7 +91,7 @@ def measure(architecture: str, size: int, batch: int, seconds: float, rounds: in
 
 
 def policies_for(precision: str) -> list[str]:
-    from tumorscope.models.train import precision_policy
+    from tumorscope.models.devices import precision_policy
 
     return ["float32", "mixed_float16"] if precision == "both" else [precision_policy(precision)]
 
@@ -114,7 +115,7 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main() -> None:
-    from tumorscope.models.train import accelerator
+    from tumorscope.models.devices import accelerator
     from tumorscope.models.zoo import ARCHITECTURES
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -84,7 +84,7 @@ def trial_overhead(root: Path) -> None:
           f"excluding the first (one-off graph tracing): {1 - later_fit / later_total:.1%}  (goal < 10%)")
     import resource
 
-    # Trials skip the full garbage collection on CPU (tumorscope.models.train.fresh_session):
+    # Trials skip the full garbage collection on CPU (tumorscope.models.devices.fresh_session):
     # the peak memory shows whether that lets memory pile up.
     print(f"    peak resident memory of this process after the trials: "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")

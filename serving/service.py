@@ -64,7 +64,7 @@ CARRIED_MODEL: str | None = getattr(bentoml.use_arguments(), "model_tag", None)
 
 
 def _carried_model(name: str, tag: str):
-    from tumorscope.bento import load_from_store
+    from tumorscope.api.packaging import load_from_store
 
     return load_from_store(tag)
 

@@ -33,26 +33,11 @@ DEFAULT_PARAMS = Path("params.yaml")
 
 def _report(work: Callable[[], str]) -> None:
     """Run one command; print its summary, or a user mistake as one red line and exit 1."""
-    from tumorscope.errors import UserError
+    from tumorscope import dvc_stage
 
-    _log_to_stderr()
-    try:
-        typer.echo(work())
-    except UserError as err:
-        typer.secho(f"error: {err}", err=True, fg=typer.colors.RED)
-        raise typer.Exit(1) from None
-
-
-def _log_to_stderr() -> None:
-    """The library's log records (warnings such as "no feasible trial") as plain lines on stderr."""
-    import logging
-
-    logger = logging.getLogger("tumorscope")
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
+    code = dvc_stage.run_reported(work)
+    if code:
+        raise typer.Exit(code)
 
 
 def _params(path: Path):
@@ -61,11 +46,12 @@ def _params(path: Path):
     return load_params(path)
 
 
-def _data_stage(name: str, doc: str):
+def _stage(name: str, doc: str):
+    """`tumorscope <name>`: what the DVC stage of that name runs (tumorscope.dvc_stage)."""
     def command(params: ParamsOption = DEFAULT_PARAMS) -> None:
-        from tumorscope.stages import data
+        from tumorscope import dvc_stage
 
-        _report(lambda: getattr(data, f"run_{name}")(_params(params)))
+        _report(lambda: dvc_stage.run_stage(name, params))
 
     command.__doc__ = doc
     app.command(name)(command)
@@ -78,27 +64,13 @@ for _name, _doc in [
     ("validate", "Run the Great Expectations suites in expectations/ on the manifest."),
     ("split", "Leakage-aware stratified train/val/test split (duplicate groups kept whole)."),
     ("preprocess", "Resize/enhance into the memory-mapped uint8 cache."),
+    ("audit", "Audit the prepared data: slices and series per class by orientation and source, acquisition-only baselines."),
+    ("tune", "Run the Optuna study (tune.*) through the Prefect tuning flow; write the leaderboard and best params."),
+    ("evaluate", "Test-split metrics, calibration and plots; log them to MLflow."),
+    ("promote", "Register the evaluated model (alias challenger); make it champion if it passes the promote.* gates."),
+    ("incoming", "Write a labelled batch of new phantom patients (monitor.phantom_batch: same or another scanner)."),
 ]:
-    _data_stage(_name, _doc)
-
-
-@app.command()
-def audit(params: ParamsOption = DEFAULT_PARAMS) -> None:
-    """Audit the prepared data: slices and series per class by orientation and source, acquisition-only baselines."""
-    from tumorscope.stages.audit import run_audit
-
-    _report(lambda: run_audit(_params(params)))
-
-
-@app.command()
-def tune(params: ParamsOption = DEFAULT_PARAMS) -> None:
-    """Run the Optuna study (tune.*) through the Prefect tuning flow; write the leaderboard and best params."""
-    def work() -> str:
-        from flows.tuning import run_in_process, summary_line
-
-        return summary_line(run_in_process(str(params)))
-
-    _report(work)
+    _stage(_name, _doc)
 
 
 @app.command("tune-worker")
@@ -127,25 +99,9 @@ def train(params: ParamsOption = DEFAULT_PARAMS,
           baseline: Annotated[bool, typer.Option(
               "--baseline", help="train params.yaml's train.* untuned, into <train.model_dir>/baseline")] = False) -> None:
     """Train the tuned best configuration (tune.best_params_path over train.*); log run and model to MLflow."""
-    from tumorscope.stages import training
+    from tumorscope import dvc_stage
 
-    _report(lambda: training.run_train(_params(params), baseline=baseline))
-
-
-@app.command()
-def evaluate(params: ParamsOption = DEFAULT_PARAMS) -> None:
-    """Test-split metrics, calibration and plots; log them to MLflow."""
-    from tumorscope.stages import training
-
-    _report(lambda: training.run_evaluate(_params(params)))
-
-
-@app.command()
-def promote(params: ParamsOption = DEFAULT_PARAMS) -> None:
-    """Register the evaluated model (alias challenger); make it champion if it passes the promote.* gates."""
-    from tumorscope.stages import promotion
-
-    _report(lambda: promotion.run_promote(_params(params)))
+    _report(lambda: dvc_stage.train(_params(params), baseline=baseline))
 
 
 @app.command()
@@ -181,21 +137,13 @@ def predict(sources: Annotated[list[Path], typer.Argument(help="image files or f
 
 
 @app.command()
-def incoming(params: ParamsOption = DEFAULT_PARAMS) -> None:
-    """Write a labelled batch of new phantom patients (monitor.phantom_batch: same or another scanner)."""
-    from tumorscope.stages import data
-
-    _report(lambda: data.run_incoming(_params(params)))
-
-
-@app.command()
 def monitor(params: ParamsOption = DEFAULT_PARAMS,
             current: Annotated[str | None, typer.Option("--current", help="a folder of new slices or an inference "
                                                         "log (*.jsonl); default monitor.current")] = None) -> None:
     """Drift of a current window against the champion's reference (Evidently report, summary, MLflow)."""
-    from tumorscope.stages import monitoring
+    from tumorscope import dvc_stage
 
-    _report(lambda: monitoring.run_monitor(_params(params), current)[0])
+    _report(lambda: dvc_stage.monitor(_params(params), current))
 
 
 @app.command()

@@ -41,7 +41,7 @@ def coverage_gate(trust: dict | None, cfg: PromoteConfig) -> Gate:
 
 def absolute_gates(scores: dict, cfg: PromoteConfig) -> list[Gate]:
     """Gates on the challenger's own test scores (``models.evaluate.score_predictions`` with the
-    ``trust`` section of ``trust.scores.trust_scores``): the calibration gate reads the ECE after
+    ``trust`` section of ``trust.assessment.trust_scores``): the calibration gate reads the ECE after
     temperature scaling, the probabilities every answer carries."""
     critical = scores.get("critical_class") or "critical class"
     trust = scores.get("trust")

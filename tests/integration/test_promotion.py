@@ -71,7 +71,7 @@ def constant_model(params, source_dir: Path, target_dir: Path, answer: str) -> N
 
     from tumorscope import registry, tracking
     from tumorscope.data.preprocess import load_split
-    from tumorscope.models.train import save_model
+    from tumorscope.models.saving import save_model
     from tumorscope.reports import read_json, write_json
 
     summary = read_json(source_dir / "train.json")

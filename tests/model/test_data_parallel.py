@@ -21,7 +21,8 @@ from helpers.requirements import needs_jax
 CHILD = textwrap.dedent("""
     import json, sys, numpy as np, keras
     from tumorscope.config import EvaluateConfig, TrainConfig
-    from tumorscope.models.train import fit_and_score, save_model
+    from tumorscope.models.train import fit_and_score
+    from tumorscope.models.saving import save_model
     from pathlib import Path
     assert keras.backend.backend() == "jax"
     rng = np.random.default_rng(0)

@@ -65,7 +65,7 @@ def test_the_saved_model_loads_with_plain_keras_in_a_fresh_process(tmp_path):
     import sys
 
     from tumorscope.models.metrics import split_scores
-    from tumorscope.models.train import save_model
+    from tumorscope.models.saving import save_model
     from tumorscope.models.zoo import build_model
 
     model = build_model("small_cnn", 32, 4, filters=4, dense_units=8, augment_strength=0.0)
@@ -90,7 +90,7 @@ def test_a_saved_model_is_the_same_bytes_whenever_it_is_saved(tmp_path):
 
     import keras
 
-    from tumorscope.models.train import save_model
+    from tumorscope.models.saving import save_model
 
     def build():  # built twice: the same weights in new Python objects (other shared-object ids)
         keras.backend.clear_session()  # layer names restart, as fit_and_score does before each model

@@ -17,7 +17,8 @@ from tumorscope.data.phantom import generate_phantom
 from tumorscope.data.preprocess import prepare_slice
 from tumorscope.inference import predict_proba
 from tumorscope.models.evaluate import degenerate_predictions
-from tumorscope.models.train import save_model, train_model
+from tumorscope.models.saving import save_model
+from tumorscope.models.train import train_model
 from tumorscope.models.zoo import build_model
 
 SIZE = 48
@@ -101,7 +102,7 @@ def test_unknown_architecture_is_rejected():
 def test_precision_policy_follows_the_device():
     import keras
 
-    from tumorscope.models.train import accelerator, set_precision
+    from tumorscope.models.devices import accelerator, set_precision
 
     try:
         expected = "mixed_float16" if accelerator() == "gpu" else "float32"

@@ -99,6 +99,6 @@ def test_local_artefacts_through_a_server_are_refused():
 
 @pytest.mark.parametrize(("device", "multiplier", "expected"), [("cpu", 4, 32), ("gpu", 4, 128), ("gpu", 1, 32)])
 def test_batch_size_scales_only_on_a_gpu(device, multiplier, expected):
-    from tumorscope.models.train import device_batch_size
+    from tumorscope.models.devices import device_batch_size
 
     assert device_batch_size(32, multiplier, device) == expected

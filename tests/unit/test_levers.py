@@ -205,7 +205,7 @@ def test_test_time_augmentation_averages_the_slice_and_its_mirror():
 
 
 def test_risk_coverage_decides_the_confident_slices_first():
-    from tumorscope.trust.scores import coverage_at_accuracy as risk_coverage
+    from tumorscope.trust.assessment import coverage_at_accuracy as risk_coverage
 
     labels = np.array([0, 1, 2, 3, 0, 1, 2, 3, 0, 1])
     probabilities = np.full((10, 4), 0.1)

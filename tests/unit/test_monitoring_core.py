@@ -223,7 +223,7 @@ def _referrals(n: int, rate: float, rng) -> pd.DataFrame:
 
 
 def test_a_referral_rate_well_above_the_reference_is_rising_and_a_like_one_is_not():
-    from tumorscope.monitoring.referral import RISING, STEADY, UNKNOWN, referral_line, referral_metrics, referral_summary
+    from tumorscope.monitoring.referral_rate import RISING, STEADY, UNKNOWN, referral_line, referral_metrics, referral_summary
 
     rng = np.random.default_rng(9)
     reference = pd.concat([_referrals(300, 0.10, rng), pd.DataFrame({"refer": [np.nan] * 50})], ignore_index=True)

@@ -8,6 +8,7 @@ keeps its heavy imports: nothing is imported to find them.
 
 from __future__ import annotations
 
+import ast
 import subprocess
 from pathlib import Path
 
@@ -20,8 +21,8 @@ from helpers.paths import REPO
 from helpers.requirements import needs_uv, uv_directory
 from tumorscope.stages import graph
 
-LIBRARY_EXCLUDES = ("tumorscope.cli", "tumorscope.stages")
-ENTRY_POINTS = ("tumorscope.cli", "flows")
+LIBRARY_EXCLUDES = ("tumorscope.cli", "tumorscope.dvc_stage", "tumorscope.stages")
+ENTRY_POINTS = ("tumorscope.cli", "tumorscope.dvc_stage", "flows")
 MODULES = graph.module_files()
 GRAPH = graph.import_graph(MODULES)
 
@@ -100,11 +101,22 @@ def test_dvc_yaml_is_rendered_from_the_stage_graph():
 @pytest.mark.parametrize("stage", sorted(graph.STAGES))
 def test_every_stage_depends_on_the_code_its_command_runs_and_its_data(stage):
     spec = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]
-    assert spec["cmd"] == f"tumorscope {stage}", "a DVC stage calls only `tumorscope <stage>`"
+    assert spec["cmd"] == f"python -m tumorscope.dvc_stage {stage}", "a DVC stage runs only its own function"
     deps = spec.get("deps", [])
     for path in (p for p in deps if not p.startswith("$")):
         assert (REPO / path).exists(), f"{stage}: declared dependency {path} does not exist"
-    assert {"src/tumorscope/cli.py", "src/tumorscope/config.py"} <= set(deps)
+    assert {"src/tumorscope/dvc_stage.py", "src/tumorscope/config.py"} <= set(deps)
+    # The CLI's help strings and other commands cannot change a stage's outputs.
+    assert "src/tumorscope/cli.py" not in deps
+
+
+def test_every_declared_stage_has_a_runner_and_the_cli_runs_the_same():
+    from tumorscope import dvc_stage
+
+    assert set(dvc_stage.STAGES) == set(graph.STAGES)
+    cli_calls = {node.attr for node in ast.walk(ast.parse((REPO / "src" / "tumorscope" / "cli.py").read_text()))
+                 if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "dvc_stage"}
+    assert {"run_stage", "run_reported"} <= cli_calls, "tumorscope <stage> must run what dvc.yaml runs"
 
 
 def test_a_module_a_command_imports_becomes_a_dependency_of_that_stage_only():

@@ -111,7 +111,7 @@ def test_coverage_over_repeated_calibration_and_test_partitions(score, class_con
 
 def test_a_blank_slice_and_an_intensity_no_training_slice_has_are_referred_with_the_reason():
     from tumorscope.monitoring.features import pixel_features
-    from tumorscope.trust.referral import (
+    from tumorscope.trust.ood import (
         distance_threshold,
         fit_intensity_density,
         input_reason,
@@ -146,7 +146,7 @@ def test_a_blank_slice_and_an_intensity_no_training_slice_has_are_referred_with_
 
 
 def test_the_feature_space_threshold_refers_the_far_and_keeps_about_the_quantile_of_the_near():
-    from tumorscope.trust.referral import distance_threshold, fit_feature_density, mahalanobis_distance
+    from tumorscope.trust.ood import distance_threshold, fit_feature_density, mahalanobis_distance
 
     rng = np.random.default_rng(6)
     centres = rng.normal(0, 3, (3, 16))
@@ -193,7 +193,7 @@ def test_an_orientation_with_too_few_training_series_is_referred_with_that_reaso
 
 def test_group_bootstrap_shares_and_ece_agree_with_the_point_scores():
     from tumorscope.models.evaluate import expected_calibration_error
-    from tumorscope.trust.scores import GroupBootstrap, risk_coverage
+    from tumorscope.trust.assessment import GroupBootstrap, risk_coverage
 
     rng = np.random.default_rng(7)
     probabilities, labels, groups = calibrated_model(rng, 80)

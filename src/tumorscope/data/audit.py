@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from tumorscope.monitoring.features import pixel_features
-from tumorscope.trust.referral import INTENSITY_FEATURES
+from tumorscope.trust.ood import INTENSITY_FEATURES
 
 ORIENTATIONS = ("axial", "coronal", "other")
 # Body height / width of the largest bright region. Measured on two exports of the public data

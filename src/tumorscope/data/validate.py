@@ -1,6 +1,7 @@
 """Great Expectations (1.x) validation of the image manifest.
 
-Two Expectation Suites, stored as JSON in ``expectations/`` (the committed JSON is what runs):
+Two Expectation Suites, kept only as Great Expectations' own JSON in ``expectations/`` (edit them
+there; a suite with an expectation GE cannot read is refused, never run in part):
 
 * ``manifest.json`` runs on the whole manifest. Per-image checks (phash, size, intensity stats)
   carry a ``row_condition`` so they look at readable rows only; the ``readable`` check uses
@@ -21,7 +22,6 @@ import json
 import os
 import re
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,12 +35,6 @@ MANIFEST_SUITE = "manifest"
 CLASS_COUNTS_SUITE = "class_counts"
 SUITE_NAMES = (MANIFEST_SUITE, CLASS_COUNTS_SUITE)
 DOCS_SITE = "tumorscope"
-# The manifest schema (kept here, not imported from manifest.py, so this module stays light and
-# the schema a suite checks is visible next to the suite definition).
-MANIFEST_COLUMNS = [
-    "path", "label", "sha256", "phash", "width", "height", "mode",
-    "mean", "std", "min", "max", "readable", "error",
-]
 CLASS_COUNT_COLUMNS = ["label", "count", "share", "ratio_to_smallest"]
 _NOISY_RESULT_KEYS = {"partial_unexpected_index_list", "partial_unexpected_counts",
                       "unexpected_percent_total", "unexpected_percent_nonmissing"}
@@ -105,101 +99,6 @@ def suite_parameters(classes: list[str], cfg: ValidateConfig) -> dict[str, Any]:
         "min_images_per_class": cfg.min_images_per_class,
         "max_class_imbalance": cfg.max_class_imbalance,
     }
-
-
-# ---------------------------------------------------------------------------------------------
-# Suite definitions: used once to write expectations/*.json (``python -m tumorscope.data.validate
-# --write-suites expectations``). At run time only the JSON files are read.
-
-
-def _param(name: str) -> dict[str, str]:
-    return {"$PARAMETER": name}
-
-
-_READABLE = {"type": "comparison", "column": {"name": "readable"}, "operator": "==",
-             "parameter": True}
-
-
-def _exp(kind: str, notes: str, **kwargs: Any) -> dict[str, Any]:
-    return {"type": kind, "kwargs": kwargs, "meta": {"notes": notes}}
-
-
-def default_suite_definitions() -> dict[str, dict[str, Any]]:
-    manifest = [
-        _exp("expect_table_columns_to_match_set", "the manifest has exactly the expected columns",
-             column_set=list(MANIFEST_COLUMNS), exact_match=True),
-        *[_exp("expect_column_to_exist", f"column {c} exists", column=c) for c in MANIFEST_COLUMNS],
-        _exp("expect_column_values_to_not_be_null", "every row names its file", column="path"),
-        _exp("expect_column_values_to_be_unique", "one row per file", column="path"),
-        _exp("expect_column_values_to_be_in_set", "labels are the expected classes",
-             column="label", value_set=_param("classes")),
-        _exp("expect_column_values_to_match_regex", "sha256 is 64 lowercase hex digits",
-             column="sha256", regex="^[0-9a-f]{64}$"),
-        _exp("expect_column_values_to_match_regex", "phash is 16 lowercase hex digits",
-             column="phash", regex="^[0-9a-f]{16}$", row_condition=_READABLE),
-        _exp("expect_column_values_to_be_between", "image width within [min_side, max_side]",
-             column="width", min_value=_param("min_side"), max_value=_param("max_side"),
-             row_condition=_READABLE),
-        _exp("expect_column_values_to_be_between", "image height within [min_side, max_side]",
-             column="height", min_value=_param("min_side"), max_value=_param("max_side"),
-             row_condition=_READABLE),
-        _exp("expect_column_values_to_be_between", "mean intensity of the 8-bit rendering",
-             column="mean", min_value=0, max_value=255, row_condition=_READABLE),
-        _exp("expect_column_values_to_be_between", "minimum intensity of the 8-bit rendering",
-             column="min", min_value=0, max_value=255, row_condition=_READABLE),
-        _exp("expect_column_values_to_be_between", "maximum intensity of the 8-bit rendering",
-             column="max", min_value=0, max_value=255, row_condition=_READABLE),
-        _exp("expect_column_values_to_be_between",
-             "near-blank images: intensity std must exceed min_intensity_std",
-             column="std", min_value=_param("min_intensity_std"), strict_min=True,
-             row_condition=_READABLE),
-        _exp("expect_column_pair_values_a_to_be_greater_than_b", "min <= max",
-             column_A="max", column_B="min", or_equal=True, row_condition=_READABLE),
-        _exp("expect_column_values_to_be_in_set",
-             "at most max_quarantined_fraction of the files are unreadable (whole manifest)",
-             column="readable", value_set=[True], mostly=_param("min_readable_fraction")),
-    ]
-    class_counts = [
-        _exp("expect_table_columns_to_match_set", "derived class table schema",
-             column_set=list(CLASS_COUNT_COLUMNS), exact_match=True),
-        _exp("expect_column_distinct_values_to_contain_set",
-             "every expected class has readable images", column="label",
-             value_set=_param("classes")),
-        _exp("expect_column_values_to_be_between", "count >= min_images_per_class",
-             column="count", min_value=_param("min_images_per_class")),
-        _exp("expect_column_values_to_be_between",
-             "class imbalance: max(count) / min(count) <= max_class_imbalance",
-             column="ratio_to_smallest", max_value=_param("max_class_imbalance")),
-    ]
-    return {
-        MANIFEST_SUITE: {"name": MANIFEST_SUITE, "expectations": manifest,
-                         "meta": {"notes": "Image manifest; thresholds are suite parameters."}},
-        CLASS_COUNTS_SUITE: {
-            "name": CLASS_COUNTS_SUITE, "expectations": class_counts,
-            "meta": {"notes": "One row per class; thresholds are suite parameters."},
-        },
-    }
-
-
-def write_default_suites(suite_dir: Path) -> list[Path]:
-    """Write the suite JSON files, after checking that GE accepts every expectation.
-
-    The definitions are written as given rather than as GE serializes them: GE drops kwargs equal
-    to their default (``exact_match: true``), and the JSON should say what it checks.
-    """
-    gx = _import_gx()
-    context = _ephemeral_context(gx, docs_dir=None)
-    suite_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, definition in default_suite_definitions().items():
-        suite = gx.ExpectationSuite(**definition)
-        if len(suite.expectations) != len(definition["expectations"]):
-            raise ValueError(f"suite {name}: some expectations are invalid")
-        context.suites.add(suite)
-        path = suite_dir / f"{name}.json"
-        path.write_text(json.dumps(definition, indent=2) + "\n")
-        written.append(path)
-    return written
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,10 +318,3 @@ def validate_manifest(manifest: pd.DataFrame, classes: list[str], cfg: ValidateC
         docs_index=docs_index,
         evaluated=evaluated,
     )
-
-
-if __name__ == "__main__":  # python -m tumorscope.data.validate --write-suites expectations
-    if len(sys.argv) != 3 or sys.argv[1] != "--write-suites":
-        sys.exit("usage: python -m tumorscope.data.validate --write-suites SUITE_DIR")
-    for written in write_default_suites(Path(sys.argv[2])):
-        print(written)

@@ -5,12 +5,11 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from tumorscope.artifacts import MODEL_FILE
 from tumorscope.config import TrainConfig
+from tumorscope.models.devices import accelerator, data_parallel, data_parallel_devices, device_batch_size, fresh_session, set_precision
 
 
 def balanced_class_weights(labels: np.ndarray, n_classes: int) -> np.ndarray:
@@ -112,11 +111,6 @@ class TrainResult:
     fit_seconds: float
     images_per_second: float
     batch_size: int  # as trained: train.batch_size scaled for the device
-
-
-def device_batch_size(batch_size: int, gpu_batch_multiplier: int, device: str) -> int:
-    """The batch size to train with on ``device`` ('cpu' or 'gpu')."""
-    return batch_size * gpu_batch_multiplier if device == "gpu" else batch_size
 
 
 def plateau_callbacks(cfg: TrainConfig) -> list:
@@ -232,73 +226,6 @@ def train_model(model, train_data, val_data, cfg: TrainConfig, seed: int, callba
     return TrainResult(model, history, epochs_run, seconds, epochs_run * len(y_train) / seconds, batch_size)
 
 
-def accelerator() -> str:
-    """'gpu' when the active Keras backend sees a GPU, else 'cpu' (backend-agnostic)."""
-    import keras
-
-    backend = keras.backend.backend()
-    try:
-        if backend == "jax":
-            import jax
-
-            return "gpu" if any(d.platform == "gpu" for d in jax.devices()) else "cpu"
-        if backend == "tensorflow":
-            import tensorflow as tf
-
-            return "gpu" if tf.config.list_physical_devices("GPU") else "cpu"
-        if backend == "torch":
-            import torch
-
-            return "gpu" if torch.cuda.is_available() else "cpu"
-    except Exception:  # a broken CUDA install: train on CPU rather than fail
-        return "cpu"
-    return "cpu"
-
-
-def fresh_session() -> None:
-    """Drop the previous model's Keras global state before the next trial or fold builds one.
-    The full Python garbage collection that clear_session runs by default took 0.36 s of a
-    trial's ~0.67 s overhead on CPU (cProfile, benchmarks/bench_tuning.py settings), so it runs
-    only on a GPU, whose memory Python's own collector cannot see filling up."""
-    import keras
-
-    keras.backend.clear_session(free_memory=accelerator() == "gpu")
-
-
-def precision_policy(mode: str) -> str:
-    """The Keras dtype policy train.precision means on this device ("auto": mixed_float16 on a GPU)."""
-    return ("mixed_float16" if accelerator() == "gpu" else "float32") if mode == "auto" else mode
-
-
-def data_parallel(setting: str):
-    """train.distribution as a Keras distribution: DataParallel over every local device when
-    ``setting`` is "auto", the backend is JAX and it sees more than one device (GPUs, or CPU devices
-    XLA was told to pretend: --xla_force_host_platform_device_count); else None (one device)."""
-    import keras
-
-    if setting == "none" or keras.backend.backend() != "jax":
-        return None
-    devices = keras.distribution.list_devices()
-    return keras.distribution.DataParallel(devices=devices) if len(devices) > 1 else None
-
-
-def data_parallel_devices() -> int:
-    """How many devices the active Keras distribution splits each batch across (1 without one)."""
-    import keras
-
-    distribution = keras.distribution.distribution()
-    return int(np.prod(distribution.device_mesh.shape)) if distribution is not None else 1
-
-
-def set_precision(mode: str) -> str:
-    """Apply train.precision as the global Keras dtype policy (before building a model)."""
-    import keras
-
-    policy = precision_policy(mode)
-    keras.config.set_dtype_policy(policy)
-    return policy
-
-
 def batch_norm_layers(model) -> list:
     """Every BatchNormalization layer, nested models (Applications backbones) included."""
     import keras
@@ -343,55 +270,6 @@ def recalibrate_batch_norm(model, images, batch_size: int = 32, max_batches: int
         for layer, momentum in zip(layers, saved, strict=True):
             layer.momentum = momentum
     return used + 1
-
-
-def save_model(model, model_dir: Path) -> Path:
-    """Save a ``.keras`` file that plain ``keras.saving.load_model`` opens anywhere (MLflow
-    downloads, the Bento service, a user's notebook). The split scores are training-time
-    monitors whose class lives in tumorscope, so they are compiled out first; the optimizer
-    instance (and its state) and the loss are kept."""
-    if getattr(model, "compiled", False):
-        model.compile(optimizer=model.optimizer, loss=model.loss, metrics=["accuracy"])
-    model_dir.mkdir(parents=True, exist_ok=True)
-    path = model_dir / MODEL_FILE
-    model.save(path)
-    make_reproducible(path)
-    return path
-
-
-def make_reproducible(path: Path) -> None:
-    """Make a ``.keras`` zip depend on the model alone: the file is a DVC output, and the same
-    weights must give the same bytes. Keras writes the save time (``date_saved`` in metadata.json,
-    the weights entry's zip time) and, in config.json, ``shared_object_id``s that are Python object
-    addresses; the times go, and the ids are numbered in order of appearance (the same number still
-    marks the same shared object, which is all loading needs)."""
-    import json
-    import zipfile
-
-    with zipfile.ZipFile(path) as source:
-        entries = [(info, source.read(info)) for info in source.infolist()]
-    with zipfile.ZipFile(path, "w") as target:
-        for info, data in entries:
-            if info.filename == "metadata.json":
-                metadata = json.loads(data)
-                metadata.pop("date_saved", None)
-                data = json.dumps(metadata).encode()
-            elif info.filename == "config.json":
-                data = json.dumps(number_shared_objects(json.loads(data))).encode()
-            fixed = zipfile.ZipInfo(info.filename, date_time=(1980, 1, 1, 0, 0, 0))
-            fixed.compress_type, fixed.external_attr = info.compress_type, info.external_attr
-            target.writestr(fixed, data)
-
-
-def number_shared_objects(config, numbers: dict | None = None):
-    """A copy of a Keras config whose ``shared_object_id`` values are 0, 1, ... by first appearance."""
-    numbers = {} if numbers is None else numbers
-    if isinstance(config, dict):
-        return {key: numbers.setdefault(value, len(numbers)) if key == "shared_object_id"
-                else number_shared_objects(value, numbers) for key, value in config.items()}
-    if isinstance(config, list):
-        return [number_shared_objects(value, numbers) for value in config]
-    return config
 
 
 @dataclass

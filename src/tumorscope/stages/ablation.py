@@ -229,8 +229,8 @@ def variant_features(params: Params, variant: Params, data: dict) -> dict[str, n
     other export's slices ("cross"): computed once per backbone, weights and pixel settings, and kept
     as ``ablation.out_dir/features-<hash>.npz`` so that its folds, a rerun and a variant that changes
     only the probe cost seconds."""
+    from tumorscope.models.devices import fresh_session
     from tumorscope.models.probe import features_of
-    from tumorscope.models.train import fresh_session
     from tumorscope.models.zoo import build_configured
 
     held_out = data.get("held_out")
@@ -417,7 +417,7 @@ def cross_entry(params: Params, probabilities: np.ndarray, baseline: np.ndarray,
     from tumorscope.models.ablation import paired_differences, verdict
     from tumorscope.models.evaluate import class_index, score_predictions
     from tumorscope.models.shortcuts import scores_by_orientation
-    from tumorscope.trust.scores import coverage_at_accuracy
+    from tumorscope.trust.assessment import coverage_at_accuracy
 
     evaluate = params.evaluate
     scored = ~np.isnan(probabilities).any(axis=1)

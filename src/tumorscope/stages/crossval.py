@@ -141,12 +141,12 @@ def fold_referrals(params: Params, classes: list[str], model, roles: dict, data:
 
 def referral_report(params: Params, classes: list[str], labels: np.ndarray, probabilities: np.ndarray,
                     groups: np.ndarray, reasons: list[str | None]) -> dict:
-    """``trust.scores.referral_scores`` of out-of-fold answers (series-bootstrap intervals) with the
+    """``trust.assessment.referral_scores`` of out-of-fold answers (series-bootstrap intervals) with the
     critical class's recall among the decided ones."""
     from types import SimpleNamespace
 
     from tumorscope.models.evaluate import class_index
-    from tumorscope.trust.scores import GroupBootstrap, referral_scores
+    from tumorscope.trust.assessment import GroupBootstrap, referral_scores
 
     refer = np.array([r is not None for r in reasons], dtype=bool)
     bootstrap = GroupBootstrap(groups, params.evaluate.bootstrap_samples, params.evaluate.confidence, params.seed)

@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parents[3]
 PACKAGES = {"tumorscope": REPO / "src" / "tumorscope", "flows": REPO / "flows"}
 HEADER = """\
 # Rendered by `tumorscope dvc-yaml` from src/tumorscope/stages/graph.py: edit that file, not this one.
-# Thin stages: each calls only `tumorscope <stage>` and declares exactly the params it reads, its
+# Thin stages: each runs `python -m tumorscope.dvc_stage <stage>` (what `tumorscope <stage>` runs,
+# without the CLI, so an edit there reruns nothing) and declares exactly the params it reads, its
 # deps (data, and exactly the project modules its command can import) and outs. Outputs with
 # `cache: false` are small reports kept in git; the rest are in the DVC cache (and the remote
 # after `dvc push`).
@@ -168,26 +169,34 @@ def closure(graph: dict[str, set[str]], start: set[str], seen: set[str] | None =
     return seen
 
 
-def command_function(stage: str, modules: dict[str, Path]) -> tuple[str, ast.FunctionDef]:
-    """The function `tumorscope <stage>` runs: a data stage's run_<stage>, else the CLI command."""
-    data_stage = next((node for node in parsed(modules["tumorscope.stages.data"]).body
-                       if isinstance(node, ast.FunctionDef) and node.name == f"run_{stage}"), None)
-    if data_stage is not None:
-        return "tumorscope.stages.data", data_stage
-    cli = next(node for node in parsed(modules["tumorscope.cli"]).body
-               if isinstance(node, ast.FunctionDef) and node.name == stage.replace("-", "_"))
-    return "tumorscope.cli", cli
+RUNNER = "tumorscope.dvc_stage"  # what every stage's cmd runs: python -m tumorscope.dvc_stage <stage>
+
+
+def _function(tree: ast.Module, name: str) -> ast.FunctionDef | None:
+    return next((node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == name), None)
 
 
 def stage_closure(stage: str, modules: dict[str, Path], graph: dict[str, set[str]]) -> set[str]:
-    """Project modules the stage's command can import: the CLI and the module of the command's
-    function, the imports of that function and of that module's top level, and everything those
-    import, anywhere in them (other commands of the same module are not followed)."""
-    module, function = command_function(stage, modules)
-    module_level = ast.Module(body=[n for n in parsed(modules[module]).body if isinstance(n, (ast.Import, ast.ImportFrom))],
-                              type_ignores=[])
-    entry = {"tumorscope.cli", module}
-    start = {"tumorscope.config"} | imports_in(function, module, modules) | imports_in(module_level, module, modules)
+    """Project modules the stage's command can import: the runner (its other stages' functions
+    left out), the stage's own function there or, for a data stage, ``run_<stage>`` and the top-level
+    imports of ``stages/data.py``, and everything those import, anywhere in them."""
+    runner = parsed(modules[RUNNER])
+    shared = [node for node in runner.body
+              if not (isinstance(node, ast.FunctionDef) and (node.name in STAGES or node.name == "_data_stage"))]
+    start = imports_in(ast.Module(body=shared, type_ignores=[]), RUNNER, modules)
+    entry = {RUNNER}
+    own = _function(runner, stage)
+    if own is not None:
+        start |= imports_in(own, RUNNER, modules)
+    else:
+        data = "tumorscope.stages.data"
+        tree = parsed(modules[data])
+        function = _function(tree, f"run_{stage}")
+        if function is None:
+            raise LookupError(f"stage {stage!r}: neither {RUNNER}.{stage} nor {data}.run_{stage} exists")
+        module_level = ast.Module(body=[n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))], type_ignores=[])
+        start |= imports_in(function, data, modules) | imports_in(module_level, data, modules)
+        entry.add(data)
     return entry | closure(graph, start - entry, seen=entry)
 
 
@@ -216,7 +225,7 @@ def stage_specs(params: Params) -> dict[str, dict[str, Any]]:
     specs = {}
     for name, (_, declared) in STAGES.items():
         deps = [*declared.get("deps", []), *code_files(stage_closure(name, modules, graph), modules, graph)]
-        spec: dict[str, Any] = {"cmd": f"tumorscope {name}", "deps": deps,
+        spec: dict[str, Any] = {"cmd": f"python -m {RUNNER} {name}", "deps": deps,
                                 "params": tune_params(params) if name == "tune" else declared["params"]}
         specs[name] = spec | {key: declared[key] for key in ("outs", "metrics", "plots") if key in declared}
     return specs

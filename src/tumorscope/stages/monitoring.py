@@ -119,7 +119,7 @@ def current_window(params: Params, champion, current: str):
 def monitoring_metrics(summary: dict) -> dict[str, float]:
     """The summary as MLflow metrics (drift 1/0, drifted share, embedding score, per-feature scores,
     referral rate, out-of-distribution share and whether the referral rate rose)."""
-    from tumorscope.monitoring.referral import referral_metrics
+    from tumorscope.monitoring.referral_rate import referral_metrics
 
     metrics = {"drift": float(bool(summary.get("drift"))), "n_current": float(summary["n_current"])}
     if summary.get("drifted_share") is not None:
@@ -147,7 +147,7 @@ def _log_to_champion(client, run_id: str, summary: dict, paths: list[Path]) -> N
 
 
 def summary_line(summary: dict) -> str:
-    from tumorscope.monitoring.referral import referral_line
+    from tumorscope.monitoring.referral_rate import referral_line
 
     where = f"{summary.get('current')} vs {summary.get('model_version')}'s reference"
     if summary["status"] == NO_REFERENCE:
@@ -167,7 +167,7 @@ def verdict_metrics(summary: dict) -> dict:
     """The verdict as DVC metrics (``dvc exp show`` lists them per experiment): drift true/false
     (null without a verdict), the drifted share of features, the window's size, and whether the
     referral rate rose."""
-    from tumorscope.monitoring.referral import RISING
+    from tumorscope.monitoring.referral_rate import RISING
 
     referral = summary.get("referral") or {}
     return {"drift": summary["drift"], "drifted_share": summary.get("drifted_share"),
@@ -206,7 +206,7 @@ def run_monitor(params: Params, current: str | None = None) -> tuple[str, dict[s
 
     from tumorscope import registry, tracking
     from tumorscope.monitoring.drift import DriftSettings, add_to_workspace, compare, save_report
-    from tumorscope.monitoring.referral import referral_summary
+    from tumorscope.monitoring.referral_rate import referral_summary
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     cfg = params.monitor

@@ -14,7 +14,8 @@ def run_bento(params: Params, bentofile: Path = Path("serving/bentofile.yaml")) 
     (the model's training commit, and the commit of the service code built)."""
     import mlflow
 
-    from tumorscope import bento, registry, tracking
+    from tumorscope import registry, tracking
+    from tumorscope.api import packaging as bento
 
     name, ref = params.promote.registered_model, params.serve.model
     if ":/" in ref:

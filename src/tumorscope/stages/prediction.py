@@ -200,7 +200,7 @@ def run_predict(params: Params, sources: list[Path], model: str | None = None, o
     groups = duplicate_groups(known["sha256"].to_numpy(), known["phash"].to_numpy(), params.split.phash_threshold)
     scores = ev.score_predictions(truth, probabilities, groups, classes, params.evaluate, params.seed)
     if judged is not None:
-        from tumorscope.trust.scores import trust_scores
+        from tumorscope.trust.assessment import trust_scores
 
         scores["trust"] = trust_scores(truth, probabilities, judged, groups, classes, loaded.trust, params.evaluate,
                                        params.seed)

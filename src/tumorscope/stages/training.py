@@ -66,7 +66,8 @@ def train_and_save(params: Params, model_dir: Path, run_name: str, parent_run_id
     from tumorscope.data.preprocess import load_classes, load_groups, load_split
     from tumorscope.inference import input_spec
     from tumorscope.models.resume import TrainingBackup
-    from tumorscope.models.train import fit_and_score, save_model
+    from tumorscope.models.saving import save_model
+    from tumorscope.models.train import fit_and_score
     from tumorscope.trust.answers import fit_trust
 
     cfg, cache = params.train, params.preprocess.cache_dir
@@ -146,7 +147,8 @@ def fit_ensemble(params: Params, classes: list[str], scored, backup_dir: Path, f
     from tumorscope.models.ensemble import combine
     from tumorscope.models.evaluate import score_predictions
     from tumorscope.models.resume import TrainingBackup
-    from tumorscope.models.train import FitOutcome, TrainResult, fit_and_score, save_model
+    from tumorscope.models.saving import save_model
+    from tumorscope.models.train import FitOutcome, TrainResult, fit_and_score
 
     cfg, cache = params.train, params.preprocess.cache_dir
     images, labels, groups = scored
@@ -242,7 +244,7 @@ def run_evaluate(params: Params) -> str:
     from tumorscope.models.shortcuts import shortcut_audit, shortcut_line, shortcut_metrics
     from tumorscope.monitoring.features import feature_model, model_outputs
     from tumorscope.trust.answers import judge
-    from tumorscope.trust.scores import flat_trust_scores, risk_coverage, trust_headline, trust_scores
+    from tumorscope.trust.assessment import flat_trust_scores, risk_coverage, trust_headline, trust_scores
 
     cfg = params.evaluate
     report_path = Path(params.train.model_dir) / TRAIN_REPORT

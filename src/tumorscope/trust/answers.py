@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from tumorscope.data.audit import estimate_orientations, orientation_series
-from tumorscope.trust import calibration, conformal, referral
+from tumorscope.trust import calibration, conformal
+from tumorscope.trust import ood as ood_checks
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -48,10 +49,10 @@ def fit_trust(model, train: tuple[np.ndarray, np.ndarray], validation: tuple[np.
     _, train_embeddings = model_outputs(model, ood_train, ood_cfg.embedding_dims)
     if copies > 1:
         _, val_embeddings = model_outputs(model, ood_val, ood_cfg.embedding_dims)
-    density = referral.fit_feature_density(train_embeddings, ood_train_labels, n_classes)
-    distances = referral.mahalanobis_distance(val_embeddings, density)
-    intensity = referral.fit_intensity_density(pixel_features(ood_train))
-    intensity_distances = referral.mahalanobis_distance(referral.intensity_vectors(pixel_features(ood_val)),
+    density = ood_checks.fit_feature_density(train_embeddings, ood_train_labels, n_classes)
+    distances = ood_checks.mahalanobis_distance(val_embeddings, density)
+    intensity = ood_checks.fit_intensity_density(pixel_features(ood_train))
+    intensity_distances = ood_checks.mahalanobis_distance(ood_checks.intensity_vectors(pixel_features(ood_val)),
                                                         intensity)
     weights = calibration.group_weights(val_groups)
     orientation = None
@@ -70,10 +71,10 @@ def fit_trust(model, train: tuple[np.ndarray, np.ndarray], validation: tuple[np.
                       "thresholds": [_finite_or_none(t) for t in thresholds]},
         "ood": {"quantile": ood_cfg.quantile, "embedding_dims": ood_cfg.embedding_dims,
                 "export_augment": ood_cfg.export_augment,
-                "distance_threshold": referral.distance_threshold(distances, ood_val_groups, ood_cfg.quantile),
+                "distance_threshold": ood_checks.distance_threshold(distances, ood_val_groups, ood_cfg.quantile),
                 "feature_density": density,
                 "intensity_quantile": ood_cfg.intensity_quantile,
-                "intensity_threshold": referral.distance_threshold(intensity_distances, ood_val_groups,
+                "intensity_threshold": ood_checks.distance_threshold(intensity_distances, ood_val_groups,
                                                                    ood_cfg.intensity_quantile),
                 "intensity_density": intensity},
     }
@@ -116,7 +117,7 @@ def thresholds_of(state: dict) -> list[float]:
     return [math.inf if t is None else t for t in state["conformal"]["thresholds"]]
 
 
-# Every orientation reason holds this (``trust.scores`` counts referrals by reason).
+# Every orientation reason holds this (``trust.assessment`` counts referrals by reason).
 ORIENTATION_REASON = " slice: the model learnt from only "
 
 
@@ -156,13 +157,13 @@ def judge(probabilities: np.ndarray, embeddings: np.ndarray, images: np.ndarray,
     calibrated = calibration.apply_temperature(probabilities, state["temperature"])
     sets = conformal.prediction_sets(calibrated, thresholds_of(state), state["conformal"]["score"])
     ood = state["ood"]
-    distances = referral.mahalanobis_distance(embeddings, ood["feature_density"])
+    distances = ood_checks.mahalanobis_distance(embeddings, ood["feature_density"])
     features = pixel_features(images)
-    intensity = referral.mahalanobis_distance(referral.intensity_vectors(features), ood["intensity_density"])
+    intensity = ood_checks.mahalanobis_distance(ood_checks.intensity_vectors(features), ood["intensity_density"])
     orientations = [str(o) for o in estimate_orientations(images)]
     reasons, unlike = [], np.zeros(len(calibrated), dtype=bool)
     for i in range(len(calibrated)):
-        pixel_reason = referral.input_reason({name: float(values[i]) for name, values in features.items()},
+        pixel_reason = ood_checks.input_reason({name: float(values[i]) for name, values in features.items()},
                                              ood["intensity_density"], float(intensity[i]), ood["intensity_threshold"])
         unlike[i] = pixel_reason is not None or distances[i] > ood["distance_threshold"]
         in_set = [classes[k] for k in np.flatnonzero(sets[i])]

@@ -151,7 +151,7 @@ def flat_trust_scores(trust: dict, prefix: str) -> dict[str, float]:
 
 
 def trust_headline(trust: dict | None) -> dict:
-    """Calibration, conformal coverage and referral as flat metrics (``trust.scores.trust_scores``)."""
+    """Calibration, conformal coverage and referral as flat metrics (``trust.assessment.trust_scores``)."""
     if trust is None:
         return {}
     conformal, referral = trust["conformal"], trust["referral"]
