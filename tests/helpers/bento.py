@@ -51,15 +51,15 @@ class Served:
 
 def serve_params(project: Path) -> dict:
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["mlflow"] = {"tracking_uri": f"sqlite:///{project / 'mlflow.db'}", "artifact_root": str(project / "mlartifacts"),
+    params["mlflow"] |= {"tracking_uri": f"sqlite:///{project / 'mlflow.db'}", "artifact_root": str(project / "mlartifacts"),
                         "experiment": "serving-test"}
     # max_latency_ms is generous: the dispatcher sheds requests (503) it expects to finish later than
     # this, and its estimate grows on a saturated 2-core machine (two test workers: a burst of 32 was
     # shed at 2000 ms); batching is proven by batch sizes, not by latency.
-    params["serve"] = {"max_upload_bytes": MAX_UPLOAD_BYTES, "max_batch_files": MAX_BATCH_FILES, "max_batch_size": 16,
+    params["serve"] |= {"max_upload_bytes": MAX_UPLOAD_BYTES, "max_batch_files": MAX_BATCH_FILES, "max_batch_size": 16,
                        "max_latency_ms": 10000, "inference_log": str(project / "logs" / "inference.jsonl"),
                        "embedding_dims": 8}
-    params["review"] = {"queue_dir": str(project / "review")}  # the server runs in the repository (--working-dir)
+    params["review"] |= {"queue_dir": str(project / "review")}  # the server runs in the repository (--working-dir)
     return params
 
 

@@ -55,12 +55,14 @@ def start_mlflow_server(root: Path, backend_store_uri: str) -> MlflowServer:
     for runs and the registry, artefacts proxied from ``root``/artifacts."""
     import yaml
 
+    from helpers.params import raw_params_with
+
     root.mkdir(parents=True, exist_ok=True)
     port = free_port()
     params = root / "params.yaml"
-    params.write_text(yaml.safe_dump({"mlflow": {"server": {
+    params.write_text(yaml.safe_dump(raw_params_with({"mlflow": {"server": {
         "host": "127.0.0.1", "port": port, "workers": 1, "backend_store_uri": backend_store_uri,
-        "artifacts_destination": str(root / "artifacts")}}}))
+        "artifacts_destination": str(root / "artifacts")}}})))
     log = root / "server.log"
     process = start([str(BIN / "tumorscope"), "mlflow-server", "--params", str(params)], log, cwd=root)
     url = f"http://127.0.0.1:{port}"

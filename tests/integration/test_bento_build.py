@@ -58,9 +58,9 @@ def test_built_bento_serves_the_champion_without_the_registry(served, tmp_path):
 
     # No registry in reach: the params the Bento runs with point MLflow at a database that does not exist.
     params = yaml.safe_load(served.params_path.read_text())
-    params["mlflow"] = {"tracking_uri": f"sqlite:///{tmp_path / 'absent' / 'mlflow.db'}", "artifact_root": str(tmp_path)}
+    params["mlflow"] |= {"tracking_uri": f"sqlite:///{tmp_path / 'absent' / 'mlflow.db'}", "artifact_root": str(tmp_path)}
     params["serve"]["inference_log"] = str(tmp_path / "inference.jsonl")
-    params["review"] = {"queue_dir": str(tmp_path / "review")}
+    params["review"] |= {"queue_dir": str(tmp_path / "review")}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     port = free_port()
     process = start([*bento_server.bentoml_command(), "serve", tag, "--host", "127.0.0.1", "--port", str(port)],

@@ -102,7 +102,7 @@ def test_more_folds_than_groups_is_a_one_line_error(project):
     import sys
 
     raw = yaml.safe_load(open("params.yaml"))
-    raw["crossval"] = {"folds": 20}
+    raw["crossval"]["folds"] = 20
     raw["split"]["phash_threshold"] = 64  # every image one group... after a re-split
     yaml.safe_dump(raw, open("params.yaml", "w"))
     params = load_params("params.yaml")

@@ -35,14 +35,14 @@ def through_server(project: Path, url: str) -> dict:
     """The project's params.yaml pointed at the server; every other path absolute (the Bento's
     workers run in the repository)."""
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["mlflow"] = {"tracking_uri": url, "experiment": "shared-server-test",
+    params["mlflow"] |= {"tracking_uri": url, "experiment": "shared-server-test",
                         "artifact_root": str(project / "local-artifacts")}  # must stay unused
-    params["promote"] = {"min_macro_f1_low": 0.0, "min_critical_recall_low": 0.0, "max_ece": 1.0,
+    params["promote"] |= {"min_macro_f1_low": 0.0, "min_critical_recall_low": 0.0, "max_ece": 1.0,
                          "require_beating_acquisition_baselines": False,
                          "coverage_tolerance": 1.0}
-    params["serve"] = {"inference_log": str(project / "logs" / "inference.jsonl"), "max_latency_ms": 10000}
-    params["review"] = {"queue_dir": str(project / "review")}
-    params["monitor"] = {"current": str(FIXTURE_SLICES), "min_window": 5,
+    params["serve"] |= {"inference_log": str(project / "logs" / "inference.jsonl"), "max_latency_ms": 10000}
+    params["review"] |= {"queue_dir": str(project / "review")}
+    params["monitor"] |= {"current": str(FIXTURE_SLICES), "min_window": 5,
                          "workspace": str(project / "monitoring" / "workspace")}
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     return params

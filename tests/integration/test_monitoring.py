@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers.params import raw_params_with
 from helpers.paths import REPO, SAMPLE
 from helpers.requirements import needs_sample
 from tumorscope.config import load_params, with_overrides
@@ -48,7 +49,7 @@ def champion_project(tmp_path_factory) -> Path:
     scanner, other patients) and data/incoming (another scanner)."""
     root = tmp_path_factory.mktemp("monitoring")
     shutil.copytree(REPO / "expectations", root / "expectations")
-    (root / "params.yaml").write_text(yaml.safe_dump(project_params(root)))
+    (root / "params.yaml").write_text(yaml.safe_dump(raw_params_with(project_params(root))))
     here = os.getcwd()
     os.chdir(root)
     try:

@@ -20,6 +20,7 @@ import yaml
 from PIL import Image
 
 from helpers.images import not_ct_images, textured_slice, write_png
+from helpers.params import raw_params_with
 from helpers.paths import REPO
 from helpers.requirements import drop_schema, needs_postgres, postgres_schema_uri
 from tumorscope.config import load_params, with_overrides
@@ -58,7 +59,7 @@ def project_params(root: Path, tracking_uri: str) -> dict:
 def make_project(root: Path, tracking_uri: str):
     root.mkdir(parents=True, exist_ok=True)
     shutil.copytree(REPO / "expectations", root / "expectations")
-    (root / "params.yaml").write_text(yaml.safe_dump(project_params(root, tracking_uri)))
+    (root / "params.yaml").write_text(yaml.safe_dump(raw_params_with(project_params(root, tracking_uri))))
     params = load_params(root / "params.yaml")
     for stage in data_stages.DATA_STAGES[1:]:
         getattr(data_stages, f"run_{stage}")(params)
