@@ -52,3 +52,43 @@ def test_the_evaluation_pages_phantom_table_is_the_committed_metrics():
     ]
     for figure in expected:
         assert figure in phantom, f"docs/evaluation.md's phantom table is not metrics.json's: {figure!r} is missing"
+
+
+RESULTS = REPO / "docs" / "results"
+
+
+def real_data_figures() -> dict[str, str]:
+    """The kidney-ct-large figures the README and the evaluation headline quote, as they print them,
+    from the committed results (grouped 5-fold cross-validation and the levers' ablation)."""
+    crossval = json.loads((RESULTS / "kidney-ct-large-cross-export" / "crossval.json").read_text())
+    levers = json.loads((RESULTS / "kidney-ct-large-levers" / "ablation.json").read_text())["variants"]
+    in_source, cross = crossval["in_source"], crossval["cross_source"]
+    probe = levers["lite0_probe_224"]["cross_scores"]
+    return {
+        "in_source": f"{in_source['macro_f1']:.2f}",
+        "in_source_ci": f"[{in_source['macro_f1_ci']['low']:.2f}, {in_source['macro_f1_ci']['high']:.2f}]",
+        "thumbnail": f"{crossval['acquisition_baselines']['in_source']['thumbnail']['macro_f1']:.2f}",
+        "axial_tumour_recall": f"{in_source['by_orientation']['axial']['recall']['Tumor']:.2f}",
+        "cross_export": f"{cross['macro_f1']:.2f}",
+        "cross_export_ci": f"[{cross['macro_f1_ci']['low']:.2f}, {cross['macro_f1_ci']['high']:.2f}]",
+        "both_exports": f"{levers['both_exports']['cross_scores']['macro_f1']['value']:.2f}",
+        "probe_224": f"{probe['macro_f1']['value']:.2f}",
+        "probe_224_axial_recall": f"{probe['by_orientation']['axial']['recall']['Tumor']:.2f}",
+    }
+
+
+def test_the_readmes_real_data_figures_are_the_committed_results():
+    f = real_data_figures()
+    readme = (REPO / "README.md").read_text()
+    for quoted in (f"macro-F1 **{f['in_source']}** {f['in_source_ci']}", f"thumbnail ({f['thumbnail']})",
+                   f"tumour recall **{f['axial_tumour_recall']}** on axial", f"**{f['cross_export']}** {f['cross_export_ci']}"):
+        assert quoted in readme, f"README.md does not say {quoted!r}: the committed results say so"
+
+
+def test_the_evaluation_headline_quotes_the_committed_real_data_results():
+    f = real_data_figures()
+    headline = (REPO / "docs" / "evaluation.md").read_text().split("\n## ", 1)[0]
+    for quoted in (f"macro-F1 **{f['in_source']}**", f"thumbnail ({f['thumbnail']})", f"(recall {f['axial_tumour_recall']})",
+                   f"scores **{f['cross_export']}**", f"both exports ({f['both_exports']})",
+                   f"224 px ({f['probe_224']},", f"recall {f['probe_224_axial_recall']})"):
+        assert quoted in headline, f"docs/evaluation.md's headline does not say {quoted!r}: the committed results say so"
