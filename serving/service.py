@@ -367,7 +367,26 @@ class TumorScope:
             found = await asyncio.to_thread(self.review.queue.item, item)
         except UnknownItem as err:
             return self._refuse(ctx, BadRequest(str(err), 404))
-        return contract.answer(contract.ReviewItem, review_intake.item_detail(self.review.queue, found))
+        detail = review_intake.item_detail(self.review.queue, found)
+        return contract.answer(contract.ReviewItem, detail | await self._review_overlay(found.id))
+
+    async def _review_overlay(self, identifier: str) -> dict[str, Any]:
+        """Grad-CAM of the serving model on a queued slice, prepared as an upload of it would be.
+        It is not logged or queued again: a reading is not traffic."""
+        from tumorscope.inference import prepare_bytes
+        from tumorscope.models.explain import overlay_png
+
+        try:
+            info = await self._model_info()
+            stored = await asyncio.to_thread(self.review.queue.slice_png, identifier)
+            prepared = await asyncio.to_thread(prepare_bytes, stored, ".png", info["spec"])
+            answer = await self._call(self.model.to_async.explain, image=prepared.pixels, class_index=None)
+        except ModelUnavailable:
+            return {"overlay_png_base64": None, "explained_by": None, "explained_class": None}
+        shown = await asyncio.to_thread(responses.overlay_slice, cast(np.ndarray, prepared.shown))  # decoded: always set
+        png = await asyncio.to_thread(overlay_png, shown, np.asarray(answer["heat"], dtype=np.float32))
+        return {"overlay_png_base64": base64.b64encode(png).decode("ascii"), "explained_by": answer["model_version"],
+                "explained_class": info["classes"][answer["class_index"]]}
 
     @bentoml.api
     async def review_label(self, item: str, label: str, ctx: bentoml.Context) -> contract.ReviewItem:

@@ -32,7 +32,8 @@ def keyed(served, tmp_path_factory):
     keys_file = root / "service.keys"
     keys_file.write_text(f"# outside git\nadmin {ADMIN_KEY}\nreviewer {REVIEWER_KEY} dr-okafor\n")
     params = yaml.safe_load(served.params_path.read_text())
-    params["serve"] |= {"inference_log": str(root / "inference.jsonl"), "auth": {"keys_file": str(keys_file)}}
+    params["serve"] |= {"inference_log": str(root / "inference.jsonl")}
+    params["serve"]["auth"] |= {"keys_file": str(keys_file)}
     params_path = root / "params.yaml"
     params_path.write_text(yaml.safe_dump(params))
     server = bento.start(served.project, served.versions, served.registered_model, params_path,
@@ -106,12 +107,17 @@ def test_a_reviewer_reads_a_referred_answer_and_the_reading_keeps_its_history(ke
     assert item["request_id"] == answer["request_id"] and item["why"] == "referred" and item["readings"] == []
     shown = np.asarray(Image.open(io.BytesIO(base64.b64decode(item["slice_png_base64"]))))
     np.testing.assert_array_equal(shown, pixels)
+    # The reader sees where the serving model looked: Grad-CAM over the slice, in colour.
+    overlay = Image.open(io.BytesIO(base64.b64decode(item["overlay_png_base64"])))
+    assert overlay.mode == "RGB" and overlay.size == pixels.shape[::-1]
+    assert item["explained_by"] == answer["model_version"] and item["explained_class"] == answer["class"]
 
     refused = post("/review_label", USER_KEY, {"item": item["item"], "label": "Cyst"})
     assert refused.status_code == 403 and refused.json()["error"] == "/review_label needs a reviewer or admin key"
     read = post("/review_label", REVIEWER_KEY, {"item": item["item"], "label": "Cyst"})
     assert read.status_code == 200, read.text
     assert read.json()["label"] == "Cyst" and read.json()["readings"][-1]["reviewer"] == "dr-okafor"
+    assert read.json()["overlay_png_base64"] is None  # a reading is recorded, nothing is explained again
     assert read.json()["readings"][-1]["model_version"] == answer["model_version"]
     again = post("/review_label", ADMIN_KEY, {"item": item["item"], "label": "Tumor"}).json()
     assert [r["label"] for r in again["readings"]] == ["Cyst", "Tumor"] and again["readings"][-1]["previous"] == "Cyst"
@@ -248,9 +254,13 @@ def test_a_reviewer_reads_a_queued_answer_on_the_clinician_page(keyed):
         driver.find_element(By.CSS_SELECTOR, f'#reviewlist button[data-item="{identifier}"]').click()
         wait.until(lambda d: d.find_element(By.ID, "reviewid").text == identifier)
         assert sent["class"] in driver.find_element(By.ID, "reviewanswer").text
+        wait.until(lambda d: d.find_element(By.ID, "reviewoverlay").is_displayed())
+        assert driver.find_element(By.ID, "reviewexplained").text == (
+            f"Grad-CAM: where model {sent['model_version']} looked for {sent['class']}.")
         assert driver.find_element(By.ID, "reviewhistory").text == "No reading yet."
         driver.find_element(By.CSS_SELECTOR, '#reviewchoices button[data-label="Stone"]').click()
         wait.until(lambda d: "Stone by dr-okafor" in d.find_element(By.ID, "reviewhistory").text)
+        assert driver.find_element(By.ID, "reviewoverlay").is_displayed()  # still shown after the reading
     finally:
         driver.quit()
     item = httpx.post(f"{keyed.url}/review_item", json={"item": identifier}, headers={"X-API-Key": REVIEWER_KEY},

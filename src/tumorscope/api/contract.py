@@ -241,6 +241,12 @@ class ReviewItem(ReviewItemSummary):
     prediction_set: list[str] | None
     readings: list[ReviewReading] = Field(description="every reading, oldest first")
     slice_png_base64: str = Field(description="the slice as decoded (8-bit greyscale PNG)")
+    overlay_png_base64: str | None = Field(
+        None, description="review_item only: Grad-CAM of the model serving now over the slice (PNG, base64); null "
+                          "from review_label or while no model is loaded")
+    explained_by: str | None = Field(None, description="the model version the overlay explains (it may be newer than "
+                                                       "model_version, which answered)")
+    explained_class: str | None = Field(None, description="the class the overlay explains: that model's answer")
 
 
 class ReviewQueueStatus(_Answer):
