@@ -372,6 +372,7 @@ class PromoteConfig(_Section):
     max_ece: Probability
     coverage_tolerance: Probability
     min_improvement: Annotated[float, Field(ge=-1, le=1)]
+    min_improvement_on_readings: Annotated[float, Field(ge=-1, le=1)] | None
     require_beating_acquisition_baselines: bool
 
 

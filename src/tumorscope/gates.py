@@ -86,6 +86,21 @@ def comparison_gate(comparison: dict | None, cfg: PromoteConfig) -> Gate:
                 f"{comparison['mcnemar']['b_only']}, p={comparison['mcnemar']['p_value']:.3g}")
 
 
+def readings_gate(on_readings: dict | None, cfg: PromoteConfig) -> Gate | None:
+    """Challenger vs champion on the test slices radiologists read (``review harvest`` batches): a
+    gate only when ``promote.min_improvement_on_readings`` is set; a few read slices give a wide
+    interval, so by default the comparison is reported, not decided on."""
+    minimum = cfg.min_improvement_on_readings
+    if minimum is None:
+        return None
+    if on_readings is None or not on_readings.get("n_slices"):
+        return Gate("beats_champion_on_readings", True, None, minimum, "no read slice in the test split")
+    low = on_readings["low"]
+    return Gate("beats_champion_on_readings", low > minimum, low, minimum,
+                f"macro-F1 difference on {on_readings['n_slices']} read slices {on_readings['macro_f1_difference']:+.3f} "
+                f"[{low:+.3f}, {on_readings['high']:+.3f}], need low > {minimum:+.3f}")
+
+
 def rollback_gate(version) -> Gate:
     """A version a person rolled back is not promoted again by a rerun of the same model."""
     record = (version.tags or {}).get("rolled_back")

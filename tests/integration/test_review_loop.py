@@ -141,6 +141,14 @@ def test_readings_of_served_answers_become_data_a_retraining_learns_from_and_the
     gates = [exp["revs"][0]["data"]["metrics"]["reports/promotion_metrics.json"]["data"]
              for entry in shown for exp in (entry.get("experiments") or [])]
     assert [g["challenger_version"] for g in gates] == [2] and gates[0]["promoted"] is (decision["decision"] == "promoted")
+    # The gates compared challenger and champion on the read slices that the new split put in test too.
+    import pandas as pd
+
+    split = pd.read_csv(project / "data" / "split.csv")
+    read_in_test = split[(split["split"] == "test") & split["path"].str.contains("/added/reviewed-", regex=False)]
+    comparison = json.loads((project / "reports" / "promotion.json").read_text())["comparison"]
+    on_readings = comparison["on_readings"]  # less any the champion trained near (promotion's "unseen" rule)
+    assert on_readings["n_slices"] <= len(read_in_test) and ("low" in on_readings) == (on_readings["n_slices"] > 0)
     # Every queued item was harvested, once: none is left read and waiting.
     for status, n in (("harvested", len(slices)), ("labelled", 0), ("pending", 0)):
         listed = run_tool(["tumorscope", "review", "list", "--status", status], project).stdout

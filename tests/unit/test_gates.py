@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 from helpers.params import section
 from tumorscope.config import PromoteConfig
-from tumorscope.gates import absolute_gates, acquisition_gate, comparison_gate, decision_line, rollback_gate
+from tumorscope.gates import absolute_gates, acquisition_gate, comparison_gate, decision_line, readings_gate, rollback_gate
 
 CFG = section(PromoteConfig, min_macro_f1_low=0.7, min_critical_recall_low=0.8, max_ece=0.1, min_improvement=0.0)
 
@@ -63,3 +63,25 @@ def test_a_rolled_back_version_is_refused_and_the_line_puts_failures_first():
     checks = [*absolute_gates(scores(ece=0.3), CFG), gate]
     line = decision_line("m/3", False, checks, "m/2")
     assert line.startswith("promote: m/3 refused (calibration, not_rolled_back) against champion m/2; calibration FAIL")
+
+
+def test_the_comparison_on_read_slices_is_reported_unless_a_margin_makes_it_a_gate():
+    on_readings = {"n_slices": 12, "macro_f1_difference": -0.05, "low": -0.20, "high": 0.08}
+    assert readings_gate(on_readings, section(PromoteConfig)) is None  # params.yaml: null, reported only
+    gated = section(PromoteConfig, min_improvement_on_readings=-0.1)
+    refused = readings_gate(on_readings, gated)
+    assert refused is not None and not refused.passed and "on 12 read slices -0.050 [-0.200, +0.080]" in refused.detail
+    assert readings_gate(on_readings | {"low": -0.05}, gated).passed
+    nothing_read = readings_gate({"n_slices": 0}, gated)
+    assert nothing_read.passed and nothing_read.detail == "no read slice in the test split"
+
+
+def test_slices_of_harvested_review_batches_are_told_apart_from_the_rest():
+    from tumorscope.stages.promotion import read_by_radiologists
+
+    paths = ["data/raw/Tumor/Tumor- (3).png",                                    # the source's own slice
+             "data/raw/Tumor/added/reviewed-20261206T101500Z-0a1b2c3d4e/a.png",  # a harvested batch
+             "data/raw/Cyst/added/incoming-9f8e7d6c5b/b.png",                    # another added batch
+             "data/raw/Cyst/reviewed-lookalike/added.png",                       # a source folder, not a batch
+             "data/raw/Stone/added/reviewed-x/sub/c.png"]
+    assert read_by_radiologists(paths, "reviewed").tolist() == [False, True, False, False, True]

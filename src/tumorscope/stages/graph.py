@@ -91,7 +91,7 @@ STAGES: dict[str, tuple[str, dict[str, Any]]] = {
                 "the promote.* gates; the report holds the decision and its evidence.", {
         "deps": [*MODEL, "${evaluate.out_dir}/report.json", "${preprocess.cache_dir}", "${split.path}"],
         "params": ["seed", "promote", "split.path", "train.model_dir", "preprocess.cache_dir", "evaluate.out_dir",
-                   *EVALUATION_SCORING, "mlflow"],
+                   *EVALUATION_SCORING, "review.batch_prefix", "mlflow"],
         "outs": [kept("${promote.report_path}")], "metrics": [kept("${promote.metrics_path}")]}),
     "incoming": ("New phantom patients from another scanner (monitor.phantom_batch): the default current "
                  "window of monitor. With real new slices, point monitor.current at their folder instead.", {

@@ -106,6 +106,20 @@ def unseen_by_champion(params: Params, client, champion_run_id: str, challenger_
     return unseen, f"other data version: {int((~unseen).sum())} test slices near the champion's training slices left out"
 
 
+def read_by_radiologists(split_paths: list[str], batch_prefix: str) -> np.ndarray:
+    """Mask of slices that came from a harvested review batch: ingest copies a batch of
+    data.added_dir to ``<raw_dir>/<label>/added/<batch>/...``, and harvest names its batches
+    ``<review.batch_prefix>-<time>`` (the retraining adds ``-<content digest>``)."""
+    from tumorscope.data.ingest import ADDED
+
+    def from_a_review_batch(path: str) -> bool:
+        parts = Path(path).parts
+        return any(part == ADDED and i + 1 < len(parts) - 1 and parts[i + 1].startswith(f"{batch_prefix}-")
+                   for i, part in enumerate(parts))
+
+    return np.array([from_a_review_batch(p) for p in split_paths], dtype=bool)
+
+
 def promotion_metrics(report: dict) -> dict:
     """The decision as DVC metrics: whether the challenger was promoted, the champion afterwards and
     how many gates failed (``dvc exp show`` lists them per experiment)."""
@@ -124,6 +138,7 @@ def run_promote(params: Params) -> str:
 
     from tumorscope import gates, registry, tracking
     from tumorscope.data.preprocess import load_classes, load_groups, load_split
+    from tumorscope.data.split import read_split_table, rows_in_cache_order
     from tumorscope.inference import load_model_dir
     from tumorscope.models import evaluate as ev
 
@@ -165,9 +180,21 @@ def run_promote(params: Params) -> str:
                        "mcnemar": ev.mcnemar_exact(challenger_predicted == kept_labels, champion_predicted == kept_labels),
                        "champion_scores": ev.summary_scores(ev.score_predictions(
                            kept_labels, champion_probabilities[unseen], kept_groups, classes, params.evaluate, params.seed))}
+        # The site's own patients: the same comparison on the test slices radiologists read.
+        test_paths = rows_in_cache_order(read_split_table(params.split.path), classes, labels, ("test",),
+                                         f"{params.split.path} vs {params.preprocess.cache_dir}")["path"].tolist()
+        read = read_by_radiologists(test_paths, params.review.batch_prefix)[unseen]
+        on_readings = {"n_slices": int(read.sum())}
+        if read.any():
+            on_readings |= ev.paired_group_bootstrap(kept_labels[read], challenger_predicted[read], champion_predicted[read],
+                                                     kept_groups[read], len(classes), params.evaluate.bootstrap_samples,
+                                                     params.evaluate.confidence, params.seed)
+        comparison["on_readings"] = on_readings
+    readings = gates.readings_gate((comparison or {}).get("on_readings"), cfg)
     checks = [*gates.absolute_gates(scores, cfg),
               gates.Gate("beats_champion", True, None, cfg.min_improvement, f"{label} is the champion") if already
               else gates.comparison_gate(comparison, cfg),
+              *([readings] if readings is not None and not already else []),
               gates.rollback_gate(version)]
     promoted = all(g.passed for g in checks)
     line = (f"promote: {label} is already the champion; nothing to decide" if already and promoted
@@ -188,7 +215,10 @@ def run_promote(params: Params) -> str:
         mlflow.log_metrics({"promote_promoted": float(promoted), **{
             f"promote_gate_{g.name}": float(g.passed) for g in checks}}
             | ({"promote_macro_f1_difference": comparison["macro_f1_difference"],
-                "promote_macro_f1_difference_low": comparison["low"]} if comparison else {}))
+                "promote_macro_f1_difference_low": comparison["low"],
+                "promote_read_test_slices": float(comparison["on_readings"]["n_slices"])} if comparison else {})
+            | ({"promote_macro_f1_difference_on_readings": comparison["on_readings"]["macro_f1_difference"]}
+               if comparison and comparison["on_readings"]["n_slices"] else {}))
         mlflow.set_tag("promotion", "promoted" if promoted else "refused")
         mlflow.log_artifact(cfg.report_path, artifact_path="promotion")
     return line
