@@ -31,6 +31,7 @@ from pathlib import Path
 
 import yaml
 
+from tumorscope.config import merge
 from tumorscope.runtime import free_port
 
 DEMO = Path(".demo")
@@ -143,15 +144,14 @@ def demo_params(root: Path, n_shifted: int, keys_file: Path) -> dict:
         store["tracking_uri"] = f"sqlite:///{(Path.cwd() / store['tracking_uri'].removeprefix('sqlite:///')).resolve()}"
     store["artifact_root"] = str(Path(store["artifact_root"]).resolve())
     params["serve"]["inference_log"] = str(root / "inference.jsonl")
-    params["serve"]["auth"] = params["serve"].get("auth", {}) | {"keys_file": str(keys_file.resolve())}
-    # Every read item starts the retraining here (a site would wait for review.retrain_after readings).
-    params["review"] = params.get("review", {}) | {"queue_dir": str(root / "review"), "retrain_after": 1,
-                                                   "report_path": str(root / "review_accuracy.json")}
-    params["monitor"] |= {"current": str(root / "inference.jsonl"), "window": n_shifted,
-                          "summary_path": str(root / "monitoring.json"), "report_dir": str(root / "report"),
-                          "metrics_path": str(root / "monitoring_metrics.json"),  # not the DVC stage's (tracked) file
-                          "retrain": {"deployment": "tumorscope-experiment/train", "wait_seconds": 1800}}
-    return params
+    return merge(params, {
+        "serve": {"auth": {"keys_file": str(keys_file.resolve())}},
+        # Every read item starts the retraining here (a site would wait for review.retrain_after readings).
+        "review": {"queue_dir": str(root / "review"), "retrain_after": 1, "report_path": str(root / "review_accuracy.json")},
+        "monitor": {"current": str(root / "inference.jsonl"), "window": n_shifted,
+                    "summary_path": str(root / "monitoring.json"), "report_dir": str(root / "report"),
+                    "metrics_path": str(root / "monitoring_metrics.json"),  # not the DVC stage's (tracked) file
+                    "retrain": {"deployment": "tumorscope-experiment/train", "wait_seconds": 1800}}})
 
 
 def git_status() -> str:

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -133,3 +134,23 @@ def tracked_outputs(project: Path) -> dict[str, bytes]:
     docs = project / "reports" / "data_docs"
     names += [p.relative_to(project).as_posix() for p in sorted(docs.rglob("*")) if p.is_file()]
     return {name: (project / name).read_bytes() for name in names}
+
+
+def monitoring_flow_with_a_worker(project: Path, env: dict[str, str], pool: str, worker_log: Path) -> tuple[str, dict]:
+    """`python -m flows.deploy` on ``pool`` (no drift schedule: a check due at once would queue before
+    this one), a `prefect worker` polling it, and one run of the monitoring flow on data/incoming,
+    whose retraining the worker runs; returns (the deploy command's output, the flow's result)."""
+    from helpers.processes import start, stop
+
+    worker = None
+    try:
+        deployed = subprocess.run([sys.executable, "-m", "flows.deploy", "--pool", pool, "--monitor-every", "0"],
+                                  cwd=project, env=env, capture_output=True, text=True, timeout=180)
+        assert deployed.returncode == 0, deployed.stdout[-2000:] + deployed.stderr[-2000:]
+        worker = start([str(BIN / "prefect"), "worker", "start", "--pool", pool], worker_log, env, cwd=worker_log.parent)
+        checked = subprocess.run([sys.executable, "-m", "flows.monitoring", "data/incoming"], cwd=project, env=env,
+                                 capture_output=True, text=True, timeout=1000)
+        assert checked.returncode == 0, checked.stdout[-3000:] + checked.stderr[-3000:]
+    finally:
+        stop(worker)
+    return deployed.stdout, json.loads(checked.stdout[checked.stdout.index("{\n"):])

@@ -20,9 +20,7 @@ import pytest
 import yaml
 
 from flows.experiment import experiment_name
-from helpers.paths import BIN
-from helpers.processes import start, stop
-from helpers.projects import copy_project, git, run_tool, tool_env
+from helpers.projects import copy_project, git, monitoring_flow_with_a_worker, run_tool, tool_env
 
 # Uses the session's tiny dvc repro: on its xdist worker (tests/integration/conftest.py).
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("tiny-dvc")]
@@ -48,33 +46,22 @@ def test_drift_starts_the_experiment_deployment_on_old_and_new_data_and_the_gate
     params = yaml.safe_load((project / "params.yaml").read_text())
     # The run waits for the retraining (in this process, not on the pool's one slot) and passes a
     # parameter; a new study first (retrain.tune), so the tuning flow's artefacts are checked too.
-    params["monitor"] |= {"webhook_url": f"http://127.0.0.1:{hook.server_address[1]}/drift",
-                          "retrain": {"deployment": "tumorscope-experiment/train", "parameters": {"n_trials": 3},
-                                      "wait_seconds": 900, "tune": True}}
+    params["monitor"]["webhook_url"] = f"http://127.0.0.1:{hook.server_address[1]}/drift"
+    params["monitor"]["retrain"] |= {"deployment": "tumorscope-experiment/train", "parameters": {"n_trials": 3},
+                                     "wait_seconds": 900, "tune": True}
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     git(["commit", "-q", "-am", "alert and retrain on drift"], project)  # experiments are recorded against a commit
     n_before = sum(json.loads((project / "reports" / "ingest.json").read_text())["files_per_label"].values())
     env = tool_env(project, **prefect_server.env(), PYTHONPATH=str(project))
     pool = "test-pool"
-    worker = None
     try:
-        # Unscheduled here: a drift check due at once would queue before the run this test starts.
-        deployed = subprocess.run([sys.executable, "-m", "flows.deploy", "--pool", pool, "--monitor-every", "0"],
-                                  cwd=project, env=env, capture_output=True, text=True, timeout=180)
-        assert deployed.returncode == 0, deployed.stdout[-2000:] + deployed.stderr[-2000:]
-        assert f"tumorscope-monitor/drift -> work pool '{pool}'" in deployed.stdout
-        found = json.loads(urllib.request.urlopen(f"{prefect_server.api_url}/work_pools/{pool}", timeout=5).read())
-        assert (found["type"], found["concurrency_limit"]) == ("process", 1)  # one writer in this folder at a time
-
-        worker = start([str(BIN / "prefect"), "worker", "start", "--pool", pool], tmp_path / "worker.log", env, cwd=tmp_path)
-        checked = subprocess.run([sys.executable, "-m", "flows.monitoring", "data/incoming"], cwd=project, env=env,
-                                 capture_output=True, text=True, timeout=1000)
-        assert checked.returncode == 0, checked.stdout[-3000:] + checked.stderr[-3000:]
-        result = json.loads(checked.stdout[checked.stdout.index("{\n"):])
+        deployed, result = monitoring_flow_with_a_worker(project, env, pool, tmp_path / "worker.log")
     finally:
-        stop(worker)
         hook.shutdown()
         hook.server_close()
+    assert f"tumorscope-monitor/drift -> work pool '{pool}'" in deployed
+    found = json.loads(urllib.request.urlopen(f"{prefect_server.api_url}/work_pools/{pool}", timeout=5).read())
+    assert (found["type"], found["concurrency_limit"]) == ("process", 1)  # one writer in this folder at a time
     log = (tmp_path / "worker.log").read_text(errors="replace")[-3000:]
     assert result["status"] == "drift", result["line"]
     retraining = result["retraining"]

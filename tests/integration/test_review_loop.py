@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 import time
 
 import httpx
@@ -18,11 +16,10 @@ import pytest
 import yaml
 
 from helpers import bento
-from helpers.browser import browser
+from helpers.browser import browser, open_review_item, sign_in
 from helpers.images import phantom_pngs
-from helpers.paths import BIN
-from helpers.processes import start, stop
-from helpers.projects import copy_project, git, run_tool, tool_env
+from helpers.processes import stop
+from helpers.projects import copy_project, git, monitoring_flow_with_a_worker, run_tool, tool_env
 from helpers.requirements import needs_chromium
 
 # Uses the session's tiny dvc repro: on its xdist worker (tests/integration/conftest.py).
@@ -35,20 +32,13 @@ PAGE_READER_KEY = "reviewer-key-" + "p" * 24
 
 def _label_on_the_page(url: str, item: str, label: str) -> None:
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
     driver = browser()
     try:
-        driver.get(f"{url}/ui/")
-        wait = WebDriverWait(driver, 60)
-        wait.until(lambda d: d.find_element(By.ID, "keyform").is_displayed())
-        driver.find_element(By.ID, "apikey").send_keys(PAGE_READER_KEY)
-        driver.find_element(By.CSS_SELECTOR, "#keyform button").click()
-        wait.until(lambda d: d.find_element(By.ID, "version").text not in ("", "-"))
+        wait = sign_in(driver, url, PAGE_READER_KEY)
         driver.find_element(By.CSS_SELECTOR, "#review summary").click()
-        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, f'#reviewlist button[data-item="{item}"]'))
-        driver.find_element(By.CSS_SELECTOR, f'#reviewlist button[data-item="{item}"]').click()
-        wait.until(lambda d: d.find_element(By.ID, "reviewid").text == item)
+        open_review_item(driver, wait, item)
+        wait.until(lambda d: d.find_element(By.ID, "reviewoverlay").is_displayed())
         driver.find_element(By.CSS_SELECTOR, f'#reviewchoices button[data-label="{label}"]').click()
         wait.until(lambda d: f"{label} by dr-page" in d.find_element(By.ID, "reviewhistory").text)
     finally:
@@ -102,18 +92,7 @@ def test_readings_of_served_answers_become_data_a_retraining_learns_from_and_the
 
     # The monitoring flow: enough read items -> harvest -> the experiment deployment on a worker.
     env = tool_env(project, **prefect_server.env(), PYTHONPATH=str(project))
-    pool, worker = "review-pool", None
-    try:
-        deployed = subprocess.run([sys.executable, "-m", "flows.deploy", "--pool", pool, "--monitor-every", "0"],
-                                  cwd=project, env=env, capture_output=True, text=True, timeout=180)
-        assert deployed.returncode == 0, deployed.stdout[-2000:] + deployed.stderr[-2000:]
-        worker = start([str(BIN / "prefect"), "worker", "start", "--pool", pool], tmp_path / "worker.log", env, cwd=tmp_path)
-        checked = subprocess.run([sys.executable, "-m", "flows.monitoring", "data/incoming"], cwd=project, env=env,
-                                 capture_output=True, text=True, timeout=1000)
-        assert checked.returncode == 0, checked.stdout[-3000:] + checked.stderr[-3000:]
-        result = json.loads(checked.stdout[checked.stdout.index("{\n"):])
-    finally:
-        stop(worker)
+    _, result = monitoring_flow_with_a_worker(project, env, "review-pool", tmp_path / "worker.log")
     log = (tmp_path / "worker.log").read_text(errors="replace")[-3000:]
     assert result["review"]["waiting"] == len(slices), result["review"]
     retraining = result["retraining"]

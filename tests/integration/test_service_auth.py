@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from helpers import bento
-from helpers.browser import browser
+from helpers.browser import browser, enter_key, open_review_item, sign_in
 from helpers.images import phantom_pngs
 from helpers.processes import stop
 from helpers.requirements import needs_chromium
@@ -222,7 +222,6 @@ def test_a_reviewer_reads_a_queued_answer_on_the_clinician_page(keyed):
 
     import numpy as np
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
     from helpers.images import png_bytes
     from tumorscope.review.queue import item_id
@@ -238,21 +237,12 @@ def test_a_reviewer_reads_a_queued_answer_on_the_clinician_page(keyed):
 
     driver = browser()
     try:
-        driver.get(f"{keyed.url}/ui/")
-        wait = WebDriverWait(driver, 60)
-        wait.until(lambda d: d.find_element(By.ID, "keyform").is_displayed())
-        driver.find_element(By.ID, "apikey").send_keys(USER_KEY)
-        driver.find_element(By.CSS_SELECTOR, "#keyform button").click()
-        wait.until(lambda d: d.find_element(By.ID, "version").text not in ("", "-"))
+        wait = sign_in(driver, keyed.url, USER_KEY)
         driver.find_element(By.CSS_SELECTOR, "#review summary").click()
         wait.until(lambda d: "needs a reviewer or admin key" in d.find_element(By.ID, "reviewstatus").text)
         driver.find_element(By.ID, "reviewkey").click()
-        wait.until(lambda d: d.find_element(By.ID, "keyform").is_displayed())
-        driver.find_element(By.ID, "apikey").send_keys(REVIEWER_KEY)
-        driver.find_element(By.CSS_SELECTOR, "#keyform button").click()
-        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, f'#reviewlist button[data-item="{identifier}"]'))
-        driver.find_element(By.CSS_SELECTOR, f'#reviewlist button[data-item="{identifier}"]').click()
-        wait.until(lambda d: d.find_element(By.ID, "reviewid").text == identifier)
+        enter_key(driver, wait, REVIEWER_KEY)
+        open_review_item(driver, wait, identifier)
         assert sent["class"] in driver.find_element(By.ID, "reviewanswer").text
         wait.until(lambda d: d.find_element(By.ID, "reviewoverlay").is_displayed())
         assert driver.find_element(By.ID, "reviewexplained").text == (

@@ -28,3 +28,15 @@ def test_readings_call_for_a_retraining_on_an_alert_or_enough_new_labels():
     assert review_retraining_reason({"alert": False, "waiting": 100}, 100) == (
         "100 read items wait to be harvested (>= review.retrain_after 100)")
     assert review_retraining_reason({"alert": False, "waiting": 99}, 100) is None
+
+
+def test_the_demos_params_are_the_projects_with_its_changes_and_valid(tmp_path, monkeypatch):
+    from flows.demo import demo_params
+    from helpers.paths import REPO
+    from tumorscope.config import parse_params
+
+    monkeypatch.chdir(REPO)  # it reads the project's params.yaml, as make demo does
+    params = parse_params(demo_params(tmp_path / ".demo", 40, tmp_path / "service.keys"))
+    assert params.monitor.retrain.deployment == "tumorscope-experiment/train" and params.monitor.window == 40
+    assert params.monitor.retrain.tune is False  # kept from params.yaml: the champion's configuration
+    assert params.serve.auth.keys_file == str((tmp_path / "service.keys").resolve()) and params.review.retrain_after == 1
