@@ -43,9 +43,7 @@ def main() -> None:
         raise SystemExit(f"skipped: no champion to monitor ({err}); run make run first") from None
     reference, _ = reference_window(params, champion, mlflow.MlflowClient())
     cfg = params.monitor
-    settings = DriftSettings(drift_share=cfg.drift_share, min_window=min(cfg.min_window, args.size), method=cfg.method,
-                             threshold=cfg.threshold, embedding_method=cfg.embedding_method,
-                             embedding_threshold=cfg.embedding_threshold)
+    settings = DriftSettings.of(cfg, min_window=min(cfg.min_window, args.size))
     training = ScannerConfig(noise_hu=params.phantom.noise_hu, blur_sigma=params.phantom.blur_sigma,
                              window=params.phantom.window, image_size=params.phantom.image_size, field_of_view=1.0)
     scanners = {

@@ -174,11 +174,12 @@ PARTS = ("read", "compare", "save")
 
 
 def bench_sizes(sizes: list[int], n_reference: int, repeats: int, tmp: Path) -> None:
+    from tumorscope.config import load_params
     from tumorscope.monitoring.drift import DriftSettings, compare, numeric_test, save_report
     from tumorscope.monitoring.windows import read_log_window
 
     version = "tumorscope-kidney-ct/bench"
-    settings = DriftSettings()  # params.yaml's monitor defaults: Evidently picks the test by window size
+    settings = DriftSettings.of(load_params(REPO / "params.yaml").monitor)  # Evidently picks the test by window size
     reference = reference_frame(n_reference)
     print(f"part 1: read + compare + save for synthetic logs; reference {n_reference} rows; median (and min) of {repeats} "
           f"run(s); {os.cpu_count()} CPU cores, {load_text()}")

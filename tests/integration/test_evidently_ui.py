@@ -22,9 +22,11 @@ import pandas as pd
 import pytest
 
 from helpers.browser import browser
+from helpers.params import section
 from helpers.paths import REPO
 from helpers.processes import answers_200, free_port, stop, wait_until
 from helpers.requirements import needs_chromium
+from tumorscope.config import MonitorConfig
 from tumorscope.monitoring import drift, features
 
 pytestmark = pytest.mark.slow
@@ -55,9 +57,10 @@ def _history(workspace: Path) -> tuple[str, list[str]]:
     statuses, project_id = [], ""
     # The embedding drift widget runs a t-SNE (sklearn, OpenMP): on 2 busy cores its threads spin
     # against each other and one report takes 1-35 s instead of 0.4 s on one thread.
+    settings = drift.DriftSettings.of(section(MonitorConfig), min_window=30)
     with threadpool_limits(limits=1, user_api="openmp"):
         for i, (shift, shifted) in enumerate(WINDOWS):
-            result = drift.compare(reference, _window(60, rng, shift, shifted), drift.DriftSettings(min_window=30))
+            result = drift.compare(reference, _window(60, rng, shift, shifted), settings)
             statuses.append(result.summary["status"])
             project_id = drift.add_to_workspace(result.snapshot, workspace, PROJECT, f"window-{i}")
     return project_id, statuses

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from helpers.params import defaults, section
-from tumorscope.config import PhantomBatchConfig, PhantomConfig, ScannerConfig
+from tumorscope.config import MonitorConfig, PhantomBatchConfig, PhantomConfig, ScannerConfig
 from tumorscope.errors import UserError
 from tumorscope.monitoring import drift, features, windows
 from tumorscope.monitoring.alerts import alert_payload, post_webhook
@@ -105,7 +105,7 @@ def _frame(n: int, rng, shift: float = 0.0) -> pd.DataFrame:
 def test_drift_verdicts_on_known_windows():
     rng = np.random.default_rng(3)
     reference = _frame(600, rng)
-    settings = drift.DriftSettings(min_window=30)
+    settings = drift.DriftSettings.of(section(MonitorConfig), min_window=30)
     same = drift.compare(reference, _frame(200, rng), settings).summary
     assert same["status"] == drift.NO_DRIFT and same["drift"] is False
     assert same["features"]["height"]["method"].startswith("constant in reference")
@@ -117,7 +117,7 @@ def test_drift_verdicts_on_known_windows():
 
 def test_a_small_window_gets_no_verdict_and_runs_no_report():
     rng = np.random.default_rng(4)
-    result = drift.compare(_frame(300, rng), _frame(10, rng), drift.DriftSettings(min_window=50))
+    result = drift.compare(_frame(300, rng), _frame(10, rng), drift.DriftSettings.of(section(MonitorConfig), min_window=50))
     assert result.summary["status"] == drift.INSUFFICIENT and result.summary["drift"] is None
     assert result.snapshot is None and "10 slices" in result.summary["reason"]
 

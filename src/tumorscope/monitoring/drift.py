@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from tumorscope.config import MonitorConfig
 from tumorscope.monitoring.features import EMBEDDING_PREFIX, IMAGE_FEATURES, PREDICTION_FEATURES
 
 DRIFT, NO_DRIFT, INSUFFICIENT = "drift", "no_drift", "insufficient_data"
@@ -27,12 +28,19 @@ DASHBOARD_PANELS: tuple[tuple[str, str, dict[str, str]], ...] = (
 
 @dataclass(frozen=True)
 class DriftSettings:
-    drift_share: float = 0.5
-    min_window: int = 50
-    method: str | None = None  # Evidently stat test for every feature; None: Evidently picks by size and type
-    threshold: float | None = None
-    embedding_method: str = "ratio"  # ratio | distance | mmd | model (Evidently's embedding drift methods)
-    embedding_threshold: float | None = None
+    """The monitor.* settings a comparison uses (their values and meaning: params.yaml)."""
+
+    drift_share: float
+    min_window: int
+    method: str | None
+    threshold: float | None
+    embedding_method: str
+    embedding_threshold: float | None
+
+    @classmethod
+    def of(cls, monitor: MonitorConfig, **changes: Any) -> DriftSettings:
+        """The settings of ``monitor`` (params.monitor), with ``changes`` (e.g. a smaller min_window)."""
+        return cls(**({name: getattr(monitor, name) for name in cls.__dataclass_fields__} | changes))
 
 
 @dataclass

@@ -225,9 +225,7 @@ def run_monitor(params: Params, current: str | None = None) -> tuple[str, dict[s
         write_summary(params, summary_path, summary)
         return summary_line(summary), summary | {"written_to": str(summary_path)}
     window = current_window(params, champion, current)
-    settings = DriftSettings(drift_share=cfg.drift_share, min_window=cfg.min_window, method=cfg.method,
-                             threshold=cfg.threshold, embedding_method=cfg.embedding_method,
-                             embedding_threshold=cfg.embedding_threshold)
+    settings = DriftSettings.of(cfg)
     result = compare(reference, window.frame, settings)
     # No times or run ids: the summary is a DVC output and repeats for the same inputs.
     summary = result.summary | {"referral": referral_summary(reference, window.frame, cfg.min_window),
