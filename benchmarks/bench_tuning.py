@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def make_project(root: Path, images: int, trials: int, epochs: int) -> dict:
     """Phantom data through the preprocess stage; params for a pruning-free small-CNN study."""
-    from tumorscope.config import load_params
+    from tumorscope.config import load_params, merge
     from tumorscope.stages import data as stages
 
     shutil.copytree(REPO / "expectations", root / "expectations")
@@ -47,6 +47,9 @@ def make_project(root: Path, images: int, trials: int, epochs: int) -> dict:
                  "search_space": {"architecture": ["small_cnn"], "lr": {"low": 0.0005, "high": 0.003, "log": True},
                                   "filters": [16, 24], "dropout": {"low": 0.1, "high": 0.4}}},
     }
+    space = raw["tune"]["search_space"]  # this space alone, not merged into the project's
+    raw = merge(yaml.safe_load((REPO / "params.yaml").read_text()), raw)  # the project's params with these changes
+    raw["tune"]["search_space"] = space
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
     here = os.getcwd()
     os.chdir(root)
