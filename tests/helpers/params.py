@@ -19,9 +19,18 @@ def defaults() -> Params:
     return load_params(REPO / "params.yaml")
 
 
+def _merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``merge``, except that a search space given is the whole space (not added to the project's)."""
+    merged = merge(base, overrides)
+    space = (overrides.get("tune") or {}).get("search_space")
+    if space is not None:
+        merged["tune"]["search_space"] = space
+    return merged
+
+
 def params_with(overrides: dict[str, Any] | None = None) -> Params:
     """The project's params with nested overrides, validated, e.g. {"train": {"epochs": 1}}."""
-    return parse_params(merge(defaults().model_dump(by_alias=True), overrides or {}))
+    return parse_params(_merged(defaults().model_dump(by_alias=True), overrides or {}))
 
 
 def _first_of(kind: type[Section], node: BaseModel) -> Section | None:
@@ -60,4 +69,4 @@ def raw_params_with(overrides: dict[str, Any]) -> dict[str, Any]:
     that writes a bad value on purpose)."""
     import yaml
 
-    return merge(yaml.safe_load((REPO / "params.yaml").read_text()), overrides)
+    return _merged(yaml.safe_load((REPO / "params.yaml").read_text()), overrides)
