@@ -20,6 +20,7 @@ from prefect.artifacts import create_markdown_artifact
 from flows.links import create_report_links
 from flows.streaming import run_streamed
 from flows.tuning import deployment_overrides, effective_params
+from tumorscope.artifacts import RETRAIN_DIR
 from tumorscope.config import Params, load_params
 
 
@@ -47,6 +48,18 @@ def champion_settings(params: Params, run_params: dict[str, str]) -> dict[str, s
     values = {k: yaml.safe_load(run_params[f"train.{k}"]) for k in params.tune.search_space}
     checked = with_overrides(params, {"train": values, "tune": {"n_trials": 0}})  # validated as params.yaml is
     return {"tune.n_trials": "0"} | {f"train.{k}": json.dumps(getattr(checked.train, k)) for k in values}
+
+
+def champion_weights_setting(params: Params, folder: Path = Path(RETRAIN_DIR)) -> dict[str, str]:
+    """`dvc exp run -S` setting that starts the training from the champion's weights: the champion
+    saved under ``folder`` (named by its version, so a path names one set of weights), as
+    train.init_weights."""
+    from tumorscope import registry
+    from tumorscope.models.saving import save_model
+
+    champion = registry.load_model(params.promote.registered_model, params.serve.model)
+    path = save_model(champion.model, folder / f"champion-{champion.version.replace('/', '-')}")
+    return {"train.init_weights": json.dumps(str(path))}
 
 
 def champion_run_params(params: Params) -> dict[str, str]:
@@ -106,18 +119,24 @@ def dvc_experiment(settings: dict[str, str], name: str) -> dict:
 @flow(name="tumorscope-experiment", log_prints=True)
 def experiment_flow(params_path: str = "params.yaml", architectures: list[str] | None = None,
                     n_trials: int | None = None, data_source: str | None = None, workers: int | None = None,
-                    name: str | None = None, add_data: str | None = None, reuse_champion: bool = False) -> dict:
+                    name: str | None = None, add_data: str | None = None, reuse_champion: bool = False,
+                    warm_start: bool = False) -> dict:
     """The whole pipeline (data -> tune -> train -> evaluate -> promote) as a DVC experiment with this
     run's parameters over params.yaml: the deployment's flow. ``add_data``: a labelled folder added
     to the data first (data.added_dir), so the run trains on old + new. ``reuse_champion``: no new
-    study, the champion's tuned train.* settings (one training instead of a study and a training).
+    study, the champion's tuned train.* settings (one training instead of a study and a training);
+    with ``warm_start`` that training starts from the champion's weights (train.init_weights).
     Tuning inside it runs the tuning flow, tracked here too when the worker's PREFECT_API_URL is set."""
     from prefect.runtime import flow_run
 
     settings = experiment_settings(params_path, architectures, n_trials, data_source, workers)
+    if warm_start and not reuse_champion:
+        raise ValueError("warm_start fine-tunes the champion: it needs reuse_champion (the same train.* settings)")
     if reuse_champion:
         params = load_params(params_path)
         settings |= champion_settings(params, champion_run_params(params))
+        if warm_start:
+            settings |= champion_weights_setting(params)
     name = name or experiment_name(flow_run.get_name())
     added = add_labelled_batch(params_path, add_data) if add_data else None
     result = dvc_experiment(settings, name) | {"added_batch": added}

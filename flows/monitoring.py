@@ -152,7 +152,8 @@ def trigger_retraining(params_path: str, current: str, new_data: str | None = No
     params = load_params(params_path)
     cfg = params.monitor.retrain
     new_data = new_data or retraining_data(params, current)
-    parameters = ({"reuse_champion": not cfg.tune} | dict(cfg.parameters)
+    parameters = ({"reuse_champion": not cfg.tune} | ({"warm_start": True} if cfg.warm_start and not cfg.tune else {})
+                  | dict(cfg.parameters)
                   | ({"add_data": new_data} if new_data else {}))
     started_ms = int(time.time() * 1000)
     if not cfg.deployment:

@@ -188,6 +188,14 @@ class TrainConfig(_Section):
     distribution: Literal["auto", "none"]
     loader_workers: Annotated[int, Field(ge=0, le=64)]
     ensemble_members: Annotated[int, Field(ge=1, le=16)]
+    init_weights: str | None
+
+    @model_validator(mode="after")
+    def _one_start(self) -> TrainConfig:
+        if self.init_weights and self.ensemble_members > 1:
+            raise ValueError("init_weights starts one model from another's weights: with ensemble_members > 1 the "
+                             "members would be one model, not an ensemble")
+        return self
 
     def loader_threads(self) -> int:
         """loader_workers, 0 resolved to the CPU cores this process may use (at most 8)."""
@@ -432,6 +440,7 @@ class RetrainConfig(_Section):
     deployment: str | None
     new_data: str | None
     tune: bool
+    warm_start: bool
     parameters: dict[str, Any]
     wait_seconds: NonNegativeInt
 

@@ -3,7 +3,7 @@
 The outputs are the ones dvc.yaml declares (read through DVC, with params interpolated) plus the
 two that commands outside DVC write (the untuned baseline model and the cross-validation report).
 The local stores (MLflow's SQLite file and artefacts, the Optuna SQLite file, Prefect's home,
-monitoring's reference features and Evidently workspace) go
+monitoring's reference features and Evidently workspace, champions saved for a warm start) go
 only on request and only together, so that no store is left pointing into a deleted one. Data
 sources, the DVC cache and remote, and server databases are never touched.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from tumorscope.artifacts import TRAIN_BACKUP_DIR
+from tumorscope.artifacts import RETRAIN_DIR, TRAIN_BACKUP_DIR
 from tumorscope.config import Params
 from tumorscope.data.ingest import folder_relation
 
@@ -32,7 +32,7 @@ def local_stores(params: Params, root: Path) -> list[Path]:
     """The file-based stores of MLflow, Optuna and Prefect in this project (none for a server URL), and
     monitoring's reference features and Evidently workspace (both name MLflow model versions)."""
     stores = [root / params.mlflow.artifact_root, root / PREFECT_HOME, root / params.monitor.reference_dir,
-              root / params.monitor.workspace]
+              root / params.monitor.workspace, root / RETRAIN_DIR]
     for uri in (params.mlflow.tracking_uri, params.tune.storage):
         if uri.startswith("sqlite:///") and uri != "sqlite:///:memory:":
             stores.append(root / uri.removeprefix("sqlite:///"))

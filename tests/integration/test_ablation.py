@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from helpers.images import another_export
-from tumorscope.config import load_params, parse_params
+from tumorscope.config import load_params, parse_params, with_overrides
 from tumorscope.errors import UserError
 from tumorscope.stages import ablation
 
@@ -108,8 +108,7 @@ def test_with_another_export_the_verdict_follows_the_cross_export_figure_and_fol
                            variants={"baseline": {}, "crop": VARIANTS["crop"], "probe": PROBE,
                                      "both_exports": {"cross_source": {"train_on": True}}},
                            ensembles={"both": ["baseline", "probe"]}, common={"train": {"epochs": 1}}, learning_curve=[])
-    params = parse_params(params.model_dump(by_alias=True) | {"cross_source": {"path": str(tmp_path / "export"),
-                                                                               "phash_distance": 8}})
+    params = with_overrides(params, {"cross_source": {"path": str(tmp_path / "export"), "phash_distance": 8}})
     ablation.run_ablate(params)
     report = json.loads(Path(params.ablation.report_path).read_text())
     assert report["cross_source"]["scored"] > 10 and report["cross_source"]["tied_by"]["name"] > 0

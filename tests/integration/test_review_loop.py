@@ -2,7 +2,7 @@
 Bento server answers a user's slices and queues them; a reviewer reads them through the API and one
 on the clinician page (headless Chromium); the monitoring flow finds enough read items, harvests
 them into a labelled batch and starts the experiment deployment, which a `prefect worker` runs as
-`dvc exp run` on old + new data with the champion's configuration (no new study); the promotion
+`dvc exp run` on old + new data with the champion's configuration (no new study) starting from its weights; the promotion
 gates judge the result."""
 
 from __future__ import annotations
@@ -55,7 +55,9 @@ def test_readings_of_served_answers_become_data_a_retraining_learns_from_and_the
     params = bento.serve_params(project)  # every path absolute: the server's workers run in the repository
     params["serve"]["auth"] |= {"keys_file": str(keys)}
     params["review"] |= {"sample_rate": 1.0, "retrain_after": len(slices)}
-    params["monitor"]["retrain"] |= {"deployment": "tumorscope-experiment/train", "tune": False, "wait_seconds": 900}
+    # The champion's configuration, no study, fine-tuned from its weights: the retraining a site can afford.
+    params["monitor"]["retrain"] |= {"deployment": "tumorscope-experiment/train", "tune": False, "warm_start": True,
+                                     "wait_seconds": 900}
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     git(["commit", "-q", "-am", "serve with keys, queue every answer, retrain on readings"], project)
     n_before = sum(json.loads((project / "reports" / "ingest.json").read_text())["files_per_label"].values())
@@ -98,8 +100,7 @@ def test_readings_of_served_answers_become_data_a_retraining_learns_from_and_the
     retraining = result["retraining"]
     assert retraining["why"].startswith(f"{len(slices)} read items wait to be harvested"), retraining
     assert retraining["state"] == "COMPLETED", f"{retraining}\n{log}"
-    # The champion's configuration, no study: the retraining a site can afford.
-    assert retraining["parameters"] == {"reuse_champion": True, "add_data": retraining["harvested"]}
+    assert retraining["parameters"] == {"reuse_champion": True, "warm_start": True, "add_data": retraining["harvested"]}
 
     # The readings became a labelled batch with its provenance, versioned and ingested beside the old data.
     with open(f"{retraining['harvested']}/provenance.csv") as table:
@@ -117,9 +118,13 @@ def test_readings_of_served_answers_become_data_a_retraining_learns_from_and_the
     decision = retraining["promotion"]
     assert decision["version"] == "tumorscope-kidney-ct/2" and decision["decision"] in ("promoted", "refused")
     shown = json.loads(run_tool(["dvc", "exp", "show", "--json"], project).stdout)
-    gates = [exp["revs"][0]["data"]["metrics"]["reports/promotion_metrics.json"]["data"]
-             for entry in shown for exp in (entry.get("experiments") or [])]
+    revisions = [exp["revs"][0]["data"] for entry in shown for exp in (entry.get("experiments") or [])]
+    gates = [revision["metrics"]["reports/promotion_metrics.json"]["data"] for revision in revisions]
     assert [g["challenger_version"] for g in gates] == [2] and gates[0]["promoted"] is (decision["decision"] == "promoted")
+    # It started from the champion's weights, saved under a name that says which champion they are.
+    start = revisions[0]["params"]["params.yaml"]["data"]["train"]["init_weights"]
+    assert start == ".retrain/champion-tumorscope-kidney-ct-1/model.keras" and (project / start).is_file()
+    assert revisions[0]["params"]["params.yaml"]["data"]["tune"]["n_trials"] == 0
     # The gates compared challenger and champion on the read slices that the new split put in test too.
     import pandas as pd
 

@@ -20,6 +20,7 @@ from helpers.requirements import needs_jax
 
 CHILD = textwrap.dedent("""
     import json, sys, numpy as np, keras
+    from helpers.params import section  # tests/ is on the child's PYTHONPATH
     from tumorscope.config import EvaluateConfig, TrainConfig
     from tumorscope.models.train import fit_and_score
     from tumorscope.models.saving import save_model
@@ -42,7 +43,7 @@ CHILD = textwrap.dedent("""
 
 def fit_in_child(tmp_path: Path, name: str, distribution: str, devices: int) -> dict:
     out = tmp_path / name
-    env = os.environ | {"KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu",
+    env = os.environ | {"KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO / "tests"),
                         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
     done = subprocess.run([sys.executable, "-c", CHILD, distribution, str(out)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)

@@ -21,6 +21,7 @@ from helpers.paths import REPO
 CHILD = textwrap.dedent("""
     import json, os, sys, numpy as np, keras
     from pathlib import Path
+    from helpers.params import section  # tests/ is on the child's PYTHONPATH
     from tumorscope.config import EvaluateConfig, TrainConfig
     from tumorscope.models.resume import TrainingBackup
     from tumorscope.models.train import fit_and_score
@@ -48,7 +49,7 @@ CHILD = textwrap.dedent("""
 
 
 def run_child(tmp_path: Path, architecture: str, name: str, kill_at: int = -1) -> subprocess.CompletedProcess:
-    env = os.environ | {"TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = os.environ | {"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO / "tests")}
     return subprocess.run([sys.executable, "-c", CHILD, architecture, str(tmp_path / f"backup-{name}"),
                            str(tmp_path / f"{name}.json"), str(kill_at)], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)

@@ -174,3 +174,26 @@ def test_warmup_epochs_are_ignored_by_early_stopping_and_the_lr_halving():
             assert learning_rate() == pytest.approx(1e-3) and not model.stop_training
     assert stop.best == 0.5  # the warm-up minimum (0.1 at epoch 0) is not the one restored
     assert learning_rate() < 1e-3 and model.stop_training  # after the warm-up both act as before
+
+
+def test_a_fit_can_start_from_another_models_weights_of_the_same_build(tmp_path):
+    """train.init_weights: the champion's weights as the start of a retraining, refused in one line
+    when the file is missing or another model."""
+    from tumorscope.errors import UserError
+    from tumorscope.models.saving import save_model
+    from tumorscope.models.train import start_from
+    from tumorscope.models.zoo import build_configured
+
+    cfg = section(TrainConfig, epochs=1)
+    first = build_configured(cfg, 32, 4, seed=1)
+    saved = str(save_model(first, tmp_path / "first"))
+    second = build_configured(cfg, 32, 4, seed=2)
+    assert any(not np.array_equal(a, b) for a, b in zip(first.get_weights(), second.get_weights(), strict=True))
+    start_from(second, saved)
+    for a, b in zip(first.get_weights(), second.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    wider = build_configured(section(TrainConfig, filters=32), 32, 4, seed=0)
+    with pytest.raises(UserError, match=r"^train.init_weights: .* is another model than train.\* builds"):
+        start_from(wider, saved)
+    with pytest.raises(UserError, match="not found"):
+        start_from(second, str(tmp_path / "none.keras"))

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from helpers.params import section
+from helpers.paths import REPO
 from tumorscope.config import TrainConfig
 from tumorscope.inference import predict_proba
 from tumorscope.models.train import batch_norm_layers, recalibrate_batch_norm, train_model
@@ -113,6 +114,7 @@ def test_imagenet_weights_download_or_one_line_naming_the_setting(tmp_path):
     import sys
 
     code = """
+from helpers.params import section  # tests/ is on the child's PYTHONPATH
 from tumorscope.config import TrainConfig
 from tumorscope.errors import UserError
 from tumorscope.models.zoo import build_configured
@@ -123,7 +125,7 @@ except UserError as err:
     print("USER_ERROR", err)
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, KERAS_HOME=str(tmp_path / "keras-home")))
+                          env=dict(os.environ, KERAS_HOME=str(tmp_path / "keras-home"), PYTHONPATH=str(REPO / "tests")))
     lines = [line for line in done.stdout.splitlines() if line.startswith(("BUILT", "USER_ERROR"))]
     assert len(lines) == 1, done.stdout[-2000:] + done.stderr[-2000:]
     if lines[0].startswith("BUILT"):  # a machine with internet: the real backbone

@@ -156,7 +156,7 @@ OTHER_VALUES = {
               "augment_strength": 0.3, "augment_in": "model", "intensity_augment": 0.2, "export_augment": 0.5,
               "balanced_batches": True, "norm": "batch", "class_weights": False, "patience": 3,
               "monitor": "val_macro_f1", "warmup_epochs": 2, "precision": "float32", "gpu_batch_multiplier": 2,
-              "distribution": "none", "loader_workers": 3, "ensemble_members": 3},
+              "distribution": "none", "loader_workers": 3, "ensemble_members": 3, "init_weights": "champion.keras"},
     "evaluate": {"out_dir": "elsewhere", "metrics_path": "m.json", "calibration_bins": 5, "critical_class": "Stone",
                  "bootstrap_samples": 50, "confidence": 0.9, "max_single_class_share": 0.9, "fail_on_degenerate": False,
                  "distance_bands": [2, 6], "test_time_augmentation": "flip"},

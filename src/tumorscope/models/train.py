@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -280,15 +281,37 @@ class FitOutcome:
     scores: dict  # tumorscope.models.evaluate.score_predictions on the scored slices
 
 
+def start_from(model, path: str) -> None:
+    """Give ``model`` the weights of the ``.keras`` model at ``path`` (fine-tuning instead of a
+    fresh start); one line naming train.init_weights when the file is missing or another model."""
+    import keras
+
+    from tumorscope.errors import UserError
+
+    if not Path(path).is_file():
+        raise UserError(f"train.init_weights: {path} not found")
+    try:
+        weights = keras.saving.load_model(path, compile=False).get_weights()
+    except Exception as err:
+        raise UserError(f"train.init_weights: {path} is not a Keras model file ({type(err).__name__})") from None
+    shapes, expected = [w.shape for w in weights], [w.shape for w in model.get_weights()]
+    if shapes != expected:
+        raise UserError(f"train.init_weights: {path} is another model than train.* builds ({len(shapes)} weight arrays, "
+                        f"{len(expected)} expected, or other shapes): start from a model of the same architecture, "
+                        "settings, input size and classes")
+    model.set_weights(weights)
+
+
 def fit_and_score(cfg: TrainConfig, image_size: int, classes: list[str], seed: int, train_data, val_data,
-                  scored, evaluate_cfg, callbacks=(), guard=None, backup=None) -> FitOutcome:
+                  scored, evaluate_cfg, callbacks=(), guard=None, backup=None, init_weights: str | None = None) -> FitOutcome:
     """Build -> train -> score: the one routine behind the train stage, every Optuna trial and every
     cross-validation fold, so that they cannot drift apart.
 
     ``train_data``/``val_data`` are (images, labels); ``scored`` is (images, labels, duplicate-group
     ids) of the slices to score (validation for the train stage and trials, the held-out fold for
     cross-validation). ``guard`` is a context manager held while the model trains (a Prefect
-    concurrency slot); ``backup`` makes a killed fit resumable (``train_model``). The Keras session
+    concurrency slot); ``backup`` makes a killed fit resumable (``train_model``); ``init_weights``
+    (the train stage's train.init_weights: trials and folds start fresh) fine-tunes a model. The Keras session
     is reset and seeded first, so a routine called in a loop gives each model the same start as a
     fresh process would.
     """
@@ -307,6 +330,8 @@ def fit_and_score(cfg: TrainConfig, image_size: int, classes: list[str], seed: i
     distribution = data_parallel(cfg.distribution)
     with distribution.scope() if distribution is not None else contextlib.nullcontext():
         model = build_configured(cfg, image_size, len(classes), seed)
+        if init_weights:
+            start_from(model, init_weights)
         with guard if guard is not None else contextlib.nullcontext():
             result = train_model(model, train_data, val_data, cfg, seed, callbacks=callbacks,
                                  critical_index=class_index(classes, evaluate_cfg.critical_class), backup=backup)

@@ -88,7 +88,8 @@ def train_and_save(params: Params, model_dir: Path, run_name: str, parent_run_id
                 mlflow.set_tag("resumed_from_epoch", str(resumed["epochs_done"]))
             outcome = fit_and_score(cfg, params.preprocess.image_size, classes, params.seed, load_split(cache, "train"),
                                     (val_images, val_labels), (val_images, val_labels, val_groups),
-                                    params.evaluate, callbacks=[tracking.epoch_logger()], backup=backup)
+                                    params.evaluate, callbacks=[tracking.epoch_logger()], backup=backup,
+                                    init_weights=cfg.init_weights)
             ensemble = None
         else:
             outcome, ensemble = fit_ensemble(params, classes, (val_images, val_labels, val_groups),

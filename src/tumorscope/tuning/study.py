@@ -89,7 +89,7 @@ def make_pruner(cfg):
 
 
 # train.* settings that only the train stage reads: a trial trains one model for tune.trial_epochs.
-TRAIN_STAGE_ONLY = frozenset({"epochs", "model_dir", "ensemble_members"})
+TRAIN_STAGE_ONLY = frozenset({"epochs", "model_dir", "ensemble_members", "init_weights"})
 # evaluate.* settings that decide how a trial is scored (the others are the evaluate stage's).
 TRIAL_SCORING = ("critical_class", "bootstrap_samples", "confidence", "max_single_class_share", "calibration_bins",
                  "test_time_augmentation")
