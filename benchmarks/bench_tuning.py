@@ -15,6 +15,7 @@ Usage: uv run python benchmarks/bench_tuning.py [--images 400] [--trials 6] [--e
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import subprocess
@@ -51,12 +52,8 @@ def make_project(root: Path, images: int, trials: int, epochs: int) -> dict:
     raw = merge(yaml.safe_load((REPO / "params.yaml").read_text()), raw)  # the project's params with these changes
     raw["tune"]["search_space"] = space
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
-    here = os.getcwd()
-    os.chdir(root)
-    try:
+    with contextlib.chdir(root):  # the stages read and write relative to the project
         stages.run_data_stages(load_params("params.yaml"))
-    finally:
-        os.chdir(here)
     return raw
 
 

@@ -15,6 +15,7 @@ Usage: uv run python benchmarks/bench_warm_start.py [--epochs 60]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -40,12 +41,8 @@ def new_data_project(root: Path, params) -> Path:
         "data": {"source": str(REPO / params.data.source), "added_dir": "added"},
         "mlflow": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "artifact_root": str(root / "mlartifacts")}})
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
-    here = os.getcwd()
-    os.chdir(root)
-    try:
+    with contextlib.chdir(root):  # the stages read and write relative to the project
         stages.run_data_stages(load_params("params.yaml"))
-    finally:
-        os.chdir(here)
     return root
 
 

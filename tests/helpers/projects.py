@@ -3,6 +3,7 @@ git + DVC repository with this project's pipeline files, and the tools run as a 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -99,12 +100,8 @@ def prepare_data(root: Path, changes: dict) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     shutil.copytree(REPO / "expectations", root / "expectations")
     (root / "params.yaml").write_text(yaml.safe_dump(params_with(changes).model_dump(mode="json", by_alias=True)))
-    here = os.getcwd()
-    os.chdir(root)
-    try:
+    with contextlib.chdir(root):  # the stages read and write relative to the project
         stages.run_data_stages(load_params("params.yaml"))
-    finally:
-        os.chdir(here)
     return root
 
 
