@@ -115,8 +115,8 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main() -> None:
+    from tumorscope.models.architectures import ARCHITECTURES
     from tumorscope.models.devices import accelerator
-    from tumorscope.models.zoo import ARCHITECTURES
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=128)

@@ -278,7 +278,7 @@ class TumorScope:
         """One slice -> class, probabilities, Grad-CAM overlay (PNG, base64) and the hot region
         (with mm^2 when the DICOM gives its pixel spacing). ``target_class`` explains another class
         than the predicted one."""
-        from tumorscope.models.explain import overlay_png, region_of_interest
+        from tumorscope.models.explain import region_of_interest
 
         parts = upload_guard.uploads_of(ctx.request.state)
         part = parts[0] if parts else None
@@ -293,8 +293,7 @@ class TumorScope:
         except (BadRequest, ModelUnavailable) as err:
             return self._refuse(ctx, err)
         heat = np.asarray(answer["heat"], dtype=np.float32)
-        shown = await asyncio.to_thread(responses.overlay_slice, prepared.shown)
-        png = await asyncio.to_thread(overlay_png, shown, heat)
+        shown, png = await self._overlay(prepared.shown, heat)
         # The region in the field of view's pixels: the whole slice, or the body's square with body_crop.
         region = region_of_interest(heat, pixel_spacing_mm=prepared.pixel_spacing_mm,
                                     original_shape=(int(prepared.shown.shape[0]), int(prepared.shown.shape[1])))
@@ -310,7 +309,7 @@ class TumorScope:
         del response["embedding"], response["batch_size"]
         return contract.answer(contract.Explanation, response | {
             "explained_class": classes[answer["class_index"]], "region": region, "heatmap_shape": list(heat.shape),
-            "overlay_shape": list(shown.shape), "overlay_png_base64": base64.b64encode(png).decode("ascii")})
+            "overlay_shape": list(shown.shape), "overlay_png_base64": png})
 
     # -- the service
 
@@ -374,7 +373,6 @@ class TumorScope:
         """Grad-CAM of the serving model on a queued slice, prepared as an upload of it would be.
         It is not logged or queued again: a reading is not traffic."""
         from tumorscope.inference import prepare_bytes
-        from tumorscope.models.explain import overlay_png
 
         try:
             info = await self._model_info()
@@ -383,10 +381,19 @@ class TumorScope:
             answer = await self._call(self.model.to_async.explain, image=prepared.pixels, class_index=None)
         except ModelUnavailable:
             return {"overlay_png_base64": None, "explained_by": None, "explained_class": None}
-        shown = await asyncio.to_thread(responses.overlay_slice, cast(np.ndarray, prepared.shown))  # decoded: always set
-        png = await asyncio.to_thread(overlay_png, shown, np.asarray(answer["heat"], dtype=np.float32))
-        return {"overlay_png_base64": base64.b64encode(png).decode("ascii"), "explained_by": answer["model_version"],
+        _, png = await self._overlay(cast(np.ndarray, prepared.shown), np.asarray(answer["heat"], dtype=np.float32))
+        return {"overlay_png_base64": png, "explained_by": answer["model_version"],
                 "explained_class": info["classes"][answer["class_index"]]}
+
+    @staticmethod
+    async def _overlay(decoded: np.ndarray, heat: np.ndarray) -> tuple[np.ndarray, str]:
+        """The slice an explanation is drawn on (at most the overlay's size) and the Grad-CAM
+        overlay over it, as PNG in base64: the explain route's and the review item's."""
+        from tumorscope.models.explain import overlay_png
+
+        shown = await asyncio.to_thread(responses.overlay_slice, decoded)
+        png = await asyncio.to_thread(overlay_png, shown, heat)
+        return shown, base64.b64encode(png).decode("ascii")
 
     @bentoml.api
     async def review_label(self, item: str, label: str, ctx: bentoml.Context) -> contract.ReviewItem:

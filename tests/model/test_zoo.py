@@ -10,8 +10,9 @@ from helpers.params import section
 from helpers.paths import REPO
 from tumorscope.config import TrainConfig
 from tumorscope.inference import predict_proba
+from tumorscope.models.architectures import APPLICATIONS
 from tumorscope.models.train import batch_norm_layers, recalibrate_batch_norm, train_model
-from tumorscope.models.zoo import APPLICATIONS, backbone_of, build_model, set_trainable_top
+from tumorscope.models.zoo import backbone_of, build_model, set_trainable_top
 
 pytestmark = pytest.mark.slow
 SIZE = 32
