@@ -1,7 +1,8 @@
 """Typed configuration: the schema of params.yaml, validated once.
 
 params.yaml holds every value and its explanation; this module holds only what a value may be
-(types, bounds, rules across fields), so no default is written twice. Every stage reads only its
+(types, bounds, rules across fields), so no default is written twice. What tune.search_space may
+hold is the search space's own module's rule (tumorscope.tuning.space), applied here. Every stage reads only its
 own section, so DVC can declare exactly the params a stage depends on. A bad or missing value
 raises ``ConfigError`` whose message names the dotted key (``train.lr``), which the CLI prints as
 one line.
@@ -9,7 +10,6 @@ one line.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -23,7 +23,6 @@ from pydantic import (
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
-    TypeAdapter,
     ValidationError,
     field_validator,
     model_validator,
@@ -31,15 +30,11 @@ from pydantic import (
 
 from tumorscope.errors import UserError
 from tumorscope.models.architectures import ARCHITECTURES
+from tumorscope.tuning.space import RangeSpec, checked_space
 
 CANONICAL_CLASSES = ("Cyst", "Normal", "Stone", "Tumor")
-# The sections an ablation variant may override, and the tunable train settings (with the
-# architectures each one means something for: tumorscope.tuning.space).
+# The sections an ablation variant may override.
 ABLATION_SECTIONS = {"preprocess", "train", "evaluate", "seed", "cross_source"}
-TUNABLE = ("architecture", "lr", "fine_tune_lr", "head_epochs", "unfreeze_top_n", "dropout", "dense_units",
-           "filters", "norm", "augment_strength", "batch_size", "class_weights")
-APPLICATION_ONLY = ("fine_tune_lr", "head_epochs", "unfreeze_top_n")
-SMALL_CNN_ONLY = ("filters", "norm")
 
 Probability = Annotated[float, Field(ge=0, le=1)]
 OpenUnit = Annotated[float, Field(gt=0, lt=1)]          # strictly between 0 and 1
@@ -197,13 +192,6 @@ class TrainConfig(_Section):
                              "members would be one model, not an ensemble")
         return self
 
-    def loader_threads(self) -> int:
-        """loader_workers, 0 resolved to the CPU cores this process may use (at most 8)."""
-        if self.loader_workers:
-            return self.loader_workers
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        return min(8, cores)
-
     def augment_strength_in(self, place: Literal["loader", "model"]) -> float:
         """augment_strength where augmentation runs (``augment_in``), 0 in the other place."""
         return self.augment_strength if self.augment_in == place else 0.0
@@ -287,23 +275,6 @@ class AblationConfig(_Section):
         return self
 
 
-class RangeSpec(_Section):
-    """A numeric search dimension: integer or float by the train setting it tunes."""
-
-    low: float
-    high: float
-    log: bool = False
-    step: float | None = None
-
-    @model_validator(mode="after")
-    def _ordered(self) -> RangeSpec:
-        if not self.low < self.high:
-            raise ValueError(f"low ({self.low:g}) must be below high ({self.high:g})")
-        if self.log and self.low <= 0:
-            raise ValueError("a log range needs low > 0")
-        return self
-
-
 class TuneConfig(_Section):
     study_name: str
     storage: str
@@ -326,49 +297,8 @@ class TuneConfig(_Section):
 
     @field_validator("search_space", mode="before")
     @classmethod
-    def _tunable_and_valid(cls, space) -> dict:
-        if not isinstance(space, dict) or not space:
-            raise ValueError("the search space is empty: give at least one train.* setting to search")
-        checked = {}
-        for name, dimension in space.items():
-            if name not in TUNABLE:
-                raise ValueError(f"'{name}' is not a tunable train setting; tunable: {list(TUNABLE)}")
-            if isinstance(dimension, RangeSpec):
-                dimension = dimension.model_dump()
-            if not isinstance(dimension, (list, dict)):
-                raise ValueError(f"'{name}' must be a list of choices or {{low, high[, log, step]}}")
-            if isinstance(dimension, list):
-                if not dimension:
-                    raise ValueError(f"'{name}' has no choices")
-                for choice in dimension:
-                    _check_train_value(name, choice)
-            else:
-                try:
-                    dimension = RangeSpec.model_validate(dimension)
-                except ValidationError as err:
-                    raise ValueError(f"'{name}' range: {err.errors()[0]['msg']}") from None
-                if TrainConfig.model_fields[name].annotation not in (int, float):
-                    raise ValueError(f"'{name}' is categorical: give a list of choices")
-                if _is_int_setting(name) and (dimension.low != int(dimension.low) or dimension.high != int(dimension.high)):
-                    raise ValueError(f"'{name}' is an integer setting: give integer low/high")
-                _check_train_value(name, dimension.low)
-                _check_train_value(name, dimension.high)
-            checked[name] = dimension
-        return checked
-
-
-def _is_int_setting(name: str) -> bool:
-    return TrainConfig.model_fields[name].annotation is int
-
-
-def _check_train_value(name: str, value) -> None:
-    """Reject a search-space value that train.<name> itself would reject."""
-    field = TrainConfig.model_fields[name]
-    try:
-        kind: Any = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
-        TypeAdapter(kind).validate_python(value)
-    except ValidationError as err:
-        raise ValueError(f"'{name}' choice {value!r}: {err.errors()[0]['msg']}") from None
+    def _searchable(cls, space: Any) -> dict:
+        return checked_space(space, TrainConfig)
 
 
 class PromoteConfig(_Section):

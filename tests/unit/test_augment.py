@@ -160,10 +160,10 @@ def test_loader_threads_give_the_same_pixels_as_one(workers):
 def test_loader_workers_zero_means_one_per_core_at_most_eight():
     import os
 
-    from tumorscope.config import TrainConfig
+    from tumorscope.data.augment import loader_threads
 
-    assert section(TrainConfig, loader_workers=3).loader_threads() == 3
-    assert section(TrainConfig).loader_threads() == min(8, len(os.sched_getaffinity(0)))
+    assert loader_threads(3) == 3
+    assert loader_threads(0) == min(8, len(os.sched_getaffinity(0)))
 
 
 def _body_slices(n: int = 12, size: int = 48) -> np.ndarray:

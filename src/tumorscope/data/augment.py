@@ -17,10 +17,19 @@ pixels are the same whatever the number of threads.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+
+
+def loader_threads(requested: int) -> int:
+    """train.loader_workers resolved: 0 means one thread per CPU core this process may use (at most 8)."""
+    if requested:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(8, cores)
 
 
 @functools.cache

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from tumorscope.config import TrainConfig
+from tumorscope.data.augment import loader_threads
 from tumorscope.models.devices import accelerator, data_parallel, data_parallel_devices, device_batch_size, fresh_session, set_precision
 
 
@@ -181,7 +182,7 @@ def train_model(model, train_data, val_data, cfg: TrainConfig, seed: int, callba
     train_batches = make_batches(x_train, y_train, batch_size, shuffle=True, seed=seed, class_weights=weights,
                                  augment_strength=loader_augment, intensity_strength=cfg.intensity_augment,
                                  export_strength=cfg.export_augment, balanced=cfg.balanced_batches, multiple=devices,
-                                 workers=cfg.loader_threads())
+                                 workers=loader_threads(cfg.loader_workers))
     x_val, y_val = val_data
     val_batches = make_batches(x_val, y_val, batch_size, shuffle=False, seed=seed, multiple=devices)
     phases: list[tuple[float, int, int | None]] = []  # (lr, epochs, trainable top layers or None: leave as is)
