@@ -211,6 +211,16 @@ class TumorScope:
         return data, prepared
 
     async def _classify_one(self, path: Path, part: upload_guard.UploadPart | None, endpoint: str) -> dict[str, Any]:
+        answer = await self._answer_one(path, part)
+        self._record(endpoint, answer)
+        return answer.response
+
+    def _record(self, endpoint: str, answer: responses.Answered) -> None:
+        """Log an answer that is being returned, and offer it to the review queue."""
+        self.log.submit(inference_log.inference_record(endpoint, answer.response, answer.data))
+        self.review.submit(answer.prepared.decoded, answer.response)
+
+    async def _answer_one(self, path: Path, part: upload_guard.UploadPart | None) -> responses.Answered:
         info = await self._model_info()
         data, prepared = await self._prepare(path, part, info)
         answer = (await self._call(self.model.to_async.predict, prepared.pixels[np.newaxis]))[0]
@@ -225,9 +235,7 @@ class TumorScope:
                 answer = (await self._call(self.model.to_async.predict, prepared.pixels[np.newaxis]))[0]
         response = responses.classify_response(answer, prepared, info["classes"], PARAMS.evaluate.critical_class,
                                              SERVE.alert_threshold, uuid.uuid4().hex)
-        self.log.submit(inference_log.inference_record(endpoint, response, data))
-        self.review.submit(prepared.decoded, response)
-        return response
+        return responses.Answered(response, data, prepared)
 
     @bentoml.api
     async def classify(self, file: Path, ctx: bentoml.Context) -> contract.Classification:
@@ -254,18 +262,25 @@ class TumorScope:
         if len(files) > SERVE.max_batch_files:  # UploadGuard refuses this first; kept for calls that bypass it
             return self._refuse(ctx, BadRequest(f"too many files: {len(files)} (limit {SERVE.max_batch_files})", 413))
 
-        async def one(index: int, path: Path) -> dict[str, Any]:
+        async def one(index: int, path: Path) -> tuple[dict[str, Any], responses.Answered | None]:
             part = parts[index] if index < len(parts) else None
             name = part.filename if part else path.name
             try:
-                return {"index": index, "filename": name, "ok": True, **await self._classify_one(path, part, "classify_batch")}
+                answer = await self._answer_one(path, part)
             except BadRequest as err:
-                return {"index": index, "filename": name, "ok": False, **err.body()}
+                return {"index": index, "filename": name, "ok": False, **err.body()}, None
+            return {"index": index, "filename": name, "ok": True, **answer.response}, answer
+
+        def record(item: tuple[dict[str, Any], responses.Answered | None]) -> None:
+            if item[1] is not None:
+                self._record("classify_batch", item[1])
 
         try:
             # Each file is its own call to the batchable model API, so the files of one request are
-            # batched together (and with other requests' files) by the same dispatcher.
-            results = await asyncio.gather(*(one(i, path) for i, path in enumerate(files)))
+            # batched together (and with other requests' files) by the same dispatcher. A file shed
+            # under load refuses the whole request: then no answer of it is logged or queued.
+            results = [result for result, _ in await responses.answered_in_full(
+                (one(i, path) for i, path in enumerate(files)), record)]
         except ModelUnavailable as err:
             return self._refuse(ctx, err)
         versions = sorted({r["model_version"] for r in results if r["ok"]})

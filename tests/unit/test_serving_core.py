@@ -147,6 +147,37 @@ def read_lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def test_a_batch_answered_in_full_records_every_answer_in_order():
+    recorded: list[int] = []
+
+    async def answer(value: int, delay: float) -> int:
+        await asyncio.sleep(delay)
+        return value
+
+    answers = asyncio.run(responses.answered_in_full((answer(i, 0.01 * (3 - i)) for i in range(3)), recorded.append))
+    assert answers == recorded == [0, 1, 2]
+
+
+def test_a_batch_refused_midway_records_nothing_even_for_answers_that_finish_later():
+    """One file shed (503) refuses the whole request: the answers that were computed, before and
+    after the failure, are never returned, so none may reach the inference log or review queue."""
+    recorded: list[str] = []
+    finished: list[str] = []
+
+    async def answer(name: str, delay: float) -> str:
+        await asyncio.sleep(delay)
+        if name == "shed":
+            raise served_model.ModelOverloaded("model service busy")
+        finished.append(name)
+        return name
+
+    calls = (answer("early", 0.0), answer("shed", 0.01), answer("late", 0.05))
+    with pytest.raises(served_model.ModelOverloaded):
+        asyncio.run(responses.answered_in_full(calls, recorded.append))
+    assert finished == ["early", "late"]  # every call ran to its end before the refusal ...
+    assert recorded == []                 # ... and none of them was recorded
+
+
 def test_inference_log_appends_json_lines(tmp_path):
     log = InferenceLog(tmp_path / "logs" / "inference.jsonl")
     for i in range(5):

@@ -3,7 +3,8 @@ warnings about converted inputs, and the slice an explanation is drawn on."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, NamedTuple, TypeVar, cast
 
 import numpy as np
 
@@ -12,6 +13,15 @@ from tumorscope.monitoring.features import image_features
 
 # Longest side of the slice an explanation overlay is drawn on (the original can be 8192 px).
 OVERLAY_MAX_SIDE = 512
+Answer = TypeVar("Answer")
+
+
+class Answered(NamedTuple):
+    """One slice's answer, with what recording it needs: the upload's bytes and the prepared image."""
+
+    response: dict[str, Any]
+    data: bytes
+    prepared: PreparedImage
 
 
 def source_warnings(mode: str) -> list[str]:
@@ -103,3 +113,19 @@ def overlay_slice(decoded: np.ndarray) -> np.ndarray:
         size = (max(1, round(cols * scale)), max(1, round(rows * scale)))
         pixels = np.asarray(Image.fromarray(pixels).resize(size, Image.Resampling.BOX))
     return pixels
+
+
+async def answered_in_full(calls: Iterable[Awaitable[Answer]], record: Callable[[Answer], None]) -> list[Answer]:
+    """Await every call, then record each answer, but only when none raised: a request refused as a
+    whole (503) leaves nothing in the inference log or the review queue for answers it never
+    returned. Every call is awaited before the first error is raised, so none records later."""
+    import asyncio
+
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    failure = next((r for r in results if isinstance(r, BaseException)), None)
+    if failure is not None:
+        raise failure
+    answers = cast("list[Answer]", results)
+    for answer in answers:
+        record(answer)
+    return answers
