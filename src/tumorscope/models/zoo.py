@@ -9,7 +9,7 @@ built without it is not augmented twice by a default-configured `train_model`.
 
 from __future__ import annotations
 
-from tumorscope.models.architectures import APPLICATIONS, ARCHITECTURES  # noqa: F401  (re-exported)
+from tumorscope.models.architectures import APPLICATIONS, ARCHITECTURES
 
 # Smallest input side Keras Applications accept.
 MIN_APPLICATION_SIZE = 32

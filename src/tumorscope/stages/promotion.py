@@ -31,13 +31,12 @@ def _trained_model_summary(params: Params) -> dict:
     return summary
 
 
-def champion_test_probabilities(params: Params, champion, spec: dict, images: np.ndarray, classes: list[str],
-                                labels: np.ndarray) -> np.ndarray:
+def champion_test_probabilities(champion, spec: dict, images: np.ndarray, classes: list[str],
+                                test_paths: list[str]) -> np.ndarray:
     """The champion's probabilities on the challenger's test slices, in the challenger's class order.
     The cache serves when both models prepare files the same way; otherwise the test files are read
     again through the champion's own input spec."""
     from tumorscope.data.images import UnreadableImage
-    from tumorscope.data.split import read_split_table, rows_in_cache_order
     from tumorscope.inference import prepare_file, same_pixels, stack
 
     if sorted(champion.classes) != sorted(classes):
@@ -46,10 +45,8 @@ def champion_test_probabilities(params: Params, champion, spec: dict, images: np
     if same_pixels(champion.spec, spec):
         batch = images
     else:
-        rows = rows_in_cache_order(read_split_table(params.split.path), classes, labels, ("test",),
-                                   f"{params.split.path} vs {params.preprocess.cache_dir}")
         try:
-            batch = stack([prepare_file(path, champion.spec) for path in rows["path"]], champion.image_size)
+            batch = stack([prepare_file(path, champion.spec) for path in test_paths], champion.image_size)
         except (OSError, UnreadableImage) as err:
             raise UserError(f"promote: cannot read the test files again for {champion.version}'s preprocessing "
                             f"({err}); rerun the data stages") from None
@@ -80,17 +77,18 @@ def _challenger_version(client, cfg, summary: dict):
                         "Retrain with tumorscope train") from None
 
 
-def unseen_by_champion(params: Params, client, champion_run_id: str, challenger_run, labels, classes) -> tuple[np.ndarray, str]:
+def unseen_by_champion(params: Params, client, champion_run_id: str, challenger_run,
+                       test_hashes: np.ndarray) -> tuple[np.ndarray, str]:
     """Mask of the challenger's test slices the champion did not train on. The same data version:
     all of them (a split never leaks). Another data version: the champion's training slices are read
     from the split table logged with its run, and test slices within split.phash_threshold of one are
     left out of the comparison (a champion tested on its own training slices would look better than
     it is)."""
-    from tumorscope.data.split import nearest_distances, read_split_table, rows_in_cache_order
+    from tumorscope.data.split import nearest_distances, read_split_table
 
     champion_fingerprint = client.get_run(champion_run_id).data.tags.get("dataset_fingerprint")
     if champion_fingerprint == challenger_run.data.tags.get("dataset_fingerprint"):
-        return np.ones(len(labels), dtype=bool), "same data version"
+        return np.ones(len(test_hashes), dtype=bool), "same data version"
     try:
         local = client.download_artifacts(champion_run_id, SPLIT_ARTIFACT)
     except Exception:  # an older run without its split table
@@ -99,9 +97,7 @@ def unseen_by_champion(params: Params, client, champion_run_id: str, challenger_
                         "champion with this version, or roll it back") from None
     champion_train = read_split_table(local)
     champion_train = champion_train.loc[champion_train["split"] == "train", "phash"]
-    test = rows_in_cache_order(read_split_table(params.split.path), classes, labels, ("test",),
-                               f"{params.split.path} vs {params.preprocess.cache_dir}")
-    distance = nearest_distances(test["phash"].to_numpy(), champion_train.to_numpy())
+    distance = nearest_distances(test_hashes, champion_train.to_numpy())
     unseen = distance > params.split.phash_threshold
     return unseen, f"other data version: {int((~unseen).sum())} test slices near the champion's training slices left out"
 
@@ -166,10 +162,15 @@ def run_promote(params: Params) -> str:
     if champion_version is not None and not already:
         champion = registry.load_model(cfg.registered_model, str(champion_version.version))
         champion_label = champion.version
-        unseen, basis = unseen_by_champion(params, client, champion_version.run_id, run, labels, classes)
+        # The test rows of the split table, in the cache's order: their hashes, and the files for
+        # a champion that prepares pixels another way.
+        test_rows = rows_in_cache_order(read_split_table(params.split.path), classes, labels, ("test",),
+                                        f"{params.split.path} vs {params.preprocess.cache_dir}")
+        test_paths = test_rows["path"].tolist()
+        unseen, basis = unseen_by_champion(params, client, champion_version.run_id, run, test_rows["phash"].to_numpy())
         if not unseen.any():
             raise UserError(f"promote: every test slice is near a slice {champion_label} trained on: no fair comparison")
-        champion_probabilities = champion_test_probabilities(params, champion, challenger.spec, images, classes, labels)
+        champion_probabilities = champion_test_probabilities(champion, challenger.spec, images, classes, test_paths)
         challenger_predicted = challenger.predict_proba(images).argmax(axis=1)[unseen]
         champion_predicted = champion_probabilities.argmax(axis=1)[unseen]
         kept_labels, kept_groups = labels[unseen], groups[unseen]
@@ -181,8 +182,6 @@ def run_promote(params: Params) -> str:
                        "champion_scores": ev.summary_scores(ev.score_predictions(
                            kept_labels, champion_probabilities[unseen], kept_groups, classes, params.evaluate, params.seed))}
         # The site's own patients: the same comparison on the test slices radiologists read.
-        test_paths = rows_in_cache_order(read_split_table(params.split.path), classes, labels, ("test",),
-                                         f"{params.split.path} vs {params.preprocess.cache_dir}")["path"].tolist()
         read = read_by_radiologists(test_paths, params.review.batch_prefix)[unseen]
         on_readings = {"n_slices": int(read.sum())}
         if read.any():
