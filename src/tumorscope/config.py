@@ -2,10 +2,10 @@
 
 params.yaml holds every value and its explanation; this module holds only what a value may be
 (types, bounds, rules across fields), so no default is written twice. What tune.search_space may
-hold is the search space's own module's rule (tumorscope.tuning.space), applied here. Every stage reads only its
-own section, so DVC can declare exactly the params a stage depends on. A bad or missing value
-raises ``ConfigError`` whose message names the dotted key (``train.lr``), which the CLI prints as
-one line.
+hold is tumorscope.tuning.space's rule, applied here. Every stage reads only its own section, so
+DVC can declare exactly the params a stage depends on. A bad or missing value raises
+``ConfigError`` whose message names the dotted key (``train.lr``), which the CLI prints as one
+line.
 """
 
 from __future__ import annotations
