@@ -15,7 +15,6 @@ Usage: uv run python benchmarks/bench_loader_workers.py [--images 1024] [--size 
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ def epoch_rate(batches) -> float:
 
 
 def main() -> None:
+    from tumorscope.data.augment import usable_cores
     from tumorscope.models.train import make_batches
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -45,7 +45,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (args.images, args.size, args.size, 1), dtype=np.uint8)
     labels = rng.integers(0, 4, args.images).astype(np.int32)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = usable_cores()
     print(f"loader threads: {args.images} images {args.size}x{args.size}, batch {args.batch_size}, "
           f"augment_strength {args.strength}, {cores} CPU cores, median of {args.rounds} rounds")
     with tempfile.TemporaryDirectory() as tmp:

@@ -24,12 +24,14 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def loader_threads(requested: int) -> int:
-    """train.loader_workers resolved: 0 means one thread per CPU core this process may use (at most 8)."""
-    if requested:
-        return requested
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return min(8, cores)
+    """train.loader_workers resolved: 0 means one thread per usable CPU core (at most 8)."""
+    return requested or min(8, usable_cores())
 
 
 @functools.cache
