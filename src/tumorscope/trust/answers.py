@@ -53,7 +53,7 @@ def fit_trust(model, train: tuple[np.ndarray, np.ndarray], validation: tuple[np.
     distances = ood_checks.mahalanobis_distance(val_embeddings, density)
     intensity = ood_checks.fit_intensity_density(pixel_features(ood_train))
     intensity_distances = ood_checks.mahalanobis_distance(ood_checks.intensity_vectors(pixel_features(ood_val)),
-                                                        intensity)
+                                                          intensity)
     weights = calibration.group_weights(val_groups)
     orientation = None
     if train_groups is not None and min_series is not None:
@@ -75,7 +75,7 @@ def fit_trust(model, train: tuple[np.ndarray, np.ndarray], validation: tuple[np.
                 "feature_density": density,
                 "intensity_quantile": ood_cfg.intensity_quantile,
                 "intensity_threshold": ood_checks.distance_threshold(intensity_distances, ood_val_groups,
-                                                                   ood_cfg.intensity_quantile),
+                                                                     ood_cfg.intensity_quantile),
                 "intensity_density": intensity},
     }
 
@@ -164,7 +164,7 @@ def judge(probabilities: np.ndarray, embeddings: np.ndarray, images: np.ndarray,
     reasons, unlike = [], np.zeros(len(calibrated), dtype=bool)
     for i in range(len(calibrated)):
         pixel_reason = ood_checks.input_reason({name: float(values[i]) for name, values in features.items()},
-                                             ood["intensity_density"], float(intensity[i]), ood["intensity_threshold"])
+                                               ood["intensity_density"], float(intensity[i]), ood["intensity_threshold"])
         unlike[i] = pixel_reason is not None or distances[i] > ood["distance_threshold"]
         in_set = [classes[k] for k in np.flatnonzero(sets[i])]
         reasons.append(refer_reason(pixel_reason, float(distances[i]), ood["distance_threshold"], in_set,
